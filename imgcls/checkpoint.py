@@ -1,0 +1,103 @@
+"""Checkpoint folder layout, save and load.
+
+A checkpoint is a folder (local or fsspec URI) holding:
+``model.pt`` (state dict of the unwrapped model), ``train_state.pt`` (optimizer,
+scheduler, scaler, epoch), ``classes.json``, ``config.yaml`` (the resolved JobConfig),
+``history.json`` (per-epoch metrics) and ``meta.json`` (arch, input size, normalisation).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import yaml
+from torch import nn
+
+from imgcls import storage
+from imgcls.config import JobConfig
+from imgcls.models import create_model, get_spec
+
+MODEL_FILE = "model.pt"
+TRAIN_STATE_FILE = "train_state.pt"
+CLASSES_FILE = "classes.json"
+CONFIG_FILE = "config.yaml"
+HISTORY_FILE = "history.json"
+META_FILE = "meta.json"
+
+
+def save_config(uri: str, job: JobConfig) -> None:
+    with storage.open_uri(uri, "w") as f:
+        yaml.safe_dump(job.to_dict(), f, sort_keys=False)
+
+
+def save_checkpoint(folder: str, model: nn.Module, job: JobConfig, classes: list[str],
+                    history: list[dict], train_state: Optional[dict] = None) -> None:
+    """Writes a checkpoint folder; ``model`` must be unwrapped (not DDP)."""
+    storage.makedirs(folder)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    with storage.open_uri(storage.join(folder, MODEL_FILE), "wb") as f:
+        torch.save(state, f)
+    if train_state is not None:
+        with storage.open_uri(storage.join(folder, TRAIN_STATE_FILE), "wb") as f:
+            torch.save(train_state, f)
+    spec = get_spec(job.model.arch)
+    storage.write_json(storage.join(folder, CLASSES_FILE), classes)
+    storage.write_json(storage.join(folder, HISTORY_FILE), history)
+    storage.write_json(storage.join(folder, META_FILE), {
+        "arch": job.model.arch, "num_classes": len(classes), "image_size": job.model.image_size,
+        "mean": list(spec.mean), "std": list(spec.std), "epoch": history[-1]["epoch"] if history else None,
+    })
+    save_config(storage.join(folder, CONFIG_FILE), job)
+
+
+@dataclass
+class LoadedModel:
+    """A model rebuilt from a checkpoint, in eval mode, with what inference needs."""
+
+    model: nn.Module
+    classes: list[str]
+    image_size: int
+    mean: tuple
+    std: tuple
+    model_id: str
+    job: Optional[JobConfig]
+    history: list[dict]
+
+
+def load_checkpoint(folder: str) -> LoadedModel:
+    """Rebuilds the trained model from a checkpoint folder (local or fsspec URI)."""
+    if not storage.exists(storage.join(folder, MODEL_FILE)):
+        raise FileNotFoundError(f"{folder} is not an imgcls checkpoint (no {MODEL_FILE})")
+    raw = storage.read_bytes(storage.join(folder, MODEL_FILE))
+    meta = storage.read_json(storage.join(folder, META_FILE))
+    classes = storage.read_json(storage.join(folder, CLASSES_FILE))
+    history_uri = storage.join(folder, HISTORY_FILE)
+    history = storage.read_json(history_uri) if storage.exists(history_uri) else []
+    config_uri = storage.join(folder, CONFIG_FILE)
+    job = None
+    if storage.exists(config_uri):
+        with storage.open_uri(config_uri, "r") as f:
+            job = JobConfig.from_dict(yaml.safe_load(f))
+    model = create_model(meta["arch"], len(classes), image_size=meta["image_size"])
+    model.load_state_dict(torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True))
+    model.eval()
+    return LoadedModel(
+        model=model, classes=classes, image_size=meta["image_size"], mean=tuple(meta["mean"]),
+        std=tuple(meta["std"]), model_id=hashlib.sha256(raw).hexdigest()[:16], job=job, history=history,
+    )
+
+
+def load_train_state(folder: str) -> Optional[dict[str, Any]]:
+    """Model weights plus optimizer/scheduler state for resuming, or None if absent."""
+    path = os.path.join(folder, TRAIN_STATE_FILE)
+    if not os.path.exists(path):
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    state["model"] = torch.load(os.path.join(folder, MODEL_FILE), map_location="cpu", weights_only=True)
+    state["history"] = storage.read_json(os.path.join(folder, HISTORY_FILE))
+    return state

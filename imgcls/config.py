@@ -1,0 +1,199 @@
+"""Typed configuration: the single source of truth for every job's settings.
+
+Overrides apply in order: dataclass defaults, then a YAML file (sections ``data``,
+``model``, ``train``, ``predict``), then command-line flags (see ``imgcls.cli``).
+Nothing here reads the environment or argv.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from typing import Any, Optional
+
+AUGMENTATIONS = ("none", "light", "standard", "trivialaugment", "randaugment")
+OPTIMIZERS = ("sgd", "adamw")
+CLASS_BALANCE = ("none", "loss", "sampler")
+RUNTIMES = ("torch", "onnxruntime")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    root: str = ""
+    """Labelled data: an ImageFolder tree (one subfolder per class) or a CSV/Parquet
+    manifest with ``path,label`` columns, on local disk or any fsspec URI."""
+    val_fraction: float = 0.1
+    """Share of each class held out for validation (stratified)."""
+    test_fraction: float = 0.1
+    """Share of each class held out for the final test (stratified)."""
+    split_seed: int = 0
+    """Seed of the deterministic train/val/test split."""
+    max_per_class: Optional[int] = None
+    """Cap on images per class, for quick runs on a subset."""
+    augment: str = "standard"
+    """Training augmentation preset: one of AUGMENTATIONS."""
+    augment_magnitude: int = 9
+    """Magnitude of RandAugment (0-30); also scales rotation/shear in 'standard'."""
+
+    def __post_init__(self):
+        if not 0 <= self.val_fraction < 1 or not 0 <= self.test_fraction < 1:
+            raise ValueError("val_fraction and test_fraction must be in [0, 1)")
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ValueError("val_fraction + test_fraction must leave data to train on")
+        if self.augment not in AUGMENTATIONS:
+            raise ValueError(f"augment must be one of {AUGMENTATIONS}, got {self.augment!r}")
+        if self.max_per_class is not None and self.max_per_class < 1:
+            raise ValueError("max_per_class must be positive")
+        if not 0 <= self.augment_magnitude <= 30:
+            raise ValueError("augment_magnitude must be in [0, 30]")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: str = "small_cnn"
+    """Architecture name from ``imgcls.models.list_models()``."""
+    weights: Optional[str] = None
+    """Initial weights: None (random), a torchvision enum name such as 'DEFAULT' or
+    'IMAGENET1K_V1' (downloaded), 'packaged' (weights shipped in a Python package),
+    or a local/fsspec path to a state dict (.pt/.pth/.safetensors)."""
+    image_size: int = 224
+    """Side of the square network input, in pixels."""
+    freeze_backbone: bool = False
+    """Train only the classification head at first."""
+    unfreeze_after: Optional[int] = None
+    """With freeze_backbone, unfreeze the whole network after this many epochs."""
+
+    def __post_init__(self):
+        if self.image_size < 16:
+            raise ValueError("image_size must be at least 16")
+        if self.unfreeze_after is not None and (self.unfreeze_after < 0 or not self.freeze_backbone):
+            raise ValueError("unfreeze_after needs freeze_backbone and must be >= 0")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 10
+    """Passes over the training split."""
+    batch_size: int = 64
+    """Images per step on each worker."""
+    optimizer: str = "adamw"
+    """One of OPTIMIZERS."""
+    lr: float = 1e-3
+    """Peak learning rate, reached after warmup."""
+    weight_decay: float = 0.05
+    """Decoupled (AdamW) or L2 (SGD) weight decay."""
+    momentum: float = 0.9
+    """SGD momentum (Nesterov)."""
+    warmup_epochs: float = 1.0
+    """Linear warmup length; cosine decay to zero follows."""
+    label_smoothing: float = 0.0
+    """Cross-entropy label smoothing."""
+    class_balance: str = "none"
+    """Imbalance handling: 'loss' weights the loss by inverse class frequency,
+    'sampler' resamples the training split to equal class counts."""
+    num_workers: int = 2
+    """Ray Train workers (data-parallel replicas)."""
+    use_gpu: Optional[bool] = None
+    """Train on GPUs; None picks GPUs when the cluster has them."""
+    cpus_per_worker: Optional[float] = None
+    """CPUs reserved per worker; None leaves room for Ray Data's tasks."""
+    amp: Optional[bool] = None
+    """Mixed precision (fp16 on GPU, bf16 on CPU); None means on for GPU only."""
+    channels_last: Optional[bool] = None
+    """NHWC memory format; None means on for GPU only."""
+    storage_path: str = "runs"
+    """Where checkpoints go: a local folder or fsspec URI shared by all nodes."""
+    name: str = "imgcls"
+    """Run name; a rerun with the same name and storage_path resumes."""
+    resume_from: Optional[str] = None
+    """Explicit checkpoint folder to resume from."""
+    max_failures: int = 2
+    """Worker failures tolerated; training restarts from the latest checkpoint."""
+    num_to_keep: Optional[int] = 3
+    """Checkpoints to keep (None keeps all)."""
+    seed: int = 0
+    """Seed of weights init and data order."""
+
+    def __post_init__(self):
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.class_balance not in CLASS_BALANCE:
+            raise ValueError(f"class_balance must be one of {CLASS_BALANCE}, got {self.class_balance!r}")
+        if self.epochs < 1 or self.batch_size < 1 or self.num_workers < 1:
+            raise ValueError("epochs, batch_size and num_workers must be positive")
+        if self.lr <= 0:
+            raise ValueError("lr must be positive")
+        if not 0 <= self.label_smoothing < 1:
+            raise ValueError("label_smoothing must be in [0, 1)")
+        if self.warmup_epochs < 0 or self.max_failures < -1:
+            raise ValueError("warmup_epochs must be >= 0 and max_failures >= -1")
+        if self.cpus_per_worker is not None and self.cpus_per_worker <= 0:
+            raise ValueError("cpus_per_worker must be positive")
+
+
+@dataclass(frozen=True)
+class PredictConfig:
+    model: str = ""
+    """Checkpoint folder (or exported .onnx file) to label with."""
+    input: str = ""
+    """Images to label: a folder, a glob, a manifest (.csv/.parquet), or .tar shards;
+    local or any fsspec URI."""
+    output: str = ""
+    """Folder (local or fsspec URI) that receives the Parquet shards."""
+    batch_size: int = 64
+    """Images per model call."""
+    top_k: int = 5
+    """Labels and scores kept per image."""
+    embeddings: bool = False
+    """Also write the penultimate-layer features."""
+    runtime: str = "torch"
+    """'torch' or 'onnxruntime'."""
+    num_actors: Optional[int] = None
+    """Inference actors; None sizes the pool from the cluster."""
+    use_gpu: Optional[bool] = None
+    """Run the model on GPUs; None picks GPUs when the cluster has them."""
+    files_per_shard: int = 2000
+    """Input files per output shard, the unit of resumption."""
+    max_pixels: int = 64_000_000
+    """Images with more pixels are refused as decompression bombs."""
+
+    def __post_init__(self):
+        if self.batch_size < 1 or self.top_k < 1 or self.files_per_shard < 1:
+            raise ValueError("batch_size, top_k and files_per_shard must be positive")
+        if self.runtime not in RUNTIMES:
+            raise ValueError(f"runtime must be one of {RUNTIMES}, got {self.runtime!r}")
+        if self.num_actors is not None and self.num_actors < 1:
+            raise ValueError("num_actors must be positive")
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    """Everything a training job needs; written beside each checkpoint."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "JobConfig":
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown config sections: {sorted(unknown)}")
+        return cls(**{f.name: build(f.default_factory, d.get(f.name) or {}) for f in fields(cls)})
+
+
+def build(cls, values: dict[str, Any]):
+    """Builds dataclass ``cls`` from a dict, rejecting unknown keys by name."""
+    names = {f.name for f in fields(cls)}
+    unknown = set(values) - names
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} keys: {sorted(unknown)}; known: {sorted(names)}")
+    return cls(**values)
+
+
+def merge(base, **overrides):
+    """Returns a copy of dataclass ``base`` with the non-None overrides applied."""
+    return dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})

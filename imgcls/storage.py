@@ -1,0 +1,73 @@
+"""fsspec URI handling: the one place where paths and filesystems are resolved.
+
+Plain paths are local files; ``s3://``, ``gs://``, ``az://`` and any other fsspec
+protocol work wherever a path is accepted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import fsspec
+from fsspec.core import split_protocol, url_to_fs
+
+
+def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """Returns the filesystem for ``uri`` and the path within it."""
+    return url_to_fs(uri)
+
+
+def protocol(uri: str) -> str:
+    return split_protocol(uri)[0] or "file"
+
+
+def strip(uri: str) -> str:
+    """The path within its filesystem (no protocol)."""
+    return filesystem(uri)[1]
+
+
+def unstrip(like_uri: str, path: str) -> str:
+    """Puts back the protocol of ``like_uri`` on a path returned by its filesystem."""
+    proto = split_protocol(like_uri)[0]
+    return f"{proto}://{path}" if proto and proto != "file" else path
+
+
+def is_absolute(path: str) -> bool:
+    return split_protocol(path)[0] is not None or os.path.isabs(path)
+
+
+def join(base: str, *parts: str) -> str:
+    if split_protocol(base)[0]:
+        return "/".join([base.rstrip("/"), *[p.strip("/") for p in parts]])
+    return os.path.join(base, *parts)
+
+
+def open_uri(uri: str, mode: str = "rb", **kwargs):
+    return fsspec.open(uri, mode, **kwargs)
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = filesystem(uri)
+    return fs.cat_file(path)
+
+
+def write_json(uri: str, obj: Any) -> None:
+    with open_uri(uri, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True, default=str)
+
+
+def read_json(uri: str) -> Any:
+    with open_uri(uri, "r") as f:
+        return json.load(f)
+
+
+def makedirs(uri: str) -> None:
+    fs, path = filesystem(uri)
+    fs.makedirs(path, exist_ok=True)
+
+
+def exists(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    return fs.exists(path)

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Creates .venv and installs imgcls into it with the given extras (default: dev).
+# Uses uv for speed; uv does not read pip's configuration, so the constraint file,
+# find-links folders and file:// indexes that pip is set up with are passed on to it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+extras="${1:-dev}"
+python="${PYTHON:-python3}"
+
+[ -x .venv/bin/python ] || "$python" -m venv .venv
+.venv/bin/python -m pip install -q --disable-pip-version-check uv
+
+uv_args=()
+while IFS= read -r arg; do uv_args+=("$arg"); done < <(.venv/bin/python - <<'PY'
+import re, subprocess, os
+out = subprocess.run(["pip", "config", "list"], capture_output=True, text=True).stdout
+cfg = {}
+for line in out.splitlines():
+    m = re.match(r"^[^.]*\.?([\w-]+)='(.*)'$", line.split(".", 1)[-1] if line.count("=") else "")
+    key, _, value = line.partition("=")
+    cfg.setdefault(key.rsplit(".", 1)[-1], []).extend(value.strip("'\"").split())
+local = lambda v: v[len("file://"):] if v.startswith("file://") else v
+for c in cfg.get("constraint", []):
+    if os.path.isfile(c):
+        print("--constraint"); print(c)
+for d in cfg.get("find-links", []):
+    if os.path.isdir(local(d)):
+        print("--find-links"); print(d)
+indexes = [u for u in cfg.get("extra-index-url", []) + cfg.get("index-url", [])
+           if not u.startswith("file://") or os.path.isdir(local(u))]
+for u in indexes:
+    print("--extra-index-url" if u.startswith("file://") else "--index-url"); print(u)
+if any(u.startswith("file://") for u in indexes):
+    print("--index-strategy"); print("unsafe-best-match")
+PY
+)
+VIRTUAL_ENV="$PWD/.venv" .venv/bin/uv pip install --python .venv/bin/python "${uv_args[@]}" -e ".[${extras}]"
