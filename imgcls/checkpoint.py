@@ -69,13 +69,29 @@ class LoadedModel:
     history: list[dict]
 
 
+@dataclass
+class ModelInfo:
+    """What inference needs besides the weights: read from a checkpoint or export folder."""
+
+    classes: list[str]
+    image_size: int
+    mean: tuple
+    std: tuple
+    arch: str
+
+
+def read_model_info(folder: str) -> ModelInfo:
+    meta = storage.read_json(storage.join(folder, META_FILE))
+    return ModelInfo(classes=storage.read_json(storage.join(folder, CLASSES_FILE)), image_size=meta["image_size"],
+                     mean=tuple(meta["mean"]), std=tuple(meta["std"]), arch=meta["arch"])
+
+
 def load_checkpoint(folder: str) -> LoadedModel:
     """Rebuilds the trained model from a checkpoint folder (local or fsspec URI)."""
     if not storage.exists(storage.join(folder, MODEL_FILE)):
         raise FileNotFoundError(f"{folder} is not an imgcls checkpoint (no {MODEL_FILE})")
     raw = storage.read_bytes(storage.join(folder, MODEL_FILE))
-    meta = storage.read_json(storage.join(folder, META_FILE))
-    classes = storage.read_json(storage.join(folder, CLASSES_FILE))
+    info = read_model_info(folder)
     history_uri = storage.join(folder, HISTORY_FILE)
     history = storage.read_json(history_uri) if storage.exists(history_uri) else []
     config_uri = storage.join(folder, CONFIG_FILE)
@@ -83,12 +99,12 @@ def load_checkpoint(folder: str) -> LoadedModel:
     if storage.exists(config_uri):
         with storage.open_uri(config_uri, "r") as f:
             job = JobConfig.from_dict(yaml.safe_load(f))
-    model = create_model(meta["arch"], len(classes), image_size=meta["image_size"])
+    model = create_model(info.arch, len(info.classes), image_size=info.image_size)
     model.load_state_dict(torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True))
     model.eval()
     return LoadedModel(
-        model=model, classes=classes, image_size=meta["image_size"], mean=tuple(meta["mean"]),
-        std=tuple(meta["std"]), model_id=hashlib.sha256(raw).hexdigest()[:16], job=job, history=history,
+        model=model, classes=info.classes, image_size=info.image_size, mean=info.mean, std=info.std,
+        model_id=hashlib.sha256(raw).hexdigest()[:16], job=job, history=history,
     )
 
 

@@ -233,19 +233,20 @@ def resize_size(image_size: int) -> int:
 
 
 class ClassificationPresetEval:
-    """Resize, center crop, scale to [0, 1], normalise: used by evaluation AND inference."""
+    """Resize, center crop, scale to [0, 1], normalise: used by evaluation AND inference.
+
+    Inference applies the two halves in different places: ``geometry`` (uint8 in, uint8
+    out) in the CPU decode tasks, so that 4x fewer bytes travel to the model actors,
+    and ``normalize`` next to the model.
+    """
 
     def __init__(self, image_size: int, mean: Sequence[float], std: Sequence[float]):
         self.image_size = image_size
-        self.transform = v2.Compose([
-            v2.Resize(resize_size(image_size), antialias=True),
-            v2.CenterCrop(image_size),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(mean=list(mean), std=list(std)),
-        ])
+        self.geometry = v2.Compose([v2.Resize(resize_size(image_size), antialias=True), v2.CenterCrop(image_size)])
+        self.normalize = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=list(mean), std=list(std))])
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:  # (3, H, W) uint8 -> (3, S, S) float
-        return self.transform(image)
+        return self.normalize(self.geometry(image))
 
 
 class ClassificationPresetTrain:

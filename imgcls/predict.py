@@ -1,0 +1,269 @@
+"""Batch inference as a Ray Data pipeline; builds the predictions Dataset, writes nothing.
+
+Stages: input rows (``path``, ``shard``, ``shard_size``) -> ``ReadDecodeBatch`` in CPU
+tasks (read bytes, decode, eval-preset geometry; failures become error rows) ->
+``Classifier`` in an actor pool (normalise, forward, top-k) -> rows of OUTPUT_SCHEMA.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import tarfile
+from typing import Optional
+
+import numpy as np
+import pyarrow as pa
+import ray
+import torch
+from ray.data import ActorPoolStrategy
+
+from imgcls import storage
+from imgcls.data import ClassificationPresetEval, decode_image, resize_size, to_chw_tensor
+
+# Output schema: the one definition of the predictions table.
+COL_PATH = "path"
+COL_STATUS = "status"
+COL_ERROR = "error"
+COL_LABEL = "label"
+COL_SCORE = "score"
+COL_TOPK_LABELS = "topk_labels"
+COL_TOPK_SCORES = "topk_scores"
+COL_MODEL_ID = "model_id"
+COL_EMBEDDING = "embedding"
+STATUS_OK = "ok"
+STATUS_ERROR = "error"
+# Internal columns that travel with each row and are dropped before writing.
+COL_SHARD = "shard"
+COL_SHARD_SIZE = "shard_size"
+TAR_MEMBER_SEP = "::"
+
+
+def output_schema(embeddings: bool = False) -> pa.Schema:
+    fields = [
+        pa.field(COL_PATH, pa.string(), nullable=False),
+        pa.field(COL_STATUS, pa.string(), nullable=False),
+        pa.field(COL_ERROR, pa.string()),
+        pa.field(COL_LABEL, pa.string()),
+        pa.field(COL_SCORE, pa.float32()),
+        pa.field(COL_TOPK_LABELS, pa.list_(pa.string())),
+        pa.field(COL_TOPK_SCORES, pa.list_(pa.float32())),
+        pa.field(COL_MODEL_ID, pa.string(), nullable=False),
+    ]
+    if embeddings:
+        fields.append(pa.field(COL_EMBEDDING, pa.list_(pa.float32())))
+    return pa.schema(fields)
+
+
+def _error_text(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}"[:500]
+
+
+class ReadDecodeBatch:
+    """CPU stage: reads each file (or tar shard), decodes it and applies the eval geometry.
+
+    Output columns: ``path``, ``shard``, ``shard_size``, ``status``, ``error`` and
+    ``image`` (B, 3, S, S) uint8, all zeros on error rows. Never raises for bad input.
+    """
+
+    def __init__(self, image_size: int, max_pixels: int):
+        self.preset = ClassificationPresetEval(image_size, (0.0,) * 3, (1.0,) * 3)
+        self.image_size = image_size
+        self.max_pixels = max_pixels
+
+    def _image(self, data: bytes) -> np.ndarray:
+        image = decode_image(data, self.max_pixels, target_size=resize_size(self.image_size))
+        return self.preset.geometry(to_chw_tensor(image)).numpy()
+
+    def _entries(self, path: str):
+        """Yields (path, bytes or exception) for a file, or for each member of a tar."""
+        try:
+            if not path.lower().endswith(".tar"):
+                yield path, storage.read_bytes(path)
+                return
+            with storage.open_uri(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+                for member in tar:
+                    if member.isfile():
+                        yield f"{path}{TAR_MEMBER_SEP}{member.name}", tar.extractfile(member).read()
+        except Exception as e:  # unreadable file, missing object, broken tar...
+            yield path, e
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out = {k: [] for k in (COL_PATH, COL_SHARD, COL_SHARD_SIZE, COL_STATUS, COL_ERROR, "image")}
+        blank = np.zeros((3, self.image_size, self.image_size), np.uint8)
+        for path, shard, shard_size in zip(batch[COL_PATH], batch[COL_SHARD], batch[COL_SHARD_SIZE]):
+            entries = list(self._entries(path))
+            for name, data in entries:
+                image, error = blank, None
+                try:
+                    if isinstance(data, BaseException):
+                        raise data
+                    image = self._image(data)
+                except Exception as e:  # ImageDecodeError, or the read's own error
+                    error = _error_text(e)
+                out[COL_PATH].append(name)
+                out[COL_SHARD].append(shard)
+                # A tar's row count is only known once it is read.
+                out[COL_SHARD_SIZE].append(len(entries) if path.lower().endswith(".tar") else shard_size)
+                out[COL_STATUS].append(STATUS_OK if error is None else STATUS_ERROR)
+                out[COL_ERROR].append(error)
+                out["image"].append(image)
+        image = np.stack(out.pop("image")) if out[COL_PATH] else np.zeros((0, 3, self.image_size, self.image_size), np.uint8)
+        columns = {k: np.array(v, dtype=np.int64 if k in (COL_SHARD, COL_SHARD_SIZE) else object) for k, v in out.items()}
+        return columns | {"image": image}
+
+
+class Classifier:
+    """Actor stage: loads the model once, then labels batches under inference_mode.
+
+    ``model`` is a checkpoint folder (runtime 'torch') or an export folder holding
+    ``model.onnx`` (runtime 'onnxruntime').
+    """
+
+    def __init__(self, model: str, top_k: int = 5, embeddings: bool = False, runtime: str = "torch",
+                 threads: Optional[int] = None, use_gpu: bool = False):
+        from imgcls.checkpoint import load_checkpoint, read_model_info
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.runtime = runtime
+        self.embeddings = embeddings
+        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        if runtime == "onnxruntime":
+            import onnxruntime as ort
+
+            info = read_model_info(model)
+            raw = storage.read_bytes(storage.join(model, "model.onnx"))
+            opts = ort.SessionOptions()
+            if threads:
+                opts.intra_op_num_threads = threads
+            self.session = ort.InferenceSession(raw, opts, providers=["CPUExecutionProvider"])
+            self.model_id = hashlib.sha256(raw).hexdigest()[:16]
+        else:
+            info = load_checkpoint(model)
+            self.model = info.model.to(self.device)
+            if self.device.type == "cuda":
+                self.model = self.model.to(memory_format=torch.channels_last)
+            self.model_id = info.model_id
+        self.classes = np.array(info.classes, dtype=object)
+        self.normalize = ClassificationPresetEval(info.image_size, info.mean, info.std).normalize
+        self.top_k = min(top_k, len(info.classes))
+        self.schema = output_schema(embeddings)
+
+    def _forward(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """(B, 3, S, S) float -> probabilities (B, C), features (B, F)."""
+        from imgcls.models import features_and_logits
+
+        if self.runtime == "onnxruntime":
+            logits, feats = self.session.run(["logits", "features"], {"image": x.numpy()})
+            logits, feats = torch.from_numpy(logits), torch.from_numpy(feats)
+        else:
+            with torch.inference_mode():
+                x = x.to(self.device)
+                if self.device.type == "cuda":
+                    x = x.contiguous(memory_format=torch.channels_last)
+                feats, logits = features_and_logits(self.model, x)
+        return logits.float().softmax(1).cpu().numpy(), feats.float().cpu().numpy()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        n = len(batch[COL_PATH])
+        ok = np.asarray(batch[COL_STATUS] == STATUS_OK)
+        labels, scores = np.full(n, None, dtype=object), np.full(n, np.nan, dtype=np.float32)
+        topk_labels, topk_scores, embedding = [[]] * n, [[]] * n, [None] * n
+        if ok.any():
+            x = torch.stack([self.normalize(torch.from_numpy(img)) for img in batch["image"][ok]])
+            probs, feats = self._forward(x)
+            top = np.argsort(-probs, axis=1)[:, : self.top_k]  # (b, k)
+            top_p = np.take_along_axis(probs, top, axis=1)
+            idx = np.flatnonzero(ok)
+            labels[idx], scores[idx] = self.classes[top[:, 0]], top_p[:, 0]
+            for j, i in enumerate(idx):
+                topk_labels[i], topk_scores[i] = self.classes[top[j]].tolist(), top_p[j].tolist()
+                embedding[i] = feats[j].tolist() if self.embeddings else None
+        columns = {
+            COL_PATH: batch[COL_PATH].tolist(), COL_STATUS: batch[COL_STATUS].tolist(),
+            # Missing errors may arrive as None or NaN, depending on the block format.
+            COL_ERROR: [e if isinstance(e, str) else None for e in batch[COL_ERROR]], COL_LABEL: labels.tolist(),
+            COL_SCORE: [None if math.isnan(s) else float(s) for s in scores],
+            COL_TOPK_LABELS: topk_labels, COL_TOPK_SCORES: topk_scores, COL_MODEL_ID: [self.model_id] * n,
+        }
+        if self.embeddings:
+            columns[COL_EMBEDDING] = embedding
+        table = pa.Table.from_pydict(columns, schema=self.schema)
+        return table.append_column(COL_SHARD, pa.array(batch[COL_SHARD], pa.int64())) \
+                    .append_column(COL_SHARD_SIZE, pa.array(batch[COL_SHARD_SIZE], pa.int64()))
+
+
+def pool_plan(use_gpu: Optional[bool], num_actors: Optional[int]) -> dict:
+    """Actor pool size and per-actor resources derived from the running cluster.
+
+    On CPUs the actors together claim half the CPUs (fractionally), so that decode
+    tasks always find room: whole-CPU actors on a 2-core machine starve the readers
+    and the job hangs. Each actor still runs torch on its share of the cores.
+    """
+    res = ray.cluster_resources()
+    cpus, gpus = float(res.get("CPU", 1)), int(res.get("GPU", 0))
+    if use_gpu is None:
+        use_gpu = gpus > 0
+    if use_gpu:
+        n = num_actors or max(1, gpus)
+        return {"size": n, "num_gpus": 1, "num_cpus": 1, "threads": None, "use_gpu": True}
+    n = num_actors or max(1, int(cpus // 4))
+    return {"size": n, "num_gpus": 0, "num_cpus": cpus * 0.5 / n,
+            "threads": max(1, min(os.cpu_count() or 1, round(cpus / n))), "use_gpu": False}
+
+
+def predict(rows: ray.data.Dataset, model: str, image_size: int, *, batch_size: int = 64, top_k: int = 5,
+            embeddings: bool = False, runtime: str = "torch", use_gpu: Optional[bool] = None,
+            num_actors: Optional[int] = None, max_pixels: int = 64_000_000) -> ray.data.Dataset:
+    """Labels ``rows`` (columns path, shard, shard_size) and returns prediction rows.
+
+    Args:
+        rows: One row per input file or tar shard.
+        model: Checkpoint folder, or export folder for runtime 'onnxruntime'.
+        image_size: The model's input side (from the checkpoint's meta).
+
+    Returns:
+        A lazy Dataset with the OUTPUT_SCHEMA columns plus ``shard``/``shard_size``;
+        exactly one row per input file (per tar member for tar shards).
+    """
+    plan = pool_plan(use_gpu, num_actors)
+    decoded = rows.map_batches(ReadDecodeBatch(image_size, max_pixels), batch_size=32, num_cpus=0.5)
+    return decoded.map_batches(
+        Classifier,
+        fn_constructor_kwargs={"model": model, "top_k": top_k, "embeddings": embeddings, "runtime": runtime,
+                               "threads": plan["threads"], "use_gpu": plan["use_gpu"]},
+        batch_size=batch_size, batch_format="numpy",
+        compute=ActorPoolStrategy(size=plan["size"]), num_cpus=plan["num_cpus"], num_gpus=plan["num_gpus"],
+    )
+
+
+def list_inputs(uri: str) -> list[str]:
+    """Every input of a labelling job, sorted: files under a folder (hidden ones aside),
+    glob matches, the ``path`` column of a .csv/.parquet manifest, or a single file.
+
+    Non-image files are kept on purpose: each gets an error row rather than vanishing.
+    """
+    import pandas as pd
+
+    fs, path = storage.filesystem(uri)
+    if uri.lower().endswith((".csv", ".parquet")) and fs.isfile(path):
+        with storage.open_uri(uri, "rb") as f:
+            df = pd.read_csv(f) if uri.lower().endswith(".csv") else pd.read_parquet(f)
+        if "path" not in df.columns:
+            raise ValueError(f"manifest {uri} has no 'path' column")
+        folder = uri.rsplit("/", 1)[0] if "/" in uri else "."
+        return sorted(p if storage.is_absolute(p) else storage.join(folder, p) for p in df["path"].astype(str))
+    if any(ch in path for ch in "*?["):
+        found = fs.glob(path)
+    elif fs.isdir(path):
+        found = fs.find(path)
+    elif fs.isfile(path):
+        found = [path]
+    else:
+        raise FileNotFoundError(f"no input at {uri}")
+    files = [f for f in found if not any(part.startswith(".") for part in f.split("/")[-1:])]
+    return sorted(storage.unstrip(uri, f) for f in files)
+
+
