@@ -254,11 +254,13 @@ class ClassificationPresetTrain:
 
     def __init__(self, image_size: int, mean: Sequence[float], std: Sequence[float],
                  augment: str = "standard", magnitude: int = 9):
-        if augment == "none":
+        if augment in ("none", "light"):
             steps = [v2.Resize(resize_size(image_size), antialias=True), v2.CenterCrop(image_size)]
+            if augment == "light":  # the classic small-image recipe: padded random crop and flip
+                steps += [v2.RandomCrop(image_size, padding=max(1, image_size // 8), padding_mode="reflect"),
+                          v2.RandomHorizontalFlip()]
         else:
-            scale = (0.7, 1.0) if augment == "light" else (0.35, 1.0)
-            steps = [v2.RandomResizedCrop(image_size, scale=scale, antialias=True), v2.RandomHorizontalFlip()]
+            steps = [v2.RandomResizedCrop(image_size, scale=(0.35, 1.0), antialias=True), v2.RandomHorizontalFlip()]
         if augment == "standard":
             s = magnitude / 9  # 1.0 at the default magnitude
             steps.append(v2.RandomApply([v2.RandomAffine(

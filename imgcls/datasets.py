@@ -42,8 +42,13 @@ def _read_idx(path: str) -> np.ndarray:
 def _fashion_mnist_dir(workdir: str) -> str:
     if os.path.exists(os.path.join(FASHION_MNIST_SYSTEM_DIR, "train-images-idx3-ubyte.gz")):
         return FASHION_MNIST_SYSTEM_DIR
-    subprocess.run(["apt-get", "download", FASHION_MNIST_DEB], cwd=workdir, check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    download = ["apt-get", "download", FASHION_MNIST_DEB]
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    if subprocess.run(download, cwd=workdir, **quiet).returncode != 0:
+        # A fresh machine may have no package lists yet; refreshing them needs root.
+        if os.geteuid() == 0:
+            subprocess.run(["apt-get", "update", "-qq"], **quiet)
+        subprocess.run(download, cwd=workdir, check=True, **quiet)
     deb = glob.glob(os.path.join(workdir, f"{FASHION_MNIST_DEB}_*.deb"))[0]
     subprocess.run(["dpkg-deb", "-x", deb, os.path.join(workdir, "root")], check=True)
     return os.path.join(workdir, "root", FASHION_MNIST_SYSTEM_DIR.lstrip("/"))

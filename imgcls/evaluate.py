@@ -1,0 +1,65 @@
+"""Evaluation of a trained model on labelled images, through the inference pipeline.
+
+``evaluate_images`` labels a LabelledImages set with exactly the batch-inference code
+path, then ``report_from_predictions`` turns predictions plus true labels into
+metrics. Plots live in ``imgcls.report``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+import pandas as pd
+import ray
+
+from imgcls.checkpoint import read_model_info
+from imgcls.data import LabelledImages, encode_labels
+from imgcls.metrics import classification_report, confusion_matrix
+from imgcls.predict import COL_LABEL, COL_PATH, COL_SHARD, COL_SHARD_SIZE, COL_STATUS, COL_TOPK_LABELS, STATUS_OK, predict
+
+COL_TRUE = "true_label"
+
+
+def predict_labelled(model: str, images: LabelledImages, batch_size: int = 64, runtime: str = "torch",
+                     num_actors: Optional[int] = None) -> pd.DataFrame:
+    """Predictions for ``images`` with a ``true_label`` column, one row per image."""
+    info = read_model_info(model)
+    rows = ray.data.from_items(
+        [{COL_PATH: p, COL_SHARD: 0, COL_SHARD_SIZE: len(images)} for p in images.paths],
+        override_num_blocks=max(1, min(len(images) // 64, 200)))
+    df = predict(rows, model, info.image_size, batch_size=batch_size, runtime=runtime,
+                 num_actors=num_actors).to_pandas()
+    df = df.drop(columns=[COL_SHARD, COL_SHARD_SIZE])
+    truth = dict(zip(images.paths, images.labels))
+    df[COL_TRUE] = df[COL_PATH].map(truth)
+    return df.sort_values(COL_PATH).reset_index(drop=True)
+
+
+def report_from_predictions(df: pd.DataFrame, classes: Sequence[str]) -> dict:
+    """Accuracy, top-5, per-class and macro P/R/F1 and the confusion matrix.
+
+    Rows whose image could not be read are counted in ``errors`` and left out of the
+    metrics. Raises DataError on a true label the model does not know.
+    """
+    import torch
+
+    ok = df[df[COL_STATUS] == STATUS_OK]
+    y = encode_labels(ok[COL_TRUE].astype(str).tolist(), classes)
+    pred = encode_labels(ok[COL_LABEL].astype(str).tolist(), classes)
+    cm = confusion_matrix(torch.from_numpy(y), torch.from_numpy(pred), len(classes))
+    report = classification_report(cm, classes)
+    k = min(5, len(classes))
+    top5 = [t in list(top)[:k] for t, top in zip(ok[COL_TRUE], ok[COL_TOPK_LABELS])]
+    report["top5_accuracy"] = float(np.mean(top5)) if top5 else 0.0
+    report["errors"] = int(len(df) - len(ok))
+    report["classes"] = list(classes)
+    return report
+
+
+def evaluate_images(model: str, images: LabelledImages, **kwargs) -> tuple[dict, pd.DataFrame]:
+    """Runs the model over ``images`` and returns (metrics report, predictions)."""
+    classes = read_model_info(model).classes
+    encode_labels(images.labels, classes)  # fail fast on unknown labels, before any inference
+    df = predict_labelled(model, images, **kwargs)
+    return report_from_predictions(df, classes), df

@@ -1,0 +1,162 @@
+"""Bulk labelling on a real Ray cluster: nothing lost, resumable, tar shards, S3."""
+
+import io
+import os
+import subprocess
+import sys
+import tarfile
+import time
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from imgcls.bulk import label_images
+from imgcls.checkpoint import load_checkpoint, save_checkpoint
+from imgcls.config import JobConfig, ModelConfig, PredictConfig
+from imgcls.data import ClassificationPresetEval, decode_image, to_chw_tensor
+from imgcls.models import create_model
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A real (untrained) small CNN checkpoint for two classes."""
+    folder = str(tmp_path_factory.mktemp("ckpt"))
+    torch.manual_seed(0)
+    job = JobConfig(model=ModelConfig(arch="small_cnn", image_size=32))
+    save_checkpoint(folder, create_model("small_cnn", 2), job, ["cat", "dog"], history=[])
+    return folder
+
+
+def photo(dogs_cats_root, i=0):
+    name = sorted(os.listdir(os.path.join(dogs_cats_root, "cat")))[i]
+    return Image.open(os.path.join(dogs_cats_root, "cat", name)).convert("RGB")
+
+
+@pytest.fixture(scope="module")
+def bad_corpus(tmp_path_factory, dogs_cats_root):
+    """Real photos in every awkward variant, plus files that are not usable images."""
+    root = tmp_path_factory.mktemp("corpus")
+    (root / "nested" / "deeper").mkdir(parents=True)
+    img = photo(dogs_cats_root).resize((96, 64))
+    img.save(root / "plain.jpg", quality=90)
+    img.save(root / "plain.png")
+    img.convert("CMYK").save(root / "cmyk.jpg")
+    img.convert("L").save(root / "nested" / "gray.png")
+    img.convert("RGBA").save(root / "rgba.png")
+    Image.fromarray((np.asarray(img.convert("L"), np.uint16) * 257)).save(root / "deep16.png")
+    exif = img.getexif()
+    exif[0x0112] = 6
+    img.save(root / "nested" / "rotated.jpg", exif=exif)
+    img.save(root / "nested" / "deeper" / "image.webp")
+    Image.new("L", (9000, 9000)).save(root / "bomb.png")  # 81 Mpx, over the 64 Mpx limit
+    full = (root / "plain.jpg").read_bytes()
+    (root / "truncated.jpg").write_bytes(full[: len(full) // 3])
+    (root / "zero.jpg").write_bytes(b"")
+    (root / "notes.txt").write_text("not an image")
+    (root / "fake.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    return root
+
+
+EXPECTED_ERRORS = {"bomb.png", "truncated.jpg", "zero.jpg", "notes.txt", "fake.png"}
+
+
+def read_output(folder):
+    return pq.read_table(str(folder)).to_pandas()
+
+
+def test_every_file_gets_exactly_one_row(ray_cluster, checkpoint, bad_corpus, tmp_path):
+    summary = label_images(PredictConfig(model=checkpoint, input=str(bad_corpus), output=str(tmp_path / "out"),
+                                         files_per_shard=4, top_k=2, embeddings=True))
+    df = read_output(tmp_path / "out")
+    inputs = sorted(str(p) for p in bad_corpus.rglob("*") if p.is_file())
+    assert sorted(df["path"]) == inputs  # rows == inputs, no duplicates
+    assert summary.rows == summary.files == len(inputs)
+    errors = set(df.loc[df.status == "error", "path"].map(os.path.basename))
+    assert errors == EXPECTED_ERRORS
+    assert df.loc[df.status == "error", "error"].str.len().gt(0).all()
+    ok = df[df.status == "ok"]
+    assert ok["label"].isin(["cat", "dog"]).all() and ok["score"].between(0, 1).all()
+    assert ok["topk_labels"].map(len).eq(2).all() and ok["embedding"].map(len).eq(128).all()
+    assert df["model_id"].nunique() == 1 and df.loc[df.status == "error", "label"].isna().all()
+    # Shards are named by index and nothing half-written is left behind.
+    names = sorted(os.listdir(tmp_path / "out"))
+    assert [n for n in names if n.startswith("part-")] == [f"part-{i:05d}.parquet" for i in range(4)]
+    assert not [n for n in names if n.startswith(".tmp")]
+
+
+def test_pipeline_scores_match_direct_model_call(ray_cluster, checkpoint, bad_corpus, tmp_path):
+    label_images(PredictConfig(model=checkpoint, input=str(bad_corpus / "plain.png"), output=str(tmp_path / "o")))
+    row = read_output(tmp_path / "o").iloc[0]
+    loaded = load_checkpoint(checkpoint)
+    preset = ClassificationPresetEval(loaded.image_size, loaded.mean, loaded.std)
+    x = preset(to_chw_tensor(decode_image((bad_corpus / "plain.png").read_bytes())))[None]
+    with torch.no_grad():
+        probs = loaded.model(x).softmax(1)[0]
+    assert row["label"] == loaded.classes[int(probs.argmax())]
+    assert row["score"] == pytest.approx(float(probs.max()), abs=1e-5)
+
+
+def test_tar_shards_yield_one_row_per_member(ray_cluster, checkpoint, dogs_cats_root, tmp_path):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for s in range(2):
+        with tarfile.open(shards / f"shard-{s}.tar", "w") as tar:
+            for i in range(5):
+                buf = io.BytesIO()
+                photo(dogs_cats_root, s * 5 + i).save(buf, "JPEG")
+                info = tarfile.TarInfo(f"{s}_{i}.jpg")
+                info.size = len(buf.getvalue())
+                tar.addfile(info, io.BytesIO(buf.getvalue()))
+            info = tarfile.TarInfo(f"{s}_meta.json")
+            info.size = 2
+            tar.addfile(info, io.BytesIO(b"{}"))
+    summary = label_images(PredictConfig(model=checkpoint, input=str(shards), output=str(tmp_path / "out")))
+    df = read_output(tmp_path / "out")
+    assert summary.shards == 2 and len(df) == 12 and df["path"].is_unique
+    assert (df.status == "ok").sum() == 10
+    assert set(df.loc[df.status == "error", "path"].str.rsplit("::", n=1).str[1]) == {"0_meta.json", "1_meta.json"}
+
+
+def test_killed_job_resumes_without_redoing_or_duplicating(ray_cluster, checkpoint, dogs_cats_root, tmp_path):
+    out = tmp_path / "out"
+    args = ["--model", checkpoint, "--input", dogs_cats_root, "--output", str(out), "--files-per-shard", "100",
+            "--num-cpus", "1", "--batch-size", "16"]
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    env.pop("RAY_ADDRESS")
+    proc = subprocess.Popen([sys.executable, "-m", "imgcls.cli", "predict", *args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (out.exists() and len(list(out.glob("part-*.parquet"))) >= 3):
+        time.sleep(0.2)
+    os.killpg(proc.pid, 9)  # the driver and its private Ray cluster, mid-run
+    proc.wait()
+    done_before = {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")}
+    assert 3 <= len(done_before) < 20, "the job should have been killed midway"
+    for p in done_before:  # whatever is visible is a complete shard
+        assert len(pq.read_table(out / p)) == 100
+
+    summary = label_images(PredictConfig(model=checkpoint, input=dogs_cats_root, output=str(out), files_per_shard=100))
+    assert summary.shards_skipped == len(done_before)
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet") if p.name in done_before} == done_before
+    df = read_output(out)
+    assert len(df) == 2000 and df["path"].is_unique and (df.status == "ok").all()
+
+
+def test_reads_from_and_writes_to_s3(ray_cluster, s3_server, checkpoint, bad_corpus, tmp_path):
+    import s3fs
+
+    fs = s3fs.S3FileSystem(endpoint_url=s3_server)
+    for name in ("plain.jpg", "cmyk.jpg", "zero.jpg", "nested/gray.png"):
+        fs.put(str(bad_corpus / name), f"imgcls/inbox/{name}")
+    summary = label_images(PredictConfig(model=checkpoint, input="s3://imgcls/inbox", output="s3://imgcls/preds",
+                                         files_per_shard=2))
+    assert summary.rows == 4 and summary.errors == 1
+    table = pq.read_table("imgcls/preds", filesystem=fs).to_pandas()
+    assert sorted(table["path"]) == sorted(f"s3://imgcls/inbox/{n}" for n in ("cmyk.jpg", "nested/gray.png",
+                                                                                 "plain.jpg", "zero.jpg"))
+    assert not [p for p in fs.ls("imgcls/preds") if "/.tmp" in p]

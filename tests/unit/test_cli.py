@@ -1,0 +1,42 @@
+import re
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from imgcls.cli import cli
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def commands():
+    return sorted(cli.commands)
+
+
+@pytest.mark.parametrize("name", commands())
+def test_every_command_has_help(name):
+    result = CliRunner().invoke(cli, [name, "--help"])
+    assert result.exit_code == 0, result.output
+    assert cli.commands[name].help and cli.commands[name].help.strip()
+
+
+@pytest.mark.parametrize("name", commands())
+def test_every_command_is_documented_in_readme(name):
+    assert re.search(rf"imgcls {re.escape(name)}\b", README.read_text()), f"README does not show `imgcls {name}`"
+
+
+def test_every_train_flag_has_a_docstring():
+    result = CliRunner().invoke(cli, ["train", "--help"], terminal_width=200)
+    for flag in ("--lr", "--class-balance", "--freeze-backbone / --no-freeze-backbone", "--unfreeze-after"):
+        line = next(line for line in result.output.splitlines() if line.strip().startswith(flag))
+        assert "[default:" in line and len(line.split(flag, 1)[1].strip()) > 20, line
+
+
+def test_invalid_flag_value_is_a_usage_error(tmp_path):
+    result = CliRunner().invoke(cli, ["train", "--root", str(tmp_path), "--optimizer", "adam"])
+    assert result.exit_code == 2 and "optimizer must be one of" in result.output
+
+
+def test_predict_requires_paths():
+    result = CliRunner().invoke(cli, ["predict", "--model", "x"])
+    assert result.exit_code == 2 and "required" in result.output

