@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict
 
 import click
@@ -13,11 +12,17 @@ from imgcls.options import config_options, load_yaml, resolve
 
 
 def init_ray(num_cpus: int | None = None) -> None:
-    """Joins the cluster named by RAY_ADDRESS (as under ``ray job submit``) or starts a local one."""
+    """Starts a private local Ray cluster with ``num_cpus`` CPUs when given; otherwise joins
+    the cluster named by RAY_ADDRESS (as under ``ray job submit``), a running local one, or
+    starts one."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(num_cpus=num_cpus if not os.environ.get("RAY_ADDRESS") else None, log_to_driver=True)
+    if ray.is_initialized():
+        return
+    if num_cpus is not None:
+        ray.init(address="local", num_cpus=num_cpus)
+    else:
+        ray.init()
 
 
 def echo_json(obj) -> None:
@@ -61,6 +66,58 @@ def predict(config_path, num_cpus, **flags):
     click.echo(f"files {summary.files}  ok {summary.ok}  errors {summary.errors}  "
                f"shards {summary.shards} ({summary.shards_skipped} already done)  images/s {summary.images_per_s}")
     echo_json(asdict(summary))
+
+
+@cli.command()
+@click.option("--model", "model", required=True, help="Checkpoint folder (local or fsspec URI).")
+@click.option("--data", default=None, help="Labelled images: ImageFolder tree or path,label manifest.")
+@click.option("--predictions", default=None,
+              help="Predictions Parquet (file or folder) instead of --data; true labels come from a "
+                   "'true_label' column, else from each file's parent folder name.")
+@click.option("--output", required=True, type=click.Path(file_okay=False), help="Folder for metrics.json, PNGs, report.html.")
+@click.option("--num-cpus", type=int, default=None, help="CPUs of a local Ray cluster started by this command.")
+def evaluate(model, data, predictions, output, num_cpus):
+    """Metrics, confusion matrix, plots and report.html for a labelled set."""
+    from imgcls.jobs import run_evaluation
+
+    if bool(data) == bool(predictions):
+        raise click.UsageError("give exactly one of --data and --predictions")
+    if data:
+        init_ray(num_cpus)
+    result = run_evaluation(model, output, data=data, predictions=predictions)
+    click.echo(f"accuracy {result['accuracy']:.4f}  macro F1 {result['macro_f1']:.4f}  report {result['report']}")
+
+
+@cli.command()
+@click.option("--model", "model", required=True, help="Checkpoint folder (local or fsspec URI).")
+@click.option("--output", required=True, help="Export folder (local or fsspec URI).")
+@click.option("--format", "formats", multiple=True, type=click.Choice(["onnx", "torchscript", "safetensors"]),
+              help="Formats to write (repeatable); default all.")
+@click.option("--opset", type=int, default=17, show_default=True, help="ONNX opset (17 or newer).")
+def export(model, output, formats, opset):
+    """Export a checkpoint to ONNX (dynamic batch), TorchScript and safetensors."""
+    from imgcls.export import FORMATS, export_checkpoint
+
+    echo_json(export_checkpoint(model, output, formats or FORMATS, opset=opset))
+
+
+@cli.command()
+@click.option("--model", "model", required=True, help="Checkpoint folder (local or fsspec URI).")
+@click.option("--output", required=True, type=click.Path(file_okay=False), help="Folder for the overlay PNGs.")
+@click.option("--image", "images", multiple=True, help="Image to explain (repeatable).")
+@click.option("--mistakes-from", default=None,
+              help="Explain the most confident mistakes listed in this evaluation folder's predictions.parquet.")
+@click.option("--top", type=int, default=8, show_default=True, help="How many mistakes to explain.")
+@click.option("--layer", default=None, help="Module name to explain at (default: the last Conv2d).")
+def explain(model, output, images, mistakes_from, top, layer):
+    """Grad-CAM heatmap overlays for chosen images or for the worst mistakes."""
+    from imgcls.explain import explain_images
+    from imgcls.jobs import worst_mistakes
+
+    paths = list(images) + (worst_mistakes(mistakes_from, top) if mistakes_from else [])
+    if not paths:
+        raise click.UsageError("give --image or --mistakes-from")
+    echo_json(explain_images(model, paths, output, layer=layer))
 
 
 @cli.command("fetch-data")

@@ -9,7 +9,9 @@ from dataclasses import asdict
 from imgcls import storage
 from imgcls.bulk import label_images
 from imgcls.config import DataConfig, JobConfig, ModelConfig, PredictConfig, TrainConfig
-from imgcls.evaluate import evaluate_images
+from imgcls.checkpoint import load_checkpoint, read_model_info
+from imgcls.data import list_labelled_images
+from imgcls.evaluate import COL_TRUE, evaluate_images, report_from_predictions
 from imgcls.train import fit
 
 TEST_METRICS_FILE = "test_metrics.json"
@@ -69,3 +71,41 @@ def run_demo(workdir: str, per_class: int = 1500, epochs: int = 5) -> dict:
     labelled = label_images(PredictConfig(model=summary["checkpoint"], input=inbox, output=output))
     summary["predict"] = asdict(labelled)
     return summary
+
+
+PREDICTIONS_FILE = "predictions.parquet"
+
+
+def run_evaluation(model: str, output: str, data: str | None = None, predictions: str | None = None) -> dict:
+    """Evaluates ``model`` on labelled ``data`` (runs inference) or on existing ``predictions``.
+
+    Writes metrics.json, the PNG plots, report.html and predictions.parquet to ``output``.
+    """
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    from imgcls.report import write_report
+
+    classes = read_model_info(model).classes
+    if data:
+        report, df = evaluate_images(model, list_labelled_images(data))
+    else:
+        fs, path = storage.filesystem(predictions)
+        df = pq.read_table(path, filesystem=fs).to_pandas()
+        if COL_TRUE not in df.columns:
+            df[COL_TRUE] = df["path"].str.split("::").str[0].str.rsplit("/", n=2).str[-2]
+        report = report_from_predictions(df, classes)
+    os.makedirs(output, exist_ok=True)
+    df.to_parquet(os.path.join(output, PREDICTIONS_FILE))
+    history = load_checkpoint(model).history
+    files = write_report(output, report, df, COL_TRUE, history=history)
+    return {**{k: report[k] for k in ("accuracy", "top5_accuracy", "macro_f1")}, **files}
+
+
+def worst_mistakes(evaluation_folder: str, n: int) -> list[str]:
+    """Paths of the ``n`` most confident wrong predictions of an evaluation run."""
+    import pandas as pd
+
+    df = pd.read_parquet(os.path.join(evaluation_folder, PREDICTIONS_FILE))
+    wrong = df[(df["status"] == "ok") & (df["label"] != df[COL_TRUE])]
+    return wrong.sort_values("score", ascending=False).head(n)["path"].tolist()

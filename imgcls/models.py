@@ -219,13 +219,24 @@ def set_backbone_trainable(model: nn.Module, trainable: bool) -> None:
         p.requires_grad = trainable or name.startswith(head)
 
 
-def features_and_logits(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Runs ``model`` and also returns the input of its head (the penultimate features)."""
-    head = model.get_submodule(head_name(model))
-    captured = {}
-    handle = head.register_forward_hook(lambda _m, inp, _out: captured.__setitem__("f", inp[0]))
-    try:
-        logits = model(x)
-    finally:
-        handle.remove()
-    return captured["f"], logits
+class WithFeatures(nn.Module):
+    """Wraps a classifier to return (logits, penultimate features) in one traceable forward.
+
+    The head is moved out and replaced by nn.Identity, so the body's output is exactly
+    the head's input; this exports to ONNX/TorchScript, unlike a forward hook.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        import copy
+
+        self.body = copy.deepcopy(model)
+        name = head_name(self.body)
+        parent_name, _, attr = name.rpartition(".")
+        parent = self.body.get_submodule(parent_name) if parent_name else self.body
+        self.head = getattr(parent, attr)
+        setattr(parent, attr, nn.Identity())
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # (B,3,S,S) -> (B,C), (B,F)
+        features = self.body(x)
+        return self.head(features), features

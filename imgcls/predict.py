@@ -21,6 +21,7 @@ from ray.data import ActorPoolStrategy
 
 from imgcls import storage
 from imgcls.data import ClassificationPresetEval, decode_image, resize_size, to_chw_tensor
+from imgcls.models import WithFeatures
 
 # Output schema: the one definition of the predictions table.
 COL_PATH = "path"
@@ -142,7 +143,7 @@ class Classifier:
             self.model_id = hashlib.sha256(raw).hexdigest()[:16]
         else:
             info = load_checkpoint(model)
-            self.model = info.model.to(self.device)
+            self.model = WithFeatures(info.model).eval().to(self.device)
             if self.device.type == "cuda":
                 self.model = self.model.to(memory_format=torch.channels_last)
             self.model_id = info.model_id
@@ -153,8 +154,6 @@ class Classifier:
 
     def _forward(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """(B, 3, S, S) float -> probabilities (B, C), features (B, F)."""
-        from imgcls.models import features_and_logits
-
         if self.runtime == "onnxruntime":
             logits, feats = self.session.run(["logits", "features"], {"image": x.numpy()})
             logits, feats = torch.from_numpy(logits), torch.from_numpy(feats)
@@ -163,7 +162,7 @@ class Classifier:
                 x = x.to(self.device)
                 if self.device.type == "cuda":
                     x = x.contiguous(memory_format=torch.channels_last)
-                feats, logits = features_and_logits(self.model, x)
+                logits, feats = self.model(x)
         return logits.float().softmax(1).cpu().numpy(), feats.float().cpu().numpy()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
@@ -229,7 +228,11 @@ def predict(rows: ray.data.Dataset, model: str, image_size: int, *, batch_size: 
         exactly one row per input file (per tar member for tar shards).
     """
     plan = pool_plan(use_gpu, num_actors)
-    decoded = rows.map_batches(ReadDecodeBatch(image_size, max_pixels), batch_size=32, num_cpus=0.5)
+    # Ray Data fuses consecutive stages whose resource requests are equal, which would
+    # move decoding into the model actors and serialise it; distinct requests keep the
+    # decode tasks separate and parallel.
+    decode_cpus = 0.5 if plan["num_cpus"] != 0.5 else 0.25
+    decoded = rows.map_batches(ReadDecodeBatch(image_size, max_pixels), batch_size=32, num_cpus=decode_cpus)
     return decoded.map_batches(
         Classifier,
         fn_constructor_kwargs={"model": model, "top_k": top_k, "embeddings": embeddings, "runtime": runtime,

@@ -126,12 +126,12 @@ def test_killed_job_resumes_without_redoing_or_duplicating(ray_cluster, checkpoi
     out = tmp_path / "out"
     args = ["--model", checkpoint, "--input", dogs_cats_root, "--output", str(out), "--files-per-shard", "100",
             "--num-cpus", "1", "--batch-size", "16"]
-    env = {**os.environ, "RAY_ADDRESS": ""}
-    env.pop("RAY_ADDRESS")
-    proc = subprocess.Popen([sys.executable, "-m", "imgcls.cli", "predict", *args], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    log = open(tmp_path / "job.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "imgcls.cli", "predict", *args], stdout=log, stderr=log,
+                            start_new_session=True)
     deadline = time.time() + 300
     while time.time() < deadline and not (out.exists() and len(list(out.glob("part-*.parquet"))) >= 3):
+        assert proc.poll() is None, (tmp_path / "job.log").read_text()[-3000:]
         time.sleep(0.2)
     os.killpg(proc.pid, 9)  # the driver and its private Ray cluster, mid-run
     proc.wait()

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from imgcls.models import (create_model, features_and_logits, head_name, list_models, load_state_dict_file,
+from imgcls.models import (WithFeatures, create_model, head_name, list_models, load_state_dict_file,
                            set_backbone_trainable)
 
 SIZE = {"efficientnet_lite0": 64}
@@ -71,9 +71,13 @@ def test_freeze_keeps_only_head_trainable():
     assert all(p.requires_grad for p in model.parameters())
 
 
-def test_features_are_the_head_input():
-    model = create_model("resnet18", 3).eval()
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small", "efficientnet_lite0", "small_cnn"])
+def test_features_are_the_head_input(name):
+    model = create_model(name, 3, image_size=64).eval()
+    wrapped = WithFeatures(model).eval()
     with torch.no_grad():
-        feats, logits = features_and_logits(model, torch.randn(2, 3, 64, 64))
-        assert feats.shape == (2, 512)
-        assert torch.allclose(model.fc(feats), logits, atol=1e-5)
+        x = torch.randn(2, 3, 64, 64)
+        logits, feats = wrapped(x)
+        assert torch.allclose(logits, model(x), atol=1e-5)
+        assert torch.allclose(wrapped.head(feats), logits, atol=1e-5)
+    assert model.state_dict().keys() != wrapped.state_dict().keys()  # the original is left untouched

@@ -1,0 +1,143 @@
+"""Evaluation report: metrics.json, PNG plots and one report.html that shows them."""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+from typing import Optional, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from imgcls import storage  # noqa: E402
+from imgcls.predict import COL_LABEL, COL_PATH, COL_SCORE, COL_STATUS, STATUS_OK  # noqa: E402
+
+METRICS_FILE = "metrics.json"
+REPORT_FILE = "report.html"
+
+
+def plot_confusion_matrix(cm: Sequence[Sequence[int]], classes: Sequence[str], path: str) -> str:
+    cm = np.asarray(cm)
+    norm = cm / np.clip(cm.sum(1, keepdims=True), 1, None)  # row-normalised: recall on the diagonal
+    size = max(5, 0.6 * len(classes) + 2)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    if len(classes) <= 20:
+        for i in range(len(classes)):
+            for j in range(len(classes)):
+                ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=8,
+                        color="white" if norm[i, j] > 0.5 else "black")
+    ax.set_title("Confusion matrix (counts; colour = row share)")
+    return _save(fig, path)
+
+
+def plot_class_distribution(counts: dict[str, int], path: str, title: str = "Images per class") -> str:
+    fig, ax = plt.subplots(figsize=(max(5, 0.5 * len(counts) + 2), 4))
+    ax.bar(list(counts), list(counts.values()), color="#4C72B0")
+    ax.set_ylabel("images")
+    ax.set_title(title)
+    ax.tick_params(axis="x", rotation=45)
+    return _save(fig, path)
+
+
+def plot_training_curves(history: list[dict], path: str) -> Optional[str]:
+    if not history:
+        return None
+    epochs = [h["epoch"] + 1 for h in history]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    left.plot(epochs, [h["train_loss"] for h in history], "o-", label="train")
+    left.plot(epochs, [h["val_loss"] for h in history], "o-", label="val")
+    left.set_title("loss")
+    right.plot(epochs, [h["train_accuracy"] for h in history], "o-", label="train")
+    right.plot(epochs, [h["val_accuracy"] for h in history], "o-", label="val")
+    right.set_title("accuracy")
+    for ax in (left, right):
+        ax.set_xlabel("epoch")
+        ax.legend()
+        ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_confident_mistakes(df: pd.DataFrame, true_col: str, path: str, n: int = 16) -> Optional[str]:
+    """A grid of the wrong predictions with the highest scores."""
+    from imgcls.data import decode_image
+
+    ok = df[df[COL_STATUS] == STATUS_OK]
+    wrong = ok[ok[COL_LABEL] != ok[true_col]].sort_values(COL_SCORE, ascending=False).head(n)
+    if wrong.empty:
+        return None
+    cols = min(4, len(wrong))
+    rows = int(np.ceil(len(wrong) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3.3 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (_, r) in zip(axes.flat, wrong.iterrows()):
+        try:
+            ax.imshow(decode_image(storage.read_bytes(r[COL_PATH].split("::")[0])))
+        except Exception:  # unreadable now; still show the row's text
+            pass
+        ax.set_title(f"true {r[true_col]}\npred {r[COL_LABEL]} ({r[COL_SCORE]:.2f})", fontsize=9)
+    fig.suptitle("Most confident mistakes")
+    return _save(fig, path)
+
+
+def _save(fig, path: str) -> str:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_report(output: str, report: dict, predictions: pd.DataFrame, true_col: str,
+                 history: Optional[list[dict]] = None, title: str = "imgcls evaluation") -> dict:
+    """Writes metrics.json, the plots and report.html into the local folder ``output``."""
+    os.makedirs(output, exist_ok=True)
+    with open(os.path.join(output, METRICS_FILE), "w") as f:
+        json.dump(report, f, indent=2)
+    classes = report["classes"]
+    counts = predictions[true_col].value_counts().reindex(classes, fill_value=0).astype(int).to_dict()
+    plots = {
+        "confusion_matrix": plot_confusion_matrix(report["confusion_matrix"], classes,
+                                                  os.path.join(output, "confusion_matrix.png")),
+        "class_distribution": plot_class_distribution(counts, os.path.join(output, "class_distribution.png")),
+        "training_curves": plot_training_curves(history or [], os.path.join(output, "training_curves.png")),
+        "confident_mistakes": plot_confident_mistakes(predictions, true_col, os.path.join(output, "mistakes.png")),
+    }
+    plots = {k: v for k, v in plots.items() if v}
+    with open(os.path.join(output, REPORT_FILE), "w") as f:
+        f.write(_html(report, plots, title))
+    return {"metrics": os.path.join(output, METRICS_FILE), "report": os.path.join(output, REPORT_FILE), **plots}
+
+
+def _html(report: dict, plots: dict, title: str) -> str:
+    summary = "".join(
+        f"<tr><th>{html.escape(k)}</th><td>{report[k]:.4f}</td></tr>" if isinstance(report[k], float)
+        else f"<tr><th>{html.escape(k)}</th><td>{report[k]}</td></tr>"
+        for k in ("accuracy", "top5_accuracy", "macro_precision", "macro_recall", "macro_f1", "num_samples", "errors")
+        if k in report)
+    per_class = "".join(
+        f"<tr><td>{html.escape(c)}</td><td>{m['precision']:.3f}</td><td>{m['recall']:.3f}</td>"
+        f"<td>{m['f1']:.3f}</td><td>{m['support']}</td></tr>" for c, m in report["per_class"].items())
+    images = "".join(f"<h2>{html.escape(k.replace('_', ' '))}</h2><img src='{os.path.basename(p)}' alt='{k}'>"
+                     for k, p in plots.items())
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}}
+table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}}
+th{{background:#f3f3f3;text-align:left}}img{{max-width:100%;border:1px solid #eee}}</style></head>
+<body><h1>{html.escape(title)}</h1>
+<table>{summary}</table>
+<h2>Per class</h2>
+<table><tr><th>class</th><th>precision</th><th>recall</th><th>F1</th><th>support</th></tr>{per_class}</table>
+{images}
+</body></html>
+"""

@@ -1,0 +1,53 @@
+import numpy as np
+import torch
+from torch import nn
+
+from imgcls.explain import grad_cam, overlay
+from imgcls.models import create_model
+
+
+def scene(rng, with_object, size=48, obj=12):
+    """A blank grey image, optionally with a textured bright square pasted at a random place."""
+    x = torch.full((3, size, size), 0.5)
+    box = None
+    if with_object:
+        r, c = rng.integers(0, size - obj, 2)
+        patch = torch.from_numpy(rng.random((3, obj, obj), dtype=np.float32))
+        x[:, r:r + obj, c:c + obj] = patch
+        box = (r, c, obj)
+    return x + 0.02 * torch.from_numpy(rng.standard_normal((3, size, size)).astype(np.float32)), box
+
+
+def test_heatmap_concentrates_on_pasted_object():
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    model = create_model("small_cnn", 2)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(60):  # learn "object present" vs "blank"
+        labels = rng.integers(0, 2, 32)
+        x = torch.stack([scene(rng, bool(y))[0] for y in labels])
+        loss = nn.functional.cross_entropy(model(x), torch.from_numpy(labels))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    inside, outside, peaks_inside = [], [], 0
+    for _ in range(8):
+        x, (r, c, s) = scene(rng, True)
+        heat, logits = grad_cam(model, x[None], target_class=[1])
+        assert heat.shape == (1, 48, 48) and 0 <= heat.min() and heat.max() <= 1 + 1e-6
+        mask = torch.zeros(48, 48, dtype=torch.bool)
+        mask[r:r + s, c:c + s] = True
+        inside.append(heat[0][mask].mean().item())
+        outside.append(heat[0][~mask].mean().item())
+        peak_r, peak_c = divmod(int(heat[0].argmax()), 48)
+        peaks_inside += (r <= peak_r < r + s) and (c <= peak_c < c + s)
+    # The object covers 6% of the image but holds the hottest pixel and over twice the mean heat.
+    assert peaks_inside == 8
+    assert np.mean(inside) > 2 * np.mean(outside), (inside, outside)
+
+
+def test_overlay_keeps_shape_and_dtype():
+    image = np.zeros((10, 12, 3), np.uint8)
+    out = overlay(image, np.linspace(0, 1, 120).reshape(10, 12))
+    assert out.shape == (10, 12, 3) and out.dtype == np.uint8 and out.max() > 0
