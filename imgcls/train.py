@@ -43,6 +43,7 @@ from imgcls.models import create_model, get_spec, set_backbone_trainable
 log = logging.getLogger(__name__)
 
 SHUFFLE_BUFFER = 1024  # rows; local shuffle on top of the driver's shuffled order
+BEST_DIR = "best"  # copy of the best checkpoint inside the run folder
 
 
 def cluster_cpus() -> float:
@@ -326,11 +327,15 @@ def fit(job: JobConfig) -> FitResult:
     result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"training produced no checkpoint: {result.error}")
-    latest = result.checkpoint.path
+    latest = storage.unstrip(storage_path, result.checkpoint.path)
     best = max(result.best_checkpoints, key=lambda cm: cm[1].get("val_accuracy", -1))[0].path \
-        if result.best_checkpoints else latest
-    history = storage.read_json(storage.join(storage.unstrip(storage_path, latest), "history.json"))
-    return FitResult(
-        checkpoint=storage.unstrip(storage_path, latest), best_checkpoint=storage.unstrip(storage_path, best),
-        metrics=result.metrics, history=history, classes=classes, splits=splits,
-    )
+        if result.best_checkpoints else result.checkpoint.path
+    # A stable name for the best checkpoint, for predict/export commands and manifests.
+    best_link = storage.join(storage_path, t.name, BEST_DIR)
+    fs, best_path = storage.filesystem(best_link)
+    if fs.exists(best_path):
+        fs.rm(best_path, recursive=True)
+    fs.copy(best.rstrip("/") + "/", best_path, recursive=True)
+    history = storage.read_json(storage.join(latest, "history.json"))
+    return FitResult(checkpoint=latest, best_checkpoint=best_link, metrics=result.metrics, history=history,
+                     classes=classes, splits=splits)

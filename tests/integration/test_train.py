@@ -28,8 +28,9 @@ def test_fit_checkpoints_every_epoch_and_resumes(ray_cluster, fmnist_root, tmp_p
     # Validation covers the whole val split over both workers, not rank 0's half.
     n_val = len(prepare_splits(job)[0]["val"])
     assert n_val - 1 <= result.metrics["val_samples"] <= n_val
-    ckpts = sorted(p for p in os.listdir(tmp_path / "runs" / "t") if p.startswith("checkpoint_"))
-    assert len(ckpts) == 2
+    run_dir = tmp_path / "runs" / "t"
+    assert len([p for p in run_dir.glob("checkpoint_*") if p.is_dir()]) == 2
+    assert result.best_checkpoint == str(run_dir / "best") and load_checkpoint(result.best_checkpoint).classes
     loaded = load_checkpoint(result.checkpoint)
     assert loaded.classes == result.classes and len(loaded.classes) == 10
     assert loaded.job == job  # resolved config saved beside the checkpoint
@@ -62,7 +63,7 @@ def test_killed_worker_does_not_lose_training(ray_cluster, fmnist_root, tmp_path
     def kill_after_first_checkpoint():
         deadline = time.time() + 600
         while time.time() < deadline:
-            if run_dir.exists() and any(p.startswith("checkpoint_") for p in os.listdir(run_dir)):
+            if run_dir.exists() and any(p.is_dir() for p in run_dir.glob("checkpoint_*")):
                 pids = _train_worker_pids()
                 if pids:
                     os.kill(pids[-1], signal.SIGKILL)
