@@ -20,7 +20,7 @@ def init_ray(num_cpus: int | None = None) -> None:
     if ray.is_initialized():
         return
     if num_cpus is not None:
-        ray.init(address="local", num_cpus=num_cpus)
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
     else:
         ray.init()
 

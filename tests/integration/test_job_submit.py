@@ -1,0 +1,52 @@
+"""`ray job submit` of jobs/train.py to a real head started with `ray start --head` on 127.0.0.1."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_ports(n):
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def test_submit_train_job_to_local_head(fmnist_root, tmp_path):
+    bin_dir = str(Path(sys.executable).parent)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    gcs, dashboard, client = free_ports(3)
+    ray = [os.path.join(bin_dir, "ray")]
+    subprocess.run(ray + ["start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
+                          "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
+                          "--ray-client-server-port", str(client), "--num-cpus", "2", "--include-dashboard", "true",
+                          "--disable-usage-stats", "--temp-dir", str(tmp_path / "ray")],
+                   env=env, check=True, capture_output=True, timeout=180)
+    try:
+        runs = tmp_path / "runs"
+        submit = subprocess.run(
+            ray + ["job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--working-dir", ".", "--",
+                   "python", "jobs/train.py", "--root", fmnist_root, "--max-per-class", "40", "--image-size", "28",
+                   "--epochs", "1", "--batch-size", "32", "--storage-path", str(runs), "--name", "submitted"],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+        assert "succeeded" in submit.stdout, submit.stdout[-3000:] + submit.stderr[-3000:]
+        assert (runs / "submitted" / "best" / "model.pt").is_file()
+        assert json.loads((runs / "submitted" / "best" / "test_metrics.json").read_text())["num_samples"] > 0
+        status = subprocess.run(ray + ["job", "list", "--address", f"http://127.0.0.1:{dashboard}"],
+                                env=env, capture_output=True, text=True, timeout=120)
+        assert "SUCCEEDED" in status.stdout
+    finally:
+        subprocess.run(ray + ["stop", "--force"], env=env, capture_output=True, timeout=120)
