@@ -29,6 +29,13 @@ def echo_json(obj) -> None:
     click.echo(json.dumps(obj, indent=2, default=str))
 
 
+def resolve_job(config_path, flags) -> JobConfig:
+    raw = load_yaml(config_path)
+    return JobConfig(data=resolve(DataConfig, raw.get("data", {}), flags),
+                     model=resolve(ModelConfig, raw.get("model", {}), flags),
+                     train=resolve(TrainConfig, raw.get("train", {}), flags))
+
+
 @click.group()
 def cli():
     """Distributed image classification on Ray: train, label, evaluate, export."""
@@ -42,10 +49,7 @@ def train(config_path, num_cpus, **flags):
     """Train a model with Ray Train, then report metrics on the held-out test split."""
     from imgcls.jobs import run_training
 
-    raw = load_yaml(config_path)
-    job = JobConfig(data=resolve(DataConfig, raw.get("data", {}), flags),
-                    model=resolve(ModelConfig, raw.get("model", {}), flags),
-                    train=resolve(TrainConfig, raw.get("train", {}), flags))
+    job = resolve_job(config_path, flags)
     init_ray(num_cpus)
     echo_json(run_training(job))
 
@@ -66,6 +70,22 @@ def predict(config_path, num_cpus, **flags):
     click.echo(f"files {summary.files}  ok {summary.ok}  errors {summary.errors}  "
                f"shards {summary.shards} ({summary.shards_skipped} already done)  images/s {summary.images_per_s}")
     echo_json(asdict(summary))
+
+
+@cli.command()
+@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False), help="YAML file with data/model/train sections.")
+@click.option("--num-cpus", type=int, default=None, help="CPUs of a local Ray cluster started by this command.")
+@click.option("--num-samples", type=int, default=4, show_default=True, help="Trials to run.")
+@click.option("--grace-period", type=int, default=1, show_default=True, help="Epochs before a trial may be stopped early.")
+@click.option("--max-concurrent", type=int, default=1, show_default=True, help="Trials running at once.")
+@config_options(DataConfig, ModelConfig, TrainConfig)
+def tune(config_path, num_cpus, num_samples, grace_period, max_concurrent, **flags):
+    """Search lr, weight decay, batch size and augmentation strength with Ray Tune and ASHA."""
+    from imgcls.tune import run_tune
+
+    job = resolve_job(config_path, flags)
+    init_ray(num_cpus)
+    echo_json(asdict(run_tune(job, num_samples=num_samples, grace_period=grace_period, max_concurrent=max_concurrent)))
 
 
 @cli.command()

@@ -34,6 +34,11 @@ def unstrip(like_uri: str, path: str) -> str:
     return f"{proto}://{path}" if proto and proto != "file" else path
 
 
+def absolute(uri: str) -> str:
+    """Local paths made absolute (Ray needs that for storage_path); URIs unchanged."""
+    return uri if split_protocol(uri)[0] not in (None, "file") else os.path.abspath(strip(uri))
+
+
 def is_absolute(path: str) -> bool:
     return split_protocol(path)[0] is not None or os.path.isabs(path)
 

@@ -286,8 +286,9 @@ def prepare_splits(job: JobConfig) -> tuple[dict[str, LabelledImages], list[str]
     return splits, classes
 
 
-def fit(job: JobConfig) -> FitResult:
-    """Trains ``job`` on the running Ray cluster and returns its checkpoints and metrics."""
+def build_trainer(job: JobConfig, callbacks: Optional[list] = None
+                  ) -> tuple[ray.train.torch.TorchTrainer, dict[str, LabelledImages], list[str], str]:
+    """Prepares data and the TorchTrainer for ``job``; returns (trainer, splits, classes, storage_path)."""
     splits, classes = prepare_splits(job)
     t, m = job.train, job.model
     spec = get_spec(m.arch)
@@ -301,7 +302,7 @@ def fit(job: JobConfig) -> FitResult:
         "val": to_dataset(splits["val"], classes, eval_tf),
     }
     use_gpu = cluster_gpus() > 0 if t.use_gpu is None else t.use_gpu
-    storage_path = t.storage_path if storage.protocol(t.storage_path) != "file" else os.path.abspath(t.storage_path)
+    storage_path = storage.absolute(t.storage_path)
     storage.makedirs(storage.join(storage_path, t.name))
     save_config(storage.join(storage_path, t.name, "config.yaml"), job)
 
@@ -320,10 +321,18 @@ def fit(job: JobConfig) -> FitResult:
             name=t.name, storage_path=storage_path,
             failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.num_to_keep),
+            callbacks=callbacks,
         ),
         datasets=datasets,
         resume_from_checkpoint=ray.train.Checkpoint(t.resume_from) if t.resume_from else None,
     )
+    return trainer, splits, classes, storage_path
+
+
+def fit(job: JobConfig) -> FitResult:
+    """Trains ``job`` on the running Ray cluster and returns its checkpoints and metrics."""
+    trainer, splits, classes, storage_path = build_trainer(job)
+    t = job.train
     result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"training produced no checkpoint: {result.error}")

@@ -1,0 +1,99 @@
+"""Hyperparameter search: Ray Tune trials, each a full TorchTrainer run, with ASHA early stopping.
+
+Each trial is a Tune function that builds and fits a TorchTrainer; Ray Train's
+``TuneReportCallback`` forwards every epoch's metrics to Tune, so the ASHA scheduler can
+stop weak trials after ``grace_period`` epochs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler
+
+from imgcls import storage
+from imgcls.checkpoint import save_config
+from imgcls.config import JobConfig
+
+METRIC = "val_accuracy"
+BEST_CONFIG_FILE = "tune_best.yaml"
+
+
+def search_space(batch_sizes=(32, 64, 128)) -> dict:
+    """lr, weight decay, batch size and augmentation strength."""
+    return {
+        "lr": tune.loguniform(1e-4, 1e-2),
+        "weight_decay": tune.loguniform(1e-4, 1e-1),
+        "batch_size": tune.choice(list(batch_sizes)),
+        "augment_magnitude": tune.randint(3, 16),
+    }
+
+
+def apply_trial(job: JobConfig, params: dict, name: str) -> JobConfig:
+    """The job with a trial's parameters and its own run name."""
+    train_keys = {f.name for f in dataclasses.fields(job.train)}
+    data_keys = {f.name for f in dataclasses.fields(job.data)}
+    return dataclasses.replace(
+        job,
+        train=dataclasses.replace(job.train, name=name, max_failures=0,
+                                  # A finished trial's placement group can outlive it briefly; small
+                                  # worker shares keep the next trial from waiting on it.
+                                  cpus_per_worker=job.train.cpus_per_worker or 0.25,
+                                  **{k: v for k, v in params.items() if k in train_keys}),
+        data=dataclasses.replace(job.data, **{k: v for k, v in params.items() if k in data_keys}),
+    )
+
+
+def tune_trial(config: dict) -> None:
+    """Tune function: one TorchTrainer run with the trial's parameters."""
+    from imgcls.train import build_trainer
+
+    job = apply_trial(JobConfig.from_dict(config["job"]), config["params"],
+                      name=f"{config['job']['train']['name']}-trial-{tune.get_context().get_trial_id()}")
+    trainer, *_ = build_trainer(job, callbacks=[TuneReportCallback()])
+    trainer.fit()
+
+
+@dataclass
+class TuneSummary:
+    best_params: dict
+    best_val_accuracy: float
+    best_job: dict
+    trials: list[dict]
+    best_config_file: str
+
+
+def run_tune(job: JobConfig, num_samples: int = 4, grace_period: int = 1, max_concurrent: int = 1,
+             space: dict | None = None) -> TuneSummary:
+    """Searches ``space`` around ``job`` and returns the best configuration found.
+
+    Args:
+        job: The base job; its ``train.epochs`` is the longest a trial runs.
+        num_samples: Trials to run.
+        grace_period: Epochs every trial gets before ASHA may stop it.
+        max_concurrent: Trials at once; each holds ``train.num_workers`` workers.
+    """
+    scheduler = ASHAScheduler(time_attr="training_iteration", max_t=job.train.epochs,
+                              grace_period=grace_period, reduction_factor=2)
+    root = storage.absolute(job.train.storage_path)
+    run_dir = storage.join(root, f"{job.train.name}-tune")
+    tuner = tune.Tuner(
+        # The trial only drives its trainer, whose workers hold the real resources.
+        tune.with_resources(tune_trial, {"CPU": 0.01}),
+        param_space={"job": job.to_dict(), "params": space or search_space()},
+        tune_config=tune.TuneConfig(metric=METRIC, mode="max", scheduler=scheduler, num_samples=num_samples,
+                                    max_concurrent_trials=max_concurrent),
+        run_config=tune.RunConfig(name=f"{job.train.name}-tune", storage_path=root),
+    )
+    results = tuner.fit()
+    best = results.get_best_result(metric=METRIC, mode="max")
+    best_job = apply_trial(job, best.config["params"], name=job.train.name)
+    best_file = storage.join(run_dir, BEST_CONFIG_FILE)
+    save_config(best_file, best_job)
+    trials = [{"params": r.config["params"], METRIC: (r.metrics or {}).get(METRIC),
+               "epochs": (r.metrics or {}).get("training_iteration")} for r in results]
+    return TuneSummary(best_params=best.config["params"], best_val_accuracy=best.metrics[METRIC],
+                       best_job=best_job.to_dict(), trials=trials, best_config_file=best_file)
