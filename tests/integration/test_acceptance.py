@@ -1,0 +1,39 @@
+"""Acceptance runs on real data: slow, few, and run in CI."""
+
+import os
+
+import pyarrow.parquet as pq
+import pytest
+
+from imgcls.config import DataConfig, JobConfig, ModelConfig, TrainConfig
+from imgcls.jobs import run_demo
+from imgcls.train import fit
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def test_main_job_reaches_85_percent_on_fashion_mnist(ray_cluster, tmp_path):
+    """The README's main job: fetch, train with 2 CPU workers, test, label a folder to Parquet."""
+    summary = run_demo(str(tmp_path), per_class=1500, epochs=5)
+    assert summary["test"]["accuracy"] >= 0.85, summary["test"]
+    assert summary["test"]["num_samples"] == 1500
+    labelled = summary["predict"]
+    assert labelled["rows"] == labelled["files"] == 1501 and labelled["errors"] == 1
+    table = pq.read_table(labelled["output"]).to_pandas()
+    assert table.loc[table.status == "error", "path"].map(os.path.basename).tolist() == ["corrupt.png"]
+
+
+def transfer_job(root, tmp_path, weights, name):
+    return JobConfig(
+        data=DataConfig(root=root, augment="light", max_per_class=300, val_fraction=0.2, test_fraction=0.0),
+        model=ModelConfig(arch="efficientnet_lite0", weights=weights, image_size=96),
+        train=TrainConfig(epochs=2, batch_size=32, lr=5e-4, weight_decay=0.01, warmup_epochs=0.3,
+                          num_workers=2, storage_path=str(tmp_path), name=name),
+    )
+
+
+def test_finetuning_pretrained_backbone_beats_random_init(ray_cluster, dogs_cats_root, tmp_path):
+    """Same real photos, same recipe: only the initial weights differ."""
+    pretrained = fit(transfer_job(dogs_cats_root, tmp_path, "packaged", "pretrained")).metrics["val_accuracy"]
+    scratch = fit(transfer_job(dogs_cats_root, tmp_path, None, "scratch")).metrics["val_accuracy"]
+    assert pretrained >= 0.7 and pretrained > scratch + 0.1, (pretrained, scratch)
