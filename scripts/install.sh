@@ -12,11 +12,10 @@ python="${PYTHON:-python3}"
 
 uv_args=()
 while IFS= read -r arg; do uv_args+=("$arg"); done < <(.venv/bin/python - <<'PY'
-import re, subprocess, os
-out = subprocess.run(["pip", "config", "list"], capture_output=True, text=True).stdout
+import os, subprocess, sys
+out = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True).stdout
 cfg = {}
-for line in out.splitlines():
-    m = re.match(r"^[^.]*\.?([\w-]+)='(.*)'$", line.split(".", 1)[-1] if line.count("=") else "")
+for line in out.splitlines():  # e.g. global.find-links='/opt/wheels'
     key, _, value = line.partition("=")
     cfg.setdefault(key.rsplit(".", 1)[-1], []).extend(value.strip("'\"").split())
 local = lambda v: v[len("file://"):] if v.startswith("file://") else v
