@@ -10,9 +10,9 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def test_tune_reports_best_config(ray_cluster, fmnist_root, tmp_path):
-    job = JobConfig(data=DataConfig(root=fmnist_root, augment="light", max_per_class=30),
+    job = JobConfig(data=DataConfig(root=fmnist_root, augment="light", max_per_class=20),
                     model=ModelConfig(arch="small_cnn", image_size=28),
-                    train=TrainConfig(epochs=2, num_workers=2, storage_path=str(tmp_path), name="tt"))
+                    train=TrainConfig(epochs=2, num_workers=1, storage_path=str(tmp_path), name="tt"))
     summary = run_tune(job, num_samples=2, grace_period=1)
     assert len(summary.trials) == 2
     assert all(t["val_accuracy"] is not None and 1 <= t["epochs"] <= 2 for t in summary.trials)
