@@ -26,10 +26,10 @@ def test_every_command_is_documented_in_readme(name):
 
 
 def test_every_train_flag_has_a_docstring():
-    result = CliRunner().invoke(cli, ["train", "--help"], terminal_width=200)
-    for flag in ("--lr", "--class-balance", "--freeze-backbone / --no-freeze-backbone", "--unfreeze-after"):
-        line = next(line for line in result.output.splitlines() if line.strip().startswith(flag))
-        assert "[default:" in line and len(line.split(flag, 1)[1].strip()) > 20, line
+    for param in cli.commands["train"].params:
+        if param.name in ("config_path", "num_cpus"):
+            continue
+        assert "[default:" in param.help and len(param.help.split("[default:")[0].strip()) > 10, param.name
 
 
 def test_invalid_flag_value_is_a_usage_error(tmp_path):
