@@ -17,12 +17,12 @@ from dataclasses import asdict, dataclass
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import ray
 
 from imgcls import storage
 from imgcls.checkpoint import read_model_info
 from imgcls.config import PredictConfig
-from imgcls.predict import COL_SHARD, COL_SHARD_SIZE, COL_STATUS, STATUS_OK, list_inputs, output_schema, predict
+from imgcls.predict import (COL_SHARD, COL_SHARD_SIZE, COL_STATUS, STATUS_OK, input_rows, list_inputs, output_schema,
+                            predict)
 
 JOB_FILE = "_job.json"
 SUMMARY_FILE = "_summary.json"
@@ -101,15 +101,13 @@ def label_images(cfg: PredictConfig) -> LabelSummary:
     for stale in fs.glob(f"{folder.rstrip('/')}/.tmp-*"):  # left by a killed run
         fs.rm(stale)
     skip = done_shards(cfg.output)
-    todo = [{"path": p, COL_SHARD: i, COL_SHARD_SIZE: len(s)}
-            for i, s in enumerate(shards) if i not in skip for p in s]
+    todo = sum(len(s) for i, s in enumerate(shards) if i not in skip)
 
     schema = output_schema(cfg.embeddings)
     written = 0
     if todo:
         info = read_model_info(cfg.model)
-        rows = ray.data.from_items(todo, override_num_blocks=max(1, min(len(todo) // 64, 1000)))
-        predictions = predict(rows, cfg.model, info.image_size, batch_size=cfg.batch_size, top_k=cfg.top_k,
+        predictions = predict(input_rows(shards, skip), cfg.model, info.image_size, batch_size=cfg.batch_size, top_k=cfg.top_k,
                               embeddings=cfg.embeddings, runtime=cfg.runtime, use_gpu=cfg.use_gpu,
                               num_actors=cfg.num_actors, max_pixels=cfg.max_pixels)
         pending: dict[int, list[pa.Table]] = {}

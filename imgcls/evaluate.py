@@ -11,12 +11,12 @@ from typing import Optional, Sequence
 
 import numpy as np
 import pandas as pd
-import ray
 
 from imgcls.checkpoint import read_model_info
 from imgcls.data import LabelledImages, encode_labels
 from imgcls.metrics import classification_report, confusion_matrix
-from imgcls.predict import COL_LABEL, COL_PATH, COL_SHARD, COL_SHARD_SIZE, COL_STATUS, COL_TOPK_LABELS, STATUS_OK, predict
+from imgcls.predict import (COL_LABEL, COL_PATH, COL_SHARD, COL_SHARD_SIZE, COL_STATUS, COL_TOPK_LABELS, STATUS_OK,
+                            input_rows, predict)
 
 COL_TRUE = "true_label"
 
@@ -25,10 +25,7 @@ def predict_labelled(model: str, images: LabelledImages, batch_size: int = 64, r
                      num_actors: Optional[int] = None) -> pd.DataFrame:
     """Predictions for ``images`` with a ``true_label`` column, one row per image."""
     info = read_model_info(model)
-    rows = ray.data.from_items(
-        [{COL_PATH: p, COL_SHARD: 0, COL_SHARD_SIZE: len(images)} for p in images.paths],
-        override_num_blocks=max(1, min(len(images) // 64, 200)))
-    df = predict(rows, model, info.image_size, batch_size=batch_size, runtime=runtime,
+    df = predict(input_rows([images.paths]), model, info.image_size, batch_size=batch_size, runtime=runtime,
                  num_actors=num_actors).to_pandas()
     df = df.drop(columns=[COL_SHARD, COL_SHARD_SIZE])
     truth = dict(zip(images.paths, images.labels))

@@ -81,7 +81,6 @@ def run_evaluation(model: str, output: str, data: str | None = None, predictions
 
     Writes metrics.json, the PNG plots, report.html and predictions.parquet to ``output``.
     """
-    import pandas as pd
     import pyarrow.parquet as pq
 
     from imgcls.report import write_report

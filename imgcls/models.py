@@ -54,7 +54,11 @@ def _efficientnet_lite0(num_classes: int, image_size: int) -> nn.Module:
     # Its 'same' padding is fixed at build time from the input size. Lite models use
     # ReLU6, which traces and exports as is; never call the package's set_swish(), which
     # swaps every ReLU6 for Swish and so silently breaks the pretrained weights.
-    return EfficientNet.from_name("efficientnet-lite0", num_classes=num_classes, image_size=image_size)
+    # batch_norm_momentum is in TensorFlow's sense: 0.9 is PyTorch's usual 0.1. The
+    # package's 0.99 (PyTorch 0.01) suits long ImageNet runs; over a short fine-tune
+    # the running statistics would lag the weights and evaluation would suffer.
+    return EfficientNet.from_name("efficientnet-lite0", num_classes=num_classes, image_size=image_size,
+                                  batch_norm_momentum=0.9)
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ import hashlib
 import math
 import os
 import tarfile
-from typing import Optional
+from typing import Collection, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -192,6 +192,18 @@ class Classifier:
         table = pa.Table.from_pydict(columns, schema=self.schema)
         return table.append_column(COL_SHARD, pa.array(batch[COL_SHARD], pa.int64())) \
                     .append_column(COL_SHARD_SIZE, pa.array(batch[COL_SHARD_SIZE], pa.int64()))
+
+
+def input_rows(shards: Sequence[Sequence[str]], skip: Collection[int] = ()) -> ray.data.Dataset:
+    """The rows ``predict`` takes: one per input file (or tar), tagged with its shard.
+
+    ``shards`` is a list of path lists; shards whose index is in ``skip`` are left out
+    (already written by an earlier run). About 64 files per block keeps every decode
+    task busy without flooding the scheduler.
+    """
+    items = [{COL_PATH: path, COL_SHARD: i, COL_SHARD_SIZE: len(paths)}
+             for i, paths in enumerate(shards) if i not in skip for path in paths]
+    return ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // 64, 1000)))
 
 
 def pool_plan(use_gpu: Optional[bool], num_actors: Optional[int]) -> dict:

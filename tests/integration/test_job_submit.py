@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -52,11 +53,15 @@ def test_submit_train_job_to_local_head(fmnist_root, tmp_path):
                    env=env, check=True, capture_output=True, timeout=180)
     try:
         runs = tmp_path / "runs"
-        submit = subprocess.run(
-            ray + ["job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--working-dir", ".", "--",
-                   "python", "jobs/train.py", "--root", fmnist_root, "--max-per-class", "40", "--image-size", "28",
-                   "--epochs", "1", "--batch-size", "32", "--storage-path", str(runs), "--name", "submitted"],
-            cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+        command = ray + ["job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--working-dir", ".", "--",
+                         "python", "jobs/train.py", "--root", fmnist_root, "--max-per-class", "40", "--image-size",
+                         "28", "--epochs", "1", "--batch-size", "32", "--storage-path", str(runs), "--name", "submitted"]
+        for _ in range(20):
+            submit = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+            # The head answers before its job agent has registered; `ray job submit` then says so.
+            if "No available agent" not in submit.stderr:
+                break
+            time.sleep(3)
         assert "succeeded" in submit.stdout, submit.stdout[-3000:] + submit.stderr[-3000:]
         assert (runs / "submitted" / "best" / "model.pt").is_file()
         assert json.loads((runs / "submitted" / "best" / "test_metrics.json").read_text())["num_samples"] > 0

@@ -7,7 +7,6 @@ import time
 
 import pytest
 
-from imgcls import storage
 from imgcls.checkpoint import load_checkpoint
 from imgcls.config import DataConfig, JobConfig, ModelConfig, TrainConfig
 from imgcls.train import fit, prepare_splits
