@@ -23,7 +23,7 @@ from imgcls.jobs import demo_job, run_training
 def dogs_cats_job(root: str, runs: str, weights, epochs: int, image_size: int, name: str) -> JobConfig:
     """The recipe of jobs/configs/dogs_cats_finetune.yaml."""
     return JobConfig(
-        data=DataConfig(root=root, augment="light", val_fraction=0.1, test_fraction=0.2),
+        data=DataConfig(root=root, augment="trivialaugment", val_fraction=0.1, test_fraction=0.2),
         model=ModelConfig(arch="efficientnet_lite0", weights=weights, image_size=image_size),
         train=TrainConfig(epochs=epochs, batch_size=32, optimizer="adamw", lr=5e-4, weight_decay=0.01,
                           warmup_epochs=0.5, num_workers=2, storage_path=runs, name=name),
@@ -46,7 +46,7 @@ def main():
     p.add_argument("--fmnist-per-class", type=int, default=7000, help="7000 = all 70,000 images")
     p.add_argument("--fmnist-epochs", type=int, default=5)
     p.add_argument("--dogs-cats-epochs", type=int, default=8)
-    p.add_argument("--dogs-cats-image-size", type=int, default=160)
+    p.add_argument("--dogs-cats-image-size", type=int, default=128)
     p.add_argument("--only", nargs="+", choices=RUNS, help="run these; keep the other entries of --out")
     p.add_argument("--out", default="bench/results/accuracy.json")
     args = p.parse_args()
