@@ -156,10 +156,13 @@ class PredictConfig:
     """Input files per output shard, the unit of resumption."""
     max_pixels: int = 64_000_000
     """Images with more pixels are refused as decompression bombs."""
+    buffer_mb: int = 512
+    """Object-store memory the pipeline may fill with blocks in flight (decoded images
+    waiting for the model); it keeps peak memory flat however many files there are."""
 
     def __post_init__(self):
-        if self.batch_size < 1 or self.top_k < 1 or self.files_per_shard < 1:
-            raise ValueError("batch_size, top_k and files_per_shard must be positive")
+        if self.batch_size < 1 or self.top_k < 1 or self.files_per_shard < 1 or self.buffer_mb < 1:
+            raise ValueError("batch_size, top_k, files_per_shard and buffer_mb must be positive")
         if self.runtime not in RUNTIMES:
             raise ValueError(f"runtime must be one of {RUNTIMES}, got {self.runtime!r}")
         if self.num_actors is not None and self.num_actors < 1:

@@ -171,7 +171,8 @@ class Classifier:
         labels, scores = np.full(n, None, dtype=object), np.full(n, np.nan, dtype=np.float32)
         topk_labels, topk_scores, embedding = [[]] * n, [[]] * n, [None] * n
         if ok.any():
-            x = torch.stack([self.normalize(torch.from_numpy(img)) for img in batch["image"][ok]])
+            # One normalisation call over the whole (b, 3, S, S) uint8 batch.
+            x = self.normalize(torch.from_numpy(np.ascontiguousarray(np.stack(batch["image"][ok]))))
             probs, feats = self._forward(x)
             top = np.argsort(-probs, axis=1)[:, : self.top_k]  # (b, k)
             top_p = np.take_along_axis(probs, top, axis=1)

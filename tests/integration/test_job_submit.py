@@ -43,12 +43,17 @@ def test_submit_train_job_to_local_head(fmnist_root, tmp_path):
     bin_dir = str(Path(sys.executable).parent)
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
-    gcs, dashboard, client = free_ports(3)
+    # Every port the head opens is a free one: another Ray cluster on this machine (the
+    # test session's own, say) already holds the defaults, and a job agent that cannot
+    # bind its port leaves the head answering "No available agent" for good.
+    gcs, dashboard, client, agent_http, agent_grpc, runtime_env, metrics = free_ports(7)
     ray = [os.path.join(bin_dir, "ray")]
     temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths must stay under 108 bytes
     subprocess.run(ray + ["start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
                           "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
-                          "--ray-client-server-port", str(client), "--num-cpus", "2", "--include-dashboard", "true",
+                          "--ray-client-server-port", str(client), "--dashboard-agent-listen-port", str(agent_http),
+                          "--dashboard-agent-grpc-port", str(agent_grpc), "--runtime-env-agent-port", str(runtime_env),
+                          "--metrics-export-port", str(metrics), "--num-cpus", "2", "--include-dashboard", "true",
                           "--disable-usage-stats", "--temp-dir", temp_dir],
                    env=env, check=True, capture_output=True, timeout=180)
     try:
