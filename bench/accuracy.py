@@ -33,11 +33,20 @@ def dogs_cats_job(root: str, runs: str, weights, epochs: int, image_size: int, n
 RUNS = ("fashion_mnist_small_cnn", "dogs_cats_lite0_pretrained", "dogs_cats_lite0_random_init")
 
 
+def relative(value):
+    """``value`` with every path under the current directory written relative to it."""
+    if isinstance(value, dict):
+        return {k: relative(v) for k, v in value.items()}
+    if isinstance(value, str) and os.path.isabs(value) and value.startswith(os.getcwd() + os.sep):
+        return os.path.relpath(value)
+    return value
+
+
 def timed(job: JobConfig) -> dict:
     start = time.perf_counter()
     summary = run_training(job)
-    return {"test": summary["test"], "val": summary["val"], "seconds": round(time.perf_counter() - start, 1),
-            "checkpoint": summary["checkpoint"], "config": job.to_dict()}
+    return relative({"test": summary["test"], "val": summary["val"], "seconds": round(time.perf_counter() - start, 1),
+                     "checkpoint": summary["checkpoint"], "config": job.to_dict()})
 
 
 def main():

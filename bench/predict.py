@@ -24,9 +24,6 @@ import threading
 import time
 
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-
-
 def used_memory_mb() -> float:
     info = {}
     with open("/proc/meminfo") as f:

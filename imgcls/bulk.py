@@ -102,14 +102,12 @@ def label_images(cfg: PredictConfig) -> LabelSummary:
     for stale in fs.glob(f"{folder.rstrip('/')}/.tmp-*"):  # left by a killed run
         fs.rm(stale)
     skip = done_shards(cfg.output)
-    todo = sum(len(s) for i, s in enumerate(shards) if i not in skip)
-
     schema = output_schema(cfg.embeddings)
     written = 0
-    if todo:
+    if not skip.issuperset(range(len(shards))):
         info = read_model_info(cfg.model)
-        predictions = predict(input_rows(shards, skip), cfg.model, info.image_size, batch_size=cfg.batch_size, top_k=cfg.top_k,
-                              embeddings=cfg.embeddings, runtime=cfg.runtime, use_gpu=cfg.use_gpu,
+        predictions = predict(input_rows(shards, skip), cfg.model, info.image_size, batch_size=cfg.batch_size,
+                              top_k=cfg.top_k, embeddings=cfg.embeddings, runtime=cfg.runtime, use_gpu=cfg.use_gpu,
                               num_actors=cfg.num_actors, max_pixels=cfg.max_pixels)
         # Ray Data's default budget is a share of the whole object store, so a bigger
         # input would fill more of it before backpressure starts; a fixed budget does not.
