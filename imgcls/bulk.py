@@ -22,8 +22,8 @@ from ray.data import ExecutionResources
 from imgcls import storage
 from imgcls.checkpoint import read_model_info
 from imgcls.config import PredictConfig
-from imgcls.predict import (COL_SHARD, COL_SHARD_SIZE, COL_STATUS, STATUS_OK, input_rows, list_inputs, output_schema,
-                            predict)
+from imgcls.predict import input_rows, list_inputs, predict
+from imgcls.reader import COL_SHARD, COL_SHARD_SIZE, COL_STATUS, STATUS_OK, output_schema
 
 JOB_FILE = "_job.json"
 SUMMARY_FILE = "_summary.json"

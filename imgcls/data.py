@@ -6,7 +6,7 @@ Ray Data's ``map_batches``. Nothing here starts Ray or touches a GPU.
 
 from __future__ import annotations
 
-import io
+import functools
 import random
 from collections import Counter
 from dataclasses import dataclass
@@ -14,10 +14,12 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
 from torchvision.transforms import v2
 
 from imgcls import storage
+# Decoding and the eval geometry live in imaging.py, which imports no torchvision, so
+# that Ray workers decoding for inference start quickly; they are part of this API.
+from imgcls.imaging import ImageDecodeError, decode_image, eval_geometry, resize_size, to_chw_tensor  # noqa: F401
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 MANIFEST_EXTENSIONS = (".csv", ".parquet")
@@ -171,78 +173,20 @@ def balanced_resample(images: LabelledImages, seed: int = 0) -> LabelledImages:
 
 
 # ---------------------------------------------------------------------------------
-# Decoding
-
-
-class ImageDecodeError(ValueError):
-    """The bytes are not a usable image."""
-
-
-def decode_image(data: bytes, max_pixels: int = 64_000_000, target_size: Optional[int] = None) -> np.ndarray:
-    """Decodes image bytes to an RGB uint8 array of shape (H, W, 3).
-
-    Applies the EXIF orientation; converts grayscale, palette, RGBA, CMYK and 16-bit
-    images to 8-bit RGB; refuses images over ``max_pixels`` before decoding them.
-    For JPEG, ``target_size`` lets the decoder work at a reduced scale (draft mode)
-    while keeping the shorter side at least ``target_size``.
-
-    Raises:
-        ImageDecodeError: empty, truncated, corrupt, non-image or oversized input.
-    """
-    if not data:
-        raise ImageDecodeError("empty file")
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            w, h = im.size
-            if w * h > max_pixels:
-                raise ImageDecodeError(f"{w}x{h} image exceeds max_pixels={max_pixels} (decompression bomb?)")
-            if target_size and im.format == "JPEG":
-                im.draft("RGB", (target_size, target_size))
-            im.load()  # surfaces truncation now rather than later
-            im = ImageOps.exif_transpose(im)
-            return _to_rgb8(im)
-    except ImageDecodeError:
-        raise
-    except (Image.DecompressionBombError, Image.UnidentifiedImageError) as e:
-        raise ImageDecodeError(f"{type(e).__name__}: {e}") from None
-    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... on bad data
-        raise ImageDecodeError(f"{type(e).__name__}: {e}") from None
-
-
-def _to_rgb8(im: Image.Image) -> np.ndarray:
-    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        arr = np.asarray(im, dtype=np.float32)
-        top = 65535.0 if im.mode.startswith("I;16") or arr.max() > 255 else 255.0
-        arr = np.clip(arr / top * 255.0, 0, 255).astype(np.uint8)
-        return np.repeat(arr[..., None], 3, axis=2)
-    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-        # Composite on white, as most viewers show transparent areas.
-        rgba = im.convert("RGBA")
-        bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        im = Image.alpha_composite(bg, rgba)
-    return np.asarray(im.convert("RGB"), dtype=np.uint8)
-
-
-# ---------------------------------------------------------------------------------
 # Transform presets (one definition for training, evaluation and inference)
-
-
-def resize_size(image_size: int) -> int:
-    """Shorter side before the center crop, the usual 224/256 ratio."""
-    return int(round(image_size / 0.875))
 
 
 class ClassificationPresetEval:
     """Resize, center crop, scale to [0, 1], normalise: used by evaluation AND inference.
 
     Inference applies the two halves in different places: ``geometry`` (uint8 in, uint8
-    out) in the CPU decode tasks, so that 4x fewer bytes travel to the model actors,
-    and ``normalize`` next to the model.
+    out; ``imaging.eval_geometry``, which needs no torchvision) in the CPU decode tasks,
+    so that 4x fewer bytes travel to the model actors, and ``normalize`` next to the model.
     """
 
     def __init__(self, image_size: int, mean: Sequence[float], std: Sequence[float]):
         self.image_size = image_size
-        self.geometry = v2.Compose([v2.Resize(resize_size(image_size), antialias=True), v2.CenterCrop(image_size)])
+        self.geometry = functools.partial(eval_geometry, image_size=image_size)
         self.normalize = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=list(mean), std=list(std))])
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:  # (3, H, W) uint8 -> (3, S, S) float
@@ -275,11 +219,6 @@ class ClassificationPresetTrain:
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
         return self.transform(image)
-
-
-def to_chw_tensor(image: np.ndarray) -> torch.Tensor:
-    """(H, W, 3) uint8 array -> (3, H, W) uint8 tensor."""
-    return torch.from_numpy(np.array(image, copy=not image.flags.writeable)).permute(2, 0, 1)
 
 
 class LoadLabelledBatch:

@@ -15,8 +15,8 @@ import pandas as pd
 from imgcls.checkpoint import read_model_info
 from imgcls.data import LabelledImages, encode_labels
 from imgcls.metrics import classification_report, confusion_matrix
-from imgcls.predict import (COL_LABEL, COL_PATH, COL_SHARD, COL_SHARD_SIZE, COL_STATUS, COL_TOPK_LABELS, STATUS_OK,
-                            input_rows, predict)
+from imgcls.predict import input_rows, predict
+from imgcls.reader import COL_LABEL, COL_PATH, COL_SHARD, COL_SHARD_SIZE, COL_STATUS, COL_TOPK_LABELS, STATUS_OK
 
 COL_TRUE = "true_label"
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-import tarfile
 from typing import Collection, Optional, Sequence
 
 import numpy as np
@@ -20,99 +19,11 @@ import torch
 from ray.data import ActorPoolStrategy
 
 from imgcls import storage
-from imgcls.data import ClassificationPresetEval, decode_image, resize_size, to_chw_tensor
-from imgcls.models import WithFeatures
-
-# Output schema: the one definition of the predictions table.
-COL_PATH = "path"
-COL_STATUS = "status"
-COL_ERROR = "error"
-COL_LABEL = "label"
-COL_SCORE = "score"
-COL_TOPK_LABELS = "topk_labels"
-COL_TOPK_SCORES = "topk_scores"
-COL_MODEL_ID = "model_id"
-COL_EMBEDDING = "embedding"
-STATUS_OK = "ok"
-STATUS_ERROR = "error"
-# Internal columns that travel with each row and are dropped before writing.
-COL_SHARD = "shard"
-COL_SHARD_SIZE = "shard_size"
-TAR_MEMBER_SEP = "::"
-
-
-def output_schema(embeddings: bool = False) -> pa.Schema:
-    fields = [
-        pa.field(COL_PATH, pa.string(), nullable=False),
-        pa.field(COL_STATUS, pa.string(), nullable=False),
-        pa.field(COL_ERROR, pa.string()),
-        pa.field(COL_LABEL, pa.string()),
-        pa.field(COL_SCORE, pa.float32()),
-        pa.field(COL_TOPK_LABELS, pa.list_(pa.string())),
-        pa.field(COL_TOPK_SCORES, pa.list_(pa.float32())),
-        pa.field(COL_MODEL_ID, pa.string(), nullable=False),
-    ]
-    if embeddings:
-        fields.append(pa.field(COL_EMBEDDING, pa.list_(pa.float32())))
-    return pa.schema(fields)
-
-
-def _error_text(e: BaseException) -> str:
-    return f"{type(e).__name__}: {e}"[:500]
-
-
-class ReadDecodeBatch:
-    """CPU stage: reads each file (or tar shard), decodes it and applies the eval geometry.
-
-    Output columns: ``path``, ``shard``, ``shard_size``, ``status``, ``error`` and
-    ``image`` (B, 3, S, S) uint8, all zeros on error rows. Never raises for bad input.
-    """
-
-    def __init__(self, image_size: int, max_pixels: int):
-        self.preset = ClassificationPresetEval(image_size, (0.0,) * 3, (1.0,) * 3)
-        self.image_size = image_size
-        self.max_pixels = max_pixels
-
-    def _image(self, data: bytes) -> np.ndarray:
-        image = decode_image(data, self.max_pixels, target_size=resize_size(self.image_size))
-        return self.preset.geometry(to_chw_tensor(image)).numpy()
-
-    def _entries(self, path: str):
-        """Yields (path, bytes or exception) for a file, or for each member of a tar."""
-        try:
-            if not path.lower().endswith(".tar"):
-                yield path, storage.read_bytes(path)
-                return
-            with storage.open_uri(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
-                for member in tar:
-                    if member.isfile():
-                        yield f"{path}{TAR_MEMBER_SEP}{member.name}", tar.extractfile(member).read()
-        except Exception as e:  # unreadable file, missing object, broken tar...
-            yield path, e
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        out = {k: [] for k in (COL_PATH, COL_SHARD, COL_SHARD_SIZE, COL_STATUS, COL_ERROR, "image")}
-        blank = np.zeros((3, self.image_size, self.image_size), np.uint8)
-        for path, shard, shard_size in zip(batch[COL_PATH], batch[COL_SHARD], batch[COL_SHARD_SIZE]):
-            entries = list(self._entries(path))
-            for name, data in entries:
-                image, error = blank, None
-                try:
-                    if isinstance(data, BaseException):
-                        raise data
-                    image = self._image(data)
-                except Exception as e:  # ImageDecodeError, or the read's own error
-                    error = _error_text(e)
-                out[COL_PATH].append(name)
-                out[COL_SHARD].append(shard)
-                # A tar's row count is only known once it is read.
-                out[COL_SHARD_SIZE].append(len(entries) if path.lower().endswith(".tar") else shard_size)
-                out[COL_STATUS].append(STATUS_OK if error is None else STATUS_ERROR)
-                out[COL_ERROR].append(error)
-                out["image"].append(image)
-        image = np.stack(out.pop("image")) if out[COL_PATH] else np.zeros((0, 3, self.image_size, self.image_size), np.uint8)
-        columns = {k: np.array(v, dtype=np.int64 if k in (COL_SHARD, COL_SHARD_SIZE) else object) for k, v in out.items()}
-        return columns | {"image": image}
+from imgcls.data import ClassificationPresetEval
+from imgcls.models import inference_model
+from imgcls.reader import (COL_EMBEDDING, COL_ERROR, COL_LABEL, COL_MODEL_ID, COL_PATH, COL_SCORE, COL_SHARD,
+                           COL_SHARD_SIZE, COL_STATUS, COL_TOPK_LABELS, COL_TOPK_SCORES, STATUS_OK, ReadDecodeBatch,
+                           output_schema)
 
 
 class Classifier:
@@ -143,9 +54,7 @@ class Classifier:
             self.model_id = hashlib.sha256(raw).hexdigest()[:16]
         else:
             info = load_checkpoint(model)
-            self.model = WithFeatures(info.model).eval().to(self.device)
-            if self.device.type == "cuda":
-                self.model = self.model.to(memory_format=torch.channels_last)
+            self.model = inference_model(info.model, info.image_size, self.device)
             self.model_id = info.model_id
         self.classes = np.array(info.classes, dtype=object)
         self.normalize = ClassificationPresetEval(info.image_size, info.mean, info.std).normalize
@@ -159,9 +68,7 @@ class Classifier:
             logits, feats = torch.from_numpy(logits), torch.from_numpy(feats)
         else:
             with torch.inference_mode():
-                x = x.to(self.device)
-                if self.device.type == "cuda":
-                    x = x.contiguous(memory_format=torch.channels_last)
+                x = x.to(self.device).contiguous(memory_format=torch.channels_last)
                 logits, feats = self.model(x)
         return logits.float().softmax(1).cpu().numpy(), feats.float().cpu().numpy()
 

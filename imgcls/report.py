@@ -15,7 +15,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from imgcls import storage  # noqa: E402
-from imgcls.predict import COL_LABEL, COL_PATH, COL_SCORE, COL_STATUS, STATUS_OK  # noqa: E402
+from imgcls.reader import COL_LABEL, COL_PATH, COL_SCORE, COL_STATUS, STATUS_OK  # noqa: E402
 
 METRICS_FILE = "metrics.json"
 REPORT_FILE = "report.html"

@@ -103,6 +103,24 @@ def test_eval_preset_is_deterministic_and_split_in_two():
     assert torch.equal(full, preset.normalize(preset.geometry(image)))
 
 
+@pytest.mark.parametrize("image_size", [224, 32, 28])
+@pytest.mark.parametrize("shape", [(32, 32), (224, 224), (300, 500), (1000, 700), (37, 91), (257, 256)])
+def test_eval_geometry_matches_torchvision_resize_and_center_crop(image_size, shape):
+    """imaging.eval_geometry avoids importing torchvision; its pixels must be torchvision's."""
+    from torchvision.transforms import v2
+
+    from imgcls.imaging import eval_geometry, resize_size, to_chw_tensor
+
+    rng = np.random.default_rng(sum(shape))
+    coarse = Image.fromarray(rng.integers(0, 256, (shape[0] // 8 + 1, shape[1] // 8 + 1, 3), dtype=np.uint8))
+    photo_like = np.asarray(coarse.resize(shape[::-1], Image.BICUBIC))  # smooth areas and edges
+    image = to_chw_tensor(photo_like)
+    reference = v2.Compose([v2.Resize(resize_size(image_size), antialias=True), v2.CenterCrop(image_size)])(image)
+    ours = eval_geometry(image, image_size)
+    assert ours.dtype == torch.uint8 and ours.shape == (3, image_size, image_size)
+    assert torch.equal(ours, reference)
+
+
 def encode(image: Image.Image, fmt: str, **kw) -> bytes:
     buf = io.BytesIO()
     image.save(buf, fmt, **kw)

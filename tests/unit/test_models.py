@@ -103,3 +103,27 @@ def test_features_are_the_head_input(name):
         assert torch.allclose(logits, model(x), atol=1e-5)
         assert torch.allclose(wrapped.head(feats), logits, atol=1e-5)
     assert model.state_dict().keys() != wrapped.state_dict().keys()  # the original is left untouched
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v3_small", "efficientnet_lite0", "small_cnn"])
+def test_inference_model_folds_batchnorm_and_keeps_outputs(name):
+    from imgcls.models import inference_model
+
+    torch.manual_seed(0)
+    model = create_model(name, 3, image_size=64)
+    model.train()
+    with torch.no_grad():  # a few training batches give BatchNorm non-trivial running statistics
+        for _ in range(3):
+            model(torch.randn(8, 3, 64, 64) * 2 + 0.5)
+    model.eval()
+    fast = inference_model(model, 64)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules())
+    convs = [m for m in fast.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
+    x = torch.randn(4, 3, 64, 64)
+    with torch.inference_mode():
+        logits, feats = fast(x.contiguous(memory_format=torch.channels_last))
+        ref_logits, ref_feats = WithFeatures(model).eval()(x)
+    assert torch.allclose(logits, ref_logits, rtol=1e-3, atol=1e-4)
+    assert torch.allclose(feats, ref_feats, rtol=1e-3, atol=1e-4)
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())  # the original is left untouched

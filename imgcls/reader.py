@@ -1,0 +1,106 @@
+"""The CPU stage of batch inference: read each input, decode it, apply the eval geometry.
+
+Also the one definition of the predictions table's columns. Ray workers that run
+``ReadDecodeBatch`` import only this module, imaging and storage (torch, PIL, pyarrow,
+fsspec; no torchvision), so they start in about 3 s of CPU instead of about 10 s.
+"""
+
+from __future__ import annotations
+
+import tarfile
+
+import numpy as np
+import pyarrow as pa
+
+from imgcls import storage
+from imgcls.imaging import decode_image, eval_geometry, resize_size, to_chw_tensor
+
+# Output schema: the one definition of the predictions table.
+COL_PATH = "path"
+COL_STATUS = "status"
+COL_ERROR = "error"
+COL_LABEL = "label"
+COL_SCORE = "score"
+COL_TOPK_LABELS = "topk_labels"
+COL_TOPK_SCORES = "topk_scores"
+COL_MODEL_ID = "model_id"
+COL_EMBEDDING = "embedding"
+STATUS_OK = "ok"
+STATUS_ERROR = "error"
+# Internal columns that travel with each row and are dropped before writing.
+COL_SHARD = "shard"
+COL_SHARD_SIZE = "shard_size"
+TAR_MEMBER_SEP = "::"
+
+
+def output_schema(embeddings: bool = False) -> pa.Schema:
+    fields = [
+        pa.field(COL_PATH, pa.string(), nullable=False),
+        pa.field(COL_STATUS, pa.string(), nullable=False),
+        pa.field(COL_ERROR, pa.string()),
+        pa.field(COL_LABEL, pa.string()),
+        pa.field(COL_SCORE, pa.float32()),
+        pa.field(COL_TOPK_LABELS, pa.list_(pa.string())),
+        pa.field(COL_TOPK_SCORES, pa.list_(pa.float32())),
+        pa.field(COL_MODEL_ID, pa.string(), nullable=False),
+    ]
+    if embeddings:
+        fields.append(pa.field(COL_EMBEDDING, pa.list_(pa.float32())))
+    return pa.schema(fields)
+
+
+def _error_text(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}"[:500]
+
+
+class ReadDecodeBatch:
+    """CPU stage: reads each file (or tar shard), decodes it and applies the eval geometry.
+
+    Output columns: ``path``, ``shard``, ``shard_size``, ``status``, ``error`` and
+    ``image`` (B, 3, S, S) uint8, all zeros on error rows. Never raises for bad input.
+    """
+
+    def __init__(self, image_size: int, max_pixels: int):
+        self.image_size = image_size
+        self.max_pixels = max_pixels
+
+    def _image(self, data: bytes) -> np.ndarray:
+        image = decode_image(data, self.max_pixels, target_size=resize_size(self.image_size))
+        return eval_geometry(to_chw_tensor(image), self.image_size).numpy()
+
+    def _entries(self, path: str):
+        """Yields (path, bytes or exception) for a file, or for each member of a tar."""
+        try:
+            if not path.lower().endswith(".tar"):
+                yield path, storage.read_bytes(path)
+                return
+            with storage.open_uri(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+                for member in tar:
+                    if member.isfile():
+                        yield f"{path}{TAR_MEMBER_SEP}{member.name}", tar.extractfile(member).read()
+        except Exception as e:  # unreadable file, missing object, broken tar...
+            yield path, e
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out = {k: [] for k in (COL_PATH, COL_SHARD, COL_SHARD_SIZE, COL_STATUS, COL_ERROR, "image")}
+        blank = np.zeros((3, self.image_size, self.image_size), np.uint8)
+        for path, shard, shard_size in zip(batch[COL_PATH], batch[COL_SHARD], batch[COL_SHARD_SIZE]):
+            entries = list(self._entries(path))
+            for name, data in entries:
+                image, error = blank, None
+                try:
+                    if isinstance(data, BaseException):
+                        raise data
+                    image = self._image(data)
+                except Exception as e:  # ImageDecodeError, or the read's own error
+                    error = _error_text(e)
+                out[COL_PATH].append(name)
+                out[COL_SHARD].append(shard)
+                # A tar's row count is only known once it is read.
+                out[COL_SHARD_SIZE].append(len(entries) if path.lower().endswith(".tar") else shard_size)
+                out[COL_STATUS].append(STATUS_OK if error is None else STATUS_ERROR)
+                out[COL_ERROR].append(error)
+                out["image"].append(image)
+        image = np.stack(out.pop("image")) if out[COL_PATH] else np.zeros((0, 3, self.image_size, self.image_size), np.uint8)
+        columns = {k: np.array(v, dtype=np.int64 if k in (COL_SHARD, COL_SHARD_SIZE) else object) for k, v in out.items()}
+        return columns | {"image": image}
