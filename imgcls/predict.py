@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 from typing import Collection, Optional, Sequence
 
 import numpy as np
@@ -64,7 +63,7 @@ class Classifier:
     def _forward(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """(B, 3, S, S) float -> probabilities (B, C), features (B, F)."""
         if self.runtime == "onnxruntime":
-            logits, feats = self.session.run(["logits", "features"], {"image": x.numpy()})
+            logits, feats = self.session.run(["logits", "features"], {"image": x.contiguous().numpy()})
             logits, feats = torch.from_numpy(logits), torch.from_numpy(feats)
         else:
             with torch.inference_mode():
@@ -78,8 +77,12 @@ class Classifier:
         labels, scores = np.full(n, None, dtype=object), np.full(n, np.nan, dtype=np.float32)
         topk_labels, topk_scores, embedding = [[]] * n, [[]] * n, [None] * n
         if ok.any():
-            # One normalisation call over the whole (b, 3, S, S) uint8 batch.
-            x = self.normalize(torch.from_numpy(np.ascontiguousarray(np.stack(batch["image"][ok]))))
+            images = batch["image"]  # (B, S, S, 3) uint8
+            images = np.stack(images) if images.dtype == object else images
+            images = images if ok.all() else images[ok]
+            # A (b, 3, S, S) view in channels_last layout; one normalisation call keeps that
+            # layout, so the model's input needs no further copy.
+            x = self.normalize(torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2))
             probs, feats = self._forward(x)
             top = np.argsort(-probs, axis=1)[:, : self.top_k]  # (b, k)
             top_p = np.take_along_axis(probs, top, axis=1)
@@ -115,11 +118,19 @@ def input_rows(shards: Sequence[Sequence[str]], skip: Collection[int] = ()) -> r
 
 
 def pool_plan(use_gpu: Optional[bool], num_actors: Optional[int]) -> dict:
-    """Actor pool size and per-actor resources derived from the running cluster.
+    """Sizes and per-actor resources of the two actor pools, from the running cluster.
 
-    On CPUs the actors together claim half the CPUs (fractionally), so that decode
-    tasks always find room: whole-CPU actors on a 2-core machine starve the readers
-    and the job hangs. Each actor still runs torch on its share of the cores.
+    - Model actors: one per GPU. On CPUs, enough single-threaded actors (two-threaded
+      from 8 CPUs) to keep about three quarters of the cores busy with the model: on 2
+      cores two 1-thread actors label 345 images/s where one 2-thread actor, whose
+      threads wait on each other whenever a decoder takes a core, labels 310. Together
+      they claim half the CPUs, fractionally, so that a 2-core machine cannot deadlock
+      (whole-CPU actors there starve the readers).
+    - Decode actors: from 1 up to about a quarter of the CPUs (all but one per GPU on
+      GPU nodes), scaled by Ray Data with the backlog. They are actors rather than
+      tasks so that their processes, which import torch once, stay up: with tasks Ray
+      kept retiring and restarting idle worker processes, and each restart cost seconds
+      of CPU and hundreds of MB of memory.
     """
     res = ray.cluster_resources()
     cpus, gpus = float(res.get("CPU", 1)), int(res.get("GPU", 0))
@@ -127,10 +138,18 @@ def pool_plan(use_gpu: Optional[bool], num_actors: Optional[int]) -> dict:
         use_gpu = gpus > 0
     if use_gpu:
         n = num_actors or max(1, gpus)
-        return {"size": n, "num_gpus": 1, "num_cpus": 1, "threads": None, "use_gpu": True}
-    n = num_actors or max(1, int(cpus // 4))
-    return {"size": n, "num_gpus": 0, "num_cpus": cpus * 0.5 / n,
-            "threads": max(1, min(os.cpu_count() or 1, round(cpus / n))), "use_gpu": False}
+        model = {"size": n, "num_gpus": 1, "num_cpus": 1, "threads": None, "use_gpu": True}
+        decode = {"max_size": max(1, int(cpus) - n - 1), "num_cpus": 1}
+        return {**model, "decode": decode}
+    threads = 1 if cpus < 8 else 2
+    n = num_actors or max(1, round(cpus * 0.75 / threads))
+    if num_actors:  # a given pool size shares the same cores
+        threads = max(1, round(cpus * 0.75 / n))
+    model = {"size": n, "num_gpus": 0, "num_cpus": cpus * 0.5 / n, "threads": threads, "use_gpu": False}
+    k = max(1, int(cpus // 4))
+    # Distinct from the model actors' request, so that Ray Data never fuses the stages.
+    decode_cpus = cpus * 0.25 / k if cpus * 0.25 / k != model["num_cpus"] else cpus * 0.2 / k
+    return {**model, "decode": {"max_size": k, "num_cpus": decode_cpus}}
 
 
 def predict(rows: ray.data.Dataset, model: str, image_size: int, *, batch_size: int = 64, top_k: int = 5,
@@ -148,11 +167,10 @@ def predict(rows: ray.data.Dataset, model: str, image_size: int, *, batch_size: 
         exactly one row per input file (per tar member for tar shards).
     """
     plan = pool_plan(use_gpu, num_actors)
-    # Ray Data fuses consecutive stages whose resource requests are equal, which would
-    # move decoding into the model actors and serialise it; distinct requests keep the
-    # decode tasks separate and parallel.
-    decode_cpus = 0.5 if plan["num_cpus"] != 0.5 else 0.25
-    decoded = rows.map_batches(ReadDecodeBatch(image_size, max_pixels), batch_size=32, num_cpus=decode_cpus)
+    decode = plan["decode"]
+    decoded = rows.map_batches(
+        ReadDecodeBatch, fn_constructor_kwargs={"image_size": image_size, "max_pixels": max_pixels},
+        batch_size=32, compute=ActorPoolStrategy(min_size=1, max_size=decode["max_size"]), num_cpus=decode["num_cpus"])
     return decoded.map_batches(
         Classifier,
         fn_constructor_kwargs={"model": model, "top_k": top_k, "embeddings": embeddings, "runtime": runtime,

@@ -57,7 +57,8 @@ class ReadDecodeBatch:
     """CPU stage: reads each file (or tar shard), decodes it and applies the eval geometry.
 
     Output columns: ``path``, ``shard``, ``shard_size``, ``status``, ``error`` and
-    ``image`` (B, 3, S, S) uint8, all zeros on error rows. Never raises for bad input.
+    ``image`` (B, S, S, 3) uint8, all zeros on error rows. Never raises for bad input.
+    Images travel channels-last (HWC), the layout the model actors compute in.
     """
 
     def __init__(self, image_size: int, max_pixels: int):
@@ -66,7 +67,7 @@ class ReadDecodeBatch:
 
     def _image(self, data: bytes) -> np.ndarray:
         image = decode_image(data, self.max_pixels, target_size=resize_size(self.image_size))
-        return eval_geometry(to_chw_tensor(image), self.image_size).numpy()
+        return eval_geometry(to_chw_tensor(image), self.image_size).permute(1, 2, 0).numpy()  # (S, S, 3)
 
     def _entries(self, path: str):
         """Yields (path, bytes or exception) for a file, or for each member of a tar."""
@@ -83,7 +84,7 @@ class ReadDecodeBatch:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out = {k: [] for k in (COL_PATH, COL_SHARD, COL_SHARD_SIZE, COL_STATUS, COL_ERROR, "image")}
-        blank = np.zeros((3, self.image_size, self.image_size), np.uint8)
+        blank = np.zeros((self.image_size, self.image_size, 3), np.uint8)
         for path, shard, shard_size in zip(batch[COL_PATH], batch[COL_SHARD], batch[COL_SHARD_SIZE]):
             entries = list(self._entries(path))
             for name, data in entries:
@@ -101,6 +102,6 @@ class ReadDecodeBatch:
                 out[COL_STATUS].append(STATUS_OK if error is None else STATUS_ERROR)
                 out[COL_ERROR].append(error)
                 out["image"].append(image)
-        image = np.stack(out.pop("image")) if out[COL_PATH] else np.zeros((0, 3, self.image_size, self.image_size), np.uint8)
+        image = np.stack(out.pop("image")) if out[COL_PATH] else np.zeros((0, self.image_size, self.image_size, 3), np.uint8)
         columns = {k: np.array(v, dtype=np.int64 if k in (COL_SHARD, COL_SHARD_SIZE) else object) for k, v in out.items()}
         return columns | {"image": image}

@@ -103,6 +103,20 @@ def test_eval_preset_is_deterministic_and_split_in_two():
     assert torch.equal(full, preset.normalize(preset.geometry(image)))
 
 
+def test_scale_normalize_matches_torchvision_and_keeps_channels_last():
+    from torchvision.transforms import v2
+
+    from imgcls.data import ScaleNormalize
+
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    images = torch.randint(0, 256, (4, 32, 32, 3), dtype=torch.uint8).permute(0, 3, 1, 2)  # channels_last view
+    reference = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])(images.contiguous())
+    ours = ScaleNormalize(mean, std)(images)
+    assert ours.dtype == torch.float32 and ours.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(ours, reference, atol=1e-5)
+    assert images.dtype == torch.uint8  # the input is not modified
+
+
 @pytest.mark.parametrize("image_size", [224, 32, 28])
 @pytest.mark.parametrize("shape", [(32, 32), (224, 224), (300, 500), (1000, 700), (37, 91), (257, 256)])
 def test_eval_geometry_matches_torchvision_resize_and_center_crop(image_size, shape):
