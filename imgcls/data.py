@@ -19,7 +19,8 @@ from torchvision.transforms import v2
 from imgcls import storage
 # Decoding and the eval geometry live in imaging.py, which imports no torchvision, so
 # that Ray workers decoding for inference start quickly; they are part of this API.
-from imgcls.imaging import ImageDecodeError, decode_image, eval_geometry, resize_size, to_chw_tensor  # noqa: F401
+from imgcls.imaging import (ImageDecodeError, ScaleNormalize, decode_image, eval_geometry, resize_size,  # noqa: F401
+                            to_chw_tensor)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 MANIFEST_EXTENSIONS = (".csv", ".parquet")
@@ -174,24 +175,6 @@ def balanced_resample(images: LabelledImages, seed: int = 0) -> LabelledImages:
 
 # ---------------------------------------------------------------------------------
 # Transform presets (one definition for training, evaluation and inference)
-
-
-class ScaleNormalize:
-    """uint8 (..., 3, H, W) -> float32 ``(x / 255 - mean) / std``, keeping the memory layout.
-
-    The same numbers as ``v2.ToDtype(torch.float32, scale=True)`` then ``v2.Normalize``
-    (to float rounding), in a third less time; a channels_last input gives a
-    channels_last output, which the inference model takes without a copy.
-    """
-
-    def __init__(self, mean: Sequence[float], std: Sequence[float]):
-        self.shift = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1) * 255
-        self.scale = 1 / (torch.tensor(std, dtype=torch.float32).view(3, 1, 1) * 255)
-
-    def __call__(self, image: torch.Tensor) -> torch.Tensor:
-        if image.dtype != torch.uint8:
-            raise TypeError(f"expected a uint8 image, got {image.dtype}")
-        return image.to(torch.float32).sub_(self.shift).mul_(self.scale)  # a new tensor: uint8 -> float
 
 
 class ClassificationPresetEval:

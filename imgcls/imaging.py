@@ -1,4 +1,4 @@
-"""Image decoding and the eval geometry: what every decode path shares.
+"""Image decoding, the eval geometry and normalisation: what every decode path shares.
 
 This module imports torch, PIL and numpy but not torchvision, whose import alone takes
 about 7 s of CPU (it pulls in torch._dynamo). Ray workers that only decode images for
@@ -8,7 +8,7 @@ inference import this, so they start in about a third of the time.
 from __future__ import annotations
 
 import io
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -94,3 +94,21 @@ def eval_geometry(image: torch.Tensor, image_size: int) -> torch.Tensor:
 def to_chw_tensor(image: np.ndarray) -> torch.Tensor:
     """(H, W, 3) uint8 array -> (3, H, W) uint8 tensor."""
     return torch.from_numpy(np.array(image, copy=not image.flags.writeable)).permute(2, 0, 1)
+
+
+class ScaleNormalize:
+    """uint8 (..., 3, H, W) -> float32 ``(x / 255 - mean) / std``, keeping the memory layout.
+
+    The same numbers as ``v2.ToDtype(torch.float32, scale=True)`` then ``v2.Normalize``
+    (to float rounding), in a third less time; a channels_last input gives a
+    channels_last output, which the inference model takes without a copy.
+    """
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]):
+        self.shift = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1) * 255
+        self.scale = 1 / (torch.tensor(std, dtype=torch.float32).view(3, 1, 1) * 255)
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        if image.dtype != torch.uint8:
+            raise TypeError(f"expected a uint8 image, got {image.dtype}")
+        return image.to(torch.float32).sub_(self.shift).mul_(self.scale)  # a new tensor: uint8 -> float

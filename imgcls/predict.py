@@ -1,108 +1,60 @@
 """Batch inference as a Ray Data pipeline; builds the predictions Dataset, writes nothing.
 
-Stages: input rows (``path``, ``shard``, ``shard_size``) -> ``ReadDecodeBatch`` in CPU
-tasks (read bytes, decode, eval-preset geometry; failures become error rows) ->
-``Classifier`` in an actor pool (normalise, forward, top-k) -> rows of OUTPUT_SCHEMA.
+Stages: input rows (``path``, ``shard``, ``shard_size``) -> ``reader.ReadDecodeBatch``
+in a CPU actor pool (read bytes, decode, eval-preset geometry; failures become error
+rows) -> ``classifier.Classifier`` in a CPU or GPU actor pool (normalise, forward,
+top-k) -> rows of OUTPUT_SCHEMA. The model is prepared once, here in the driver
+(``prepare_model``); neither pool imports torchvision, so both start quickly.
 """
 
 from __future__ import annotations
 
 import hashlib
-import math
+import io
+import warnings
 from typing import Collection, Optional, Sequence
 
-import numpy as np
-import pyarrow as pa
 import ray
 import torch
 from ray.data import ActorPoolStrategy
 
 from imgcls import storage
-from imgcls.data import ClassificationPresetEval
-from imgcls.models import inference_model
-from imgcls.reader import (COL_EMBEDDING, COL_ERROR, COL_LABEL, COL_MODEL_ID, COL_PATH, COL_SCORE, COL_SHARD,
-                           COL_SHARD_SIZE, COL_STATUS, COL_TOPK_LABELS, COL_TOPK_SCORES, STATUS_OK, ReadDecodeBatch,
-                           output_schema)
+from imgcls.classifier import Classifier, ModelPayload
+from imgcls.reader import COL_PATH, COL_SHARD, COL_SHARD_SIZE, ReadDecodeBatch
 
 
-class Classifier:
-    """Actor stage: loads the model once, then labels batches under inference_mode.
+def prepare_model(model: str, runtime: str = "torch") -> ModelPayload:
+    """Loads ``model`` once, in the driver, into what every Classifier actor loads.
 
-    ``model`` is a checkpoint folder (runtime 'torch') or an export folder holding
-    ``model.onnx`` (runtime 'onnxruntime').
+    For runtime 'torch', ``model`` is a checkpoint folder: its network goes through
+    ``models.inference_model`` (BatchNorm folded, channels_last) and is traced to
+    TorchScript, which the actors load without importing torchvision. The traced
+    program is checked against the network on a batch of another size. For
+    'onnxruntime', ``model`` is an export folder holding ``model.onnx``.
     """
+    from imgcls.checkpoint import load_checkpoint, read_model_info
+    from imgcls.models import inference_model
 
-    def __init__(self, model: str, top_k: int = 5, embeddings: bool = False, runtime: str = "torch",
-                 threads: Optional[int] = None, use_gpu: bool = False):
-        from imgcls.checkpoint import load_checkpoint, read_model_info
-
-        if threads:
-            torch.set_num_threads(threads)
-        self.runtime = runtime
-        self.embeddings = embeddings
-        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-        if runtime == "onnxruntime":
-            import onnxruntime as ort
-
-            info = read_model_info(model)
-            raw = storage.read_bytes(storage.join(model, "model.onnx"))
-            opts = ort.SessionOptions()
-            if threads:
-                opts.intra_op_num_threads = threads
-            self.session = ort.InferenceSession(raw, opts, providers=["CPUExecutionProvider"])
-            self.model_id = hashlib.sha256(raw).hexdigest()[:16]
-        else:
-            info = load_checkpoint(model)
-            self.model = inference_model(info.model, info.image_size, self.device)
-            self.model_id = info.model_id
-        self.classes = np.array(info.classes, dtype=object)
-        self.normalize = ClassificationPresetEval(info.image_size, info.mean, info.std).normalize
-        self.top_k = min(top_k, len(info.classes))
-        self.schema = output_schema(embeddings)
-
-    def _forward(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        """(B, 3, S, S) float -> probabilities (B, C), features (B, F)."""
-        if self.runtime == "onnxruntime":
-            logits, feats = self.session.run(["logits", "features"], {"image": x.contiguous().numpy()})
-            logits, feats = torch.from_numpy(logits), torch.from_numpy(feats)
-        else:
-            with torch.inference_mode():
-                x = x.to(self.device).contiguous(memory_format=torch.channels_last)
-                logits, feats = self.model(x)
-        return logits.float().softmax(1).cpu().numpy(), feats.float().cpu().numpy()
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        n = len(batch[COL_PATH])
-        ok = np.asarray(batch[COL_STATUS] == STATUS_OK)
-        labels, scores = np.full(n, None, dtype=object), np.full(n, np.nan, dtype=np.float32)
-        topk_labels, topk_scores, embedding = [[]] * n, [[]] * n, [None] * n
-        if ok.any():
-            images = batch["image"]  # (B, S, S, 3) uint8
-            images = np.stack(images) if images.dtype == object else images
-            images = images if ok.all() else images[ok]
-            # A (b, 3, S, S) view in channels_last layout; one normalisation call keeps that
-            # layout, so the model's input needs no further copy.
-            x = self.normalize(torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2))
-            probs, feats = self._forward(x)
-            top = np.argsort(-probs, axis=1)[:, : self.top_k]  # (b, k)
-            top_p = np.take_along_axis(probs, top, axis=1)
-            idx = np.flatnonzero(ok)
-            labels[idx], scores[idx] = self.classes[top[:, 0]], top_p[:, 0]
-            for j, i in enumerate(idx):
-                topk_labels[i], topk_scores[i] = self.classes[top[j]].tolist(), top_p[j].tolist()
-                embedding[i] = feats[j].tolist() if self.embeddings else None
-        columns = {
-            COL_PATH: batch[COL_PATH].tolist(), COL_STATUS: batch[COL_STATUS].tolist(),
-            # Missing errors may arrive as None or NaN, depending on the block format.
-            COL_ERROR: [e if isinstance(e, str) else None for e in batch[COL_ERROR]], COL_LABEL: labels.tolist(),
-            COL_SCORE: [None if math.isnan(s) else float(s) for s in scores],
-            COL_TOPK_LABELS: topk_labels, COL_TOPK_SCORES: topk_scores, COL_MODEL_ID: [self.model_id] * n,
-        }
-        if self.embeddings:
-            columns[COL_EMBEDDING] = embedding
-        table = pa.Table.from_pydict(columns, schema=self.schema)
-        return table.append_column(COL_SHARD, pa.array(batch[COL_SHARD], pa.int64())) \
-                    .append_column(COL_SHARD_SIZE, pa.array(batch[COL_SHARD_SIZE], pa.int64()))
+    if runtime == "onnxruntime":
+        info = read_model_info(model)
+        raw = storage.read_bytes(storage.join(model, "model.onnx"))
+        return ModelPayload("onnxruntime", raw, tuple(info.classes), info.image_size, tuple(info.mean),
+                            tuple(info.std), hashlib.sha256(raw).hexdigest()[:16])
+    loaded = load_checkpoint(model)
+    fast = inference_model(loaded.model, loaded.image_size)
+    size = loaded.image_size
+    probe = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(0))
+    probe = probe.contiguous(memory_format=torch.channels_last)
+    buf = io.BytesIO()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore", FutureWarning)  # TorchScript's deprecation notice
+        traced = torch.jit.trace(fast, probe[:2], check_trace=False)
+        for want, got in zip(fast(probe), traced(probe)):
+            if not torch.allclose(want, got, rtol=1e-4, atol=1e-5 * max(1.0, float(want.abs().max()))):
+                raise RuntimeError(f"the traced model of {model} does not reproduce the network's outputs")
+        torch.jit.save(traced, buf)
+    return ModelPayload("torch", buf.getvalue(), tuple(loaded.classes), size, tuple(loaded.mean), tuple(loaded.std),
+                        loaded.model_id)
 
 
 def input_rows(shards: Sequence[Sequence[str]], skip: Collection[int] = ()) -> ray.data.Dataset:
@@ -167,13 +119,14 @@ def predict(rows: ray.data.Dataset, model: str, image_size: int, *, batch_size: 
         exactly one row per input file (per tar member for tar shards).
     """
     plan = pool_plan(use_gpu, num_actors)
+    payload = prepare_model(model, runtime)
     decode = plan["decode"]
     decoded = rows.map_batches(
         ReadDecodeBatch, fn_constructor_kwargs={"image_size": image_size, "max_pixels": max_pixels},
-        batch_size=32, compute=ActorPoolStrategy(min_size=1, max_size=decode["max_size"]), num_cpus=decode["num_cpus"])
+        batch_size=64, compute=ActorPoolStrategy(min_size=1, max_size=decode["max_size"]), num_cpus=decode["num_cpus"])
     return decoded.map_batches(
         Classifier,
-        fn_constructor_kwargs={"model": model, "top_k": top_k, "embeddings": embeddings, "runtime": runtime,
+        fn_constructor_kwargs={"payload": payload, "top_k": top_k, "embeddings": embeddings,
                                "threads": plan["threads"], "use_gpu": plan["use_gpu"]},
         batch_size=batch_size, batch_format="numpy",
         compute=ActorPoolStrategy(size=plan["size"]), num_cpus=plan["num_cpus"], num_gpus=plan["num_gpus"],

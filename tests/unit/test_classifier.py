@@ -1,0 +1,71 @@
+"""The model stage of batch inference, without Ray: prepared payloads and the Classifier."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from imgcls.checkpoint import load_checkpoint, save_checkpoint
+from imgcls.classifier import Classifier
+from imgcls.config import JobConfig, ModelConfig
+from imgcls.data import ClassificationPresetEval
+from imgcls.models import create_model, list_models
+from imgcls.predict import prepare_model
+from imgcls.reader import COL_PATH, COL_SHARD, COL_SHARD_SIZE, COL_STATUS, STATUS_ERROR, STATUS_OK, ReadDecodeBatch
+
+SIZE = 64
+
+
+def photo_batch(files: list[str]) -> dict:
+    """A decoded batch as the reader stage emits it, with one unreadable file at the end."""
+    paths = np.array(files + ["/no/such/file.jpg"], dtype=object)
+    zeros = np.zeros(len(paths), dtype=np.int64)
+    return ReadDecodeBatch(SIZE, 64_000_000)({COL_PATH: paths, COL_SHARD: zeros, COL_SHARD_SIZE: zeros})
+
+
+@pytest.fixture(scope="module")
+def photos(dogs_cats_root):
+    import glob
+
+    return sorted(glob.glob(f"{dogs_cats_root}/*/*.png") + glob.glob(f"{dogs_cats_root}/*/*.jpg"))[:5]
+
+
+# vgg11_bn stands for its family; vgg11 and vgg16 would add 25 s of building large weights.
+@pytest.mark.parametrize("arch", [m for m in list_models() if m not in ("vgg11", "vgg16")])
+def test_prepared_model_labels_like_the_checkpoint(arch, photos, tmp_path):
+    """Folded, channels_last and traced, every registry model gives the checkpoint's own
+    probabilities, for batch sizes other than the one it was traced with."""
+    torch.manual_seed(0)
+    model = create_model(arch, 3, image_size=SIZE)
+    model.train()
+    with torch.no_grad():  # give BatchNorm non-trivial running statistics
+        model(torch.randn(4, 3, SIZE, SIZE) * 2)
+    save_checkpoint(str(tmp_path), model, JobConfig(model=ModelConfig(arch=arch, image_size=SIZE)),
+                    ["a", "b", "c"], history=[])
+    payload = prepare_model(str(tmp_path))
+    classifier = Classifier(payload, top_k=2, embeddings=True)
+    batch = photo_batch(photos)
+    table = classifier(batch)
+
+    loaded = load_checkpoint(str(tmp_path))
+    preset = ClassificationPresetEval(SIZE, loaded.mean, loaded.std)
+    x = preset.normalize(torch.from_numpy(batch["image"][:-1]).permute(0, 3, 1, 2))
+    with torch.no_grad():
+        expected = loaded.model(x).softmax(1)
+    rows = table.to_pylist()
+    assert [r[COL_STATUS] for r in rows] == [STATUS_OK] * len(photos) + [STATUS_ERROR]
+    assert payload.model_id == loaded.model_id and all(r["model_id"] == loaded.model_id for r in rows)
+    for r, p in zip(rows, expected):
+        assert r["label"] == ["a", "b", "c"][int(p.argmax())]
+        assert r["score"] == pytest.approx(float(p.max()), abs=1e-4)
+        assert len(r["topk_labels"]) == 2 and len(r["embedding"]) > 0
+    assert rows[-1]["label"] is None and rows[-1]["embedding"] is None
+
+
+def test_model_stage_imports_no_torchvision():
+    """Ray workers import these modules; torchvision alone would add about 7 s to each."""
+    code = "import sys, imgcls.classifier, imgcls.reader; print(any(m.startswith('torchvision') for m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
