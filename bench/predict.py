@@ -43,18 +43,28 @@ def used_memory_mb() -> float:
 
 
 class PeakMemory:
-    """Samples used memory in a thread; ``peak_mb`` is the rise over the level at start."""
+    """Samples used memory in a thread; ``peak`` is the rise over the level at start, and
+    ``halves`` the peak rise in the first and in the second half of the run."""
 
     def __enter__(self):
-        self.base, self.peak, self.stop = used_memory_mb(), 0.0, False
+        self.base, self.samples, self.stop = used_memory_mb(), [], False
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
         return self
 
     def _run(self):
         while not self.stop:
-            self.peak = max(self.peak, used_memory_mb() - self.base)
+            self.samples.append(used_memory_mb() - self.base)
             time.sleep(0.1)
+
+    @property
+    def peak(self) -> float:
+        return max(self.samples, default=0.0)
+
+    @property
+    def halves(self) -> tuple[float, float]:
+        mid = len(self.samples) // 2
+        return max(self.samples[:mid], default=0.0), max(self.samples[mid:], default=0.0)
 
     def __exit__(self, *exc):
         self.stop = True
@@ -193,7 +203,8 @@ def run_imgcls(corpus: str, checkpoint: str, output: str, batch_size: int, runti
     assert summary["rows"] == summary["files"]
     return {"images_per_s": summary["images_per_s"], "seconds": summary["seconds"], "files": summary["files"],
             "process_seconds": process_seconds, "process_images_per_s": summary["files"] / process_seconds,
-            "errors": summary["errors"], "peak_memory_mb": mem.peak}
+            "errors": summary["errors"], "peak_memory_mb": mem.peak,
+            "peak_memory_mb_first_half": mem.halves[0], "peak_memory_mb_second_half": mem.halves[1]}
 
 
 def main():
@@ -236,6 +247,9 @@ def main():
         "imgcls_steady_vs_plain_steady": ours["steady_images_per_s"] / plain["steady_images_per_s"],
         "imgcls_steady_vs_model_only": ours["steady_images_per_s"] / results["model_only"]["images_per_s"],
         f"imgcls_peak_memory_{g}x_vs_1x": results[f"imgcls_{g}x"]["peak_memory_mb"] / ours["peak_memory_mb"],
+        # Once the pools run, memory should not grow with the files labelled.
+        f"imgcls_{g}x_peak_memory_second_half_vs_first_half":
+            results[f"imgcls_{g}x"]["peak_memory_mb_second_half"] / results[f"imgcls_{g}x"]["peak_memory_mb_first_half"],
         # Whole processes, as a user waits, on both corpus sizes.
         "imgcls_vs_plain_process": ours["process_images_per_s"] / plain["process_images_per_s"],
         f"imgcls_vs_plain_process_{g}x":
