@@ -17,7 +17,6 @@ from dataclasses import asdict, dataclass
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from ray.data import ExecutionResources
 
 from imgcls import storage
 from imgcls.checkpoint import read_model_info
@@ -108,11 +107,7 @@ def label_images(cfg: PredictConfig) -> LabelSummary:
         info = read_model_info(cfg.model)
         predictions = predict(input_rows(shards, skip), cfg.model, info.image_size, batch_size=cfg.batch_size,
                               top_k=cfg.top_k, embeddings=cfg.embeddings, runtime=cfg.runtime, use_gpu=cfg.use_gpu,
-                              num_actors=cfg.num_actors, max_pixels=cfg.max_pixels)
-        # Ray Data's default budget is a share of the whole object store, so a bigger
-        # input would fill more of it before backpressure starts; a fixed budget does not.
-        predictions.context.execution_options.resource_limits = ExecutionResources.for_limits(
-            object_store_memory=cfg.buffer_mb * 2**20)
+                              num_actors=cfg.num_actors, max_pixels=cfg.max_pixels, buffer_mb=cfg.buffer_mb)
         pending: dict[int, list[pa.Table]] = {}
         counts: dict[int, int] = {}
         for batch in predictions.iter_batches(batch_format="pyarrow", batch_size=None):

@@ -16,7 +16,7 @@ from typing import Collection, Optional, Sequence
 
 import ray
 import torch
-from ray.data import ActorPoolStrategy
+from ray.data import ActorPoolStrategy, ExecutionResources
 
 from imgcls import storage
 from imgcls.classifier import Classifier, ModelPayload
@@ -106,13 +106,16 @@ def pool_plan(use_gpu: Optional[bool], num_actors: Optional[int]) -> dict:
 
 def predict(rows: ray.data.Dataset, model: str, image_size: int, *, batch_size: int = 64, top_k: int = 5,
             embeddings: bool = False, runtime: str = "torch", use_gpu: Optional[bool] = None,
-            num_actors: Optional[int] = None, max_pixels: int = 64_000_000) -> ray.data.Dataset:
+            num_actors: Optional[int] = None, max_pixels: int = 64_000_000, buffer_mb: int = 512) -> ray.data.Dataset:
     """Labels ``rows`` (columns path, shard, shard_size) and returns prediction rows.
 
     Args:
         rows: One row per input file or tar shard.
         model: Checkpoint folder, or export folder for runtime 'onnxruntime'.
         image_size: The model's input side (from the checkpoint's meta).
+        buffer_mb: Object-store budget of the pipeline. Ray Data's default is a share of
+            the whole object store, so a bigger input would fill more of it before
+            backpressure starts; a fixed budget keeps memory flat.
 
     Returns:
         A lazy Dataset with the OUTPUT_SCHEMA columns plus ``shard``/``shard_size``;
@@ -124,13 +127,16 @@ def predict(rows: ray.data.Dataset, model: str, image_size: int, *, batch_size: 
     decoded = rows.map_batches(
         ReadDecodeBatch, fn_constructor_kwargs={"image_size": image_size, "max_pixels": max_pixels},
         batch_size=64, compute=ActorPoolStrategy(min_size=1, max_size=decode["max_size"]), num_cpus=decode["num_cpus"])
-    return decoded.map_batches(
+    predictions = decoded.map_batches(
         Classifier,
         fn_constructor_kwargs={"payload": payload, "top_k": top_k, "embeddings": embeddings,
                                "threads": plan["threads"], "use_gpu": plan["use_gpu"]},
         batch_size=batch_size, batch_format="numpy",
         compute=ActorPoolStrategy(size=plan["size"]), num_cpus=plan["num_cpus"], num_gpus=plan["num_gpus"],
     )
+    predictions.context.execution_options.resource_limits = ExecutionResources.for_limits(
+        object_store_memory=buffer_mb * 2**20)
+    return predictions
 
 
 def list_inputs(uri: str) -> list[str]:
