@@ -62,7 +62,7 @@ def input_rows(shards: Sequence[Sequence[str]], skip: Collection[int] = ()) -> r
 
     ``shards`` is a list of path lists; shards whose index is in ``skip`` are left out
     (already written by an earlier run). About 64 files per block keeps every decode
-    task busy without flooding the scheduler.
+    actor busy without flooding the scheduler.
     """
     items = [{COL_PATH: path, COL_SHARD: i, COL_SHARD_SIZE: len(paths)}
              for i, paths in enumerate(shards) if i not in skip for path in paths]
