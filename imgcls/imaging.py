@@ -83,6 +83,10 @@ def eval_geometry(image: torch.Tensor, image_size: int) -> torch.Tensor:
     nh, nw = (new_short, new_long) if h <= w else (new_long, new_short)
     if (nh, nw) != (h, w):
         x = image[None]
+        if x.is_contiguous(memory_format=torch.channels_last):
+            # As torchvision does: a batch stride of numel makes the layout unambiguous,
+            # so interpolate returns channels_last too (HWC rows, cheap to copy out).
+            x = x.as_strided(x.shape, (x.numel(),) + x.stride()[1:])
         native = x.device.type == "cpu"  # uint8 antialiased bilinear is a CPU kernel
         y = torch.nn.functional.interpolate(x if native else x.float(), size=(nh, nw), mode="bilinear",
                                             align_corners=False, antialias=True)

@@ -102,6 +102,12 @@ class ReadDecodeBatch:
                 out[COL_STATUS].append(STATUS_OK if error is None else STATUS_ERROR)
                 out[COL_ERROR].append(error)
                 out["image"].append(image)
-        image = np.stack(out.pop("image")) if out[COL_PATH] else np.zeros((0, self.image_size, self.image_size, 3), np.uint8)
+        images = out.pop("image")
+        # Filled row by row into a C-contiguous array: np.stack would keep the crops'
+        # strided layout, and Ray Data would then copy the whole batch again to make
+        # it contiguous, which cost more than decoding.
+        image = np.empty((len(images), self.image_size, self.image_size, 3), np.uint8)
+        for i, im in enumerate(images):
+            image[i] = im
         columns = {k: np.array(v, dtype=np.int64 if k in (COL_SHARD, COL_SHARD_SIZE) else object) for k, v in out.items()}
         return columns | {"image": image}
