@@ -19,7 +19,6 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from imgcls import storage
-from imgcls.checkpoint import read_model_info
 from imgcls.config import PredictConfig
 from imgcls.predict import input_rows, list_inputs, predict
 from imgcls.reader import COL_SHARD, COL_SHARD_SIZE, COL_STATUS, STATUS_OK, output_schema
@@ -104,8 +103,7 @@ def label_images(cfg: PredictConfig) -> LabelSummary:
     schema = output_schema(cfg.embeddings)
     written = 0
     if not skip.issuperset(range(len(shards))):
-        info = read_model_info(cfg.model)
-        predictions = predict(input_rows(shards, skip), cfg.model, info.image_size, batch_size=cfg.batch_size,
+        predictions = predict(input_rows(shards, skip), cfg.model, batch_size=cfg.batch_size,
                               top_k=cfg.top_k, embeddings=cfg.embeddings, runtime=cfg.runtime, use_gpu=cfg.use_gpu,
                               num_actors=cfg.num_actors, max_pixels=cfg.max_pixels, buffer_mb=cfg.buffer_mb)
         pending: dict[int, list[pa.Table]] = {}

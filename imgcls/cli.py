@@ -27,15 +27,19 @@ def init_ray(num_cpus: int | None = None) -> None:
         ray.init()
 
 
-def init_ray_while_importing(num_cpus: int | None, module: str) -> None:
-    """``init_ray`` while another thread imports ``module``.
+def init_ray_while_importing(num_cpus: int | None, *modules: str) -> None:
+    """``init_ray`` while another thread imports ``modules``.
 
     Importing torch and torchvision costs about 9 s of CPU on a small machine, and
     starting a local Ray cluster about 7 s of mostly waiting; side by side they take
     about 4 s less than one after the other. An import error surfaces again when the
     caller imports the module itself.
     """
-    warm = threading.Thread(target=importlib.import_module, args=(module,), daemon=True)
+    def import_all():
+        for module in modules:
+            importlib.import_module(module)
+
+    warm = threading.Thread(target=import_all, daemon=True)
     warm.start()
     init_ray(num_cpus)
     warm.join()
@@ -79,7 +83,8 @@ def predict(config_path, num_cpus, **flags):
     cfg = resolve(PredictConfig, load_yaml(config_path).get("predict", {}), flags)
     if not (cfg.model and cfg.input and cfg.output):
         raise click.UsageError("--model, --input and --output are required")
-    init_ray_while_importing(num_cpus, "imgcls.bulk")
+    # imgcls.checkpoint brings torchvision, which predict.prepare_model needs.
+    init_ray_while_importing(num_cpus, "imgcls.bulk", "imgcls.checkpoint")
     from imgcls.bulk import label_images
 
     summary = label_images(cfg)

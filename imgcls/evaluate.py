@@ -24,8 +24,7 @@ COL_TRUE = "true_label"
 def predict_labelled(model: str, images: LabelledImages, batch_size: int = 64, runtime: str = "torch",
                      num_actors: Optional[int] = None) -> pd.DataFrame:
     """Predictions for ``images`` with a ``true_label`` column, one row per image."""
-    info = read_model_info(model)
-    df = predict(input_rows([images.paths]), model, info.image_size, batch_size=batch_size, runtime=runtime,
+    df = predict(input_rows([images.paths]), model, batch_size=batch_size, runtime=runtime,
                  num_actors=num_actors).to_pandas()
     df = df.drop(columns=[COL_SHARD, COL_SHARD_SIZE])
     truth = dict(zip(images.paths, images.labels))

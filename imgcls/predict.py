@@ -104,15 +104,15 @@ def pool_plan(use_gpu: Optional[bool], num_actors: Optional[int]) -> dict:
     return {**model, "decode": {"max_size": k, "num_cpus": decode_cpus}}
 
 
-def predict(rows: ray.data.Dataset, model: str, image_size: int, *, batch_size: int = 64, top_k: int = 5,
+def predict(rows: ray.data.Dataset, model: str, *, batch_size: int = 64, top_k: int = 5,
             embeddings: bool = False, runtime: str = "torch", use_gpu: Optional[bool] = None,
             num_actors: Optional[int] = None, max_pixels: int = 64_000_000, buffer_mb: int = 512) -> ray.data.Dataset:
     """Labels ``rows`` (columns path, shard, shard_size) and returns prediction rows.
 
     Args:
         rows: One row per input file or tar shard.
-        model: Checkpoint folder, or export folder for runtime 'onnxruntime'.
-        image_size: The model's input side (from the checkpoint's meta).
+        model: Checkpoint folder, or export folder for runtime 'onnxruntime'; its
+            meta gives the input size.
         buffer_mb: Object-store budget of the pipeline. Ray Data's default is a share of
             the whole object store, so a bigger input would fill more of it before
             backpressure starts; a fixed budget keeps memory flat.
@@ -125,7 +125,7 @@ def predict(rows: ray.data.Dataset, model: str, image_size: int, *, batch_size: 
     payload = prepare_model(model, runtime)
     decode = plan["decode"]
     decoded = rows.map_batches(
-        ReadDecodeBatch, fn_constructor_kwargs={"image_size": image_size, "max_pixels": max_pixels},
+        ReadDecodeBatch, fn_constructor_kwargs={"image_size": payload.image_size, "max_pixels": max_pixels},
         batch_size=64, compute=ActorPoolStrategy(min_size=1, max_size=decode["max_size"]), num_cpus=decode["num_cpus"])
     predictions = decoded.map_batches(
         Classifier,
