@@ -105,7 +105,8 @@ def label_images(cfg: PredictConfig) -> LabelSummary:
     if not skip.issuperset(range(len(shards))):
         predictions = predict(input_rows(shards, skip), cfg.model, batch_size=cfg.batch_size,
                               top_k=cfg.top_k, embeddings=cfg.embeddings, runtime=cfg.runtime, use_gpu=cfg.use_gpu,
-                              num_actors=cfg.num_actors, max_pixels=cfg.max_pixels, buffer_mb=cfg.buffer_mb)
+                              num_actors=cfg.num_actors, max_pixels=cfg.max_pixels, buffer_mb=cfg.buffer_mb,
+                              separate_decode=cfg.separate_decode)
         pending: dict[int, list[pa.Table]] = {}
         counts: dict[int, int] = {}
         for batch in predictions.iter_batches(batch_format="pyarrow", batch_size=None):

@@ -20,7 +20,8 @@ import torch
 
 from imgcls.imaging import ScaleNormalize
 from imgcls.reader import (COL_EMBEDDING, COL_ERROR, COL_LABEL, COL_MODEL_ID, COL_PATH, COL_SCORE, COL_SHARD,
-                           COL_SHARD_SIZE, COL_STATUS, COL_TOPK_LABELS, COL_TOPK_SCORES, STATUS_OK, output_schema)
+                           COL_SHARD_SIZE, COL_STATUS, COL_TOPK_LABELS, COL_TOPK_SCORES, STATUS_OK, ReadDecodeBatch,
+                           output_schema)
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,7 @@ class Classifier:
     """Actor stage: loads the prepared model once, then labels batches under inference_mode."""
 
     def __init__(self, payload: ModelPayload, top_k: int = 5, embeddings: bool = False,
-                 threads: Optional[int] = None, use_gpu: bool = False):
+                 threads: Optional[int] = None, use_gpu: bool = False, cpu_chunk: int = 16):
         if threads:
             torch.set_num_threads(threads)
         self.runtime = payload.runtime
@@ -62,6 +63,10 @@ class Classifier:
         self.normalize = ScaleNormalize(payload.mean, payload.std)
         self.top_k = min(top_k, len(payload.classes))
         self.schema = output_schema(embeddings)
+        # On CPU the forward runs this many images at a time, whatever the batch size: a
+        # small batch's activations stay in cache. MobileNetV3-Small at 224 px takes 1.8 ms
+        # per image on one thread in chunks of 16, and 3.0 ms in batches of 64.
+        self.cpu_chunk = cpu_chunk
         # Batches arrive as read-only views of Ray's object store; they are only read.
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 
@@ -76,6 +81,16 @@ class Classifier:
                 logits, feats = self.model(x)
         return logits.float().softmax(1).cpu().numpy(), feats.float().cpu().numpy()
 
+    def _forward_chunks(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(b, S, S, 3) uint8 -> probabilities, features; on CPU ``cpu_chunk`` images at a time."""
+        step = len(images) if self.device.type == "cuda" else self.cpu_chunk
+        outs = []
+        for i in range(0, len(images), step):
+            # A (n, 3, S, S) view in channels_last layout; one normalisation call keeps that
+            # layout, so the model's input needs no further copy.
+            outs.append(self._forward(self.normalize(torch.from_numpy(images[i:i + step]).permute(0, 3, 1, 2))))
+        return np.concatenate([p for p, _ in outs]), np.concatenate([f for _, f in outs])
+
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         n = len(batch[COL_PATH])
         ok = np.asarray(batch[COL_STATUS] == STATUS_OK)
@@ -85,10 +100,7 @@ class Classifier:
             images = batch["image"]  # (B, S, S, 3) uint8
             images = np.stack(images) if images.dtype == object else images
             images = images if ok.all() else images[ok]
-            # A (b, 3, S, S) view in channels_last layout; one normalisation call keeps that
-            # layout, so the model's input needs no further copy.
-            x = self.normalize(torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2))
-            probs, feats = self._forward(x)
+            probs, feats = self._forward_chunks(np.ascontiguousarray(images))
             top = np.argsort(-probs, axis=1)[:, : self.top_k]  # (b, k)
             top_p = np.take_along_axis(probs, top, axis=1)
             idx = np.flatnonzero(ok)
@@ -108,3 +120,20 @@ class Classifier:
         table = pa.Table.from_pydict(columns, schema=self.schema)
         return table.append_column(COL_SHARD, pa.array(batch[COL_SHARD], pa.int64())) \
                     .append_column(COL_SHARD_SIZE, pa.array(batch[COL_SHARD_SIZE], pa.int64()))
+
+
+class ReadAndClassify:
+    """Both stages in one actor, for CPU-only pools: read and decode a batch of paths,
+    then label it (``reader.ReadDecodeBatch`` followed by ``Classifier``).
+
+    On CPUs the two stages compete for the same cores anyway, so running them in one
+    process loses no overlap; it saves passing every decoded image (150 KB at 224 px)
+    through the object store, a second actor pool's start-up and its processes' memory.
+    """
+
+    def __init__(self, payload: ModelPayload, max_pixels: int, **classifier_kwargs):
+        self.read = ReadDecodeBatch(payload.image_size, max_pixels)
+        self.classify = Classifier(payload, **classifier_kwargs)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        return self.classify(self.read(batch))

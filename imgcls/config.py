@@ -141,7 +141,8 @@ class PredictConfig:
     output: str = ""
     """Folder (local or fsspec URI) that receives the Parquet shards."""
     batch_size: int = 64
-    """Images per model call."""
+    """Images per batch handed to a model actor: one model call on GPU; on CPU the
+    actor runs them 16 at a time, which keeps activations in cache."""
     top_k: int = 5
     """Labels and scores kept per image."""
     embeddings: bool = False
@@ -152,13 +153,17 @@ class PredictConfig:
     """Inference actors; None sizes the pool from the cluster."""
     use_gpu: Optional[bool] = None
     """Run the model on GPUs; None picks GPUs when the cluster has them."""
+    separate_decode: Optional[bool] = None
+    """Read and decode in a CPU actor pool of its own; None does so only when the model
+    runs on GPUs (on CPUs each model actor decodes its own batches)."""
     files_per_shard: int = 2000
     """Input files per output shard, the unit of resumption."""
     max_pixels: int = 64_000_000
     """Images with more pixels are refused as decompression bombs."""
     buffer_mb: int = 512
     """Object-store memory the pipeline may fill with blocks in flight (decoded images
-    waiting for the model); it keeps peak memory flat however many files there are."""
+    waiting for the model, predictions waiting to be written); it keeps peak memory
+    flat however many files there are."""
 
     def __post_init__(self):
         if self.batch_size < 1 or self.top_k < 1 or self.files_per_shard < 1 or self.buffer_mb < 1:

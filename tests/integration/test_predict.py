@@ -89,6 +89,23 @@ def test_every_file_gets_exactly_one_row(ray_cluster, checkpoint, bad_corpus, tm
     assert not [n for n in names if n.startswith(".tmp")]
 
 
+def test_separate_decode_pool_gives_the_same_rows(ray_cluster, checkpoint, bad_corpus, tmp_path):
+    """The GPU layout (decoding in its own CPU actor pool), run here on CPUs, labels
+    exactly as the CPU layout, where each model actor decodes its own batches."""
+    frames = {}
+    for separate in (False, True):
+        out = tmp_path / f"out-{separate}"
+        summary = label_images(PredictConfig(model=checkpoint, input=str(bad_corpus), output=str(out),
+                                             files_per_shard=4, separate_decode=separate))
+        assert summary.rows == summary.files
+        frames[separate] = read_output(out).sort_values("path").reset_index(drop=True)
+    fused, split = frames[False], frames[True]
+    assert len(fused) == len(list(p for p in bad_corpus.rglob("*") if p.is_file()))
+    cols = ["path", "status", "label", "topk_labels", "model_id"]
+    assert fused[cols].astype(str).equals(split[cols].astype(str))
+    assert np.allclose(fused["score"].fillna(-1), split["score"].fillna(-1), atol=1e-6)
+
+
 def test_pipeline_scores_match_direct_model_call(ray_cluster, checkpoint, bad_corpus, tmp_path):
     label_images(PredictConfig(model=checkpoint, input=str(bad_corpus / "plain.png"), output=str(tmp_path / "o")))
     row = read_output(tmp_path / "o").iloc[0]

@@ -36,7 +36,8 @@ def photos(dogs_cats_root):
 @pytest.mark.parametrize("arch", [m for m in list_models() if m not in ("vgg11", "vgg16")])
 def test_prepared_model_labels_like_the_checkpoint(arch, photos, tmp_path):
     """Folded, channels_last and traced, every registry model gives the checkpoint's own
-    probabilities, for batch sizes other than the one it was traced with."""
+    probabilities, for batch sizes other than the one it was traced with, also when the
+    batch is run in chunks (here 2 + 2 + 1 images)."""
     torch.manual_seed(0)
     model = create_model(arch, 3, image_size=SIZE)
     model.train()
@@ -45,7 +46,7 @@ def test_prepared_model_labels_like_the_checkpoint(arch, photos, tmp_path):
     save_checkpoint(str(tmp_path), model, JobConfig(model=ModelConfig(arch=arch, image_size=SIZE)),
                     ["a", "b", "c"], history=[])
     payload = prepare_model(str(tmp_path))
-    classifier = Classifier(payload, top_k=2, embeddings=True)
+    classifier = Classifier(payload, top_k=2, embeddings=True, cpu_chunk=2)
     batch = photo_batch(photos)
     table = classifier(batch)
 
