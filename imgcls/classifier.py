@@ -86,9 +86,8 @@ class Classifier:
         step = len(images) if self.device.type == "cuda" else self.cpu_chunk
         outs = []
         for i in range(0, len(images), step):
-            # A (n, 3, S, S) view in channels_last layout; one normalisation call keeps that
-            # layout, so the model's input needs no further copy.
-            outs.append(self._forward(self.normalize(torch.from_numpy(images[i:i + step]).permute(0, 3, 1, 2))))
+            # (n, 3, S, S) in channels_last layout, which the model takes without a copy.
+            outs.append(self._forward(self.normalize.batch_hwc(torch.from_numpy(images[i:i + step]))))
         return np.concatenate([p for p, _ in outs]), np.concatenate([f for _, f in outs])
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:

@@ -111,10 +111,14 @@ def test_scale_normalize_matches_torchvision_and_keeps_channels_last():
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
     images = torch.randint(0, 256, (4, 32, 32, 3), dtype=torch.uint8).permute(0, 3, 1, 2)  # channels_last view
     reference = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])(images.contiguous())
-    ours = ScaleNormalize(mean, std)(images)
-    assert ours.dtype == torch.float32 and ours.is_contiguous(memory_format=torch.channels_last)
-    assert torch.allclose(ours, reference, atol=1e-5)
+    normalize = ScaleNormalize(mean, std)
+    hwc = images.permute(0, 2, 3, 1)  # the (N, H, W, 3) batch the model actors receive
+    for ours in (normalize(images), normalize.batch_hwc(hwc)):
+        assert ours.dtype == torch.float32 and ours.is_contiguous(memory_format=torch.channels_last)
+        assert ours.shape == (4, 3, 32, 32) and torch.allclose(ours, reference, atol=1e-5)
     assert images.dtype == torch.uint8  # the input is not modified
+    with pytest.raises(TypeError):
+        normalize.batch_hwc(images)  # channels first
 
 
 @pytest.mark.parametrize("image_size", [224, 32, 28])
