@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 import torchvision
@@ -280,6 +280,19 @@ def fold_batchnorm(model: nn.Module) -> torch.fx.GraphModule:
     return traced.eval()
 
 
+def check_same_outputs(expected: Sequence[torch.Tensor], got: Sequence[torch.Tensor], rtol: float,
+                       atol: float) -> None:
+    """Raises ValueError unless each output in ``got`` matches ``expected``; ``atol`` is
+    relative to the output's largest magnitude (at least 1), as logits scale freely."""
+    if len(expected) != len(got):
+        raise ValueError(f"{len(got)} outputs where {len(expected)} were expected")
+    for e, g in zip(expected, got):
+        if e.shape != g.shape:
+            raise ValueError(f"an output of shape {tuple(g.shape)} where {tuple(e.shape)} was expected")
+        if not torch.allclose(e, g, rtol=rtol, atol=atol * max(1.0, float(e.abs().max()))):
+            raise ValueError(f"outputs differ from the original's (max difference {float((e - g).abs().max()):.3g})")
+
+
 def inference_model(model: nn.Module, image_size: int, device: torch.device = torch.device("cpu")) -> nn.Module:
     """``WithFeatures(model)`` made fast for inference, with the same outputs.
 
@@ -300,10 +313,7 @@ def inference_model(model: nn.Module, image_size: int, device: torch.device = to
         folded = fold_batchnorm(copy.deepcopy(wrapped))
         with torch.inference_mode():
             expected, got = wrapped(probe), folded(probe.contiguous(memory_format=torch.channels_last))
-        for e, g in zip(expected, got):
-            tol = 1e-4 * max(1.0, float(e.abs().max()))
-            if not torch.allclose(e, g, rtol=1e-3, atol=tol):
-                raise ValueError(f"folded outputs differ by {float((e - g).abs().max()):.3g}")
+        check_same_outputs(expected, got, rtol=1e-3, atol=1e-4)
         wrapped = folded
     except Exception as e:  # untraceable control flow, or a numerical mismatch
         log.info("using the model without BatchNorm folding: %s: %s", type(e).__name__, e)

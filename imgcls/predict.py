@@ -33,7 +33,7 @@ def prepare_model(model: str, runtime: str = "torch") -> ModelPayload:
     'onnxruntime', ``model`` is an export folder holding ``model.onnx``.
     """
     from imgcls.checkpoint import load_checkpoint, read_model_info
-    from imgcls.models import inference_model
+    from imgcls.models import check_same_outputs, inference_model
 
     if runtime == "onnxruntime":
         info = read_model_info(model)
@@ -49,9 +49,10 @@ def prepare_model(model: str, runtime: str = "torch") -> ModelPayload:
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore", FutureWarning)  # TorchScript's deprecation notice
         traced = torch.jit.trace(fast, probe[:2], check_trace=False)
-        for want, got in zip(fast(probe), traced(probe)):
-            if not torch.allclose(want, got, rtol=1e-4, atol=1e-5 * max(1.0, float(want.abs().max()))):
-                raise RuntimeError(f"the traced model of {model} does not reproduce the network's outputs")
+        try:
+            check_same_outputs(fast(probe), traced(probe), rtol=1e-4, atol=1e-5)
+        except ValueError as e:
+            raise RuntimeError(f"the traced model of {model} does not reproduce the network: {e}") from None
         torch.jit.save(traced, buf)
     return ModelPayload("torch", buf.getvalue(), tuple(loaded.classes), size, tuple(loaded.mean), tuple(loaded.std),
                         loaded.model_id)

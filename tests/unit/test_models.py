@@ -127,3 +127,16 @@ def test_inference_model_folds_batchnorm_and_keeps_outputs(name):
     assert torch.allclose(logits, ref_logits, rtol=1e-3, atol=1e-4)
     assert torch.allclose(feats, ref_feats, rtol=1e-3, atol=1e-4)
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())  # the original is left untouched
+
+
+def test_check_same_outputs_scales_tolerance_and_reports_the_difference():
+    from imgcls.models import check_same_outputs
+
+    logits = torch.tensor([[100.0, -50.0]])
+    check_same_outputs([logits], [logits + 5e-3], rtol=0, atol=1e-4)  # 1e-4 of the largest magnitude, 100
+    with pytest.raises(ValueError, match="max difference 0.1"):
+        check_same_outputs([logits], [logits + 0.1], rtol=0, atol=1e-4)
+    with pytest.raises(ValueError, match=r"shape \(2, 1\) where \(1, 2\)"):
+        check_same_outputs([logits], [logits.T], rtol=0, atol=1e-4)
+    with pytest.raises(ValueError, match="1 outputs where 2"):
+        check_same_outputs([logits, logits], [logits], rtol=0, atol=1e-4)
