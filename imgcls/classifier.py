@@ -130,9 +130,15 @@ class ReadAndClassify:
     through the object store, a second actor pool's start-up and its processes' memory.
     """
 
-    def __init__(self, payload: ModelPayload, max_pixels: int, **classifier_kwargs):
-        self.read = ReadDecodeBatch(payload.image_size, max_pixels)
+    def __init__(self, payload: ModelPayload, max_pixels: int, max_images: int = 64, **classifier_kwargs):
+        self.read = ReadDecodeBatch(payload.image_size, max_pixels, max_images)
         self.classify = Classifier(payload, **classifier_kwargs)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        return self.classify(self.read(batch))
+        """Labels ``max_images`` images at a time, so that a batch of tar shards holds
+        few decoded images; the rows of text they give are returned together."""
+        tables = [self.classify(decoded) for decoded in self.read(batch)]
+        if not tables:  # no input rows
+            return self.classify(self.read.empty_batch())
+        # One table per call: a generator yielding each one cost about 15% of throughput.
+        return tables[0] if len(tables) == 1 else pa.concat_tables(tables)

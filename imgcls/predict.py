@@ -141,7 +141,8 @@ def predict(rows: ray.data.Dataset, model: str, *, batch_size: int = 64, top_k: 
                       num_gpus=plan["num_gpus"], batch_format="numpy")
     if plan["decode"] is None:  # CPU only: each model actor reads and decodes its own batches
         predictions = rows.map_batches(
-            ReadAndClassify, fn_constructor_kwargs={"payload": payload, "max_pixels": max_pixels, **classifier_kwargs},
+            ReadAndClassify, fn_constructor_kwargs={"payload": payload, "max_pixels": max_pixels,
+                                                    "max_images": batch_size, **classifier_kwargs},
             batch_size=batch_size, **model_pool)
     else:
         decode = plan["decode"]

@@ -56,14 +56,18 @@ def _error_text(e: BaseException) -> str:
 class ReadDecodeBatch:
     """CPU stage: reads each file (or tar shard), decodes it and applies the eval geometry.
 
-    Output columns: ``path``, ``shard``, ``shard_size``, ``status``, ``error`` and
-    ``image`` (B, S, S, 3) uint8, all zeros on error rows. Never raises for bad input.
-    Images travel channels-last (HWC), the layout the model actors compute in.
+    Yields batches of at most ``max_images`` rows, with columns ``path``, ``shard``,
+    ``shard_size``, ``status``, ``error`` and ``image`` (n, S, S, 3) uint8, all zeros on
+    error rows. A batch of input rows may name tar shards of thousands of members each;
+    at most one shard's raw bytes and ``max_images`` decoded images are held at a time.
+    Never raises for bad input. Images travel channels-last (HWC), the layout the model
+    actors compute in.
     """
 
-    def __init__(self, image_size: int, max_pixels: int):
+    def __init__(self, image_size: int, max_pixels: int, max_images: int = 64):
         self.image_size = image_size
         self.max_pixels = max_pixels
+        self.max_images = max_images
 
     def _image(self, data: bytes) -> np.ndarray:
         image = decode_image(data, self.max_pixels, target_size=resize_size(self.image_size))
@@ -82,32 +86,43 @@ class ReadDecodeBatch:
         except Exception as e:  # unreadable file, missing object, broken tar...
             yield path, e
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        out = {k: [] for k in (COL_PATH, COL_SHARD, COL_SHARD_SIZE, COL_STATUS, COL_ERROR, "image")}
-        blank = np.zeros((self.image_size, self.image_size, 3), np.uint8)
+    def _rows(self, batch: dict[str, np.ndarray]):
+        """Yields (path, shard, shard_size, image or None, error or None) per file or member."""
         for path, shard, shard_size in zip(batch[COL_PATH], batch[COL_SHARD], batch[COL_SHARD_SIZE]):
             entries = list(self._entries(path))
+            if path.lower().endswith(".tar"):
+                shard_size = len(entries)  # a tar's row count is only known once it is read
             for name, data in entries:
-                image, error = blank, None
                 try:
                     if isinstance(data, BaseException):
                         raise data
-                    image = self._image(data)
+                    yield name, shard, shard_size, self._image(data), None
                 except Exception as e:  # ImageDecodeError, or the read's own error
-                    error = _error_text(e)
-                out[COL_PATH].append(name)
-                out[COL_SHARD].append(shard)
-                # A tar's row count is only known once it is read.
-                out[COL_SHARD_SIZE].append(len(entries) if path.lower().endswith(".tar") else shard_size)
-                out[COL_STATUS].append(STATUS_OK if error is None else STATUS_ERROR)
-                out[COL_ERROR].append(error)
-                out["image"].append(image)
-        images = out.pop("image")
+                    yield name, shard, shard_size, None, _error_text(e)
+
+    def _batch(self, rows: list) -> dict[str, np.ndarray]:
         # Filled row by row into a C-contiguous array: np.stack would keep the crops'
         # strided layout, and Ray Data would then copy the whole batch again to make
         # it contiguous, which cost more than decoding.
-        image = np.empty((len(images), self.image_size, self.image_size, 3), np.uint8)
-        for i, im in enumerate(images):
-            image[i] = im
-        columns = {k: np.array(v, dtype=np.int64 if k in (COL_SHARD, COL_SHARD_SIZE) else object) for k, v in out.items()}
-        return columns | {"image": image}
+        image = np.zeros((len(rows), self.image_size, self.image_size, 3), np.uint8)
+        for i, row in enumerate(rows):
+            if row[3] is not None:
+                image[i] = row[3]
+        obj = lambda values: np.array(values, dtype=object)  # noqa: E731
+        return {COL_PATH: obj([r[0] for r in rows]), COL_SHARD: np.array([r[1] for r in rows], np.int64),
+                COL_SHARD_SIZE: np.array([r[2] for r in rows], np.int64),
+                COL_STATUS: obj([STATUS_OK if r[4] is None else STATUS_ERROR for r in rows]),
+                COL_ERROR: obj([r[4] for r in rows]), "image": image}
+
+    def empty_batch(self) -> dict[str, np.ndarray]:
+        return self._batch([])
+
+    def __call__(self, batch: dict[str, np.ndarray]):
+        rows = []
+        for row in self._rows(batch):
+            rows.append(row)
+            if len(rows) == self.max_images:
+                yield self._batch(rows)
+                rows = []
+        if rows:
+            yield self._batch(rows)

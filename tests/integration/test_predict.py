@@ -132,7 +132,9 @@ def test_tar_shards_yield_one_row_per_member(ray_cluster, checkpoint, dogs_cats_
             info = tarfile.TarInfo(f"{s}_meta.json")
             info.size = 2
             tar.addfile(info, io.BytesIO(b"{}"))
-    summary = label_images(PredictConfig(model=checkpoint, input=str(shards), output=str(tmp_path / "out")))
+    # Batches of 4 images: each model call yields several tables per batch of tars.
+    summary = label_images(PredictConfig(model=checkpoint, input=str(shards), output=str(tmp_path / "out"),
+                                         batch_size=4))
     df = read_output(tmp_path / "out")
     assert summary.shards == 2 and len(df) == 12 and df["path"].is_unique
     assert (df.status == "ok").sum() == 10

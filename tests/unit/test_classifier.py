@@ -22,7 +22,9 @@ def photo_batch(files: list[str]) -> dict:
     """A decoded batch as the reader stage emits it, with one unreadable file at the end."""
     paths = np.array(files + ["/no/such/file.jpg"], dtype=object)
     zeros = np.zeros(len(paths), dtype=np.int64)
-    return ReadDecodeBatch(SIZE, 64_000_000)({COL_PATH: paths, COL_SHARD: zeros, COL_SHARD_SIZE: zeros})
+    batches = list(ReadDecodeBatch(SIZE, 64_000_000)({COL_PATH: paths, COL_SHARD: zeros, COL_SHARD_SIZE: zeros}))
+    assert len(batches) == 1
+    return batches[0]
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +65,31 @@ def test_prepared_model_labels_like_the_checkpoint(arch, photos, tmp_path):
         assert r["score"] == pytest.approx(float(p.max()), abs=1e-4)
         assert len(r["topk_labels"]) == 2 and len(r["embedding"]) > 0
     assert rows[-1]["label"] is None and rows[-1]["embedding"] is None
+
+
+def test_reader_bounds_the_images_it_holds_however_large_a_tar(photos, tmp_path):
+    """A batch of input rows may name tar shards of thousands of members; the reader
+    yields at most ``max_images`` decoded images at a time, each row knowing its tar's
+    member count."""
+    import tarfile
+
+    shard = tmp_path / "shard.tar"
+    with tarfile.open(shard, "w") as tar:
+        for i in range(9):
+            tar.add(photos[i % len(photos)], arcname=f"{i}.jpg")
+        note = tmp_path / "note.txt"
+        note.write_text("not an image")
+        tar.add(note, arcname="note.txt")
+    rows = {COL_PATH: np.array([str(shard), photos[0]], dtype=object), COL_SHARD: np.array([0, 1]),
+            COL_SHARD_SIZE: np.array([1, 1])}
+    batches = list(ReadDecodeBatch(SIZE, 64_000_000, max_images=4)(rows))
+    assert [len(b[COL_PATH]) for b in batches] == [4, 4, 3]
+    assert all(b["image"].shape == (len(b[COL_PATH]), SIZE, SIZE, 3) and b["image"].flags.c_contiguous
+               for b in batches)
+    merged = {k: np.concatenate([b[k] for b in batches]) for k in (COL_PATH, COL_SHARD_SIZE, COL_STATUS)}
+    assert list(merged[COL_SHARD_SIZE]) == [10] * 10 + [1]
+    assert list(merged[COL_STATUS]).count(STATUS_ERROR) == 1 and merged[COL_PATH][9].endswith("::note.txt")
+    assert merged[COL_PATH][10] == photos[0] and merged[COL_STATUS][10] == STATUS_OK
 
 
 def test_model_stage_imports_no_torchvision():
