@@ -157,14 +157,26 @@ print(json.dumps({{"images": n, "seconds": time.perf_counter() - start}}))
 BOUND_BATCH_SIZES = (8, 16, 32, 64)
 
 
-def best_of(rates: dict) -> dict:
-    """The fastest batch size of a {batch size: result} sweep, with every rate kept."""
+def sweep(make_input, forward, images: int = 768) -> dict:
+    """Times ``forward`` on inputs of each batch size in BOUND_BATCH_SIZES, ``images``
+    images per size after a warm-up call, and returns the fastest size's result with
+    every size's rate kept."""
+    rates = {}
+    for batch_size in BOUND_BATCH_SIZES:
+        x = make_input(batch_size)
+        forward(x)  # warm-up
+        batches = images // batch_size
+        start = time.perf_counter()
+        for _ in range(batches):
+            forward(x)
+        seconds = time.perf_counter() - start
+        rates[batch_size] = {"images_per_s": batch_size * batches / seconds, "seconds": seconds}
     best = max(rates, key=lambda b: rates[b]["images_per_s"])
     return {**rates[best], "batch_size": best,
             "images_per_s_by_batch_size": {str(b): r["images_per_s"] for b, r in rates.items()}}
 
 
-def run_model_only(checkpoint: str, images: int = 768, eager: bool = False) -> dict:
+def run_model_only(checkpoint: str, eager: bool = False) -> dict:
     """The bound: imgcls's forward (torch, all cores) on pre-decoded batches, repeated,
     at its fastest batch size; with ``eager``, the plain script's eager model instead."""
     import torch
@@ -176,23 +188,20 @@ def run_model_only(checkpoint: str, images: int = 768, eager: bool = False) -> d
     model = load_checkpoint(checkpoint).model.eval()
     if not eager:
         model = inference_model(model, 224)
-    rates = {}
-    for batch_size in BOUND_BATCH_SIZES:
+
+    def make_input(batch_size):
         x = torch.randn(batch_size, 3, 224, 224)
-        x = x if eager else x.contiguous(memory_format=torch.channels_last)
-        batches = images // batch_size
-        with torch.inference_mode():
-            model(x)  # warm-up
-            start = time.perf_counter()
-            for _ in range(batches):
-                logits = model(x)
-                (logits[0] if isinstance(logits, tuple) else logits).softmax(1).argmax(1)
-            seconds = time.perf_counter() - start
-        rates[batch_size] = {"images_per_s": batch_size * batches / seconds, "seconds": seconds}
-    return best_of(rates)
+        return x if eager else x.contiguous(memory_format=torch.channels_last)
+
+    def forward(x):
+        logits = model(x)
+        (logits[0] if isinstance(logits, tuple) else logits).softmax(1).argmax(1)
+
+    with torch.inference_mode():
+        return sweep(make_input, forward)
 
 
-def run_onnx_model_only(export_dir: str, images: int = 768) -> dict:
+def run_onnx_model_only(export_dir: str) -> dict:
     """The same bound under ONNX Runtime, on the exported model."""
     import numpy as np
     import onnxruntime as ort
@@ -201,17 +210,8 @@ def run_onnx_model_only(export_dir: str, images: int = 768) -> dict:
     opts.intra_op_num_threads = os.cpu_count()
     session = ort.InferenceSession(os.path.join(export_dir, "model.onnx"), opts, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
-    rates = {}
-    for batch_size in BOUND_BATCH_SIZES:
-        x = np.random.default_rng(0).standard_normal((batch_size, 3, 224, 224), dtype=np.float32)
-        session.run(None, {name: x})  # warm-up
-        batches = images // batch_size
-        start = time.perf_counter()
-        for _ in range(batches):
-            session.run(None, {name: x})[0].argmax(1)
-        seconds = time.perf_counter() - start
-        rates[batch_size] = {"images_per_s": batch_size * batches / seconds, "seconds": seconds}
-    return best_of(rates)
+    return sweep(lambda b: np.random.default_rng(0).standard_normal((b, 3, 224, 224), dtype=np.float32),
+                 lambda x: session.run(None, {name: x})[0].argmax(1))
 
 
 def make_export(checkpoint: str, folder: str) -> str:

@@ -138,7 +138,5 @@ class ReadAndClassify:
         """Labels ``max_images`` images at a time, so that a batch of tar shards holds
         few decoded images; the rows of text they give are returned together."""
         tables = [self.classify(decoded) for decoded in self.read(batch)]
-        if not tables:  # no input rows
-            return self.classify(self.read.empty_batch())
         # One table per call: a generator yielding each one cost about 15% of throughput.
         return tables[0] if len(tables) == 1 else pa.concat_tables(tables)

@@ -114,15 +114,13 @@ class ReadDecodeBatch:
                 COL_STATUS: obj([STATUS_OK if r[4] is None else STATUS_ERROR for r in rows]),
                 COL_ERROR: obj([r[4] for r in rows]), "image": image}
 
-    def empty_batch(self) -> dict[str, np.ndarray]:
-        return self._batch([])
-
     def __call__(self, batch: dict[str, np.ndarray]):
-        rows = []
+        """Yields at least one batch, an empty one for no input rows."""
+        rows, yielded = [], False
         for row in self._rows(batch):
             rows.append(row)
             if len(rows) == self.max_images:
                 yield self._batch(rows)
-                rows = []
-        if rows:
+                rows, yielded = [], True
+        if rows or not yielded:
             yield self._batch(rows)

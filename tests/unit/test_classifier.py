@@ -90,6 +90,10 @@ def test_reader_bounds_the_images_it_holds_however_large_a_tar(photos, tmp_path)
     assert list(merged[COL_SHARD_SIZE]) == [10] * 10 + [1]
     assert list(merged[COL_STATUS]).count(STATUS_ERROR) == 1 and merged[COL_PATH][9].endswith("::note.txt")
     assert merged[COL_PATH][10] == photos[0] and merged[COL_STATUS][10] == STATUS_OK
+    empty = {COL_PATH: np.array([], dtype=object), COL_SHARD: np.array([], np.int64),
+             COL_SHARD_SIZE: np.array([], np.int64)}
+    [nothing] = list(ReadDecodeBatch(SIZE, 64_000_000, max_images=4)(empty))  # one empty batch
+    assert nothing["image"].shape == (0, SIZE, SIZE, 3) and len(nothing[COL_PATH]) == 0
 
 
 def test_model_stage_imports_no_torchvision():
