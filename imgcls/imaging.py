@@ -40,7 +40,7 @@ def decode_image(data: bytes, max_pixels: int = 64_000_000, target_size: Optiona
             if target_size and im.format == "JPEG":
                 im.draft("RGB", (target_size, target_size))
             im.load()  # surfaces truncation now rather than later
-            im = ImageOps.exif_transpose(im)
+            ImageOps.exif_transpose(im, in_place=True)
             return _to_rgb8(im)
     except ImageDecodeError:
         raise
@@ -61,7 +61,7 @@ def _to_rgb8(im: Image.Image) -> np.ndarray:
         rgba = im.convert("RGBA")
         bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         im = Image.alpha_composite(bg, rgba)
-    return np.asarray(im.convert("RGB"), dtype=np.uint8)
+    return np.asarray(im if im.mode == "RGB" else im.convert("RGB"), dtype=np.uint8)
 
 
 def resize_size(image_size: int) -> int:
