@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 from imgcls import storage
 from imgcls.config import PredictConfig
 from imgcls.predict import input_rows, list_inputs, predict
-from imgcls.reader import COL_SHARD, COL_SHARD_SIZE, COL_STATUS, STATUS_OK, output_schema
+from imgcls.reader import COL_SHARD, COL_SHARD_SIZE, COL_STATUS, STATUS_OK, is_tar, output_schema
 
 JOB_FILE = "_job.json"
 SUMMARY_FILE = "_summary.json"
@@ -45,7 +45,7 @@ def plan_shards(inputs: list[str], files_per_shard: int) -> list[list[str]]:
     """Consecutive runs of ``files_per_shard`` plain files; each .tar is a shard of its own."""
     shards, current = [], []
     for path in inputs:
-        if path.lower().endswith(".tar"):
+        if is_tar(path):
             shards.append([path])
             continue
         current.append(path)

@@ -141,8 +141,9 @@ class PredictConfig:
     output: str = ""
     """Folder (local or fsspec URI) that receives the Parquet shards."""
     batch_size: int = 64
-    """Images per batch handed to a model actor: one model call on GPU; on CPU the
-    actor runs them 16 at a time, which keeps activations in cache."""
+    """Images per model batch: one model call on GPU. On CPUs, the decoded images an
+    actor holds at a time, which it runs 16 at a time to keep activations in cache.
+    Each Ray Data task takes a block of up to 256 input files either way."""
     top_k: int = 5
     """Labels and scores kept per image."""
     embeddings: bool = False

@@ -14,13 +14,14 @@ import io
 import warnings
 from typing import Collection, Optional, Sequence
 
+import pyarrow as pa
 import ray
 import torch
 from ray.data import ActorPoolStrategy, ExecutionResources
 
 from imgcls import storage
 from imgcls.classifier import Classifier, ModelPayload, ReadAndClassify
-from imgcls.reader import COL_PATH, COL_SHARD, COL_SHARD_SIZE, ReadDecodeBatch
+from imgcls.reader import COL_PATH, COL_SHARD, COL_SHARD_SIZE, ReadDecodeBatch, is_tar
 
 
 def prepare_model(model: str, runtime: str = "torch") -> ModelPayload:
@@ -58,16 +59,50 @@ def prepare_model(model: str, runtime: str = "torch") -> ModelPayload:
                         loaded.model_id)
 
 
-def input_rows(shards: Sequence[Sequence[str]], skip: Collection[int] = ()) -> ray.data.Dataset:
+ROWS_PER_BLOCK = 256
+MIN_BLOCKS, MAX_BLOCKS = 16, 2000
+
+
+def input_blocks(shards: Sequence[Sequence[str]], skip: Collection[int] = (),
+                 rows_per_block: int = ROWS_PER_BLOCK) -> list[pa.Table]:
+    """The blocks of ``input_rows``: each is one Ray Data task's input.
+
+    A block holds up to ``rows_per_block`` plain files, or one tar shard on its
+    own: a tar can hold thousands of images, so tars go to the actors one at a time.
+    Fewer files are cut into at least MIN_BLOCKS blocks, so that they still spread over
+    the actors; more than ``MAX_BLOCKS * rows_per_block`` files get larger blocks, so
+    that the driver holds no more than about MAX_BLOCKS of them.
+    """
+    rows = [(path, i, len(paths)) for i, paths in enumerate(shards) if i not in skip for path in paths]
+    plain = sum(not is_tar(r[0]) for r in rows)
+    per_block = max(1, min(rows_per_block, -(-plain // MIN_BLOCKS)), -(-plain // MAX_BLOCKS))
+    blocks, run = [], []
+    for row in rows:
+        if is_tar(row[0]):
+            blocks.append([row])
+            continue
+        run.append(row)
+        if len(run) == per_block:
+            blocks.append(run)
+            run = []
+    if run or not blocks:
+        blocks.append(run)
+    return [pa.table({COL_PATH: pa.array([r[0] for r in b], pa.string()),
+                      COL_SHARD: pa.array([r[1] for r in b], pa.int64()),
+                      COL_SHARD_SIZE: pa.array([r[2] for r in b], pa.int64())}) for b in blocks]
+
+
+def input_rows(shards: Sequence[Sequence[str]], skip: Collection[int] = (),
+               rows_per_block: int = ROWS_PER_BLOCK) -> ray.data.Dataset:
     """The rows ``predict`` takes: one per input file (or tar), tagged with its shard.
 
     ``shards`` is a list of path lists; shards whose index is in ``skip`` are left out
-    (already written by an earlier run). About 64 files per block keeps every decode
-    actor busy without flooding the scheduler.
+    (already written by an earlier run). ``predict`` hands each block to one task
+    (``input_blocks``). Blocks of 256 files amortise the fixed cost of a Ray Data task:
+    on 2 cores, tasks of 64 files labelled 570-590 images/s and tasks of 256 files
+    630-680, with the same 64 images decoded and labelled at a time.
     """
-    items = [{COL_PATH: path, COL_SHARD: i, COL_SHARD_SIZE: len(paths)}
-             for i, paths in enumerate(shards) if i not in skip for path in paths]
-    return ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // 64, 1000)))
+    return ray.data.from_arrow(input_blocks(shards, skip, rows_per_block))
 
 
 def pool_plan(use_gpu: Optional[bool], num_actors: Optional[int], separate_decode: Optional[bool] = None) -> dict:
@@ -143,12 +178,13 @@ def predict(rows: ray.data.Dataset, model: str, *, batch_size: int = 64, top_k: 
         predictions = rows.map_batches(
             ReadAndClassify, fn_constructor_kwargs={"payload": payload, "max_pixels": max_pixels,
                                                     "max_images": batch_size, **classifier_kwargs},
-            batch_size=batch_size, **model_pool)
+            batch_size=None, **model_pool)
     else:
         decode = plan["decode"]
         decoded = rows.map_batches(
-            ReadDecodeBatch, fn_constructor_kwargs={"image_size": payload.image_size, "max_pixels": max_pixels},
-            batch_size=64, compute=ActorPoolStrategy(min_size=1, max_size=decode["max_size"]),
+            ReadDecodeBatch, fn_constructor_kwargs={"image_size": payload.image_size, "max_pixels": max_pixels,
+                                                    "max_images": batch_size},
+            batch_size=None, compute=ActorPoolStrategy(min_size=1, max_size=decode["max_size"]),
             num_cpus=decode["num_cpus"])
         predictions = decoded.map_batches(
             Classifier, fn_constructor_kwargs={"payload": payload, **classifier_kwargs}, batch_size=batch_size,

@@ -49,6 +49,11 @@ def output_schema(embeddings: bool = False) -> pa.Schema:
     return pa.schema(fields)
 
 
+def is_tar(path: str) -> bool:
+    """A WebDataset-style tar shard, whose members are the images."""
+    return path.lower().endswith(".tar")
+
+
 def _error_text(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}"[:500]
 
@@ -76,7 +81,7 @@ class ReadDecodeBatch:
     def _entries(self, path: str):
         """Yields (path, bytes or exception) for a file, or for each member of a tar."""
         try:
-            if not path.lower().endswith(".tar"):
+            if not is_tar(path):
                 yield path, storage.read_bytes(path)
                 return
             with storage.open_uri(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
@@ -90,7 +95,7 @@ class ReadDecodeBatch:
         """Yields (path, shard, shard_size, image or None, error or None) per file or member."""
         for path, shard, shard_size in zip(batch[COL_PATH], batch[COL_SHARD], batch[COL_SHARD_SIZE]):
             entries = list(self._entries(path))
-            if path.lower().endswith(".tar"):
+            if is_tar(path):
                 shard_size = len(entries)  # a tar's row count is only known once it is read
             for name, data in entries:
                 try:

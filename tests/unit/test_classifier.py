@@ -12,7 +12,7 @@ from imgcls.classifier import Classifier
 from imgcls.config import JobConfig, ModelConfig
 from imgcls.data import ClassificationPresetEval
 from imgcls.models import create_model, list_models
-from imgcls.predict import prepare_model
+from imgcls.predict import MAX_BLOCKS, MIN_BLOCKS, input_blocks, prepare_model
 from imgcls.reader import COL_PATH, COL_SHARD, COL_SHARD_SIZE, COL_STATUS, STATUS_ERROR, STATUS_OK, ReadDecodeBatch
 
 SIZE = 64
@@ -94,6 +94,25 @@ def test_reader_bounds_the_images_it_holds_however_large_a_tar(photos, tmp_path)
              COL_SHARD_SIZE: np.array([], np.int64)}
     [nothing] = list(ReadDecodeBatch(SIZE, 64_000_000, max_images=4)(empty))  # one empty batch
     assert nothing["image"].shape == (0, SIZE, SIZE, 3) and len(nothing[COL_PATH]) == 0
+
+
+def test_input_blocks_cover_every_input_once_and_keep_tars_alone():
+    shards = [[f"a/{i:05d}.jpg" for i in range(5000)], ["b/x.TAR"], [f"c/{i}.png" for i in range(300)],
+              ["d/y.tar"], [f"e/{i}.jpg" for i in range(10)]]
+    blocks = input_blocks(shards, skip={4}, rows_per_block=256)
+    rows = [row for b in blocks for row in b.to_pylist()]
+    expected = [(p, i, len(paths)) for i, paths in enumerate(shards) if i != 4 for p in paths]
+    assert sorted((r[COL_PATH], r[COL_SHARD], r[COL_SHARD_SIZE]) for r in rows) == sorted(expected)
+    tars = [b for b in blocks if b[COL_PATH][0].as_py().lower().endswith(".tar")]
+    assert [b.num_rows for b in tars] == [1, 1]
+    assert max(b.num_rows for b in blocks) == 256
+    assert all(b.schema.field(COL_SHARD).type == "int64" for b in blocks)
+    # Few files still make enough blocks to spread over the actors; very many, not too many.
+    assert len(input_blocks([[f"{i}.jpg" for i in range(160)]])) == MIN_BLOCKS
+    many = (MAX_BLOCKS * 256) * 2
+    assert len(input_blocks([[f"{i}.jpg" for i in range(many)]])) == MAX_BLOCKS
+    # Nothing left to label: one empty block, not an empty dataset without columns.
+    assert [b.num_rows for b in input_blocks(shards, skip=set(range(5)))] == [0]
 
 
 def test_model_stage_imports_no_torchvision():
