@@ -20,8 +20,8 @@ import pyarrow.parquet as pq
 
 from imgcls import storage
 from imgcls.config import PredictConfig
-from imgcls.predict import input_rows, list_inputs, predict
-from imgcls.reader import COL_SHARD, COL_SHARD_SIZE, COL_STATUS, STATUS_OK, is_tar, output_schema
+from imgcls.predict import input_rows, list_inputs, predict, tar_alone_runs
+from imgcls.reader import COL_SHARD, COL_SHARD_SIZE, COL_STATUS, STATUS_OK, output_schema
 
 JOB_FILE = "_job.json"
 SUMMARY_FILE = "_summary.json"
@@ -43,18 +43,7 @@ class LabelSummary:
 
 def plan_shards(inputs: list[str], files_per_shard: int) -> list[list[str]]:
     """Consecutive runs of ``files_per_shard`` plain files; each .tar is a shard of its own."""
-    shards, current = [], []
-    for path in inputs:
-        if is_tar(path):
-            shards.append([path])
-            continue
-        current.append(path)
-        if len(current) == files_per_shard:
-            shards.append(current)
-            current = []
-    if current:
-        shards.append(current)
-    return shards
+    return tar_alone_runs(inputs, files_per_shard)
 
 
 def _fingerprint(inputs: list[str], cfg: PredictConfig) -> dict:

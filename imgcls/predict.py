@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import io
 import warnings
-from typing import Collection, Optional, Sequence
+from typing import Callable, Collection, Optional, Sequence, TypeVar
 
 import pyarrow as pa
 import ray
@@ -22,6 +22,8 @@ from ray.data import ActorPoolStrategy, ExecutionResources
 from imgcls import storage
 from imgcls.classifier import Classifier, ModelPayload, ReadAndClassify
 from imgcls.reader import COL_PATH, COL_SHARD, COL_SHARD_SIZE, ReadDecodeBatch, is_tar
+
+T = TypeVar("T")
 
 
 def prepare_model(model: str, runtime: str = "torch") -> ModelPayload:
@@ -59,6 +61,22 @@ def prepare_model(model: str, runtime: str = "torch") -> ModelPayload:
                         loaded.model_id)
 
 
+def tar_alone_runs(items: Sequence[T], size: int, path: Callable[[T], str] = str) -> list[list[T]]:
+    """Consecutive runs of ``size`` items, each tar (by its ``path``) in a run of its own."""
+    runs, current = [], []
+    for item in items:
+        if is_tar(path(item)):
+            runs.append([item])
+            continue
+        current.append(item)
+        if len(current) == size:
+            runs.append(current)
+            current = []
+    if current:
+        runs.append(current)
+    return runs
+
+
 ROWS_PER_BLOCK = 256
 MIN_BLOCKS, MAX_BLOCKS = 16, 2000
 
@@ -76,17 +94,7 @@ def input_blocks(shards: Sequence[Sequence[str]], skip: Collection[int] = (),
     rows = [(path, i, len(paths)) for i, paths in enumerate(shards) if i not in skip for path in paths]
     plain = sum(not is_tar(r[0]) for r in rows)
     per_block = max(1, min(rows_per_block, -(-plain // MIN_BLOCKS)), -(-plain // MAX_BLOCKS))
-    blocks, run = [], []
-    for row in rows:
-        if is_tar(row[0]):
-            blocks.append([row])
-            continue
-        run.append(row)
-        if len(run) == per_block:
-            blocks.append(run)
-            run = []
-    if run or not blocks:
-        blocks.append(run)
+    blocks = tar_alone_runs(rows, per_block, path=lambda row: row[0]) or [[]]
     return [pa.table({COL_PATH: pa.array([r[0] for r in b], pa.string()),
                       COL_SHARD: pa.array([r[1] for r in b], pa.int64()),
                       COL_SHARD_SIZE: pa.array([r[2] for r in b], pa.int64())}) for b in blocks]
