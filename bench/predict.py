@@ -260,10 +260,9 @@ def run_decode_only(corpus: str, files: int = 640, batch_size: int = 64) -> dict
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     read = ReadDecodeBatch(224, 64_000_000, batch_size)
-    batches = [{COL_PATH: np.array(paths[i:i + batch_size], dtype=object),
-                COL_SHARD: np.zeros(len(paths[i:i + batch_size]), np.int64),
-                COL_SHARD_SIZE: np.zeros(len(paths[i:i + batch_size]), np.int64)}
-               for i in range(0, len(paths), batch_size)]
+    chunks = [paths[i:i + batch_size] for i in range(0, len(paths), batch_size)]
+    batches = [{COL_PATH: np.array(c, dtype=object), COL_SHARD: np.zeros(len(c), np.int64),
+                COL_SHARD_SIZE: np.zeros(len(c), np.int64)} for c in chunks]
     best = float("inf")
     for _ in range(3):
         start = time.perf_counter()

@@ -54,7 +54,7 @@ def open_uri(uri: str, mode: str = "rb", **kwargs):
 
 
 def read_bytes(uri: str) -> bytes:
-    if split_protocol(uri)[0] is None:  # a plain local path: without fsspec's path handling, 2x faster
+    if split_protocol(uri)[0] is None:  # a plain local path: without fsspec's path handling, about 3x faster
         with open(uri, "rb") as f:
             return f.read()
     fs, path = filesystem(uri)
