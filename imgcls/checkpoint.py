@@ -51,6 +51,7 @@ def save_checkpoint(folder: str, model: nn.Module, job: JobConfig, classes: list
     storage.write_json(storage.join(folder, META_FILE), {
         "arch": job.model.arch, "num_classes": len(classes), "image_size": job.model.image_size,
         "mean": list(spec.mean), "std": list(spec.std), "epoch": history[-1]["epoch"] if history else None,
+        "width": job.model.width,
     })
     save_config(storage.join(folder, CONFIG_FILE), job)
 
@@ -78,12 +79,13 @@ class ModelInfo:
     mean: tuple
     std: tuple
     arch: str
+    width: Optional[int] = None  # small_cnn's first-block channels, when not the default
 
 
 def read_model_info(folder: str) -> ModelInfo:
     meta = storage.read_json(storage.join(folder, META_FILE))
     return ModelInfo(classes=storage.read_json(storage.join(folder, CLASSES_FILE)), image_size=meta["image_size"],
-                     mean=tuple(meta["mean"]), std=tuple(meta["std"]), arch=meta["arch"])
+                     mean=tuple(meta["mean"]), std=tuple(meta["std"]), arch=meta["arch"], width=meta.get("width"))
 
 
 def load_checkpoint(folder: str) -> LoadedModel:
@@ -99,7 +101,7 @@ def load_checkpoint(folder: str) -> LoadedModel:
     if storage.exists(config_uri):
         with storage.open_uri(config_uri, "r") as f:
             job = JobConfig.from_dict(yaml.safe_load(f))
-    model = create_model(info.arch, len(info.classes), image_size=info.image_size)
+    model = create_model(info.arch, len(info.classes), image_size=info.image_size, width=info.width)
     model.load_state_dict(torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True))
     model.eval()
     return LoadedModel(

@@ -13,6 +13,7 @@ from typing import Any, Optional
 
 AUGMENTATIONS = ("none", "light", "standard", "trivialaugment", "randaugment")
 OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("cosine", "onecycle")
 CLASS_BALANCE = ("none", "loss", "sampler")
 RUNTIMES = ("torch", "onnxruntime")
 
@@ -34,6 +35,13 @@ class DataConfig:
     """Training augmentation preset: one of AUGMENTATIONS."""
     augment_magnitude: int = 9
     """Magnitude of RandAugment (0-30); also scales rotation/shear in 'standard'."""
+    cache_path: Optional[str] = None
+    """Where the splits are cached once decoded and resized (uint8 shards, reused by
+    reruns and resumes with the same data); None: a 'cache' folder in the run folder."""
+    in_memory: Optional[bool] = None
+    """Each worker holds its part of the cached splits in memory (on its GPU when it
+    fits) instead of streaming them from the cache every epoch; None decides from the
+    data's size against the workers' memory."""
 
     def __post_init__(self):
         if not 0 <= self.val_fraction < 1 or not 0 <= self.test_fraction < 1:
@@ -62,10 +70,14 @@ class ModelConfig:
     """Train only the classification head at first."""
     unfreeze_after: Optional[int] = None
     """With freeze_backbone, unfreeze the whole network after this many epochs."""
+    width: Optional[int] = None
+    """Channels of small_cnn's first block (doubled in each of the next two); None is 32."""
 
     def __post_init__(self):
         if self.image_size < 16:
             raise ValueError("image_size must be at least 16")
+        if self.width is not None and (self.width < 1 or self.arch != "small_cnn"):
+            raise ValueError("width is a positive channel count, for small_cnn only")
         if self.unfreeze_after is not None and (self.unfreeze_after < 0 or not self.freeze_backbone):
             raise ValueError("unfreeze_after needs freeze_backbone and must be >= 0")
 
@@ -85,9 +97,21 @@ class TrainConfig:
     momentum: float = 0.9
     """SGD momentum (Nesterov)."""
     warmup_epochs: float = 1.0
-    """Linear warmup length; cosine decay to zero follows."""
+    """Linear warmup length; the decay to zero follows."""
+    schedule: str = "cosine"
+    """Decay after the warmup: 'cosine', or 'onecycle' (linear, a triangle with the warmup)."""
     label_smoothing: float = 0.0
     """Cross-entropy label smoothing."""
+    mixup_alpha: float = 0.0
+    """MixUp: images and labels mixed with the batch reversed, weight ~ Beta(a, a); 0 is off."""
+    cutmix_alpha: float = 0.0
+    """CutMix: a box pasted from the reversed batch, area ~ Beta(a, a); 0 is off. With
+    both alphas set, each batch uses one of the two at random."""
+    ema_decay: Optional[float] = None
+    """Exponential moving average of the weights (e.g. 0.999), which is then validated
+    and saved as the model; None is off."""
+    compile: bool = False
+    """torch.compile the model (slower to start; on 2 CPU cores it did not pay off)."""
     class_balance: str = "none"
     """Imbalance handling: 'loss' weights the loss by inverse class frequency,
     'sampler' resamples the training split to equal class counts."""
@@ -129,6 +153,12 @@ class TrainConfig:
             raise ValueError("warmup_epochs must be >= 0 and max_failures >= -1")
         if self.cpus_per_worker is not None and self.cpus_per_worker <= 0:
             raise ValueError("cpus_per_worker must be positive")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.mixup_alpha < 0 or self.cutmix_alpha < 0:
+            raise ValueError("mixup_alpha and cutmix_alpha must be >= 0")
+        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+            raise ValueError("ema_decay must be in (0, 1)")
 
 
 @dataclass(frozen=True)

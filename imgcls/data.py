@@ -195,7 +195,12 @@ class ClassificationPresetEval:
 
 
 class ClassificationPresetTrain:
-    """Random crop and flip plus the chosen augmentation, then the eval normalisation."""
+    """Random crop and flip plus the chosen augmentation, then the eval normalisation.
+
+    The per-image definition of each ``--augment`` preset. Training itself runs the same
+    presets on whole uint8 batches on the worker's device (``imgcls.augment.BatchAugment``);
+    this one serves per-image pipelines such as the plain-PyTorch benchmark baseline.
+    """
 
     def __init__(self, image_size: int, mean: Sequence[float], std: Sequence[float],
                  augment: str = "standard", magnitude: int = 9):
@@ -220,25 +225,3 @@ class ClassificationPresetTrain:
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
         return self.transform(image)
-
-
-class LoadLabelledBatch:
-    """Ray Data batch function: reads, decodes and transforms labelled images.
-
-    Input columns ``path`` (str) and ``label`` (int); output ``image`` (B, 3, S, S)
-    float32 and ``label`` (B,) int64. A file that cannot be decoded stops training
-    with its path in the message: training data must be clean.
-    """
-
-    def __init__(self, transform):
-        self.transform = transform
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        images = []
-        for path in batch["path"]:
-            try:
-                image = decode_image(storage.read_bytes(path))
-            except ImageDecodeError as e:
-                raise DataError(f"cannot decode training image {path}: {e}") from None
-            images.append(self.transform(to_chw_tensor(image)).numpy())
-        return {"image": np.stack(images), "label": np.asarray(batch["label"], dtype=np.int64)}

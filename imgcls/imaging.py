@@ -76,10 +76,18 @@ def eval_geometry(image: torch.Tensor, image_size: int) -> torch.Tensor:
     central S x S is cut out: the same pixels as torchvision's
     ``v2.Compose([v2.Resize(resize_size(S), antialias=True), v2.CenterCrop(S)])`` on CPU.
     """
+    return resize_center_crop(image, resize_size(image_size), image_size)
+
+
+def resize_center_crop(image: torch.Tensor, short_side: int, crop: int) -> torch.Tensor:
+    """(3, H, W) uint8 -> (3, crop, crop) uint8: shorter side to ``short_side``, then the centre.
+
+    Bilinear and antialiased, torchvision's ``Resize(short_side)`` then ``CenterCrop(crop)``
+    pixel for pixel on CPU; ``crop`` must not exceed ``short_side``.
+    """
     _, h, w = image.shape
     short, long = (h, w) if h <= w else (w, h)
-    r = resize_size(image_size)
-    new_short, new_long = r, int(r * long / short)
+    new_short, new_long = short_side, int(short_side * long / short)
     nh, nw = (new_short, new_long) if h <= w else (new_long, new_short)
     if (nh, nw) != (h, w):
         x = image[None]
@@ -91,8 +99,8 @@ def eval_geometry(image: torch.Tensor, image_size: int) -> torch.Tensor:
         y = torch.nn.functional.interpolate(x if native else x.float(), size=(nh, nw), mode="bilinear",
                                             align_corners=False, antialias=True)
         image = y[0] if native else y[0].round_().clamp_(0, 255).to(torch.uint8)
-    top, left = int(round((nh - image_size) / 2.0)), int(round((nw - image_size) / 2.0))
-    return image[:, top:top + image_size, left:left + image_size]
+    top, left = int(round((nh - crop) / 2.0)), int(round((nw - crop) / 2.0))
+    return image[:, top:top + crop, left:left + crop]
 
 
 def to_chw_tensor(image: np.ndarray) -> torch.Tensor:

@@ -176,6 +176,7 @@ def create_model(
     num_classes: int,
     weights: Optional[str] = None,
     image_size: int = 224,
+    width: Optional[int] = None,
 ) -> nn.Module:
     """Creates a classification model.
 
@@ -188,6 +189,7 @@ def create_model(
             path / fsspec URI of a state dict. Pretrained heads of another size are
             replaced with a new head of ``num_classes`` outputs.
         image_size: Input side in pixels (only models with static padding use it).
+        width: Channels of small_cnn's first block; None keeps its default.
 
     Returns:
         An ``nn.Module`` on the CPU.
@@ -198,6 +200,10 @@ def create_model(
         torch.Size([2, 10])
     """
     spec = get_spec(name)
+    if width is not None:
+        if name != "small_cnn":
+            raise ValueError(f"width applies to small_cnn only, not {name}")
+        spec = ModelSpec(build=lambda n, _size: SmallCNN(n, width=width), mean=spec.mean, std=spec.std)
     if weights is None:
         return spec.build(num_classes, image_size)
     if weights == "packaged":

@@ -1,18 +1,25 @@
 """Data-parallel training with Ray Train's TorchTrainer.
 
-``fit`` runs on the driver: it lists and splits the data, builds Ray Datasets and the
-trainer. ``train_loop_per_worker`` runs on every worker; devices are handled only by
-``prepare_model`` and ``iter_torch_batches``.
+``fit`` runs on the driver: it lists and splits the data, decodes each split once into
+a uint8 cache (``imgcls.cache``) and builds the trainer. ``train_loop_per_worker`` runs on
+every worker: it reads its part of the cache (held in memory, or streamed through Ray
+Data when it does not fit), makes float and augments whole batches on its device
+(``imgcls.augment``), and keeps step statistics on the device, so that a step never
+waits for the host. Devices are handled by ``prepare_model`` and the batch loaders.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
+import os
+import resource
 import tempfile
 import time
-from dataclasses import dataclass
-from typing import Optional
+import uuid
+from dataclasses import dataclass, field
+from typing import Iterator, Optional
 
 import numpy as np
 import ray
@@ -23,26 +30,22 @@ import torch.distributed as dist
 from torch import nn
 
 from imgcls import storage
+from imgcls.augment import BatchAugment, BatchEval, mixup_cutmix, stored_geometry
+from imgcls.cache import ImageCache, build_cache, cache_dataset, load_indices, worker_range
 from imgcls.checkpoint import load_train_state, save_checkpoint, save_config
 from imgcls.config import JobConfig
-from imgcls.data import (
-    ClassificationPresetEval,
-    ClassificationPresetTrain,
-    LabelledImages,
-    LoadLabelledBatch,
-    balanced_resample,
-    class_counts,
-    encode_labels,
-    list_labelled_images,
-    split_stratified,
-)
+from imgcls.data import LabelledImages, balanced_resample, class_counts, list_labelled_images, split_stratified
+from imgcls.imaging import resize_size
 from imgcls.metrics import classification_report, confusion_matrix, inverse_frequency_weights
 from imgcls.models import create_model, get_spec, set_backbone_trainable
 
 log = logging.getLogger(__name__)
 
-SHUFFLE_BUFFER = 1024  # rows; local shuffle on top of the driver's shuffled order
+SHUFFLE_BUFFER = 2048  # rows; local shuffle of a streamed split, on top of the cache's shuffled order
 BEST_DIR = "best"  # copy of the best checkpoint inside the run folder
+CACHE_DIR = "cache"  # default cache folder inside the run folder
+RESIDENT_MEMORY_SHARE = 0.25  # of a worker's share of node memory that its resident data may take
+RESIDENT_GPU_SHARE = 0.25  # of a GPU's memory that resident data may take; beyond it, pinned host memory
 
 
 def cluster_cpus() -> float:
@@ -56,8 +59,9 @@ def cluster_gpus() -> float:
 def cpus_per_worker(num_workers: int, requested: Optional[float], use_gpu: bool) -> float:
     """CPUs to reserve per training worker.
 
-    Workers that each hold a whole CPU leave none for Ray Data's decode tasks on a
-    small machine, and the job hangs; so by default the workers share half the CPUs.
+    Workers that each hold a whole CPU leave none for Ray Data's tasks on a small
+    machine, and a streamed split then hangs; so by default the workers share half the
+    CPUs. How many threads a worker computes with is set apart (``worker_threads``).
     """
     if requested is not None:
         return requested
@@ -66,27 +70,29 @@ def cpus_per_worker(num_workers: int, requested: Optional[float], use_gpu: bool)
     return max(0.1, min(1.0, cluster_cpus() * 0.5 / num_workers))
 
 
-def to_dataset(images: LabelledImages, classes: list[str], transform, seed: int = 0) -> ray.data.Dataset:
-    """A Ray Dataset of decoded, transformed ``image``/``label`` rows."""
-    labels = encode_labels(images.labels, classes)
-    order = np.random.default_rng(seed).permutation(len(images))
-    items = [{"path": images.paths[i], "label": int(labels[i])} for i in order]
-    # Small blocks so that decoding spreads over tasks and streams into training.
-    ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // 256, 200)))
-    return ds.map_batches(LoadLabelledBatch(transform), batch_size=64, num_cpus=0.5)
+def worker_threads(local_world_size: int) -> int:
+    """Torch threads per worker: the node's cores shared among the workers on it.
+
+    Ray sets OMP_NUM_THREADS from the reserved (fractional) CPUs, which leaves a lone
+    worker on a 2-core node computing on one core.
+    """
+    node_id = ray.get_runtime_context().get_node_id()
+    cpus = next((n["Resources"].get("CPU", 1) for n in ray.nodes() if n["NodeID"] == node_id), os.cpu_count() or 1)
+    return max(1, int(cpus // max(1, local_world_size)))
 
 
 # ---------------------------------------------------------------------------------
 # Worker side
 
 
-def lr_lambda(warmup_steps: int, total_steps: int):
-    """Linear warmup to 1, then cosine decay to 0, as a multiplier of the peak lr."""
+def lr_lambda(warmup_steps: int, total_steps: int, schedule: str = "cosine"):
+    """Linear warmup to 1, then decay to 0 (cosine, or linear for 'onecycle'), as a
+    multiplier of the peak lr."""
     def f(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return 1 - progress if schedule == "onecycle" else 0.5 * (1 + math.cos(math.pi * progress))
     return f
 
 
@@ -105,60 +111,176 @@ def autocast(device: torch.device, enabled: bool):
     return torch.autocast(device_type=device.type, dtype=dtype, enabled=enabled)
 
 
-def train_one_epoch(model, criterion, optimizer, scheduler, batches, device, *, amp: bool = False,
-                    channels_last: bool = False, scaler: Optional[torch.amp.GradScaler] = None) -> dict:
-    """One pass over ``batches`` (dicts of ``image``/``label`` tensors); returns local sums."""
+class ModelEMA:
+    """Exponential moving average of a model's weights and buffers.
+
+    The decay ramps up as ``(1 + n) / (10 + n)`` over the first updates (as TensorFlow's
+    and timm's EMA do), so that a short run's average is not dominated by its random
+    initial weights. All tensors are updated in one fused ``_foreach_lerp_``.
+    """
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+        self.decay = decay
+        self.updates = 0
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        mine, theirs = self.module.state_dict(), model.state_dict()
+        floats = [k for k, v in mine.items() if v.dtype.is_floating_point]
+        torch._foreach_lerp_([mine[k] for k in floats], [theirs[k].detach() for k in floats], 1 - d)
+        for k, v in mine.items():
+            if not v.dtype.is_floating_point:
+                v.copy_(theirs[k])
+
+
+Batches = Iterator[tuple[torch.Tensor, torch.Tensor]]  # (B, H, W, 3) uint8, (B,) int64
+
+
+class ResidentSplit:
+    """A worker's part of a cached split, held in memory for the whole run.
+
+    Loaded once from the cache (``load``); every epoch then draws a permutation and
+    slices batches from it with tensor indexing, on the device that holds it.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
+        self.images, self.labels = images, labels  # (N, H, W, 3) uint8, (N,) int64
+
+    @classmethod
+    def load(cls, cache: ImageCache, rank: int, world: int, equal: bool, device: torch.device) -> "ResidentSplit":
+        images, labels = load_indices(cache, worker_range(cache.num_images, rank, world, equal))
+        images, labels = torch.from_numpy(images), torch.from_numpy(labels)
+        if device.type == "cuda":
+            free = torch.cuda.get_device_properties(device).total_memory * RESIDENT_GPU_SHARE
+            if images.numel() <= free:
+                return cls(images.to(device), labels.to(device))
+            return cls(images.pin_memory(), labels.pin_memory())
+        return cls(images, labels)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def batches(self, batch_size: int, generator: Optional[torch.Generator] = None) -> Batches:
+        """Shuffled batches when ``generator`` is given, in order otherwise."""
+        n = len(self)
+        order = (torch.randperm(n, generator=generator, device=generator.device) if generator is not None
+                 else torch.arange(n)).to(self.images.device)
+        for lo in range(0, n, batch_size):
+            idx = order[lo:lo + batch_size]
+            yield self.images[idx], self.labels[idx]
+
+
+def streamed_batches(shard, batch_size: int, seed: Optional[int] = None) -> Batches:
+    """Batches of a Ray Train dataset shard of the cache, locally shuffled when ``seed`` is given."""
+    kwargs = {"local_shuffle_buffer_size": SHUFFLE_BUFFER, "local_shuffle_seed": seed} if seed is not None else {}
+    for batch in shard.iter_torch_batches(batch_size=batch_size, dtypes={"image": torch.uint8, "label": torch.int64},
+                                          **kwargs):
+        yield batch["image"], batch["label"]
+
+
+@dataclass
+class StepOptions:
+    """How each training step runs, beyond the model and optimiser."""
+
+    augment: BatchAugment
+    num_classes: int
+    amp: bool = False
+    channels_last: bool = False
+    scaler: Optional[torch.amp.GradScaler] = None
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+    label_smoothing: float = 0.0
+    class_weight: Optional[torch.Tensor] = None
+    ema: Optional[ModelEMA] = None
+    generator: Optional[torch.Generator] = None
+    on_first_step: Optional[callable] = field(default=None, repr=False)
+
+
+def _layout(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    return x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def soft_target_loss(logits: torch.Tensor, targets: torch.Tensor, weight: Optional[torch.Tensor]) -> torch.Tensor:
+    """Cross-entropy against (B, C) soft targets, optionally weighted per class."""
+    if weight is not None:
+        targets = targets * weight
+    return -(targets * torch.log_softmax(logits.float(), dim=1)).sum(1).mean()
+
+
+def train_one_epoch(model, optimizer, scheduler, batches: Batches, device: torch.device, opts: StepOptions) -> dict:
+    """One pass over ``batches`` of uint8 images; returns local sums as device tensors.
+
+    Nothing in the loop reads a value back to the host: the loss and accuracy sums
+    accumulate on the device and are read once, after the epoch.
+    """
     model.train()
-    loss_sum, correct, seen = 0.0, 0, 0
-    for batch in batches:
-        x, y = batch["image"].to(device), batch["label"].to(device)  # (B, 3, S, S), (B,)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with autocast(device, amp):
-            logits = model(x)
-            loss = criterion(logits, y)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    seen = 0
+    mixing = opts.mixup_alpha > 0 or opts.cutmix_alpha > 0
+    criterion = nn.CrossEntropyLoss(weight=opts.class_weight, label_smoothing=opts.label_smoothing)
+    for images, labels in batches:
+        images = images.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
+        x = _layout(opts.augment(images, opts.generator), opts.channels_last)  # (B, 3, S, S) float
+        with autocast(device, opts.amp):
+            if mixing:
+                x, targets = mixup_cutmix(x, labels, opts.num_classes, opts.mixup_alpha, opts.cutmix_alpha,
+                                          opts.label_smoothing, generator=opts.generator)
+                logits = model(x)
+                loss = soft_target_loss(logits, targets, opts.class_weight)
+            else:
+                logits = model(x)
+                loss = criterion(logits, labels)
         optimizer.zero_grad(set_to_none=True)
-        if scaler is not None and scaler.is_enabled():
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+        if opts.scaler is not None and opts.scaler.is_enabled():
+            opts.scaler.scale(loss).backward()
+            opts.scaler.step(optimizer)
+            opts.scaler.update()
         else:
             loss.backward()
             optimizer.step()
         scheduler.step()
-        loss_sum += loss.item() * len(y)
-        correct += (logits.argmax(1) == y).sum().item()
-        seen += len(y)
-    return {"loss_sum": loss_sum, "correct": correct, "seen": seen}
+        if opts.ema is not None:
+            opts.ema.update(_unwrap(model))
+        if opts.on_first_step is not None:
+            opts.on_first_step()
+            opts.on_first_step = None
+        loss_sum += loss.detach() * len(labels)
+        correct += (logits.detach().argmax(1) == labels).sum()
+        seen += len(labels)
+    return {"loss_sum": loss_sum, "correct": correct, "seen": torch.tensor(seen, dtype=torch.int64, device=device)}
 
 
 @torch.inference_mode()
-def evaluate(model, criterion, batches, device, num_classes: int, *, amp: bool = False,
-             channels_last: bool = False) -> tuple[torch.Tensor, float]:
-    """Local confusion matrix (C, C) and summed loss over ``batches``."""
+def evaluate(model, batches: Batches, device: torch.device, num_classes: int, to_float: BatchEval, *,
+             amp: bool = False, channels_last: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Local confusion matrix (C, C) and summed loss over ``batches``, as device tensors."""
     model.eval()
     cm = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
-    loss_sum = 0.0
-    for batch in batches:
-        x, y = batch["image"].to(device), batch["label"].to(device)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    for images, labels in batches:
+        x = _layout(to_float(images.to(device, non_blocking=True)), channels_last)
+        labels = labels.to(device, non_blocking=True)
         with autocast(device, amp):
             logits = model(x)
-        loss_sum += criterion(logits.float(), y).item() * len(y)
-        cm += confusion_matrix(y, logits.argmax(1), num_classes)
+        loss_sum += nn.functional.cross_entropy(logits.float(), labels, reduction="sum")
+        cm += confusion_matrix(labels, logits.argmax(1), num_classes)
     return cm, loss_sum
 
 
-def all_reduce_sum(values: list, device: torch.device) -> list:
-    """Sums numbers or tensors over all workers (identity when not distributed)."""
+def all_reduce_sum(values: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Sums tensors over all workers (unchanged when not distributed)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return values
     out = []
     for v in values:
-        t = v.clone() if isinstance(v, torch.Tensor) else torch.tensor(float(v), dtype=torch.float64, device=device)
+        t = v.clone()
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        out.append(t if isinstance(v, torch.Tensor) else t.item())
+        out.append(t)
     return out
 
 
@@ -166,27 +288,36 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if hasattr(model, "module") else model
 
 
+def _rss_mb() -> float:
+    """This process's resident memory now, in MB."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train entry point on each worker."""
+    worker_start = time.perf_counter()
     job = JobConfig.from_dict(config["job"])
     classes: list[str] = config["classes"]
-    t, m = job.train, job.model
+    t, m, d = job.train, job.model, job.data
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(worker_threads(ctx.get_local_world_size()))
     torch.manual_seed(t.seed)
     device = ray.train.torch.get_device()
     on_gpu = device.type == "cuda"
     amp = on_gpu if t.amp is None else t.amp
     channels_last = on_gpu if t.channels_last is None else t.channels_last
+    spec = get_spec(m.arch)
 
     # [1] Model, optionally resumed from the latest checkpoint.
-    model = create_model(m.arch, len(classes), weights=m.weights, image_size=m.image_size)
+    model = create_model(m.arch, len(classes), weights=m.weights, image_size=m.image_size, width=m.width)
     state, start_epoch, history = None, 0, []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as folder:
             state = load_train_state(folder)
-        model.load_state_dict(state["model"])
+        model.load_state_dict(state.get("raw_model", state["model"]))
         start_epoch, history = state["epoch"] + 1, state["history"]
         if rank == 0:
             print(f"resuming from epoch {state['epoch'] + 1} checkpoint", flush=True)
@@ -195,53 +326,88 @@ def train_loop_per_worker(config: dict) -> None:
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(model)
+    ema = ModelEMA(_unwrap(model), t.ema_decay) if t.ema_decay else None
+    if ema is not None and state is not None:
+        ema.module.load_state_dict(state["model"])  # the saved model is the average
+        ema.updates = state.get("ema_updates", 0)
+    forward = torch.compile(model) if t.compile else model
 
-    # [2] Optimiser, schedule, loss.
-    steps_per_epoch = max(1, math.ceil(config["num_train"] / (t.batch_size * world)))
+    # [2] Data: this worker's part of the cached splits, resident or streamed.
+    caches = {name: ImageCache.from_dict(c) for name, c in config["caches"].items()}
+    load_start = time.perf_counter()
+    if config["resident"]:
+        train_data = ResidentSplit.load(caches["train"], rank, world, equal=True, device=device)
+        val_data = ResidentSplit.load(caches["val"], rank, world, equal=False, device=device)
+        per_worker = len(train_data)
+    else:
+        train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
+        per_worker = caches["train"].num_images // world
+    load_seconds = time.perf_counter() - load_start
+
+    # [3] Optimiser, schedule, loss, augmentation.
+    steps_per_epoch = max(1, math.ceil(per_worker / t.batch_size))
     optimizer = build_optimizer(_unwrap(model), t.optimizer, t.lr, t.weight_decay, t.momentum)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(int(t.warmup_epochs * steps_per_epoch), t.epochs * steps_per_epoch))
+        optimizer, lr_lambda(int(t.warmup_epochs * steps_per_epoch), t.epochs * steps_per_epoch, t.schedule))
     scaler = torch.amp.GradScaler(device.type, enabled=amp and on_gpu)
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
-    weight = inverse_frequency_weights(config["class_counts"]).to(device) if t.class_balance == "loss" else None
-    criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=t.label_smoothing)
-    eval_criterion = nn.CrossEntropyLoss()
+    first_step = {}
+    opts = StepOptions(
+        augment=BatchAugment(m.image_size, spec.mean, spec.std, d.augment, d.augment_magnitude),
+        num_classes=len(classes), amp=amp, channels_last=channels_last, scaler=scaler,
+        mixup_alpha=t.mixup_alpha, cutmix_alpha=t.cutmix_alpha, label_smoothing=t.label_smoothing,
+        class_weight=inverse_frequency_weights(config["class_counts"]).to(device) if t.class_balance == "loss" else None,
+        ema=ema, on_first_step=lambda: first_step.setdefault("time", time.time()),
+    )
+    to_float = BatchEval(m.image_size, spec.mean, spec.std)
 
-    train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val")
-
-    # [3] Epochs: train, validate over ALL workers' shards, checkpoint from rank 0.
+    # [4] Epochs: train, validate over ALL workers' parts, checkpoint from rank 0.
     for epoch in range(start_epoch, t.epochs):
         if frozen and m.unfreeze_after is not None and epoch >= m.unfreeze_after:
             # DDP only syncs parameters that required grad when it was built, so re-wrap.
             frozen = False
             set_backbone_trainable(_unwrap(model), True)
             model = ray.train.torch.prepare_model(_unwrap(model))
-        start = time.perf_counter()
-        batches = train_shard.iter_torch_batches(
-            batch_size=t.batch_size, local_shuffle_buffer_size=SHUFFLE_BUFFER, local_shuffle_seed=t.seed + epoch)
-        stats = train_one_epoch(model, criterion, optimizer, scheduler, batches, device,
-                                amp=amp, channels_last=channels_last, scaler=scaler)
+            forward = torch.compile(model) if t.compile else model
+        # The first epoch of a worker's life counts its start-up and data loading too.
+        start = worker_start if epoch == start_epoch else time.perf_counter()
+        seed = t.seed * 100_003 + epoch * 1_009 + rank
+        opts.generator = torch.Generator(device=device).manual_seed(seed)
+        batches = (train_data.batches(t.batch_size, torch.Generator(device=device).manual_seed(seed))
+                   if config["resident"] else streamed_batches(train_shard, t.batch_size, seed))
+        sums = train_one_epoch(forward, optimizer, scheduler, batches, device, opts)
+        if on_gpu:
+            torch.cuda.synchronize(device)
         elapsed = time.perf_counter() - start
-        loss_sum, correct, seen = all_reduce_sum([stats["loss_sum"], stats["correct"], stats["seen"]], device)
-        cm, val_loss = evaluate(model, eval_criterion, val_shard.iter_torch_batches(batch_size=t.batch_size * 2),
-                                device, len(classes), amp=amp, channels_last=channels_last)
-        cm, val_loss = all_reduce_sum([cm, val_loss], device)
-        report = classification_report(cm, classes)
+        loss_sum, correct, seen = [v.item() for v in all_reduce_sum([sums["loss_sum"], sums["correct"], sums["seen"]])]
+        eval_model = ema.module if ema is not None else forward
+        val_batches = val_data.batches(t.batch_size * 2) if config["resident"] else \
+            streamed_batches(val_shard, t.batch_size * 2)
+        cm, val_loss = evaluate(eval_model, val_batches, device, len(classes), to_float, amp=amp,
+                                channels_last=channels_last)
+        cm, val_loss = all_reduce_sum([cm, val_loss])
+        report = classification_report(cm.cpu(), classes)
         metrics = {
             "epoch": epoch,
             "train_loss": loss_sum / max(1, seen),
             "train_accuracy": correct / max(1, seen),
-            "val_loss": val_loss / max(1, report["num_samples"]),
+            "val_loss": val_loss.item() / max(1, report["num_samples"]),
             "val_accuracy": report["accuracy"],
             "val_macro_f1": report["macro_f1"],
             "val_samples": report["num_samples"],
             "images_per_s": seen / elapsed,  # all workers together
+            "epoch_seconds": elapsed,
             "lr": scheduler.get_last_lr()[0],
+            "started_at_epoch": start_epoch,  # > 0 when this worker group resumed from a checkpoint
+            "worker_rss_mb": _rss_mb(),  # rank 0's memory now: flat over epochs
+            "worker_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "resident": bool(config["resident"]),
         }
+        if epoch == start_epoch:
+            metrics.update(load_seconds=load_seconds, first_step_time=first_step.get("time"))
         history.append(metrics)
         if rank == 0:
             print(f"epoch {epoch + 1}/{t.epochs}  train_loss {metrics['train_loss']:.4f}  "
@@ -251,10 +417,13 @@ def train_loop_per_worker(config: dict) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
             if rank == 0:
-                save_checkpoint(tmp, _unwrap(model), job, classes, history, train_state={
-                    "epoch": epoch, "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                })
+                train_state = {"epoch": epoch, "optimizer": optimizer.state_dict(),
+                               "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict()}
+                if ema is not None:  # the average is the model; the raw weights resume training
+                    train_state.update(raw_model={k: v.detach().cpu() for k, v in _unwrap(model).state_dict().items()},
+                                       ema_updates=ema.updates)
+                save_checkpoint(tmp, ema.module if ema is not None else _unwrap(model), job, classes, history,
+                                train_state=train_state)
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=checkpoint)
 
@@ -271,6 +440,8 @@ class FitResult:
     history: list[dict]
     classes: list[str]
     splits: dict[str, LabelledImages]
+    caches: dict[str, ImageCache] = field(default_factory=dict)
+    resident: bool = False
 
 
 def prepare_splits(job: JobConfig) -> tuple[dict[str, LabelledImages], list[str]]:
@@ -285,31 +456,74 @@ def prepare_splits(job: JobConfig) -> tuple[dict[str, LabelledImages], list[str]
     return splits, classes
 
 
+def training_images(job: JobConfig, splits: dict[str, LabelledImages]) -> LabelledImages:
+    """The train split as the workers see it: resampled to equal class counts with
+    ``class_balance='sampler'``."""
+    if job.train.class_balance == "sampler":
+        return balanced_resample(splits["train"], seed=job.train.seed)
+    return splits["train"]
+
+
+def cache_uri(job: JobConfig, storage_path: str) -> str:
+    return job.data.cache_path or storage.join(storage_path, job.train.name, CACHE_DIR)
+
+
+def build_caches(job: JobConfig, train_images: LabelledImages, val_images: LabelledImages, classes: list[str],
+                 storage_path: str) -> dict[str, ImageCache]:
+    """Decodes the train and val splits once (or finds them decoded) at the training geometry.
+
+    Training images keep what the augmentation needs (``augment.stored_geometry``);
+    validation images are exactly the eval preset's, as inference sees them.
+    """
+    m = job.model
+    root = cache_uri(job, storage_path)
+    geometry = {"train": stored_geometry(m.image_size, job.data.augment), "val": (resize_size(m.image_size), m.image_size)}
+    caches = {}
+    for name, images in (("train", train_images), ("val", val_images)):
+        short_side, side = geometry[name]
+        caches[name] = build_cache(images, classes, storage.join(root, name), short_side, side, seed=job.train.seed)
+        verb = "found" if caches[name].reused else "decoded"
+        print(f"{name} cache: {verb} {caches[name].num_images} images at {side}x{side} "
+              f"({caches[name].nbytes / 2**20:.0f} MB) in {caches[name].seconds:.1f} s", flush=True)
+    return caches
+
+
+def fits_in_memory(caches: dict[str, ImageCache], num_workers: int) -> bool:
+    """Whether each worker's part of the cached splits fits its share of memory.
+
+    A worker holds ceil(1/num_workers) of the training images and about as much of the
+    validation images; they must take at most RESIDENT_MEMORY_SHARE of the cluster's
+    memory divided among the workers, leaving the rest to the model, activations and Ray.
+    """
+    per_worker = sum(c.nbytes for c in caches.values()) / num_workers
+    memory = float(ray.cluster_resources().get("memory", 0))
+    return per_worker <= RESIDENT_MEMORY_SHARE * memory / num_workers
+
+
 def build_trainer(job: JobConfig, callbacks: Optional[list] = None
                   ) -> tuple[ray.train.torch.TorchTrainer, dict[str, LabelledImages], list[str], str]:
-    """Prepares data and the TorchTrainer for ``job``; returns (trainer, splits, classes, storage_path)."""
+    """Prepares data and the TorchTrainer for ``job``; returns (trainer, splits, classes, storage_path).
+
+    The trainer's ``train_loop_config`` carries the caches (``caches``) and whether the
+    workers hold them in memory (``resident``).
+    """
     splits, classes = prepare_splits(job)
-    t, m = job.train, job.model
-    spec = get_spec(m.arch)
-    train_images = splits["train"]
-    if t.class_balance == "sampler":
-        train_images = balanced_resample(train_images, seed=t.seed)
-    train_tf = ClassificationPresetTrain(m.image_size, spec.mean, spec.std, job.data.augment, job.data.augment_magnitude)
-    eval_tf = ClassificationPresetEval(m.image_size, spec.mean, spec.std)
-    datasets = {
-        "train": to_dataset(train_images, classes, train_tf, seed=t.seed),
-        "val": to_dataset(splits["val"], classes, eval_tf),
-    }
-    use_gpu = cluster_gpus() > 0 if t.use_gpu is None else t.use_gpu
+    t = job.train
+    train_images = training_images(job, splits)
     storage_path = storage.absolute(t.storage_path)
     storage.makedirs(storage.join(storage_path, t.name))
     save_config(storage.join(storage_path, t.name, "config.yaml"), job)
+    caches = build_caches(job, train_images, splits["val"], classes, storage_path)
+    resident = fits_in_memory(caches, t.num_workers) if job.data.in_memory is None else job.data.in_memory
+    datasets = {} if resident else {name: cache_dataset(c) for name, c in caches.items()}
+    use_gpu = cluster_gpus() > 0 if t.use_gpu is None else t.use_gpu
 
     trainer = ray.train.torch.TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
             "job": job.to_dict(), "classes": classes, "num_train": len(train_images),
             "class_counts": class_counts(splits["train"].labels, classes),
+            "caches": {name: c.to_dict() for name, c in caches.items()}, "resident": resident,
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=t.num_workers, use_gpu=use_gpu,
@@ -319,13 +533,65 @@ def build_trainer(job: JobConfig, callbacks: Optional[list] = None
         run_config=ray.train.RunConfig(
             name=t.name, storage_path=storage_path,
             failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.num_to_keep),
+            # Kept by validation accuracy, so that the best checkpoint of the whole run
+            # survives however many later ones come; Ray always keeps the latest too.
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=t.num_to_keep, checkpoint_score_attribute="val_accuracy",
+                checkpoint_score_order="max"),
             callbacks=callbacks,
         ),
         datasets=datasets,
         resume_from_checkpoint=ray.train.Checkpoint(t.resume_from) if t.resume_from else None,
     )
     return trainer, splits, classes, storage_path
+
+
+def promote_best(checkpoint: str, dest: str) -> None:
+    """Makes ``dest`` a copy of the folder ``checkpoint``, replacing any earlier copy so
+    that a reader never sees a half-copied folder.
+
+    The copy is written beside ``dest`` under a hidden name, then renamed into place.
+    On local disk the old and new folders are swapped in one atomic step (Linux's
+    ``renameat2(RENAME_EXCHANGE)``), so ``dest`` never even goes missing; elsewhere the
+    old folder is moved aside first. Object stores have no atomic folder rename: there a
+    reader may briefly find ``dest`` absent, but never mixed.
+    """
+    fs, path = storage.filesystem(dest)
+    parent, name = path.rstrip("/").rsplit("/", 1)
+    tmp = f"{parent}/.{name}-{uuid.uuid4().hex[:8]}"
+    fs.copy(checkpoint.rstrip("/") + "/", tmp, recursive=True)
+    if storage.protocol(dest) == "file" and os.path.isdir(path) and _exchange(tmp, path):
+        fs.rm(tmp, recursive=True)  # now the old copy
+        return
+    if fs.exists(path):
+        old = f"{parent}/.{name}-old-{uuid.uuid4().hex[:8]}"
+        fs.mv(path, old, recursive=True)
+        fs.mv(tmp, path, recursive=True)
+        fs.rm(old, recursive=True)
+    else:
+        fs.mv(tmp, path, recursive=True)
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Atomically swaps two local paths (Linux renameat2); False where unsupported."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def best_of(best_checkpoints: list) -> Optional[str]:
+    """Path of the checkpoint with the highest val_accuracy among Ray's (checkpoint, metrics)
+    pairs; the earliest one on a tie."""
+    if not best_checkpoints:
+        return None
+    scored = [(cm[1].get("val_accuracy", -1.0), -cm[1].get("epoch", 0), cm[0].path) for cm in best_checkpoints]
+    return max(scored)[2]
 
 
 def fit(job: JobConfig) -> FitResult:
@@ -336,14 +602,12 @@ def fit(job: JobConfig) -> FitResult:
     if result.checkpoint is None:
         raise RuntimeError(f"training produced no checkpoint: {result.error}")
     latest = storage.unstrip(storage_path, result.checkpoint.path)
-    best = max(result.best_checkpoints, key=lambda cm: cm[1].get("val_accuracy", -1))[0].path \
-        if result.best_checkpoints else result.checkpoint.path
+    best = storage.unstrip(storage_path, best_of(result.best_checkpoints) or result.checkpoint.path)
     # A stable name for the best checkpoint, for predict/export commands and manifests.
     best_link = storage.join(storage_path, t.name, BEST_DIR)
-    fs, best_path = storage.filesystem(best_link)
-    if fs.exists(best_path):
-        fs.rm(best_path, recursive=True)
-    fs.copy(best.rstrip("/") + "/", best_path, recursive=True)
+    promote_best(best, best_link)
     history = storage.read_json(storage.join(latest, "history.json"))
+    config = trainer.train_loop_config if hasattr(trainer, "train_loop_config") else {}
+    caches = {k: ImageCache.from_dict(v) for k, v in config.get("caches", {}).items()}
     return FitResult(checkpoint=latest, best_checkpoint=best_link, metrics=result.metrics, history=history,
-                     classes=classes, splits=splits)
+                     classes=classes, splits=splits, caches=caches, resident=bool(config.get("resident")))

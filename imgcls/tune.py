@@ -80,6 +80,14 @@ def run_tune(job: JobConfig, num_samples: int = 4, grace_period: int = 1, max_co
                               grace_period=grace_period, reduction_factor=2)
     root = storage.absolute(job.train.storage_path)
     run_dir = storage.join(root, f"{job.train.name}-tune")
+    if job.data.cache_path is None:
+        # One decoded cache for all trials, built here before they start: the search
+        # changes no geometry, and concurrent trials must not each build their own.
+        job = dataclasses.replace(job, data=dataclasses.replace(job.data, cache_path=storage.join(run_dir, "cache")))
+    from imgcls.train import build_caches, prepare_splits, training_images
+
+    splits, classes = prepare_splits(job)
+    build_caches(job, training_images(job, splits), splits["val"], classes, root)
     tuner = tune.Tuner(
         # The trial only drives its trainer, whose workers hold the real resources.
         tune.with_resources(tune_trial, {"CPU": 0.01}),

@@ -1,11 +1,15 @@
 """Training end to end on a real local Ray cluster with real Fashion-MNIST files."""
 
+import dataclasses
+import json
 import os
 import signal
 import threading
 import time
 
+import pandas as pd
 import pytest
+import torch
 
 from imgcls.checkpoint import load_checkpoint
 from imgcls.config import DataConfig, JobConfig, ModelConfig, TrainConfig
@@ -14,9 +18,9 @@ from imgcls.train import fit, prepare_splits
 pytestmark = pytest.mark.integration
 
 
-def small_job(root, tmp_path, **train):
+def small_job(root, tmp_path, data=None, **train):
     defaults = dict(epochs=2, batch_size=64, lr=3e-3, num_workers=2, storage_path=str(tmp_path / "runs"), name="t")
-    return JobConfig(data=DataConfig(root=root, augment="light", max_per_class=100),
+    return JobConfig(data=DataConfig(**{"root": root, "augment": "light", "max_per_class": 100, **(data or {})}),
                      model=ModelConfig(arch="small_cnn", image_size=28), train=TrainConfig(**{**defaults, **train}))
 
 
@@ -35,11 +39,19 @@ def test_fit_checkpoints_every_epoch_and_resumes(ray_cluster, fmnist_root, tmp_p
     assert loaded.job == job  # resolved config saved beside the checkpoint
     assert os.path.exists(tmp_path / "runs" / "t" / "config.yaml")
 
-    # A rerun with the same name and storage resumes from the latest checkpoint.
+    # Decoded once into the run's cache; small enough that each worker holds its part.
+    assert result.resident and not result.caches["train"].reused
+    assert result.caches["train"].num_images == len(prepare_splits(job)[0]["train"])
+    assert result.caches["val"].num_images == n_val and os.path.isdir(run_dir / "cache" / "train")
+
+    # A rerun with the same name and storage resumes from the latest checkpoint, and
+    # finds the decoded cache instead of decoding again.
     longer = small_job(fmnist_root, tmp_path, epochs=3)
     resumed = fit(longer)
     assert [h["epoch"] for h in resumed.history] == [0, 1, 2]
     assert resumed.history[:2] == result.history
+    assert resumed.history[2]["started_at_epoch"] == 2
+    assert resumed.caches["train"].reused and resumed.caches["val"].reused
 
 
 def _train_worker_pids():
@@ -76,4 +88,55 @@ def test_killed_worker_does_not_lose_training(ray_cluster, fmnist_root, tmp_path
     killer.join(timeout=5)
     assert killed, "no training worker was found to kill"
     assert [h["epoch"] for h in result.history] == [0, 1, 2]
+    # Resumed, not restarted: the workers after the kill began from a checkpoint, not epoch 0.
+    assert result.history[0]["started_at_epoch"] == 0
+    assert result.history[-1]["started_at_epoch"] >= 1, [h["started_at_epoch"] for h in result.history]
+    # ... and read the cache decoded before the first epoch: nothing was written to it since.
+    cache = run_dir / "cache" / "train"
+    first_checkpoint = min(p.stat().st_mtime for p in run_dir.glob("checkpoint_*"))
+    assert max(p.stat().st_mtime for p in cache.iterdir()) < first_checkpoint
     assert result.metrics["val_accuracy"] > 0.3
+
+
+def test_best_checkpoint_is_the_best_of_the_whole_run(ray_cluster, fmnist_root, tmp_path):
+    """Only one checkpoint kept besides the latest: the best must still be the run's best."""
+    # A high constant-ish learning rate makes validation accuracy move up and down.
+    job = small_job(fmnist_root, tmp_path, epochs=4, lr=0.03, warmup_epochs=0, num_to_keep=1, name="b",
+                    data={"max_per_class": 60})
+    result = fit(job)
+    accuracies = [h["val_accuracy"] for h in result.history]
+    best_epoch = accuracies.index(max(accuracies))
+    meta = json.loads(open(os.path.join(result.best_checkpoint, "meta.json")).read())
+    assert meta["epoch"] == best_epoch, accuracies
+    kept = sorted(p.name for p in (tmp_path / "runs" / "b").glob("checkpoint_*"))
+    assert len(kept) <= 2  # the best and the latest
+
+
+def test_trains_from_s3_manifest_with_streamed_cache_on_s3(ray_cluster, s3_server, fmnist_root, tmp_path):
+    """Source images and the decoded cache on the loopback S3 server; the cache streamed
+    through Ray Data rather than held; MixUp, CutMix and EMA on; a rerun resumes."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem(endpoint_url=s3_server)
+    rows = []
+    for label in sorted(os.listdir(fmnist_root))[:4]:
+        for name in sorted(os.listdir(os.path.join(fmnist_root, label)))[:40]:
+            fs.put(os.path.join(fmnist_root, label, name), f"imgcls/fm/{label}/{name}")
+            rows.append({"path": f"{label}/{name}", "label": label})
+    with fs.open("imgcls/fm/manifest.csv", "w") as f:
+        pd.DataFrame(rows).to_csv(f, index=False)
+    job = small_job("s3://imgcls/fm/manifest.csv", tmp_path, epochs=2, name="s3", mixup_alpha=0.2, cutmix_alpha=1.0,
+                    ema_decay=0.99, data={"cache_path": "s3://imgcls/cache/s3-run", "in_memory": False,
+                                          "max_per_class": None})
+    result = fit(job)
+    assert not result.resident and not result.caches["train"].reused
+    assert fs.exists("imgcls/cache/s3-run/train/_cache.json") and fs.exists("imgcls/cache/s3-run/val/_cache.json")
+    assert [h["resident"] for h in result.history] == [False, False]
+    assert result.history[-1]["val_samples"] == len(prepare_splits(job)[0]["val"])
+    assert result.metrics["val_accuracy"] > 0.5  # 4 classes: chance is 0.25
+    state = torch.load(os.path.join(result.checkpoint, "train_state.pt"), weights_only=True)
+    assert "raw_model" in state and state["ema_updates"] > 0  # the average is saved as the model
+
+    resumed = fit(dataclasses.replace(job, train=dataclasses.replace(job.train, epochs=3)))
+    assert [h["epoch"] for h in resumed.history] == [0, 1, 2] and resumed.history[2]["started_at_epoch"] == 2
+    assert resumed.caches["train"].reused and resumed.caches["val"].reused
