@@ -148,7 +148,7 @@ def test_grouped_colour_ops_equal_each_op_alone(small_photo):
     op = torch.tensor([A._OP[n] for n in names])
     mag = torch.tensor([0.0, 0.0, 0.5, 30.0, 3.0, -0.4, 0.6, 0.5, 0.0, -0.9, 0.8, 0.0])
     batch = torch.cat([x.roll(7 * k, dims=-1) for k in range(len(names))])  # a different image per sample
-    out = A._apply_colour_ops(batch, op, mag, None)
+    out = A._apply_colour_ops_(batch.clone(), op, mag)
     for k, n in enumerate(names):
         expected = batch[k:k + 1] if n in ("Identity", "Rotate") else A._COLOUR_OPS[n](batch[k:k + 1], mag[k:k + 1])
         assert torch.equal(out[k:k + 1], expected), n
@@ -295,6 +295,7 @@ def test_every_preset_shape_layout_determinism_and_per_image_randomness(photo, p
     assert out.shape == (batch, 3, size, size) and out.dtype == torch.float32
     assert out.is_contiguous(memory_format=torch.channels_last) and torch.isfinite(out).all()
     assert torch.equal(out, augment(images, torch.Generator().manual_seed(3)))
+    assert augment(images[:0]).shape == (0, 3, size, size)
     distinct = len({o.numpy().tobytes() for o in out})
     if preset == "none":
         assert distinct == 1 and torch.equal(out, BatchEval(size, MEAN, STD)(images))
@@ -429,6 +430,9 @@ def test_mixup_cutmix_targets_and_areas():
         mixed, _ = mixup_cutmix(images, labels, 10, mixup_alpha=1.0, cutmix_alpha=1.0, generator=gen)
         kinds.add("cutmix" if set(mixed[0].unique().tolist()) <= {0.0, 7.0} else "mixup")
     assert kinds == {"mixup", "cutmix"}
+    for alphas in ((0.4, 0.0), (0.0, 0.4)):  # the layout the augmentation gives stays
+        mixed, _ = mixup_cutmix(images.contiguous(memory_format=torch.channels_last), labels, 10, *alphas)
+        assert mixed.is_contiguous(memory_format=torch.channels_last)
     a = mixup_cutmix(images, labels, 10, mixup_alpha=0.4, generator=torch.Generator().manual_seed(9))
     b = mixup_cutmix(images, labels, 10, mixup_alpha=0.4, generator=torch.Generator().manual_seed(9))
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
@@ -437,8 +441,10 @@ def test_mixup_cutmix_targets_and_areas():
 def test_soft_cross_entropy():
     gen = torch.Generator().manual_seed(0)
     logits, labels = torch.randn(6, 5, generator=gen), torch.tensor([0, 4, 2, 2, 1, 3])
-    torch.testing.assert_close(soft_cross_entropy(logits, F.one_hot(labels, 5).float()), F.cross_entropy(logits, labels))
+    onehot = F.one_hot(labels, 5).float()
+    torch.testing.assert_close(soft_cross_entropy(logits, onehot), F.cross_entropy(logits, labels))
     soft = torch.softmax(torch.randn(6, 5, generator=gen), 1)
     torch.testing.assert_close(soft_cross_entropy(logits, soft), F.cross_entropy(logits, soft))
     _, smoothed = mixup_cutmix(torch.zeros(6, 3, 4, 4), labels, 5, label_smoothing=0.2)
-    torch.testing.assert_close(soft_cross_entropy(logits, smoothed), F.cross_entropy(logits, labels, label_smoothing=0.2))
+    expected = F.cross_entropy(logits, labels, label_smoothing=0.2)
+    torch.testing.assert_close(soft_cross_entropy(logits, smoothed), expected)
