@@ -53,7 +53,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", default="out/bench")
     p.add_argument("--fmnist-per-class", type=int, default=7000, help="7000 = all 70,000 images")
-    p.add_argument("--fmnist-epochs", type=int, default=5)
+    p.add_argument("--fmnist-epochs", type=int, default=None, help="default: the main job's recipe")
     p.add_argument("--dogs-cats-epochs", type=int, default=8)
     p.add_argument("--dogs-cats-image-size", type=int, default=128)
     p.add_argument("--only", nargs="+", choices=RUNS, help="run these; keep the other entries of --out")

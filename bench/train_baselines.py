@@ -129,10 +129,12 @@ def _sync(device: torch.device) -> None:
 
 
 def _run_epochs(model: nn.Module, forward: Callable, lr: float, epochs: int, epoch_batches: Callable[[int], Iterable],
-                device: torch.device, start: float) -> dict:
+                device: torch.device, start: float, amp: bool = False) -> dict:
     """Trains ``model`` through ``forward`` (the model itself, or compiled) for ``epochs``, timing it.
 
-    ``epoch_batches(epoch)`` yields (images, labels) on the device.
+    ``epoch_batches(epoch)`` yields (images, labels) on the device. ``amp`` runs the
+    forward under autocast (bf16 on CPU, fp16 on GPU), as imgcls does by default where
+    the hardware has it.
 
     Returns per-epoch images/s and mean loss, the first and steady (median of the later
     epochs) rates and the seconds from ``start`` to the end of the first step.
@@ -145,7 +147,9 @@ def _run_epochs(model: nn.Module, forward: Callable, lr: float, epochs: int, epo
         began = time.perf_counter()
         total, images, steps = torch.zeros((), device=device), 0, 0
         for x, y in epoch_batches(epoch):
-            loss = criterion(forward(x), y)
+            with torch.autocast(device.type, dtype=torch.bfloat16 if device.type == "cpu" else torch.float16,
+                                enabled=amp):
+                loss = criterion(forward(x), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -177,7 +181,7 @@ def _check(images: int, batch_size: int, epochs: int) -> None:
 
 def train_plain(root: str, arch: str, image_size: int, augment: str, epochs: int, batch_size: int, lr: float,
                 threads: int, limit: Optional[int] = None, num_workers: Optional[int] = None, device: str = "cpu",
-                seed: int = 0) -> dict:
+                seed: int = 0, channels_last: bool = False, amp: bool = False) -> dict:
     """The plain PyTorch training script: ImageFolder + DataLoader + per-image transforms.
 
     Args:
@@ -193,6 +197,8 @@ def train_plain(root: str, arch: str, image_size: int, augment: str, epochs: int
         num_workers: DataLoader workers; None is one per core.
         device: Where the model trains.
         seed: Seed of the model's initial weights, the shuffling and ``limit``.
+        channels_last: Model and inputs in the channels_last layout.
+        amp: Autocast the forward (bf16 on CPU).
 
     Returns:
         The timings of ``_run_epochs`` plus the image count, worker settings and ``peak_rss``.
@@ -212,17 +218,19 @@ def train_plain(root: str, arch: str, image_size: int, augment: str, epochs: int
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True, num_workers=workers,
                         persistent_workers=workers > 0, prefetch_factor=PREFETCH_FACTOR if workers else None,
                         pin_memory=dev.type == "cuda")
-    model = create_model(arch, num_classes, image_size=image_size).to(dev)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    model = create_model(arch, num_classes, image_size=image_size).to(dev, memory_format=layout)
 
     def epoch_batches(_epoch):
         for x, y in loader:
-            yield x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+            yield x.to(dev, non_blocking=True).contiguous(memory_format=layout), y.to(dev, non_blocking=True)
 
-    result = _run_epochs(model, model, lr, epochs, epoch_batches, dev, start)
+    result = _run_epochs(model, model, lr, epochs, epoch_batches, dev, start, amp=amp)
     # Shuts the persistent workers down and reaps them, so that getrusage counts them.
     del loader, epoch_batches
     return {"case": "plain", "arch": arch, "image_size": image_size, "augment": augment, "images": len(dataset),
             "batch_size": batch_size, "epochs": epochs, "threads": threads, "device": device, "workers": workers,
+            "channels_last": channels_last, "amp": amp,
             "prefetch_factor": PREFETCH_FACTOR if workers else None,
             "draft_size": draft_size(image_size, augment), **result,
             "seconds": time.perf_counter() - start, **peak_rss()}
@@ -230,7 +238,7 @@ def train_plain(root: str, arch: str, image_size: int, augment: str, epochs: int
 
 def train_in_memory(root: str, arch: str, image_size: int, augment: str, epochs: int, batch_size: int, lr: float,
                     threads: int, channels_last: bool = False, compile: bool = False, limit: Optional[int] = None,
-                    device: str = "cpu", seed: int = 0) -> dict:
+                    device: str = "cpu", seed: int = 0, amp: bool = False) -> dict:
     """The in-memory bound: decode everything once, then batched augmentation on one tensor.
 
     Args:
@@ -247,6 +255,7 @@ def train_in_memory(root: str, arch: str, image_size: int, augment: str, epochs:
         limit: Train on a fixed random ``limit`` of the images only (the same as ``plain``'s).
         device: Where the model trains and the image tensor lives.
         seed: Seed of the model's initial weights, the permutations, the augmentation and ``limit``.
+        amp: Autocast the forward (bf16 on CPU).
 
     Returns:
         The timings of ``_run_epochs`` plus the image count, ``decode_seconds`` (from the
@@ -291,10 +300,10 @@ def train_in_memory(root: str, arch: str, image_size: int, augment: str, epochs:
             index = order[i:i + batch_size]
             yield augmenter(images[index], generator=generator).contiguous(memory_format=layout), labels[index]
 
-    result = _run_epochs(model, forward, lr, epochs, epoch_batches, dev, start)
+    result = _run_epochs(model, forward, lr, epochs, epoch_batches, dev, start, amp=amp)
     return {"case": "in_memory", "arch": arch, "image_size": image_size, "augment": augment, "images": len(samples),
             "batch_size": batch_size, "epochs": epochs, "threads": threads, "device": device,
-            "channels_last": channels_last, "compile": compile, "stored_geometry": [short, crop],
+            "channels_last": channels_last, "compile": compile, "amp": amp, "stored_geometry": [short, crop],
             "tensor_mb": images.numel() / 2**20, "decode_seconds": decode_seconds, **result,
             "seconds": time.perf_counter() - start, **peak_rss()}
 
@@ -345,20 +354,22 @@ def main():
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-workers", type=int, help="plain only: DataLoader workers (default: one per core)")
-    p.add_argument("--channels-last", action="store_true", help="in_memory only")
+    p.add_argument("--channels-last", action="store_true", help="model and inputs channels_last")
+    p.add_argument("--amp", action="store_true", help="autocast the forward (bf16 on CPU)")
     p.add_argument("--compile", action="store_true", help="in_memory only: torch.compile the model")
     args = p.parse_args()
     common = dict(root=args.root, arch=args.arch, image_size=args.image_size, augment=args.augment,
                   epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, threads=args.threads,
-                  limit=args.limit, device=args.device, seed=args.seed)
+                  limit=args.limit, device=args.device, seed=args.seed, channels_last=args.channels_last,
+                  amp=args.amp)
     if args.case == "plain":
-        if args.channels_last or args.compile:
-            p.error("--channels-last and --compile apply to in_memory only")
+        if args.compile:
+            p.error("--compile applies to in_memory only")
         result = train_plain(**common, num_workers=args.num_workers)
     else:
         if args.num_workers is not None:
             p.error("--num-workers applies to plain only")
-        result = train_in_memory(**common, channels_last=args.channels_last, compile=args.compile)
+        result = train_in_memory(**common, compile=args.compile)
     print(json.dumps(result))
 
 

@@ -29,14 +29,16 @@ import io
 import json
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import numpy as np
 import ray
 
 from imgcls import storage
-from imgcls.data import DataError, LabelledImages, encode_labels
 from imgcls.imaging import ImageDecodeError, decode_image, resize_center_crop, to_chw_tensor
+
+if TYPE_CHECKING:  # imgcls.data imports torchvision (seconds of CPU), which the decode tasks do without
+    from imgcls.data import LabelledImages
 
 CACHE_VERSION = 1  # of the decode and resize below; part of every cache key
 MANIFEST_FILE = "_cache.json"
@@ -76,7 +78,7 @@ class ImageCache:
         return cls(**d)
 
 
-def cache_key(images: LabelledImages, classes: Sequence[str], short_side: int, side: int, seed: int) -> str:
+def cache_key(images: "LabelledImages", classes: Sequence[str], short_side: int, side: int, seed: int) -> str:
     """What the cache's content depends on, hashed."""
     h = hashlib.sha256(f"v{CACHE_VERSION} {short_side} {side} {seed} {json.dumps(list(classes))}\n".encode())
     for path, label in zip(images.paths, images.labels):
@@ -117,6 +119,8 @@ def _write_shard(paths: list[str], labels: np.ndarray, uri: str, short_side: int
         try:
             images[i] = decode_for_cache(storage.read_bytes(path), short_side, side)
         except (ImageDecodeError, OSError) as e:
+            from imgcls.data import DataError
+
             raise DataError(f"cannot read training image {path}: {e}") from None
     buf = io.BytesIO()
     np.savez(buf, images=images, labels=labels)
@@ -125,7 +129,7 @@ def _write_shard(paths: list[str], labels: np.ndarray, uri: str, short_side: int
     return len(paths)
 
 
-def build_cache(images: LabelledImages, classes: Sequence[str], uri: str, short_side: int, side: int,
+def build_cache(images: "LabelledImages", classes: Sequence[str], uri: str, short_side: int, side: int,
                 seed: int = 0) -> ImageCache:
     """Decodes ``images`` once into uint8 shards under ``uri``, or reuses a valid cache there.
 
@@ -141,6 +145,8 @@ def build_cache(images: LabelledImages, classes: Sequence[str], uri: str, short_
     Raises:
         DataError: an image cannot be read or decoded (training data must be clean).
     """
+    from imgcls.data import encode_labels
+
     start = time.perf_counter()
     key = cache_key(images, classes, short_side, side, seed)
     found = read_manifest(uri)

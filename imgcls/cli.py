@@ -67,10 +67,10 @@ def cli():
 @config_options(DataConfig, ModelConfig, TrainConfig)
 def train(config_path, num_cpus, **flags):
     """Train a model with Ray Train, then report metrics on the held-out test split."""
+    job = resolve_job(config_path, flags)
+    init_ray_while_importing(num_cpus, "imgcls.jobs")
     from imgcls.jobs import run_training
 
-    job = resolve_job(config_path, flags)
-    init_ray(num_cpus)
     echo_json(run_training(job))
 
 
@@ -179,7 +179,7 @@ def fetch_data(name, dest, per_class):
 @cli.command()
 @click.option("--workdir", default="out/demo", show_default=True, help="Where data, checkpoints and predictions go.")
 @click.option("--per-class", type=int, default=1500, show_default=True, help="Fashion-MNIST images per class.")
-@click.option("--epochs", type=int, default=5, show_default=True)
+@click.option("--epochs", type=int, default=None, help="Epochs (default: the main job's recipe).")
 @click.option("--num-cpus", type=int, default=None, help="CPUs of the local Ray cluster (default: all).")
 def demo(workdir, per_class, epochs, num_cpus):
     """The main job on a small real dataset: fetch, train, evaluate, label a folder."""

@@ -106,6 +106,12 @@ def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float,
     return torch.optim.AdamW(groups, lr=lr)
 
 
+def native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX), where bf16
+    autocast trains the small CNN about 1.6-2x faster than float32; elsewhere it is slower."""
+    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def autocast(device: torch.device, enabled: bool):
     dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
     return torch.autocast(device_type=device.type, dtype=dtype, enabled=enabled)
@@ -306,8 +312,8 @@ def train_loop_per_worker(config: dict) -> None:
     torch.manual_seed(t.seed)
     device = ray.train.torch.get_device()
     on_gpu = device.type == "cuda"
-    amp = on_gpu if t.amp is None else t.amp
-    channels_last = on_gpu if t.channels_last is None else t.channels_last
+    amp = (on_gpu or native_bf16()) if t.amp is None else t.amp
+    channels_last = True if t.channels_last is None else t.channels_last
     spec = get_spec(m.arch)
 
     # [1] Model, optionally resumed from the latest checkpoint.

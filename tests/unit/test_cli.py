@@ -1,3 +1,4 @@
+import dataclasses
 import re
 from pathlib import Path
 
@@ -40,3 +41,15 @@ def test_invalid_flag_value_is_a_usage_error(tmp_path):
 def test_predict_requires_paths():
     result = CliRunner().invoke(cli, ["predict", "--model", "x"])
     assert result.exit_code == 2 and "required" in result.output
+
+
+def test_main_job_yaml_is_the_demos_recipe():
+    """jobs/configs/fashion_mnist.yaml and `imgcls demo` train the same recipe."""
+    from imgcls.cli import resolve_job
+    from imgcls.jobs import demo_job
+
+    yaml_job = resolve_job(str(README.parent / "jobs" / "configs" / "fashion_mnist.yaml"), {})
+    demo = demo_job(yaml_job.data.root, yaml_job.train.storage_path)
+    assert yaml_job.model == demo.model
+    assert yaml_job.train == demo.train
+    assert dataclasses.replace(yaml_job.data, val_fraction=0.1, test_fraction=0.1) == demo.data
