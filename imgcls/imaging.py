@@ -80,27 +80,30 @@ def eval_geometry(image: torch.Tensor, image_size: int) -> torch.Tensor:
 
 
 def resize_center_crop(image: torch.Tensor, short_side: int, crop: int) -> torch.Tensor:
-    """(3, H, W) uint8 -> (3, crop, crop) uint8: shorter side to ``short_side``, then the centre.
+    """(3, H, W) or (N, 3, H, W) uint8 -> (..., 3, crop, crop): shorter side to ``short_side``,
+    then the centre.
 
     Bilinear and antialiased, torchvision's ``Resize(short_side)`` then ``CenterCrop(crop)``
-    pixel for pixel on CPU; ``crop`` must not exceed ``short_side``.
+    pixel for pixel on CPU; ``crop`` must not exceed ``short_side``. A batch of images of
+    one size is resized in one call, each image exactly as on its own.
     """
-    _, h, w = image.shape
+    h, w = image.shape[-2:]
     short, long = (h, w) if h <= w else (w, h)
     new_short, new_long = short_side, int(short_side * long / short)
     nh, nw = (new_short, new_long) if h <= w else (new_long, new_short)
     if (nh, nw) != (h, w):
-        x = image[None]
-        if x.is_contiguous(memory_format=torch.channels_last):
+        x = image if image.dim() == 4 else image[None]
+        if x.is_contiguous(memory_format=torch.channels_last) and x.shape[0] == 1:
             # As torchvision does: a batch stride of numel makes the layout unambiguous,
             # so interpolate returns channels_last too (HWC rows, cheap to copy out).
             x = x.as_strided(x.shape, (x.numel(),) + x.stride()[1:])
         native = x.device.type == "cpu"  # uint8 antialiased bilinear is a CPU kernel
         y = torch.nn.functional.interpolate(x if native else x.float(), size=(nh, nw), mode="bilinear",
                                             align_corners=False, antialias=True)
-        image = y[0] if native else y[0].round_().clamp_(0, 255).to(torch.uint8)
+        y = y if native else y.round_().clamp_(0, 255).to(torch.uint8)
+        image = y if image.dim() == 4 else y[0]
     top, left = int(round((nh - crop) / 2.0)), int(round((nw - crop) / 2.0))
-    return image[:, top:top + crop, left:left + crop]
+    return image[..., top:top + crop, left:left + crop]
 
 
 def to_chw_tensor(image: np.ndarray) -> torch.Tensor:

@@ -14,7 +14,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 def test_main_job_reaches_85_percent_on_fashion_mnist(ray_cluster, tmp_path):
     """The README's main job: fetch, train with 2 CPU workers, test, label a folder to Parquet."""
-    summary = run_demo(str(tmp_path), per_class=1500, epochs=5)
+    summary = run_demo(str(tmp_path), per_class=1500)  # the main job's recipe, on 15,000 of the images
     assert summary["test"]["accuracy"] >= 0.85, summary["test"]
     assert summary["test"]["num_samples"] == 1500
     labelled = summary["predict"]

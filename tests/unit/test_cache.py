@@ -168,3 +168,19 @@ def test_ema_follows_the_weights_with_a_warmup():
         ema.update(model)
     assert torch.allclose(ema.module[0].weight, model[0].weight, atol=1e-6)
     assert not any(p.requires_grad for p in ema.module.parameters())
+
+
+def test_images_decoded_together_are_each_as_decoded_alone():
+    """decode_many resizes same-sized images in one call: the pixels must not change."""
+    from imgcls.cache import decode_many
+
+    rng = np.random.default_rng(1)
+    datas = []
+    for shape in [(28, 28), (40, 30), (28, 28), (64, 90), (28, 28)]:
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (*shape, 3), dtype=np.uint8)).save(buf, format="PNG")
+        datas.append(buf.getvalue())
+    together = decode_many(datas, 32, 28)
+    assert together.shape == (5, 28, 28, 3)
+    for i, data in enumerate(datas):
+        assert np.array_equal(together[i], decode_for_cache(data, 32, 28)), i
