@@ -108,8 +108,8 @@ def run_case(name: str, root: str, epochs: int, memory_epochs: int, workdir: str
     for key, fn in (
         ("plain", lambda: run_baseline("plain", root, settings, epochs, amp)),
         ("in_memory", lambda: run_baseline("in_memory", root, settings, epochs, amp)),
-        ("imgcls_1_worker", lambda: run_imgcls(root, settings, epochs, 1, os.path.join(workdir, name))),
-        ("imgcls_2_workers", lambda: run_imgcls(root, settings, memory_epochs, 2, os.path.join(workdir, name))),
+        ("imgcls_1_worker", lambda: run_imgcls(root, settings, epochs, 1, os.path.join(workdir, "runs", name))),
+        ("imgcls_2_workers", lambda: run_imgcls(root, settings, memory_epochs, 2, os.path.join(workdir, "runs", name))),
     ):
         out[key] = fn()
         print(f"{name} {key}: steady {out[key]['steady_images_per_s']:.0f} images/s", flush=True)
