@@ -559,23 +559,22 @@ def promote_best(checkpoint: str, dest: str) -> None:
     The copy is written beside ``dest`` under a hidden name, then renamed into place.
     On local disk the old and new folders are swapped in one atomic step (Linux's
     ``renameat2(RENAME_EXCHANGE)``), so ``dest`` never even goes missing; elsewhere the
-    old folder is moved aside first. Object stores have no atomic folder rename: there a
-    reader may briefly find ``dest`` absent, but never mixed.
+    old folder is moved aside first. The old copy is deleted only at the next call, so
+    that a reader who opened it just before the swap can still finish reading it.
+    Object stores have no atomic folder rename: there a reader may briefly find
+    ``dest`` absent, but never mixed.
     """
     fs, path = storage.filesystem(dest)
     parent, name = path.rstrip("/").rsplit("/", 1)
+    for stale in fs.glob(f"{parent}/.{name}-*"):  # the copy replaced last time, or a killed call's
+        fs.rm(stale, recursive=True)
     tmp = f"{parent}/.{name}-{uuid.uuid4().hex[:8]}"
     fs.copy(checkpoint.rstrip("/") + "/", tmp, recursive=True)
     if storage.protocol(dest) == "file" and os.path.isdir(path) and _exchange(tmp, path):
-        fs.rm(tmp, recursive=True)  # now the old copy
-        return
+        return  # ``tmp`` now names the old copy
     if fs.exists(path):
-        old = f"{parent}/.{name}-old-{uuid.uuid4().hex[:8]}"
-        fs.mv(path, old, recursive=True)
-        fs.mv(tmp, path, recursive=True)
-        fs.rm(old, recursive=True)
-    else:
-        fs.mv(tmp, path, recursive=True)
+        fs.mv(path, f"{parent}/.{name}-{uuid.uuid4().hex[:8]}", recursive=True)
+    fs.mv(tmp, path, recursive=True)
 
 
 def _exchange(a: str, b: str) -> bool:

@@ -80,8 +80,9 @@ def test_killed_worker_does_not_lose_training(ray_cluster, fmnist_root, tmp_path
     def kill_after_first_checkpoint():
         deadline = time.time() + 600
         while time.time() < deadline:
-            # A second checkpoint folder appears only once the first is registered with Ray.
-            if run_dir.exists() and len([p for p in run_dir.glob("checkpoint_*") if p.is_dir()]) >= 2:
+            # Ray writes its checkpoint manager's snapshot once it has registered a
+            # checkpoint; a folder alone may be one it never got to register.
+            if (run_dir / "checkpoint_manager_snapshot.json").exists():
                 pids = _train_worker_pids()
                 if pids:
                     os.kill(pids[-1], signal.SIGKILL)
