@@ -19,9 +19,8 @@ import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
-import numpy as np
 import ray
 import ray.train
 import ray.train.torch
@@ -30,7 +29,7 @@ import torch.distributed as dist
 from torch import nn
 
 from imgcls import storage
-from imgcls.augment import BatchAugment, BatchEval, mixup_cutmix, stored_geometry
+from imgcls.augment import BatchAugment, BatchEval, mixup_cutmix, soft_cross_entropy, stored_geometry
 from imgcls.cache import ImageCache, build_cache, cache_dataset, load_indices, worker_range
 from imgcls.checkpoint import load_train_state, save_checkpoint, save_config
 from imgcls.config import JobConfig
@@ -202,7 +201,7 @@ class StepOptions:
     class_weight: Optional[torch.Tensor] = None
     ema: Optional[ModelEMA] = None
     generator: Optional[torch.Generator] = None
-    on_first_step: Optional[callable] = field(default=None, repr=False)
+    on_first_step: Optional[Callable[[], None]] = field(default=None, repr=False)
 
 
 def _layout(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
@@ -211,9 +210,7 @@ def _layout(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
 
 def soft_target_loss(logits: torch.Tensor, targets: torch.Tensor, weight: Optional[torch.Tensor]) -> torch.Tensor:
     """Cross-entropy against (B, C) soft targets, optionally weighted per class."""
-    if weight is not None:
-        targets = targets * weight
-    return -(targets * torch.log_softmax(logits.float(), dim=1)).sum(1).mean()
+    return soft_cross_entropy(logits.float(), targets if weight is None else targets * weight)
 
 
 def train_one_epoch(model, optimizer, scheduler, batches: Batches, device: torch.device, opts: StepOptions) -> dict:
