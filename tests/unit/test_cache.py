@@ -3,6 +3,7 @@
 import io
 import os
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -96,7 +97,7 @@ def test_best_checkpoint_is_replaced_without_a_reader_seeing_a_mix(tmp_path):
         folder = tmp_path / f"checkpoint_{version}"
         folder.mkdir()
         for name in ("model.pt", "meta.json", "classes.json", "history.json"):
-            (folder / name).write_text(str(version) * 50_000)
+            (folder / name).write_text(str(version) * 500_000)
         sources.append(str(folder))
     best = tmp_path / "best"
     promote_best(sources[0], str(best))
@@ -108,7 +109,7 @@ def test_best_checkpoint_is_replaced_without_a_reader_seeing_a_mix(tmp_path):
                 names = sorted(os.listdir(best))
                 for name in names:
                     text = (best / name).read_text()
-                    if len(text) != 50_000 or len(set(text)) != 1:
+                    if len(text) != 500_000 or len(set(text)) != 1:
                         problems.append(f"{name} half-written")
                     seen.add(text[0])
             except FileNotFoundError as e:
@@ -119,7 +120,10 @@ def test_best_checkpoint_is_replaced_without_a_reader_seeing_a_mix(tmp_path):
 
     reader = threading.Thread(target=read_forever)
     reader.start()
-    for i in range(40):
+    for i in range(30):
+        # Runs replace ``best`` at most once an epoch; a reader's pass here takes about a
+        # millisecond, and the copy it must never see half-done about as long.
+        time.sleep(0.05)
         promote_best(sources[(i + 1) % 2], str(best))
     stop.set()
     reader.join()
