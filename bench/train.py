@@ -41,6 +41,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from photos import build_photo_set  # noqa: E402
 from predict import PeakMemory  # noqa: E402
+from recipe import last_json  # noqa: E402
 from train_baselines import run_subprocess  # noqa: E402
 
 CASES = {
@@ -78,7 +79,7 @@ def run_imgcls(root: str, settings: dict, epochs: int, workers: int, workdir: st
     if proc.returncode:
         raise RuntimeError(f"imgcls train failed:\n{proc.stderr[-4000:]}")
     lines = proc.stdout.splitlines()
-    summary = json.loads("\n".join(lines[max(i for i, line in enumerate(lines) if line == "{"):]))
+    summary = last_json(proc.stdout)
     with open(os.path.join(summary["latest_checkpoint"], "history.json")) as f:
         history = json.load(f)
     cache_seconds = sum(float(line.split(" in ")[-1].split(" s")[0]) for line in lines

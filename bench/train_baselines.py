@@ -52,7 +52,7 @@ from torch.utils.data import DataLoader, Subset
 from torchvision.datasets import ImageFolder
 
 from imgcls.data import ClassificationPresetTrain
-from imgcls.imaging import decode_image, resize_center_crop, resize_size, to_chw_tensor
+from imgcls.imaging import decode_image, decode_resized, resize_size, to_chw_tensor
 from imgcls.models import create_model, get_spec
 
 # Everything is imported up front, so that the cases' timers, which start when they are
@@ -274,8 +274,8 @@ def train_in_memory(root: str, arch: str, image_size: int, augment: str, epochs:
     images = torch.empty((len(samples), crop, crop, 3), dtype=torch.uint8)
 
     def decode(i):
-        chw = load_chw(samples[i][0], target_size=short)
-        images[i] = resize_center_crop(chw, short, crop).permute(1, 2, 0)
+        with open(samples[i][0], "rb") as f:
+            images[i] = torch.from_numpy(decode_resized(f.read(), short, crop))
 
     # PIL and the resize release the GIL, so threads decode in parallel; each resizes
     # one image on one torch thread rather than all threads fighting over small images.

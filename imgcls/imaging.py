@@ -106,6 +106,19 @@ def resize_center_crop(image: torch.Tensor, short_side: int, crop: int) -> torch
     return image[..., top:top + crop, left:left + crop]
 
 
+def decode_resized(data: bytes, short_side: int, side: int, max_pixels: int = 64_000_000) -> np.ndarray:
+    """Image bytes -> (side, side, 3) uint8: decoded (JPEGs at a reduced scale where that
+    keeps ``short_side``), then ``resize_center_crop``. With ``short_side =
+    resize_size(S)`` and ``side = S`` these are the eval preset's pixels, which inference
+    and the validation cache both use.
+
+    Raises:
+        ImageDecodeError: as ``decode_image``.
+    """
+    image = decode_image(data, max_pixels, target_size=short_side)
+    return resize_center_crop(to_chw_tensor(image), short_side, side).permute(1, 2, 0).numpy()
+
+
 def to_chw_tensor(image: np.ndarray) -> torch.Tensor:
     """(H, W, 3) uint8 array -> (3, H, W) uint8 tensor."""
     return torch.from_numpy(np.array(image, copy=not image.flags.writeable)).permute(2, 0, 1)

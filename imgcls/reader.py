@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 
 from imgcls import storage
-from imgcls.imaging import decode_image, eval_geometry, resize_size, to_chw_tensor
+from imgcls.imaging import decode_resized, resize_size
 
 # Output schema: the one definition of the predictions table.
 COL_PATH = "path"
@@ -75,8 +75,7 @@ class ReadDecodeBatch:
         self.max_images = max_images
 
     def _image(self, data: bytes) -> np.ndarray:
-        image = decode_image(data, self.max_pixels, target_size=resize_size(self.image_size))
-        return eval_geometry(to_chw_tensor(image), self.image_size).permute(1, 2, 0).numpy()  # (S, S, 3)
+        return decode_resized(data, resize_size(self.image_size), self.image_size, self.max_pixels)  # (S, S, 3)
 
     def _entries(self, path: str):
         """Yields (path, bytes or exception) for a file, or for each member of a tar."""

@@ -524,7 +524,7 @@ def build_trainer(job: JobConfig, callbacks: Optional[list] = None
     trainer = ray.train.torch.TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
-            "job": job.to_dict(), "classes": classes, "num_train": len(train_images),
+            "job": job.to_dict(), "classes": classes,
             "class_counts": class_counts(splits["train"].labels, classes),
             "caches": {name: c.to_dict() for name, c in caches.items()}, "resident": resident,
         },
@@ -609,7 +609,7 @@ def fit(job: JobConfig) -> FitResult:
     best_link = storage.join(storage_path, t.name, BEST_DIR)
     promote_best(best, best_link)
     history = storage.read_json(storage.join(latest, "history.json"))
-    config = trainer.train_loop_config if hasattr(trainer, "train_loop_config") else {}
-    caches = {k: ImageCache.from_dict(v) for k, v in config.get("caches", {}).items()}
+    config = trainer.train_loop_config
+    caches = {k: ImageCache.from_dict(v) for k, v in config["caches"].items()}
     return FitResult(checkpoint=latest, best_checkpoint=best_link, metrics=result.metrics, history=history,
-                     classes=classes, splits=splits, caches=caches, resident=bool(config.get("resident")))
+                     classes=classes, splits=splits, caches=caches, resident=config["resident"])

@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from imgcls.cache import (ImageCache, cache_key, decode_for_cache, images_per_shard, load_indices, worker_range)
+from imgcls.cache import ImageCache, cache_key, images_per_shard, load_indices, resize_many, worker_range
 from imgcls.data import LabelledImages
-from imgcls.imaging import decode_image, eval_geometry, resize_size, to_chw_tensor
+from imgcls.imaging import decode_image, decode_resized, eval_geometry, resize_size, to_chw_tensor
 
 
 @pytest.mark.parametrize("n,world", [(10, 1), (10, 2), (11, 2), (7, 3), (2, 4)])
@@ -82,7 +82,7 @@ def test_validation_images_are_the_inference_pixels():
     photo.save(buf, format="JPEG", quality=90)
     data = buf.getvalue()
     inference = eval_geometry(to_chw_tensor(decode_image(data, target_size=resize_size(64))), 64)
-    cached = decode_for_cache(data, resize_size(64), 64)
+    cached = decode_resized(data, resize_size(64), 64)
     assert cached.shape == (64, 64, 3)
     assert torch.equal(torch.from_numpy(cached), inference.permute(1, 2, 0))
 
@@ -176,17 +176,15 @@ def test_ema_follows_the_weights_with_a_warmup():
     assert not any(p.requires_grad for p in ema.module.parameters())
 
 
-def test_images_decoded_together_are_each_as_decoded_alone():
-    """decode_many resizes same-sized images in one call: the pixels must not change."""
-    from imgcls.cache import decode_many
-
+def test_images_resized_together_are_each_as_resized_alone():
+    """resize_many resizes same-sized images in one call: the pixels must not change."""
     rng = np.random.default_rng(1)
     datas = []
     for shape in [(28, 28), (40, 30), (28, 28), (64, 90), (28, 28)]:
         buf = io.BytesIO()
         Image.fromarray(rng.integers(0, 256, (*shape, 3), dtype=np.uint8)).save(buf, format="PNG")
         datas.append(buf.getvalue())
-    together = decode_many(datas, 32, 28)
+    together = resize_many([decode_image(data, target_size=32) for data in datas], 32, 28)
     assert together.shape == (5, 28, 28, 3)
     for i, data in enumerate(datas):
-        assert np.array_equal(together[i], decode_for_cache(data, 32, 28)), i
+        assert np.array_equal(together[i], decode_resized(data, 32, 28)), i
