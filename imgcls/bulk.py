@@ -1,36 +1,57 @@
-"""Bulk labelling: inputs -> sharded, atomic, resumable Parquet output.
+"""Bulk labelling: inputs -> sharded, atomic, resumable Parquet output, written by the workers.
 
-The sorted input list is cut into shards of ``files_per_shard`` files (one shard per
-.tar file). Shard ``i`` is written as ``part-{i:05d}.parquet`` through a hidden
-temporary name and a rename, so readers never see a half-written file. A rerun with
-the same output skips every shard whose part file exists; ``_job.json`` records the
-inputs and model so that a rerun against different inputs is refused rather than mixed.
+The inputs are planned once into shards (``imgcls.inputs``: at most ``files_per_shard``
+files, or one tar, each). One shard is one unit of work: the actor that labels it
+writes ``part-{shard:06d}.parquet`` itself, through a hidden temporary name and a
+rename, and returns only a summary row (shard, rows, ok, errors, node). Prediction
+rows never reach the driver, which holds one small row per shard.
+
+- CPU layout (one pool): each actor reads, decodes and labels its shard, then writes it.
+- Separate decode pool (the GPU layout): decode actors turn a shard into chunks of
+  decoded images; model actors label each chunk and write it under ``_staging/``;
+  once a shard's rows are all staged, a small Ray task merges them into its part.
+
+A rerun with the same output skips every shard whose part exists and is complete; the
+job is done when the set of parts written equals the set planned. ``_job.json`` holds
+the inputs' hash and the model's id, so that a rerun with other inputs or another
+model is refused rather than mixed into the same output.
 """
 
 from __future__ import annotations
 
-import hashlib
+import json
+import re
 import time
 import uuid
-from dataclasses import asdict, dataclass
-
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import ray
+from ray.data import ActorPoolStrategy, ExecutionResources
 
 from imgcls import storage
+from imgcls.classifier import Classifier, ModelPayload
 from imgcls.config import PredictConfig
-from imgcls.predict import input_rows, list_inputs, predict, tar_alone_runs
-from imgcls.reader import COL_SHARD, COL_SHARD_SIZE, COL_STATUS, STATUS_OK, output_schema
+from imgcls.inputs import plan_inputs
+from imgcls.predict import pool_plan, prepare_model
+from imgcls.reader import (COL_PATH, COL_ROW, COL_SHARD, COL_SHARD_ROWS, COL_STATUS, MAX_FILE_BYTES, STATUS_OK,
+                           Decoder, DecodeShards, output_schema, read_shard_list)
 
 JOB_FILE = "_job.json"
 SUMMARY_FILE = "_summary.json"
-PART_TEMPLATE = "part-{:05d}.parquet"
+STAGING_DIR = "_staging"
+PART_TEMPLATE = "part-{:06d}.parquet"
+PART_NAME = re.compile(r"^part-(\d+)\.parquet$")
+COUNTS_KEY = b"imgcls.counts"  # Parquet footer metadata of each part: its rows, ok and errors
+SUMMARY_COLUMNS = ("shard", "rows", "ok", "errors", "node", "seconds")
 
 
 @dataclass
 class LabelSummary:
-    files: int  # inputs in this job, all shards
+    files: int  # input files in this job (a tar counts once)
     rows: int  # rows in the output, all shards
     ok: int
     errors: int
@@ -39,83 +60,233 @@ class LabelSummary:
     seconds: float
     images_per_s: float  # rows written by this run per second
     output: str
+    plan_seconds: float = 0.0  # listing or reading the inputs into shards (0 when reused)
+    shards_by_node: dict = field(default_factory=dict)  # node id -> shards labelled there by this run
 
 
-def plan_shards(inputs: list[str], files_per_shard: int) -> list[list[str]]:
-    """Consecutive runs of ``files_per_shard`` plain files; each .tar is a shard of its own."""
-    return tar_alone_runs(inputs, files_per_shard)
+def part_name(shard: int) -> str:
+    return PART_TEMPLATE.format(shard)
 
 
-def _fingerprint(inputs: list[str], cfg: PredictConfig) -> dict:
-    digest = hashlib.sha256("\n".join(inputs).encode()).hexdigest()
-    return {"inputs_sha256": digest, "files": len(inputs), "files_per_shard": cfg.files_per_shard,
-            "model": cfg.model, "runtime": cfg.runtime, "embeddings": cfg.embeddings, "top_k": cfg.top_k}
-
-
-def _write_part_atomic(table: pa.Table, output: str, shard: int) -> None:
+def write_part_atomic(table: pa.Table, output: str, shard: int) -> dict:
+    """Writes one shard's rows as its part, through a hidden name then a rename; returns
+    its counts, which the part's footer also records."""
+    ok = int(pc.sum(pc.equal(table[COL_STATUS], STATUS_OK)).as_py() or 0)
+    counts = {"rows": table.num_rows, "ok": ok, "errors": table.num_rows - ok}
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}), COUNTS_KEY: json.dumps(counts).encode()})
     fs, folder = storage.filesystem(output)
-    final = f"{folder.rstrip('/')}/{PART_TEMPLATE.format(shard)}"
-    tmp = f"{folder.rstrip('/')}/.tmp-{uuid.uuid4().hex}-{PART_TEMPLATE.format(shard)}"
+    final = f"{folder.rstrip('/')}/{part_name(shard)}"
+    tmp = f"{folder.rstrip('/')}/.tmp-{uuid.uuid4().hex}-{part_name(shard)}"
     with fs.open(tmp, "wb") as f:
         pq.write_table(table, f)
     fs.mv(tmp, final)
+    return counts
 
 
 def done_shards(output: str) -> set[int]:
+    """Shards whose part exists (parts only ever appear complete)."""
     fs, folder = storage.filesystem(output)
+    fs.invalidate_cache(folder)  # workers wrote there: a cached listing would miss their parts
     if not fs.exists(folder):
         return set()
-    names = [p.rsplit("/", 1)[-1] for p in fs.ls(folder, detail=False)]
-    return {int(n[5:10]) for n in names if n.startswith("part-") and n.endswith(".parquet")}
+    names = (p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(folder, detail=False))
+    return {int(m.group(1)) for m in map(PART_NAME.match, names) if m}
+
+
+def part_counts(output: str, shards) -> list[dict]:
+    """The counts recorded in the footers of these shards' parts, read concurrently."""
+    fs, folder = storage.filesystem(output)
+
+    def one(shard: int) -> dict:
+        with fs.open(f"{folder.rstrip('/')}/{part_name(shard)}", "rb") as f:
+            meta = pq.read_metadata(f).metadata or {}
+        return json.loads(meta[COUNTS_KEY])
+
+    with ThreadPoolExecutor(16) as pool:
+        return list(pool.map(one, shards))
+
+
+def _summary_row(shard: int, counts: dict, seconds: float) -> dict:
+    return {"shard": shard, **counts, "node": ray.get_runtime_context().get_node_id(), "seconds": seconds}
+
+
+def _as_columns(rows: list[dict]) -> dict[str, np.ndarray]:
+    return {k: np.array([r[k] for r in rows], dtype=object if k == "node" else None) for k in SUMMARY_COLUMNS}
+
+
+def _finish(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """A shard's rows as written: the output columns only, sorted by path."""
+    return table.select(schema.names).cast(schema).sort_by(COL_PATH)
+
+
+class LabelShards:
+    """CPU layout: one actor reads, decodes and labels each shard it is given, ``max_images``
+    at a time, then writes the shard's part; input rows ``shard``, ``list``."""
+
+    def __init__(self, payload: ModelPayload, output: str, max_pixels: int, max_images: int = 64,
+                 max_bytes: int = MAX_FILE_BYTES, **classifier_kwargs):
+        self.decoder = Decoder(payload.image_size, max_pixels, max_images, max_bytes)
+        self.classify = Classifier(payload, **classifier_kwargs)
+        self.output = output
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rows = []
+        for shard, list_uri in zip(batch[COL_SHARD], batch["list"]):
+            began = time.perf_counter()
+            tables = [self.classify.label(chunk) for chunk in self.decoder.chunks(read_shard_list(list_uri))]
+            table = _finish(pa.concat_tables(tables), self.classify.schema)
+            counts = write_part_atomic(table, self.output, int(shard))
+            rows.append(_summary_row(int(shard), counts, time.perf_counter() - began))
+        return _as_columns(rows)
+
+
+def staging_uri(output: str, shard: int) -> str:
+    return storage.join(output, STAGING_DIR, f"{shard:06d}")
+
+
+class LabelChunks:
+    """Separate-decode layout, model stage: labels decoded chunks (``DecodeShards``) and
+    writes each shard's rows of a batch under ``_staging/{shard}/``, named by their first
+    row, so that a retried batch rewrites the same file. Returns per file: shard, the
+    row indices it holds and, on a shard's last chunk, its row count."""
+
+    def __init__(self, payload: ModelPayload, output: str, **classifier_kwargs):
+        self.classify = Classifier(payload, **classifier_kwargs)
+        self.output = output
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        table = self.classify(batch)
+        out = {"shard": [], "rows": [], "shard_rows": []}
+        for shard in np.unique(batch[COL_SHARD]):
+            part = table.filter(pc.equal(table[COL_SHARD], shard))
+            row_ids = part[COL_ROW].to_numpy()
+            uri = storage.join(staging_uri(self.output, int(shard)), f"{int(row_ids.min()):09d}.parquet")
+            with storage.open_uri(uri, "wb") as f:
+                pq.write_table(part, f)
+            out["shard"].append(int(shard))
+            out["rows"].append(row_ids.tolist())
+            out["shard_rows"].append(int(part[COL_SHARD_ROWS].to_numpy().max()))
+        return out
+
+
+@ray.remote(num_cpus=0.1, max_retries=3)
+def commit_shard(output: str, shard: int, shard_rows: int, schema: pa.Schema) -> dict:
+    """Merges a shard's staged chunks into its part (rows staged twice by a retried batch
+    count once), then removes them."""
+    began = time.perf_counter()
+    fs, folder = storage.filesystem(staging_uri(output, shard))
+    fs.invalidate_cache(folder)  # other workers staged there
+    tables = []
+    for name in sorted(fs.ls(folder, detail=False)):
+        with fs.open(name, "rb") as f:
+            tables.append(pq.read_table(f))
+    table = pa.concat_tables(tables)
+    _, first = np.unique(table[COL_ROW].to_numpy(), return_index=True)
+    if len(first) != shard_rows:
+        raise RuntimeError(f"shard {shard}: {len(first)} of {shard_rows} rows staged")
+    counts = write_part_atomic(_finish(table.take(pa.array(first)), schema), output, shard)
+    fs.rm(folder, recursive=True)
+    return _summary_row(shard, counts, time.perf_counter() - began)
+
+
+def _run_one_pool(todo: pa.Table, payload: ModelPayload, cfg: PredictConfig, plan: dict) -> list[dict]:
+    ds = _shard_rows(todo).map_batches(
+        LabelShards, fn_constructor_kwargs={
+            "payload": payload, "output": cfg.output, "max_pixels": cfg.max_pixels, "max_images": cfg.batch_size,
+            "top_k": cfg.top_k, "embeddings": cfg.embeddings, "threads": plan["threads"], "use_gpu": plan["use_gpu"]},
+        batch_size=1, compute=ActorPoolStrategy(size=plan["size"]), num_cpus=plan["num_cpus"],
+        num_gpus=plan["num_gpus"])
+    return [row for batch in ds.iter_batches(batch_size=None, batch_format="pandas")
+            for row in batch.to_dict("records")]
+
+
+def _run_two_pools(todo: pa.Table, payload: ModelPayload, cfg: PredictConfig, plan: dict) -> list[dict]:
+    decode = plan["decode"]
+    decoded = _shard_rows(todo).map_batches(
+        DecodeShards, fn_constructor_kwargs={"image_size": payload.image_size, "max_pixels": cfg.max_pixels,
+                                             "max_images": cfg.batch_size},
+        batch_size=1, compute=ActorPoolStrategy(min_size=1, max_size=decode["max_size"]), num_cpus=decode["num_cpus"])
+    staged = decoded.map_batches(
+        LabelChunks, fn_constructor_kwargs={"payload": payload, "output": cfg.output, "top_k": cfg.top_k,
+                                            "embeddings": cfg.embeddings, "threads": plan["threads"],
+                                            "use_gpu": plan["use_gpu"]},
+        batch_size=cfg.batch_size, compute=ActorPoolStrategy(size=plan["size"]), num_cpus=plan["num_cpus"],
+        num_gpus=plan["num_gpus"], batch_format="numpy")
+    staged.context.execution_options.resource_limits = ExecutionResources.for_limits(
+        object_store_memory=cfg.buffer_mb * 2**20)
+    schema = output_schema(cfg.embeddings)
+    covered: dict[int, set] = {}
+    totals: dict[int, int] = {}
+    commits = []
+    for batch in staged.iter_batches(batch_size=None, batch_format="pyarrow"):
+        for shard, rows, shard_rows in zip(*(batch[c].to_pylist() for c in ("shard", "rows", "shard_rows"))):
+            covered.setdefault(shard, set()).update(rows)
+            if shard_rows >= 0:
+                totals[shard] = shard_rows
+            if shard in totals and len(covered[shard]) == totals[shard]:
+                commits.append(commit_shard.remote(cfg.output, shard, totals.pop(shard), schema))
+                del covered[shard]
+    if covered:
+        raise RuntimeError(f"shards {sorted(covered)} did not receive all their rows")
+    return ray.get(commits)
+
+
+def _shard_rows(todo: pa.Table) -> ray.data.Dataset:
+    """One row per shard to label, in blocks of one shard (up to 2,000 blocks), so that
+    shards spread over the actors as they free up."""
+    items = [{COL_SHARD: s, "list": u} for s, u in zip(todo[COL_SHARD].to_pylist(), todo["list"].to_pylist())]
+    return ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 2000)))
+
+
+def _fingerprint(plan, payload: ModelPayload, cfg: PredictConfig) -> dict:
+    return {"inputs_sha256": plan.sha256, "files": plan.files, "shards": plan.shards,
+            "files_per_shard": cfg.files_per_shard, "model_id": payload.model_id, "model": cfg.model,
+            "runtime": cfg.runtime, "embeddings": cfg.embeddings, "top_k": cfg.top_k}
 
 
 def label_images(cfg: PredictConfig) -> LabelSummary:
     """Labels every input of ``cfg`` on the running Ray cluster and writes Parquet shards."""
     start = time.perf_counter()
-    inputs = list_inputs(cfg.input)
-    if not inputs:
-        raise ValueError(f"no files found at {cfg.input}")
-    shards = plan_shards(inputs, cfg.files_per_shard)
     storage.makedirs(cfg.output)
-    fs, folder = storage.filesystem(cfg.output)
+    plan = plan_inputs(cfg.input, cfg.output, cfg.files_per_shard)
+    payload = prepare_model(cfg.model, cfg.runtime)
     job_uri = storage.join(cfg.output, JOB_FILE)
-    fingerprint = _fingerprint(inputs, cfg)
+    fingerprint = _fingerprint(plan, payload, cfg)
     if storage.exists(job_uri):
         previous = storage.read_json(job_uri)
         if previous != fingerprint:
-            raise ValueError(f"{cfg.output} holds output of another job ({previous}); use a new output folder")
+            changed = sorted(k for k in set(previous) | set(fingerprint) if previous.get(k) != fingerprint.get(k))
+            raise ValueError(f"{cfg.output} holds the output of another job (differs in {changed}); "
+                             "use a new output folder")
     else:
         storage.write_json(job_uri, fingerprint)
+    fs, folder = storage.filesystem(cfg.output)
     for stale in fs.glob(f"{folder.rstrip('/')}/.tmp-*"):  # left by a killed run
         fs.rm(stale)
+    if fs.exists(f"{folder.rstrip('/')}/{STAGING_DIR}"):
+        fs.rm(f"{folder.rstrip('/')}/{STAGING_DIR}", recursive=True)
+    shards = plan.shard_table()
     skip = done_shards(cfg.output)
-    schema = output_schema(cfg.embeddings)
-    written = 0
-    if not skip.issuperset(range(len(shards))):
-        predictions = predict(input_rows(shards, skip), cfg.model, batch_size=cfg.batch_size,
-                              top_k=cfg.top_k, embeddings=cfg.embeddings, runtime=cfg.runtime, use_gpu=cfg.use_gpu,
-                              num_actors=cfg.num_actors, max_pixels=cfg.max_pixels, buffer_mb=cfg.buffer_mb,
-                              separate_decode=cfg.separate_decode)
-        pending: dict[int, list[pa.Table]] = {}
-        counts: dict[int, int] = {}
-        for batch in predictions.iter_batches(batch_format="pyarrow", batch_size=None):
-            for shard in set(batch[COL_SHARD].to_pylist()):
-                part = batch.filter(pc.equal(batch[COL_SHARD], shard))
-                pending.setdefault(shard, []).append(part)
-                counts[shard] = counts.get(shard, 0) + part.num_rows
-                if counts[shard] == part[COL_SHARD_SIZE][0].as_py():
-                    table = pa.concat_tables(pending.pop(shard)).drop_columns([COL_SHARD, COL_SHARD_SIZE])
-                    table = table.cast(schema).sort_by("path")
-                    _write_part_atomic(table, cfg.output, shard)
-                    written += table.num_rows
-        if pending:
-            raise RuntimeError(f"shards {sorted(pending)} did not receive all their rows")
-    total = pq.read_table(folder, filesystem=fs, columns=[COL_STATUS]) if fs.exists(folder) else None
-    total_rows = total.num_rows if total is not None else 0
-    total_ok = (pc.sum(pc.equal(total[COL_STATUS], STATUS_OK)).as_py() or 0) if total_rows else 0
+    todo = shards.filter(pc.invert(pc.is_in(shards[COL_SHARD], pa.array(sorted(skip), pa.int64()))))
+    labelled: list[dict] = []
+    if todo.num_rows:
+        pools = pool_plan(cfg.use_gpu, cfg.num_actors, cfg.separate_decode)
+        run = _run_one_pool if pools["decode"] is None else _run_two_pools
+        labelled = run(todo, payload, cfg, pools)
+    missing = set(range(plan.shards)) - done_shards(cfg.output)
+    if missing:
+        raise RuntimeError(f"{len(missing)} planned shards have no part (first: {sorted(missing)[:5]})")
+    skipped = sorted(skip & set(range(plan.shards)))
+    counts = labelled + part_counts(cfg.output, skipped)
     seconds = time.perf_counter() - start
-    summary = LabelSummary(files=len(inputs), rows=total_rows, ok=total_ok, errors=total_rows - total_ok,
-                           shards=len(shards), shards_skipped=len(skip), seconds=round(seconds, 2),
-                           images_per_s=round(written / seconds, 2), output=cfg.output)
+    by_node: dict[str, int] = {}
+    for row in labelled:
+        by_node[row["node"]] = by_node.get(row["node"], 0) + 1
+    written = sum(int(r["rows"]) for r in labelled)
+    summary = LabelSummary(
+        files=plan.files, rows=sum(int(c["rows"]) for c in counts), ok=sum(int(c["ok"]) for c in counts),
+        errors=sum(int(c["errors"]) for c in counts), shards=plan.shards, shards_skipped=len(skipped),
+        seconds=round(seconds, 2), images_per_s=round(written / seconds, 2), output=cfg.output,
+        plan_seconds=round(0.0 if plan.reused else plan.seconds, 2), shards_by_node=by_node)
     storage.write_json(storage.join(cfg.output, SUMMARY_FILE), asdict(summary))
     return summary

@@ -19,9 +19,11 @@ import pyarrow as pa
 import torch
 
 from imgcls.imaging import ScaleNormalize
-from imgcls.reader import (COL_EMBEDDING, COL_ERROR, COL_LABEL, COL_MODEL_ID, COL_PATH, COL_SCORE, COL_SHARD,
-                           COL_SHARD_SIZE, COL_STATUS, COL_TOPK_LABELS, COL_TOPK_SCORES, STATUS_OK, ReadDecodeBatch,
-                           output_schema)
+from imgcls.reader import (COL_EMBEDDING, COL_ERROR, COL_LABEL, COL_MODEL_ID, COL_PATH, COL_ROW, COL_SCORE,
+                           COL_SHARD, COL_SHARD_ROWS, COL_STATUS, COL_TOPK_LABELS, COL_TOPK_SCORES, STATUS_OK,
+                           ReadDecodeBatch, output_schema)
+
+PASS_THROUGH = (COL_SHARD, COL_ROW, COL_SHARD_ROWS)  # internal int64 columns a batch may carry
 
 
 @dataclass(frozen=True)
@@ -91,6 +93,15 @@ class Classifier:
         return np.concatenate([p for p, _ in outs]), np.concatenate([f for _, f in outs])
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        """Decoded rows -> OUTPUT_SCHEMA rows, plus the internal columns the batch carries."""
+        table = self.label(batch)
+        for col in PASS_THROUGH:
+            if col in batch:
+                table = table.append_column(col, pa.array(batch[col], pa.int64()))
+        return table
+
+    def label(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        """Decoded rows (``reader.Decoder``'s columns) -> rows of OUTPUT_SCHEMA."""
         n = len(batch[COL_PATH])
         ok = np.asarray(batch[COL_STATUS] == STATUS_OK)
         labels, scores = np.full(n, None, dtype=object), np.full(n, np.nan, dtype=np.float32)
@@ -116,9 +127,7 @@ class Classifier:
         }
         if self.embeddings:
             columns[COL_EMBEDDING] = embedding
-        table = pa.Table.from_pydict(columns, schema=self.schema)
-        return table.append_column(COL_SHARD, pa.array(batch[COL_SHARD], pa.int64())) \
-                    .append_column(COL_SHARD_SIZE, pa.array(batch[COL_SHARD_SIZE], pa.int64()))
+        return pa.Table.from_pydict(columns, schema=self.schema)
 
 
 class ReadAndClassify:

@@ -16,7 +16,7 @@ from imgcls.checkpoint import read_model_info
 from imgcls.data import LabelledImages, encode_labels
 from imgcls.metrics import classification_report, confusion_matrix
 from imgcls.predict import input_rows, predict
-from imgcls.reader import COL_LABEL, COL_PATH, COL_SHARD, COL_SHARD_SIZE, COL_STATUS, COL_TOPK_LABELS, STATUS_OK
+from imgcls.reader import COL_LABEL, COL_PATH, COL_STATUS, COL_TOPK_LABELS, STATUS_OK
 
 COL_TRUE = "true_label"
 
@@ -24,9 +24,8 @@ COL_TRUE = "true_label"
 def predict_labelled(model: str, images: LabelledImages, batch_size: int = 64, runtime: str = "torch",
                      num_actors: Optional[int] = None) -> pd.DataFrame:
     """Predictions for ``images`` with a ``true_label`` column, one row per image."""
-    df = predict(input_rows([images.paths]), model, batch_size=batch_size, runtime=runtime,
+    df = predict(input_rows(images.paths), model, batch_size=batch_size, runtime=runtime,
                  num_actors=num_actors).to_pandas()
-    df = df.drop(columns=[COL_SHARD, COL_SHARD_SIZE])
     truth = dict(zip(images.paths, images.labels))
     df[COL_TRUE] = df[COL_PATH].map(truth)
     return df.sort_values(COL_PATH).reset_index(drop=True)

@@ -69,20 +69,20 @@ def explain_images(checkpoint: str, paths: Sequence[str], output: str, layer: Op
     """Writes a Grad-CAM overlay PNG per image into ``output``; returns what each shows."""
     from PIL import Image
 
-    from imgcls import storage
     from imgcls.checkpoint import load_checkpoint
     from imgcls.data import ClassificationPresetEval, decode_image, to_chw_tensor
+    from imgcls.reader import read_input, split_member
 
     loaded = load_checkpoint(checkpoint)
     preset = ClassificationPresetEval(loaded.image_size, loaded.mean, loaded.std)
     os.makedirs(output, exist_ok=True)
     results = []
     for i, path in enumerate(paths):
-        chw = preset.geometry(to_chw_tensor(decode_image(storage.read_bytes(path))))  # (3, S, S) uint8
+        chw = preset.geometry(to_chw_tensor(decode_image(read_input(path))))  # (3, S, S) uint8
         heat, logits = grad_cam(loaded.model, preset.normalize(chw)[None], layer=layer)
         probs = logits.softmax(1)[0]
         label = loaded.classes[int(probs.argmax())]
-        name = f"{i:04d}_{os.path.splitext(os.path.basename(path.split('::')[-1]))[0]}_{label}.png"
+        name = f"{i:04d}_{os.path.splitext(os.path.basename(split_member(path)[1] or path))[0]}_{label}.png"
         Image.fromarray(overlay(chw.permute(1, 2, 0).numpy(), heat[0].numpy())).save(os.path.join(output, name))
         results.append({"path": path, "label": label, "score": float(probs.max()), "overlay": os.path.join(output, name)})
     return results

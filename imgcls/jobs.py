@@ -14,6 +14,7 @@ from imgcls.config import DataConfig, JobConfig, ModelConfig, PredictConfig, Tra
 from imgcls.checkpoint import load_checkpoint, read_model_info
 from imgcls.data import list_labelled_images
 from imgcls.evaluate import COL_TRUE, evaluate_images, report_from_predictions
+from imgcls.reader import source_file
 from imgcls.train import fit
 
 TEST_METRICS_FILE = "test_metrics.json"
@@ -100,7 +101,8 @@ def run_evaluation(model: str, output: str, data: str | None = None, predictions
         fs, path = storage.filesystem(predictions)
         df = pq.read_table(path, filesystem=fs).to_pandas()
         if COL_TRUE not in df.columns:
-            df[COL_TRUE] = df["path"].str.split("::").str[0].str.rsplit("/", n=2).str[-2]
+            # the parent folder of each file (of the tar, for tar members)
+            df[COL_TRUE] = df["path"].map(source_file).str.rsplit("/", n=2).str[-2]
         report = report_from_predictions(df, classes)
     os.makedirs(output, exist_ok=True)
     df.to_parquet(os.path.join(output, PREDICTIONS_FILE))

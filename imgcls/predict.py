@@ -1,18 +1,20 @@
 """Batch inference as a Ray Data pipeline; builds the predictions Dataset, writes nothing.
 
-Stages: input rows (``path``, ``shard``, ``shard_size``) -> ``reader.ReadDecodeBatch``
+Stages: input rows (``path``) -> ``reader.ReadDecodeBatch``
 (read bytes, decode, eval-preset geometry; failures become error rows) ->
 ``classifier.Classifier`` (normalise, forward, top-k) -> rows of OUTPUT_SCHEMA. With
 GPUs the two stages run in separate actor pools, decoding on CPUs; on CPUs one pool runs
 both (``classifier.ReadAndClassify``). The model is prepared once, here in the driver
-(``prepare_model``); no actor imports torchvision, so the pools start quickly."""
+(``prepare_model``); no actor imports torchvision, so the pools start quickly.
+Evaluation labels through ``predict``; bulk labelling (``imgcls.bulk``) runs the same
+stages per shard, each worker writing its own output."""
 
 from __future__ import annotations
 
 import hashlib
 import io
 import warnings
-from typing import Callable, Collection, Optional, Sequence, TypeVar
+from typing import Optional, Sequence
 
 import pyarrow as pa
 import ray
@@ -21,10 +23,8 @@ from ray.data import ActorPoolStrategy, ExecutionResources
 
 from imgcls import storage
 from imgcls.classifier import Classifier, ModelPayload, ReadAndClassify
-from imgcls.reader import COL_PATH, COL_SHARD, COL_SHARD_SIZE, ReadDecodeBatch, is_tar
-
-T = TypeVar("T")
-
+from imgcls.inputs import cut_runs
+from imgcls.reader import COL_PATH, ReadDecodeBatch, is_tar
 
 def prepare_model(model: str, runtime: str = "torch") -> ModelPayload:
     """Loads ``model`` once, in the driver, into what every Classifier actor loads.
@@ -61,56 +61,29 @@ def prepare_model(model: str, runtime: str = "torch") -> ModelPayload:
                         loaded.model_id)
 
 
-def tar_alone_runs(items: Sequence[T], size: int, path: Callable[[T], str] = str) -> list[list[T]]:
-    """Consecutive runs of ``size`` items, each tar (by its ``path``) in a run of its own."""
-    runs, current = [], []
-    for item in items:
-        if is_tar(path(item)):
-            runs.append([item])
-            continue
-        current.append(item)
-        if len(current) == size:
-            runs.append(current)
-            current = []
-    if current:
-        runs.append(current)
-    return runs
-
-
 ROWS_PER_BLOCK = 256
-MIN_BLOCKS, MAX_BLOCKS = 16, 2000
+MIN_BLOCKS = 16
 
 
-def input_blocks(shards: Sequence[Sequence[str]], skip: Collection[int] = (),
-                 rows_per_block: int = ROWS_PER_BLOCK) -> list[pa.Table]:
+def input_blocks(paths: Sequence[str], rows_per_block: int = ROWS_PER_BLOCK) -> list[pa.Table]:
     """The blocks of ``input_rows``: each is one Ray Data task's input.
 
-    A block holds up to ``rows_per_block`` plain files, or one tar shard on its
-    own: a tar can hold thousands of images, so tars go to the actors one at a time.
-    Fewer files are cut into at least MIN_BLOCKS blocks, so that they still spread over
-    the actors; more than ``MAX_BLOCKS * rows_per_block`` files get larger blocks, so
-    that the driver holds no more than about MAX_BLOCKS of them.
+    A block holds up to ``rows_per_block`` plain files, or one tar on its own (a tar can
+    hold thousands of images). Fewer files are cut into at least MIN_BLOCKS blocks, so
+    that they still spread over the actors. Blocks of 256 files amortise the fixed cost
+    of a Ray Data task: on 2 cores, tasks of 64 files labelled 570-590 images/s and tasks
+    of 256 files 630-680, with the same 64 images decoded and labelled at a time. Bulk
+    labelling plans its inputs without the driver instead (``imgcls.inputs``).
     """
-    rows = [(path, i, len(paths)) for i, paths in enumerate(shards) if i not in skip for path in paths]
-    plain = sum(not is_tar(r[0]) for r in rows)
-    per_block = max(1, min(rows_per_block, -(-plain // MIN_BLOCKS)), -(-plain // MAX_BLOCKS))
-    blocks = tar_alone_runs(rows, per_block, path=lambda row: row[0]) or [[]]
-    return [pa.table({COL_PATH: pa.array([r[0] for r in b], pa.string()),
-                      COL_SHARD: pa.array([r[1] for r in b], pa.int64()),
-                      COL_SHARD_SIZE: pa.array([r[2] for r in b], pa.int64())}) for b in blocks]
+    plain = sum(not is_tar(p) for p in paths)
+    per_block = max(1, min(rows_per_block, -(-plain // MIN_BLOCKS)))
+    blocks = cut_runs(list(paths), per_block) or [[]]
+    return [pa.table({COL_PATH: pa.array(b, pa.string())}) for b in blocks]
 
 
-def input_rows(shards: Sequence[Sequence[str]], skip: Collection[int] = (),
-               rows_per_block: int = ROWS_PER_BLOCK) -> ray.data.Dataset:
-    """The rows ``predict`` takes: one per input file (or tar), tagged with its shard.
-
-    ``shards`` is a list of path lists; shards whose index is in ``skip`` are left out
-    (already written by an earlier run). ``predict`` hands each block to one task
-    (``input_blocks``). Blocks of 256 files amortise the fixed cost of a Ray Data task:
-    on 2 cores, tasks of 64 files labelled 570-590 images/s and tasks of 256 files
-    630-680, with the same 64 images decoded and labelled at a time.
-    """
-    return ray.data.from_arrow(input_blocks(shards, skip, rows_per_block))
+def input_rows(paths: Sequence[str], rows_per_block: int = ROWS_PER_BLOCK) -> ray.data.Dataset:
+    """The rows ``predict`` takes: one per input file (or tar), in ``input_blocks``."""
+    return ray.data.from_arrow(input_blocks(paths, rows_per_block))
 
 
 def pool_plan(use_gpu: Optional[bool], num_actors: Optional[int], separate_decode: Optional[bool] = None) -> dict:
@@ -160,10 +133,10 @@ def predict(rows: ray.data.Dataset, model: str, *, batch_size: int = 64, top_k: 
             embeddings: bool = False, runtime: str = "torch", use_gpu: Optional[bool] = None,
             num_actors: Optional[int] = None, max_pixels: int = 64_000_000, buffer_mb: int = 512,
             separate_decode: Optional[bool] = None) -> ray.data.Dataset:
-    """Labels ``rows`` (columns path, shard, shard_size) and returns prediction rows.
+    """Labels ``rows`` (column path) and returns prediction rows.
 
     Args:
-        rows: One row per input file or tar shard.
+        rows: One row per input file or tar.
         model: Checkpoint folder, or export folder for runtime 'onnxruntime'; its
             meta gives the input size.
         buffer_mb: Object-store budget of the pipeline. Ray Data's default is a share of
@@ -173,8 +146,8 @@ def predict(rows: ray.data.Dataset, model: str, *, batch_size: int = 64, top_k: 
             so only when the model runs on GPUs (see ``pool_plan``).
 
     Returns:
-        A lazy Dataset with the OUTPUT_SCHEMA columns plus ``shard``/``shard_size``;
-        exactly one row per input file (per tar member for tar shards).
+        A lazy Dataset with the OUTPUT_SCHEMA columns; exactly one row per input file
+        (per tar member for tars).
     """
     plan = pool_plan(use_gpu, num_actors, separate_decode)
     payload = prepare_model(model, runtime)
@@ -200,33 +173,3 @@ def predict(rows: ray.data.Dataset, model: str, *, batch_size: int = 64, top_k: 
     predictions.context.execution_options.resource_limits = ExecutionResources.for_limits(
         object_store_memory=buffer_mb * 2**20)
     return predictions
-
-
-def list_inputs(uri: str) -> list[str]:
-    """Every input of a labelling job, sorted: files under a folder (hidden ones aside),
-    glob matches, the ``path`` column of a .csv/.parquet manifest, or a single file.
-
-    Non-image files are kept on purpose: each gets an error row rather than vanishing.
-    """
-    import pandas as pd
-
-    fs, path = storage.filesystem(uri)
-    if uri.lower().endswith((".csv", ".parquet")) and fs.isfile(path):
-        with storage.open_uri(uri, "rb") as f:
-            df = pd.read_csv(f) if uri.lower().endswith(".csv") else pd.read_parquet(f)
-        if "path" not in df.columns:
-            raise ValueError(f"manifest {uri} has no 'path' column")
-        folder = uri.rsplit("/", 1)[0] if "/" in uri else "."
-        return sorted(p if storage.is_absolute(p) else storage.join(folder, p) for p in df["path"].astype(str))
-    if any(ch in path for ch in "*?["):
-        found = fs.glob(path)
-    elif fs.isdir(path):
-        found = fs.find(path)
-    elif fs.isfile(path):
-        found = [path]
-    else:
-        raise FileNotFoundError(f"no input at {uri}")
-    files = [f for f in found if not any(part.startswith(".") for part in f.split("/")[-1:])]
-    return sorted(storage.unstrip(uri, f) for f in files)
-
-

@@ -27,10 +27,15 @@ COL_MODEL_ID = "model_id"
 COL_EMBEDDING = "embedding"
 STATUS_OK = "ok"
 STATUS_ERROR = "error"
-# Internal columns that travel with each row and are dropped before writing.
+# Internal columns of the bulk-labelling pipeline, dropped before writing.
 COL_SHARD = "shard"
-COL_SHARD_SIZE = "shard_size"
-TAR_MEMBER_SEP = "::"
+COL_ROW = "row"  # index of the row within its shard
+COL_SHARD_ROWS = "shard_rows"  # rows of the whole shard, on the rows of its last chunk; -1 elsewhere
+# A tar member's path: the tar's URI, this separator, the member's name inside the tar,
+# e.g. ``s3://bucket/shards/000001.tar#images/cat.jpg``. Not ``::``, which fsspec
+# reads as URL chaining; '#' is kept as-is by s3://, gs://, az:// and local paths.
+TAR_MEMBER_SEP = "#"
+MAX_FILE_BYTES = 256 * 2**20  # per input file or tar member; larger ones give error rows
 
 
 def output_schema(embeddings: bool = False) -> pa.Schema:
@@ -50,81 +55,193 @@ def output_schema(embeddings: bool = False) -> pa.Schema:
 
 
 def is_tar(path: str) -> bool:
-    """A WebDataset-style tar shard, whose members are the images."""
-    return path.lower().endswith(".tar")
+    """A WebDataset-style tar shard, whose members are the images (plain or gzipped)."""
+    return path.lower().endswith((".tar", ".tar.gz", ".tgz"))
 
 
 def _error_text(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}"[:500]
 
 
-class ReadDecodeBatch:
-    """CPU stage: reads each file (or tar shard), decodes it and applies the eval geometry.
+def member_path(tar: str, member: str) -> str:
+    return f"{tar}{TAR_MEMBER_SEP}{member}"
 
-    Yields batches of at most ``max_images`` rows, with columns ``path``, ``shard``,
-    ``shard_size``, ``status``, ``error`` and ``image`` (n, S, S, 3) uint8, all zeros on
-    error rows. A batch of input rows may name tar shards of thousands of members each;
-    at most one shard's raw bytes and ``max_images`` decoded images are held at a time.
-    Never raises for bad input. Images travel channels-last (HWC), the layout the model
-    actors compute in.
+
+def split_member(path: str) -> tuple[str, str | None]:
+    """``member_path``'s inverse: (tar URI, member name), or (path, None) for a plain file."""
+    lower = path.lower()
+    for ext in (".tar", ".tar.gz", ".tgz"):
+        at = lower.rfind(ext + TAR_MEMBER_SEP)
+        if at >= 0:
+            cut = at + len(ext)
+            return path[:cut], path[cut + len(TAR_MEMBER_SEP):]
+    return path, None
+
+
+def source_file(path: str) -> str:
+    """The file that holds ``path``: the tar for a member, else the path itself."""
+    return split_member(path)[0]
+
+
+def iter_tar(uri: str, max_bytes: int = MAX_FILE_BYTES):
+    """Yields (member path, bytes or exception) for each file in the tar at ``uri``, reading
+    it as a stream: one member in memory at a time, never the whole tar.
+
+    A member over ``max_bytes`` gives an error without being read into memory (a
+    gzip bomb named .tar is caught here, or as a broken archive). A tar that cannot be
+    opened or ends early gives an error under the tar's own path, after the members
+    read before it; a tar with no files gives one error row, so it never vanishes.
+    """
+    files = 0
+    try:
+        with storage.open_uri(uri, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                files += 1
+                name = member_path(uri, member.name)
+                if member.size > max_bytes:
+                    yield name, ValueError(f"tar member of {member.size} bytes exceeds the {max_bytes}-byte limit")
+                    continue
+                yield name, tar.extractfile(member).read()
+    except Exception as e:  # noqa: BLE001 - unreadable, not a tar, truncated...
+        yield uri, e
+        return
+    if not files:
+        yield uri, ValueError("tar archive holds no files")
+
+
+def read_input(path: str, max_bytes: int = MAX_FILE_BYTES) -> bytes:
+    """The bytes of one input as named in a predictions table: a file, or a tar member
+    (found by reading the tar up to it)."""
+    tar, member = split_member(path)
+    if member is None:
+        return storage.read_bytes(path)
+    for name, data in iter_tar(tar, max_bytes):
+        if name == path:
+            if isinstance(data, BaseException):
+                raise data
+            return data
+    raise FileNotFoundError(f"{member} is not in {tar}")
+
+
+def iter_inputs(paths, max_bytes: int = MAX_FILE_BYTES, fetch: int = 64):
+    """Yields (path, bytes or exception) per input file, and per member of each tar.
+
+    Plain files are fetched ``fetch`` at a time, concurrently (``storage.read_many``),
+    so that an actor reading from S3 is not bound by one request's latency per file.
+    """
+    pending: list[str] = []
+
+    def flush():
+        yield from zip(pending, storage.read_many(pending, max_bytes))
+        pending.clear()
+
+    for path in paths:
+        if is_tar(path):
+            yield from flush()
+            yield from iter_tar(path, max_bytes)
+            continue
+        pending.append(path)
+        if len(pending) == fetch:
+            yield from flush()
+    yield from flush()
+
+
+class Decoder:
+    """Reads and decodes inputs into uint8 images of the eval geometry, in chunks.
+
+    ``chunks(paths)`` yields dicts of at most ``max_images`` rows with columns ``path``,
+    ``status``, ``error`` and ``image`` (n, S, S, 3) uint8 (zeros on error rows). Never
+    raises for bad input: every file and tar member gives exactly one row. At most one
+    tar member's bytes, ``max_images`` files' bytes and ``max_images`` decoded images
+    are held at a time. Images are channels-last (HWC), the layout the model computes in.
     """
 
-    def __init__(self, image_size: int, max_pixels: int, max_images: int = 64):
+    def __init__(self, image_size: int, max_pixels: int, max_images: int = 64, max_bytes: int = MAX_FILE_BYTES):
         self.image_size = image_size
         self.max_pixels = max_pixels
         self.max_images = max_images
+        self.max_bytes = max_bytes
 
     def _image(self, data: bytes) -> np.ndarray:
         return decode_resized(data, resize_size(self.image_size), self.image_size, self.max_pixels)  # (S, S, 3)
 
-    def _entries(self, path: str):
-        """Yields (path, bytes or exception) for a file, or for each member of a tar."""
-        try:
-            if not is_tar(path):
-                yield path, storage.read_bytes(path)
-                return
-            with storage.open_uri(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
-                for member in tar:
-                    if member.isfile():
-                        yield f"{path}{TAR_MEMBER_SEP}{member.name}", tar.extractfile(member).read()
-        except Exception as e:  # unreadable file, missing object, broken tar...
-            yield path, e
-
-    def _rows(self, batch: dict[str, np.ndarray]):
-        """Yields (path, shard, shard_size, image or None, error or None) per file or member."""
-        for path, shard, shard_size in zip(batch[COL_PATH], batch[COL_SHARD], batch[COL_SHARD_SIZE]):
-            entries = list(self._entries(path))
-            if is_tar(path):
-                shard_size = len(entries)  # a tar's row count is only known once it is read
-            for name, data in entries:
-                try:
-                    if isinstance(data, BaseException):
-                        raise data
-                    yield name, shard, shard_size, self._image(data), None
-                except Exception as e:  # ImageDecodeError, or the read's own error
-                    yield name, shard, shard_size, None, _error_text(e)
-
-    def _batch(self, rows: list) -> dict[str, np.ndarray]:
+    def _chunk(self, rows: list) -> dict[str, np.ndarray]:
         # Filled row by row into a C-contiguous array: np.stack would keep the crops'
         # strided layout, and Ray Data would then copy the whole batch again to make
         # it contiguous, which cost more than decoding.
         image = np.zeros((len(rows), self.image_size, self.image_size, 3), np.uint8)
         for i, row in enumerate(rows):
-            if row[3] is not None:
-                image[i] = row[3]
+            if row[1] is not None:
+                image[i] = row[1]
         obj = lambda values: np.array(values, dtype=object)  # noqa: E731
-        return {COL_PATH: obj([r[0] for r in rows]), COL_SHARD: np.array([r[1] for r in rows], np.int64),
-                COL_SHARD_SIZE: np.array([r[2] for r in rows], np.int64),
-                COL_STATUS: obj([STATUS_OK if r[4] is None else STATUS_ERROR for r in rows]),
-                COL_ERROR: obj([r[4] for r in rows]), "image": image}
+        return {COL_PATH: obj([r[0] for r in rows]),
+                COL_STATUS: obj([STATUS_OK if r[2] is None else STATUS_ERROR for r in rows]),
+                COL_ERROR: obj([r[2] for r in rows]), "image": image}
+
+    def chunks(self, paths):
+        rows = []
+        for name, data in iter_inputs(paths, self.max_bytes, fetch=self.max_images):
+            try:
+                if isinstance(data, BaseException):
+                    raise data
+                rows.append((name, self._image(data), None))
+            except Exception as e:  # noqa: BLE001 - ImageDecodeError, or the read's own error
+                rows.append((name, None, _error_text(e)))
+            if len(rows) == self.max_images:
+                yield self._chunk(rows)
+                rows = []
+        if rows:
+            yield self._chunk(rows)
+
+
+class ReadDecodeBatch:
+    """CPU stage of ``predict``: a batch of input rows (``path``) -> decoded batches of at
+    most ``max_images`` rows (see ``Decoder``); an empty batch for no input rows."""
+
+    def __init__(self, image_size: int, max_pixels: int, max_images: int = 64, max_bytes: int = MAX_FILE_BYTES):
+        self.decoder = Decoder(image_size, max_pixels, max_images, max_bytes)
 
     def __call__(self, batch: dict[str, np.ndarray]):
-        """Yields at least one batch, an empty one for no input rows."""
-        rows, yielded = [], False
-        for row in self._rows(batch):
-            rows.append(row)
-            if len(rows) == self.max_images:
-                yield self._batch(rows)
-                rows, yielded = [], True
-        if rows or not yielded:
-            yield self._batch(rows)
+        yielded = False
+        for chunk in self.decoder.chunks(batch[COL_PATH]):
+            yield chunk
+            yielded = True
+        if not yielded:
+            yield self.decoder._chunk([])
+
+
+class DecodeShards:
+    """CPU stage of bulk labelling with a separate decode pool: each input row names one
+    shard (``shard``, ``list``: the Parquet file of its paths); yields its decoded chunks
+    tagged with ``shard``, ``row`` (index in the shard) and ``shard_rows`` (the shard's row
+    count, on its last chunk only: a tar's count is known once it has been read)."""
+
+    def __init__(self, image_size: int, max_pixels: int, max_images: int = 64, max_bytes: int = MAX_FILE_BYTES):
+        self.decoder = Decoder(image_size, max_pixels, max_images, max_bytes)
+
+    def _tag(self, chunk: dict, shard: int, first: int, total: int) -> dict:
+        n = len(chunk[COL_PATH])
+        chunk[COL_SHARD] = np.full(n, shard, np.int64)
+        chunk[COL_ROW] = np.arange(first, first + n, dtype=np.int64)
+        chunk[COL_SHARD_ROWS] = np.full(n, total, np.int64)
+        return chunk
+
+    def __call__(self, batch: dict[str, np.ndarray]):
+        for shard, list_uri in zip(batch[COL_SHARD], batch["list"]):
+            previous, rows = None, 0
+            for chunk in self.decoder.chunks(read_shard_list(list_uri)):
+                if previous is not None:
+                    yield self._tag(previous, shard, rows - len(previous[COL_PATH]), -1)
+                previous = chunk
+                rows += len(chunk[COL_PATH])
+            yield self._tag(previous, shard, rows - len(previous[COL_PATH]), rows)
+
+
+def read_shard_list(uri: str) -> list[str]:
+    """The input paths of one shard, from its list file (see ``imgcls.inputs``)."""
+    import pyarrow.parquet as pq
+
+    with storage.open_uri(uri, "rb") as f:
+        return pq.read_table(f, columns=[COL_PATH]).column(COL_PATH).to_pylist()

@@ -14,8 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from imgcls import storage  # noqa: E402
-from imgcls.reader import COL_LABEL, COL_PATH, COL_SCORE, COL_STATUS, STATUS_OK  # noqa: E402
+from imgcls.reader import COL_LABEL, COL_PATH, COL_SCORE, COL_STATUS, STATUS_OK, read_input  # noqa: E402
 
 METRICS_FILE = "metrics.json"
 REPORT_FILE = "report.html"
@@ -82,7 +81,7 @@ def plot_confident_mistakes(df: pd.DataFrame, true_col: str, path: str, n: int =
         ax.axis("off")
     for ax, (_, r) in zip(axes.flat, wrong.iterrows()):
         try:
-            ax.imshow(decode_image(storage.read_bytes(r[COL_PATH].split("::")[0])))
+            ax.imshow(decode_image(read_input(r[COL_PATH])))
         except Exception:  # unreadable now; still show the row's text
             pass
         ax.set_title(f"true {r[true_col]}\npred {r[COL_LABEL]} ({r[COL_SCORE]:.2f})", fontsize=9)

@@ -85,7 +85,7 @@ def test_every_file_gets_exactly_one_row(ray_cluster, checkpoint, bad_corpus, tm
     assert df["model_id"].nunique() == 1 and df.loc[df.status == "error", "label"].isna().all()
     # Shards are named by index and nothing half-written is left behind.
     names = sorted(os.listdir(tmp_path / "out"))
-    assert [n for n in names if n.startswith("part-")] == [f"part-{i:05d}.parquet" for i in range(4)]
+    assert [n for n in names if n.startswith("part-")] == [f"part-{i:06d}.parquet" for i in range(4)]
     assert not [n for n in names if n.startswith(".tmp")]
 
 
@@ -138,7 +138,7 @@ def test_tar_shards_yield_one_row_per_member(ray_cluster, checkpoint, dogs_cats_
     df = read_output(tmp_path / "out")
     assert summary.shards == 2 and len(df) == 12 and df["path"].is_unique
     assert (df.status == "ok").sum() == 10
-    assert set(df.loc[df.status == "error", "path"].str.rsplit("::", n=1).str[1]) == {"0_meta.json", "1_meta.json"}
+    assert set(df.loc[df.status == "error", "path"].str.rsplit("#", n=1).str[1]) == {"0_meta.json", "1_meta.json"}
 
 
 def test_killed_job_resumes_without_redoing_or_duplicating(ray_cluster, checkpoint, dogs_cats_root, tmp_path):

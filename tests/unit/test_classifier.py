@@ -12,8 +12,8 @@ from imgcls.classifier import Classifier
 from imgcls.config import JobConfig, ModelConfig
 from imgcls.data import ClassificationPresetEval
 from imgcls.models import create_model, list_models
-from imgcls.predict import MAX_BLOCKS, MIN_BLOCKS, input_blocks, prepare_model
-from imgcls.reader import COL_PATH, COL_SHARD, COL_SHARD_SIZE, COL_STATUS, STATUS_ERROR, STATUS_OK, ReadDecodeBatch
+from imgcls.predict import MIN_BLOCKS, input_blocks, prepare_model
+from imgcls.reader import COL_PATH, COL_STATUS, STATUS_ERROR, STATUS_OK, ReadDecodeBatch
 
 SIZE = 64
 
@@ -21,8 +21,7 @@ SIZE = 64
 def photo_batch(files: list[str]) -> dict:
     """A decoded batch as the reader stage emits it, with one unreadable file at the end."""
     paths = np.array(files + ["/no/such/file.jpg"], dtype=object)
-    zeros = np.zeros(len(paths), dtype=np.int64)
-    batches = list(ReadDecodeBatch(SIZE, 64_000_000)({COL_PATH: paths, COL_SHARD: zeros, COL_SHARD_SIZE: zeros}))
+    batches = list(ReadDecodeBatch(SIZE, 64_000_000)({COL_PATH: paths}))
     assert len(batches) == 1
     return batches[0]
 
@@ -68,9 +67,8 @@ def test_prepared_model_labels_like_the_checkpoint(arch, photos, tmp_path):
 
 
 def test_reader_bounds_the_images_it_holds_however_large_a_tar(photos, tmp_path):
-    """A batch of input rows may name tar shards of thousands of members; the reader
-    yields at most ``max_images`` decoded images at a time, each row knowing its tar's
-    member count."""
+    """A batch of input rows may name tars of thousands of members; the reader yields at
+    most ``max_images`` decoded images at a time, one row per member, named tar#member."""
     import tarfile
 
     shard = tmp_path / "shard.tar"
@@ -80,43 +78,34 @@ def test_reader_bounds_the_images_it_holds_however_large_a_tar(photos, tmp_path)
         note = tmp_path / "note.txt"
         note.write_text("not an image")
         tar.add(note, arcname="note.txt")
-    rows = {COL_PATH: np.array([str(shard), photos[0]], dtype=object), COL_SHARD: np.array([0, 1]),
-            COL_SHARD_SIZE: np.array([1, 1])}
+    rows = {COL_PATH: np.array([str(shard), photos[0]], dtype=object)}
     batches = list(ReadDecodeBatch(SIZE, 64_000_000, max_images=4)(rows))
     assert [len(b[COL_PATH]) for b in batches] == [4, 4, 3]
     assert all(b["image"].shape == (len(b[COL_PATH]), SIZE, SIZE, 3) and b["image"].flags.c_contiguous
                for b in batches)
-    merged = {k: np.concatenate([b[k] for b in batches]) for k in (COL_PATH, COL_SHARD_SIZE, COL_STATUS)}
-    assert list(merged[COL_SHARD_SIZE]) == [10] * 10 + [1]
-    assert list(merged[COL_STATUS]).count(STATUS_ERROR) == 1 and merged[COL_PATH][9].endswith("::note.txt")
+    merged = {k: np.concatenate([b[k] for b in batches]) for k in (COL_PATH, COL_STATUS)}
+    assert list(merged[COL_PATH][:9]) == [f"{shard}#{i}.jpg" for i in range(9)]
+    assert list(merged[COL_STATUS]).count(STATUS_ERROR) == 1 and merged[COL_PATH][9] == f"{shard}#note.txt"
     assert merged[COL_PATH][10] == photos[0] and merged[COL_STATUS][10] == STATUS_OK
-    empty = {COL_PATH: np.array([], dtype=object), COL_SHARD: np.array([], np.int64),
-             COL_SHARD_SIZE: np.array([], np.int64)}
-    [nothing] = list(ReadDecodeBatch(SIZE, 64_000_000, max_images=4)(empty))  # one empty batch
+    [nothing] = list(ReadDecodeBatch(SIZE, 64_000_000, max_images=4)({COL_PATH: np.array([], dtype=object)}))
     assert nothing["image"].shape == (0, SIZE, SIZE, 3) and len(nothing[COL_PATH]) == 0
 
 
 def test_input_blocks_cover_every_input_once_and_keep_tars_alone():
-    shards = [[f"a/{i:05d}.jpg" for i in range(5000)], ["b/x.TAR"], [f"c/{i}.png" for i in range(300)],
-              ["d/y.tar"], [f"e/{i}.jpg" for i in range(10)]]
-    blocks = input_blocks(shards, skip={4}, rows_per_block=256)
-    rows = [row for b in blocks for row in b.to_pylist()]
-    expected = [(p, i, len(paths)) for i, paths in enumerate(shards) if i != 4 for p in paths]
-    assert sorted((r[COL_PATH], r[COL_SHARD], r[COL_SHARD_SIZE]) for r in rows) == sorted(expected)
+    paths = [f"a/{i:05d}.jpg" for i in range(5000)] + ["b/x.TAR"] + [f"c/{i}.png" for i in range(300)] + ["d/y.tar"]
+    blocks = input_blocks(paths, rows_per_block=256)
+    assert sorted(p for b in blocks for p in b[COL_PATH].to_pylist()) == sorted(paths)
     tars = [b for b in blocks if b[COL_PATH][0].as_py().lower().endswith(".tar")]
     assert [b.num_rows for b in tars] == [1, 1]
     assert max(b.num_rows for b in blocks) == 256
-    assert all(b.schema.field(COL_SHARD).type == "int64" for b in blocks)
-    # Few files still make enough blocks to spread over the actors; very many, not too many.
-    assert len(input_blocks([[f"{i}.jpg" for i in range(160)]])) == MIN_BLOCKS
-    many = (MAX_BLOCKS * 256) * 2
-    assert len(input_blocks([[f"{i}.jpg" for i in range(many)]])) == MAX_BLOCKS
-    # Nothing left to label: one empty block, not an empty dataset without columns.
-    assert [b.num_rows for b in input_blocks(shards, skip=set(range(5)))] == [0]
+    # Few files still make enough blocks to spread over the actors.
+    assert len(input_blocks([f"{i}.jpg" for i in range(160)])) == MIN_BLOCKS
+    # Nothing to label: one empty block, not an empty dataset without columns.
+    assert [b.num_rows for b in input_blocks([])] == [0]
 
 
 def test_model_stage_imports_no_torchvision():
     """Ray workers import these modules; torchvision alone would add about 7 s to each."""
-    code = "import sys, imgcls.classifier, imgcls.reader; print(any(m.startswith('torchvision') for m in sys.modules))"
+    code = "import sys, imgcls.bulk, imgcls.inputs; print(any(m.startswith('torchvision') for m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

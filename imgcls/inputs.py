@@ -1,0 +1,237 @@
+"""The inputs of a bulk-labelling job, planned once into shards, without a driver funnel.
+
+An input is a folder or prefix on any fsspec store, a glob, a single file, or a
+manifest (.csv or .parquet with a ``path`` column; relative paths are relative to the
+manifest's folder). ``plan_inputs`` turns it into shards under ``OUTPUT/_inputs/``:
+
+- ``lists/*.parquet``: one small Parquet file of paths per shard, at most
+  ``files_per_shard`` plain files, or one tar (whose members are its rows);
+- ``shards.parquet``: the plan, one row per shard (``shard``, ``list``, ``files``);
+- ``_plan.json``: written last, so that a plan without it is rebuilt; it holds the
+  inputs' hash, which the job's fingerprint records.
+
+The paths never pass through the driver: a manifest is read by Ray Data's readers and
+each block writes its own shard lists; a folder is listed in parallel, one Ray Data task
+per sub-folder (sub-prefix), each writing the lists of what it found. The driver
+only collects one small row per shard. A rerun reads the plan instead of listing again,
+so the shards, and the output parts named after them, stay the same; files added to
+the folder after the first run are not picked up by a rerun (use a new output folder).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import asdict, dataclass
+from typing import Iterable, Optional
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import ray
+
+from imgcls import storage
+from imgcls.reader import COL_PATH, COL_SHARD, is_tar
+
+PLAN_DIR = "_inputs"
+PLAN_FILE = "_plan.json"
+SHARDS_FILE = "shards.parquet"
+MANIFEST_SUFFIXES = (".csv", ".parquet")
+
+
+@dataclass
+class InputPlan:
+    input: str
+    files: int  # input files (a tar counts once)
+    shards: int
+    files_per_shard: int
+    sha256: str  # of every path, in shard order
+    uri: str  # the plan's folder
+    seconds: float = 0.0
+    reused: bool = False
+
+    def shard_table(self) -> pa.Table:
+        with storage.open_uri(storage.join(self.uri, SHARDS_FILE), "rb") as f:
+            return pq.read_table(f)
+
+
+def is_hidden(path: str) -> bool:
+    return path.rstrip("/").rsplit("/", 1)[-1].startswith(".")
+
+
+def cut_runs(paths: list[str], size: int) -> list[list[str]]:
+    """Consecutive runs of at most ``size`` paths, each tar in a run of its own."""
+    runs, current = [], []
+    for path in paths:
+        if is_tar(path):
+            runs.append([path])
+            continue
+        current.append(path)
+        if len(current) == size:
+            runs.append(current)
+            current = []
+    if current:
+        runs.append(current)
+    return runs
+
+
+def write_lists(paths: list[str], lists_uri: str, prefix: str, files_per_shard: int) -> dict[str, list]:
+    """Writes the shard lists of ``paths`` as ``{prefix}-{j:06d}.parquet``; returns one row
+    per list (list URI, files, first path, sha256 of its paths). Names depend only on the
+    paths, so a retried task writes the same files again."""
+    rows = {"list": [], "files": [], "first": [], "sha256": []}
+    for j, run in enumerate(cut_runs(paths, files_per_shard)):
+        uri = storage.join(lists_uri, f"{prefix}-{j:06d}.parquet")
+        with storage.open_uri(uri, "wb") as f:
+            pq.write_table(pa.table({COL_PATH: pa.array(run, pa.string())}), f)
+        rows["list"].append(uri)
+        rows["files"].append(len(run))
+        rows["first"].append(run[0])
+        rows["sha256"].append(hashlib.sha256("\n".join(run).encode()).hexdigest())
+    return rows
+
+
+def manifest_block_lists(batch: pa.Table, base: str, lists_uri: str, files_per_shard: int) -> dict[str, list]:
+    """Ray Data stage: a batch of manifest rows -> its shard lists (``write_lists``), named
+    after a hash of its paths."""
+    paths = [p if storage.is_absolute(p) else storage.join(base, p)
+             for p in batch.column(COL_PATH).cast(pa.string()).to_pylist() if p]
+    if not paths:
+        return {"list": [], "files": [], "first": [], "sha256": []}
+    prefix = "m" + hashlib.sha256("\n".join(paths).encode()).hexdigest()[:20]
+    return write_lists(paths, lists_uri, prefix, files_per_shard)
+
+
+def list_prefix(uri: str) -> list[str]:
+    """Every non-hidden file under ``uri`` (recursively), as URIs, sorted."""
+    fs, path = storage.filesystem(uri)
+    found = fs.find(path)
+    return sorted(storage.unstrip(uri, f) for f in found if not is_hidden(f))
+
+
+def prefix_lists(batch: dict, lists_uri: str, files_per_shard: int) -> dict[str, list]:
+    """Ray Data stage: sub-prefixes (``index``, ``prefix``) -> the shard lists of the files
+    under each, named after the sub-prefix's index."""
+    out = {"list": [], "files": [], "first": [], "sha256": []}
+    for index, prefix in zip(batch["index"], batch["prefix"]):
+        paths = list_prefix(str(prefix))
+        if paths:
+            for key, values in write_lists(paths, lists_uri, f"p{int(index):06d}", files_per_shard).items():
+                out[key].extend(values)
+    return out
+
+
+def _manifest_dataset(uri: str) -> ray.data.Dataset:
+    fs, path = storage.filesystem(uri)
+    if uri.lower().endswith(".csv"):
+        import pyarrow.csv as pacsv
+
+        with fs.open(path, "rb") as f:
+            header = f.readline().decode("utf-8", "replace").strip().split(",")
+        if COL_PATH not in [h.strip().strip('"') for h in header]:
+            raise ValueError(f"manifest {uri} has no '{COL_PATH}' column (header: {header})")
+        return ray.data.read_csv(path, filesystem=fs, convert_options=pacsv.ConvertOptions(
+            include_columns=[COL_PATH], column_types={COL_PATH: pa.string()}))
+    with fs.open(path, "rb") as f:
+        names = pq.read_schema(f).names
+    if COL_PATH not in names:
+        raise ValueError(f"manifest {uri} has no '{COL_PATH}' column (columns: {names})")
+    return ray.data.read_parquet(path, filesystem=fs, columns=[COL_PATH])
+
+
+def _summary_rows(ds: ray.data.Dataset) -> pa.Table:
+    tables = list(ds.iter_batches(batch_size=None, batch_format="pyarrow"))
+    schema = pa.schema([("list", pa.string()), ("files", pa.int64()), ("first", pa.string()),
+                        ("sha256", pa.string())])
+    return pa.concat_tables([t.select(schema.names).cast(schema) for t in tables if t.num_rows]) \
+        if any(t.num_rows for t in tables) else schema.empty_table()
+
+
+def _driver_lists(paths: Iterable[str], lists_uri: str, files_per_shard: int) -> pa.Table:
+    rows = write_lists(sorted(paths), lists_uri, "d", files_per_shard)
+    return pa.table({k: pa.array(v) for k, v in rows.items()})
+
+
+def _source_stat(uri: str) -> Optional[dict]:
+    """What identifies a manifest file's version: size and modification time or ETag."""
+    if not uri.lower().endswith(MANIFEST_SUFFIXES):
+        return None
+    fs, path = storage.filesystem(uri)
+    info = fs.info(path)
+    keep = ("size", "ETag", "etag", "mtime", "LastModified", "last_modified", "md5Hash")
+    return {k: str(info[k]) for k in keep if k in info}
+
+
+def plan_inputs(input_uri: str, output_uri: str, files_per_shard: int) -> InputPlan:
+    """Plans ``input_uri`` into shards under ``output_uri``/_inputs, or reuses the plan there.
+
+    Raises:
+        FileNotFoundError: nothing at ``input_uri``, or no files under it.
+        ValueError: the output folder holds the plan of other inputs, or a manifest
+            has no ``path`` column.
+    """
+    start = time.perf_counter()
+    uri = storage.join(output_uri, PLAN_DIR)
+    plan_file = storage.join(uri, PLAN_FILE)
+    stat = _source_stat(input_uri)
+    if storage.exists(plan_file):
+        found = storage.read_json(plan_file)
+        if found["input"] != input_uri or found["files_per_shard"] != files_per_shard or \
+                found.get("source_stat") != stat:
+            raise ValueError(f"{output_uri} holds the output of other inputs ({found['input']}, "
+                             f"{found['files_per_shard']} files per shard, source {found.get('source_stat')}); "
+                             "use a new output folder")
+        plan = InputPlan(**{k: v for k, v in found.items() if k != "source_stat"}, uri=uri, reused=True)
+        plan.seconds = time.perf_counter() - start
+        return plan
+    fs, path = storage.filesystem(uri)
+    if fs.exists(path):  # a plan begun by a killed run
+        fs.rm(path, recursive=True)
+    lists_uri = storage.join(uri, "lists")
+    storage.makedirs(lists_uri)
+    in_fs, in_path = storage.filesystem(input_uri)
+    if stat is not None and in_fs.isfile(in_path):
+        base = input_uri.rsplit("/", 1)[0] if "/" in input_uri else "."
+        ds = _manifest_dataset(input_uri).map_batches(
+            manifest_block_lists, fn_kwargs={"base": base, "lists_uri": lists_uri, "files_per_shard": files_per_shard},
+            batch_format="pyarrow", batch_size=files_per_shard * 32, num_cpus=0.25)
+        summary = _summary_rows(ds)
+    elif any(ch in in_path for ch in "*?["):
+        summary = _driver_lists((storage.unstrip(input_uri, f) for f in in_fs.glob(in_path) if not is_hidden(f)),
+                                lists_uri, files_per_shard)
+    elif in_fs.isdir(in_path):
+        entries = in_fs.ls(in_path, detail=True)
+        top = [storage.unstrip(input_uri, e["name"]) for e in entries
+               if e["type"] != "directory" and not is_hidden(e["name"])]
+        subdirs = sorted(storage.unstrip(input_uri, e["name"]) for e in entries
+                         if e["type"] == "directory" and not is_hidden(e["name"]))
+        parts = [_driver_lists(top, lists_uri, files_per_shard)] if top else []
+        if subdirs:
+            items = [{"index": i, "prefix": d} for i, d in enumerate(subdirs)]
+            ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+                prefix_lists, fn_kwargs={"lists_uri": lists_uri, "files_per_shard": files_per_shard}, batch_size=1,
+                num_cpus=0.25)
+            parts.append(_summary_rows(ds))
+        summary = pa.concat_tables(parts) if parts else None
+    elif in_fs.isfile(in_path):
+        summary = _driver_lists([input_uri], lists_uri, files_per_shard)
+    else:
+        raise FileNotFoundError(f"no input at {input_uri}")
+    if summary is None or summary.num_rows == 0:
+        raise FileNotFoundError(f"no files found at {input_uri}")
+    # One row per shard list; a list written twice (two identical manifest blocks, or a
+    # retried task) counts once. Shards are numbered in the order of their first path.
+    agg = summary.group_by("list").aggregate([("files", "max"), ("first", "min"), ("sha256", "min")])
+    summary = pa.table({"list": agg["list"], "files": agg["files_max"], "first": agg["first_min"],
+                        "sha256": agg["sha256_min"]}).sort_by([("first", "ascending"), ("list", "ascending")])
+    digest = hashlib.sha256("\n".join(summary.column("sha256").to_pylist()).encode()).hexdigest()
+    shards = pa.table({COL_SHARD: pa.array(range(summary.num_rows), pa.int64()), "list": summary.column("list"),
+                       "files": summary.column("files")})
+    with storage.open_uri(storage.join(uri, SHARDS_FILE), "wb") as f:
+        pq.write_table(shards, f)
+    plan = InputPlan(input=input_uri, files=int(pc.sum(shards.column("files")).as_py()),
+                     shards=shards.num_rows, files_per_shard=files_per_shard, sha256=digest, uri=uri)
+    record = {k: v for k, v in asdict(plan).items() if k not in ("uri", "seconds", "reused")}
+    storage.write_json(plan_file, {**record, "source_stat": stat})
+    plan.seconds = time.perf_counter() - start
+    return plan
