@@ -253,7 +253,7 @@ def run_decode_only(corpus: str, files: int = 640, batch_size: int = 64) -> dict
     import numpy as np
     import torch
 
-    from imgcls.reader import COL_PATH, COL_SHARD, COL_SHARD_SIZE, ReadDecodeBatch
+    from imgcls.reader import COL_PATH, ReadDecodeBatch
 
     paths = sorted(os.path.join(root, f) for root, _, names in os.walk(corpus) for f in names if f.endswith(".jpg"))
     paths = paths[:files]
@@ -261,8 +261,7 @@ def run_decode_only(corpus: str, files: int = 640, batch_size: int = 64) -> dict
     torch.set_num_threads(1)
     read = ReadDecodeBatch(224, 64_000_000, batch_size)
     chunks = [paths[i:i + batch_size] for i in range(0, len(paths), batch_size)]
-    batches = [{COL_PATH: np.array(c, dtype=object), COL_SHARD: np.zeros(len(c), np.int64),
-                COL_SHARD_SIZE: np.zeros(len(c), np.int64)} for c in chunks]
+    batches = [{COL_PATH: np.array(c, dtype=object)} for c in chunks]
     best = float("inf")
     for _ in range(3):
         start = time.perf_counter()

@@ -228,7 +228,11 @@ def _run_two_pools(todo: pa.Table, payload: ModelPayload, cfg: PredictConfig, pl
                 del covered[shard]
     if covered:
         raise RuntimeError(f"shards {sorted(covered)} did not receive all their rows")
-    return ray.get(commits)
+    done = ray.get(commits)
+    fs, folder = storage.filesystem(storage.join(cfg.output, STAGING_DIR))
+    if fs.exists(folder):
+        fs.rm(folder, recursive=True)
+    return done
 
 
 def _shard_rows(todo: pa.Table) -> ray.data.Dataset:

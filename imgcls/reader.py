@@ -68,14 +68,18 @@ def member_path(tar: str, member: str) -> str:
 
 
 def split_member(path: str) -> tuple[str, str | None]:
-    """``member_path``'s inverse: (tar URI, member name), or (path, None) for a plain file."""
+    """``member_path``'s inverse: (tar URI, member name), or (path, None) for a plain file.
+
+    Splits at the first ``.tar#`` (or ``.tar.gz#``, ``.tgz#``): member names may hold
+    anything, tar URIs are taken not to hold that sequence.
+    """
     lower = path.lower()
-    for ext in (".tar", ".tar.gz", ".tgz"):
-        at = lower.rfind(ext + TAR_MEMBER_SEP)
-        if at >= 0:
-            cut = at + len(ext)
-            return path[:cut], path[cut + len(TAR_MEMBER_SEP):]
-    return path, None
+    cuts = [at + len(ext) for ext in (".tar", ".tar.gz", ".tgz")
+            if (at := lower.find(ext + TAR_MEMBER_SEP)) >= 0]
+    if not cuts:
+        return path, None
+    cut = min(cuts)
+    return path[:cut], path[cut + len(TAR_MEMBER_SEP):]
 
 
 def source_file(path: str) -> str:

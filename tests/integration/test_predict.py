@@ -91,19 +91,64 @@ def test_every_file_gets_exactly_one_row(ray_cluster, checkpoint, bad_corpus, tm
 
 def test_separate_decode_pool_gives_the_same_rows(ray_cluster, checkpoint, bad_corpus, tmp_path):
     """The GPU layout (decoding in its own CPU actor pool), run here on CPUs, labels
-    exactly as the CPU layout, where each model actor decodes its own batches."""
+    exactly as the CPU layout, where each model actor decodes its own batches. There,
+    shards of 4 files in chunks of 3 images are staged chunk by chunk and merged."""
     frames = {}
     for separate in (False, True):
         out = tmp_path / f"out-{separate}"
         summary = label_images(PredictConfig(model=checkpoint, input=str(bad_corpus), output=str(out),
-                                             files_per_shard=4, separate_decode=separate))
+                                             files_per_shard=4, separate_decode=separate,
+                                             batch_size=3 if separate else 64))
         assert summary.rows == summary.files
+        assert sorted(os.listdir(out)) == ["_inputs", "_job.json", "_summary.json"] + \
+            [f"part-{i:06d}.parquet" for i in range(summary.shards)]  # no staging left
         frames[separate] = read_output(out).sort_values("path").reset_index(drop=True)
     fused, split = frames[False], frames[True]
     assert len(fused) == len(list(p for p in bad_corpus.rglob("*") if p.is_file()))
     cols = ["path", "status", "label", "topk_labels", "model_id"]
     assert fused[cols].astype(str).equals(split[cols].astype(str))
     assert np.allclose(fused["score"].fillna(-1), split["score"].fillna(-1), atol=1e-6)
+
+
+def test_manifest_rows_and_a_rerun_that_neither_lists_again_nor_mixes_models(ray_cluster, checkpoint, bad_corpus,
+                                                                               tmp_path):
+    """A CSV or Parquet manifest, read by Ray Data: relative paths resolve against its
+    folder, missing files become error rows. A rerun reads the plan instead of the inputs;
+    a rerun with another model is refused."""
+    import shutil
+
+    import pandas as pd
+
+    folder = tmp_path / "m"
+    (folder / "imgs").mkdir(parents=True)
+    for name in ("plain.jpg", "cmyk.jpg", "rgba.png"):
+        shutil.copy(bad_corpus / name, folder / "imgs" / name)
+    listed = ["imgs/plain.jpg", "imgs/cmyk.jpg", "imgs/rgba.png", str(bad_corpus / "plain.png"), "imgs/nope.jpg"]
+    expected = sorted([str(folder / p) for p in listed if not os.path.isabs(p)] + [str(bad_corpus / "plain.png")])
+    pd.DataFrame({"path": listed, "note": range(5)}).to_csv(folder / "manifest.csv", index=False)
+    pd.DataFrame({"path": listed}).to_parquet(folder / "manifest.parquet")
+    for manifest in ("manifest.csv", "manifest.parquet"):
+        out = tmp_path / f"out-{manifest}"
+        summary = label_images(PredictConfig(model=checkpoint, input=str(folder / manifest), output=str(out),
+                                             files_per_shard=2))
+        df = read_output(out)
+        assert sorted(df["path"]) == expected and summary.shards == 3
+        assert df.set_index("path").loc[str(folder / "imgs" / "nope.jpg"), "status"] == "error"
+        assert (summary.rows, summary.ok, summary.errors) == (5, 4, 1)
+    plan = out / "_inputs" / "_plan.json"
+    planned = plan.stat().st_mtime_ns
+    again = label_images(PredictConfig(model=checkpoint, input=str(folder / "manifest.parquet"), output=str(out),
+                                       files_per_shard=2))
+    assert (again.shards_skipped, again.plan_seconds, again.rows, again.ok) == (3, 0.0, 5, 4)
+    assert plan.stat().st_mtime_ns == planned
+    other = tmp_path / "other-ckpt"
+    torch.manual_seed(1)
+    save_checkpoint(str(other), create_model("small_cnn", 2), JobConfig(model=ModelConfig(arch="small_cnn",
+                                                                                           image_size=32)),
+                    ["cat", "dog"], history=[])
+    with pytest.raises(ValueError, match="model_id"):
+        label_images(PredictConfig(model=str(other), input=str(folder / "manifest.parquet"), output=str(out),
+                                   files_per_shard=2))
 
 
 def test_pipeline_scores_match_direct_model_call(ray_cluster, checkpoint, bad_corpus, tmp_path):
@@ -167,15 +212,35 @@ def test_killed_job_resumes_without_redoing_or_duplicating(ray_cluster, checkpoi
 
 
 def test_reads_from_and_writes_to_s3(ray_cluster, s3_server, checkpoint, bad_corpus, tmp_path):
+    """A prefix with sub-prefixes (listed in parallel), a tar and a manifest on the S3
+    server; tar member paths read back from S3 (as evaluate and explain do)."""
     import s3fs
+
+    from imgcls import storage
+    from imgcls.reader import read_input
 
     fs = s3fs.S3FileSystem(endpoint_url=s3_server)
     for name in ("plain.jpg", "cmyk.jpg", "zero.jpg", "nested/gray.png"):
         fs.put(str(bad_corpus / name), f"imgcls/inbox/{name}")
+    with tarfile.open(tmp_path / "shard.tar", "w") as tar:
+        tar.add(bad_corpus / "plain.png", arcname="in/tar.png")
+        tar.add(bad_corpus / "notes.txt", arcname="notes.txt")
+    fs.put(str(tmp_path / "shard.tar"), "imgcls/inbox/tars/shard.tar")
     summary = label_images(PredictConfig(model=checkpoint, input="s3://imgcls/inbox", output="s3://imgcls/preds",
                                          files_per_shard=2))
-    assert summary.rows == 4 and summary.errors == 1
+    assert summary.rows == 6 and summary.errors == 2
     table = pq.read_table("imgcls/preds", filesystem=fs).to_pandas()
-    assert sorted(table["path"]) == sorted(f"s3://imgcls/inbox/{n}" for n in ("cmyk.jpg", "nested/gray.png",
-                                                                                 "plain.jpg", "zero.jpg"))
+    member = "s3://imgcls/inbox/tars/shard.tar#in/tar.png"
+    assert sorted(table["path"]) == sorted([f"s3://imgcls/inbox/{n}" for n in (
+        "cmyk.jpg", "nested/gray.png", "plain.jpg", "zero.jpg")] + [member, "s3://imgcls/inbox/tars/shard.tar#notes.txt"])
+    assert read_input(member) == (bad_corpus / "plain.png").read_bytes()
     assert not [p for p in fs.ls("imgcls/preds") if "/.tmp" in p]
+    # A manifest on the store, with paths relative to it, read by Ray Data.
+    fs.pipe("imgcls/inbox/list.csv", b"path\nplain.jpg\nnested/gray.png\nmissing.jpg\n")
+    summary = label_images(PredictConfig(model=checkpoint, input="s3://imgcls/inbox/list.csv",
+                                         output="s3://imgcls/preds-manifest"))
+    assert (summary.rows, summary.ok) == (3, 2)
+    got = storage.read_many(["s3://imgcls/inbox/plain.jpg", "s3://imgcls/inbox/missing.jpg",
+                             "s3://imgcls/inbox/cmyk.jpg"])
+    assert got[0] == (bad_corpus / "plain.jpg").read_bytes() and isinstance(got[1], FileNotFoundError)
+    assert got[2] == (bad_corpus / "cmyk.jpg").read_bytes()

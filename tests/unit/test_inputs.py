@@ -1,0 +1,139 @@
+"""Inputs of bulk labelling without Ray: tar streams, member paths, concurrent reads, shard plans, parts."""
+
+import gzip
+import io
+import json
+import os
+import tarfile
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from imgcls import storage
+from imgcls.bulk import COUNTS_KEY, done_shards, part_counts, part_name, write_part_atomic
+from imgcls.inputs import cut_runs, plan_inputs
+from imgcls.reader import (COL_PATH, COL_STATUS, STATUS_ERROR, STATUS_OK, Decoder, iter_tar, member_path, read_input,
+                           split_member)
+
+
+@pytest.fixture(scope="module")
+def jpeg(dogs_cats_root):  # a real photo's file (PNG in this set)
+    name = sorted(os.listdir(os.path.join(dogs_cats_root, "cat")))[0]
+    with open(os.path.join(dogs_cats_root, "cat", name), "rb") as f:
+        return f.read()
+
+
+def add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def rows(paths, max_bytes=256 * 2**20):
+    out = [c for c in Decoder(32, 64_000_000, max_images=4, max_bytes=max_bytes).chunks(paths)]
+    return [(p, s, e) for c in out for p, s, e in zip(c[COL_PATH], c[COL_STATUS], c["error"])]
+
+
+def test_member_paths_round_trip_on_any_store():
+    for tar in ("s3://bucket/shards/000001.tar", "gs://b/x.TAR", "/data/a b/c.tar.gz", "az://c/d.tgz"):
+        for member in ("cat.jpg", "images/cat #1.jpg", "a.tar#b.jpg"):
+            assert split_member(member_path(tar, member)) == (tar, member)
+    assert split_member("s3://bucket/plain/cat.jpg") == ("s3://bucket/plain/cat.jpg", None)
+    assert "::" not in member_path("s3://b/x.tar", "m.jpg")  # fsspec's chaining separator
+
+
+def test_tar_members_stream_with_errors_for_every_broken_tar(jpeg, tmp_path):
+    """Every member gets a row; a tar that yields no member rows (empty, truncated in its
+    first header, a gzip bomb named .tar, not a tar) still gets one error row under its own path."""
+    good = tmp_path / "good.tar"
+    with tarfile.open(good, "w") as tar:
+        add(tar, "a.jpg", jpeg)
+        add(tar, "big.jpg", jpeg + b"\0" * 5000)  # over the 4,000-byte cap below
+        add(tar, "b.jpg", jpeg)
+    empty = tmp_path / "empty.tar"
+    tarfile.open(empty, "w").close()
+    truncated = tmp_path / "truncated.tar"
+    truncated.write_bytes(good.read_bytes()[:len(jpeg) + 700])  # a.jpg whole, then cut inside big.jpg
+    bomb = tmp_path / "bomb.tar"  # 200 MB of zeros, gzipped to about 200 KB
+    with gzip.open(bomb, "wb", compresslevel=9) as f:
+        for _ in range(200):
+            f.write(b"\0" * 2**20)
+    garbage = tmp_path / "garbage.tar"
+    garbage.write_bytes(b"this is not a tar archive" * 100)
+    cap = max(len(jpeg) + 1000, 4000)
+    got = rows([str(good), str(empty), str(truncated), str(bomb), str(garbage)], max_bytes=cap)
+    by_path = {p: (s, e) for p, s, e in got}
+    assert len(by_path) == len(got)  # one row per path
+    assert by_path[member_path(str(good), "a.jpg")][0] == STATUS_OK
+    assert by_path[member_path(str(good), "b.jpg")][0] == STATUS_OK
+    assert "exceeds" in by_path[member_path(str(good), "big.jpg")][1]
+    assert by_path[str(empty)] == (STATUS_ERROR, "ValueError: tar archive holds no files")
+    assert by_path[member_path(str(truncated), "a.jpg")][0] == STATUS_OK
+    assert by_path[str(truncated)][0] == STATUS_ERROR  # ended early: an error under the tar's own path
+    assert by_path[str(bomb)][0] == STATUS_ERROR and by_path[str(garbage)][0] == STATUS_ERROR
+    assert len(got) == 3 + 1 + 2 + 1 + 1
+
+
+def test_tar_is_read_one_member_at_a_time(jpeg, tmp_path):
+    """iter_tar is a stream: the first member arrives before the rest of the tar is read."""
+    shard = tmp_path / "s.tar"
+    with tarfile.open(shard, "w") as tar:
+        for i in range(50):
+            add(tar, f"{i}.jpg", jpeg)
+    stream = iter_tar(str(shard))
+    name, data = next(stream)
+    assert name == member_path(str(shard), "0.jpg") and data == jpeg
+    assert read_input(member_path(str(shard), "49.jpg")) == jpeg
+    with pytest.raises(FileNotFoundError):
+        read_input(member_path(str(shard), "nope.jpg"))
+
+
+def test_read_many_keeps_order_and_returns_errors(jpeg, tmp_path):
+    (tmp_path / "a.jpg").write_bytes(jpeg)
+    (tmp_path / "big.bin").write_bytes(b"x" * (len(jpeg) + 1))
+    got = storage.read_many([str(tmp_path / "a.jpg"), str(tmp_path / "missing.jpg"), str(tmp_path / "big.bin")],
+                            max_bytes=len(jpeg))
+    assert got[0] == jpeg
+    assert isinstance(got[1], FileNotFoundError) and isinstance(got[2], ValueError)
+
+
+def test_cut_runs_keeps_tars_alone_and_caps_runs():
+    paths = [f"{i}.jpg" for i in range(7)] + ["x.tar"] + ["y.jpg"]
+    assert cut_runs(paths, 3) == [["0.jpg", "1.jpg", "2.jpg"], ["3.jpg", "4.jpg", "5.jpg"], ["x.tar"],
+                                  ["6.jpg", "y.jpg"]]
+
+
+def test_flat_folder_plan_is_written_once_and_reused(tmp_path):
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    for i in range(7):
+        (inbox / f"{i}.jpg").write_bytes(b"x")
+    (inbox / ".hidden.jpg").write_bytes(b"x")
+    out = str(tmp_path / "out")
+    plan = plan_inputs(str(inbox), out, files_per_shard=3)
+    assert (plan.files, plan.shards, plan.reused) == (7, 3, False)
+    shards = plan.shard_table()
+    listed = [pq.read_table(u)[COL_PATH].to_pylist() for u in shards["list"].to_pylist()]
+    assert sum(listed, []) == sorted(str(inbox / f"{i}.jpg") for i in range(7))
+    (inbox / "new.jpg").write_bytes(b"x")  # appears after the first run: a rerun keeps its plan
+    again = plan_inputs(str(inbox), out, files_per_shard=3)
+    assert again.reused and (again.files, again.sha256) == (7, plan.sha256)
+    with pytest.raises(ValueError, match="other inputs"):
+        plan_inputs(str(inbox), out, files_per_shard=4)
+
+
+def test_parts_past_99999_and_counts_in_their_footers(tmp_path):
+    out = str(tmp_path)
+    table = pa.table({COL_PATH: ["a", "b", "c"], COL_STATUS: [STATUS_OK, STATUS_ERROR, STATUS_OK]})
+    for shard in (7, 99_999, 100_000, 1_234_567):
+        assert write_part_atomic(table, out, shard) == {"rows": 3, "ok": 2, "errors": 1}
+    (tmp_path / "part-12.parquet.tmp").write_bytes(b"")  # not a part
+    assert done_shards(out) == {7, 99_999, 100_000, 1_234_567}
+    assert part_name(1_234_567) == "part-1234567.parquet"
+    assert part_counts(out, [100_000])[0] == {"rows": 3, "ok": 2, "errors": 1}
+    meta = pq.read_metadata(tmp_path / part_name(7)).metadata
+    assert json.loads(meta[COUNTS_KEY])["rows"] == 3
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".tmp")]
+    assert np.array_equal(pq.read_table(tmp_path / part_name(7))[COL_PATH].to_pylist(), ["a", "b", "c"])
