@@ -42,16 +42,20 @@ Figures per case:
   ``images_per_s`` (the job's rows / its own seconds).
 The steady rate of each pair (``steady_rows_per_s``) is (extra rows) / (extra job
 seconds) from the smaller case to the larger one: free of the fixed start-up cost.
+The sections keep their names (``manifest_1m``, ``files_100k``, ...) at whatever sizes
+the command line gives; ``paths``, ``files`` and ``distinct_files`` in each say what ran.
 ``ratios`` holds the issue's figures; ``vs_predict_json`` sets the steady rate of the
-real-file cases beside ``bench/results/predict.json``'s ``imgcls`` figures, as a
-like-for-like comparison only when model and image size are the same.
+real-file cases beside ``bench/results/predict.json``'s ``imgcls`` figures, divided only
+when model and image size are the same. A run's JSON is rewritten after each case
+(``complete``: false until the last).
 
-The machine is shared by nothing else in a proper run: ``peak_memory_mb`` counts every
-process on it. Run alone on a quiet machine (about 10 minutes on 2 cores, the corpus
-made on the first run):
+``peak_memory_mb`` counts every process on the machine, and ``PeakMemory`` waits (up to
+60 s) before each case until no Ray process is left on it, anyone's: run alone on a quiet
+machine (about 10 minutes on 2 cores; the first run also writes the corpus, from the
+photos that ``imgcls fetch-data dogs-cats`` fetches into the work folder):
     .venv/bin/python bench/scale.py [--workdir out/bench-scale] [--out bench/results/scale.json]
 A quick smoke run at small sizes:
-    .venv/bin/python bench/scale.py --quick --out /tmp/scale.json
+    .venv/bin/python bench/scale.py --quick --out out/bench-scale/quick.json
 """
 
 import argparse
@@ -163,7 +167,7 @@ class ProcessWatch:
 
     def __init__(self, proc: subprocess.Popen, output: str, started: float, interval: float = 0.2):
         self.proc, self.output, self.started, self.interval = proc, output, started, interval
-        self.driver_hwm_kb = self.driver_rss_kb = self.tree_rss_kb = 0
+        self.driver_hwm_kb = self.tree_rss_kb = 0
         self.first_part_seconds = None
         self.samples = 0
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -176,7 +180,6 @@ class ProcessWatch:
             if own:
                 self.samples += 1
                 self.driver_hwm_kb = max(self.driver_hwm_kb, own.get("VmHWM", 0))
-                self.driver_rss_kb = max(self.driver_rss_kb, own.get("VmRSS", 0))
                 tree = own.get("VmRSS", 0) + sum(_status_kb(p, ("VmRSS",)).get("VmRSS", 0) for p in _descendants(pid))
                 self.tree_rss_kb = max(self.tree_rss_kb, tree)
             if self.first_part_seconds is None and glob.glob(os.path.join(self.output, "part-*.parquet")):
@@ -292,7 +295,8 @@ def main():
     p.add_argument("--out", default="bench/results/scale.json")
     args = p.parse_args()
     if args.quick:
-        args.paths_1m, args.paths_10k, args.real, args.files_small, args.files_large = 20_000, 2_000, 1_000, 2_000, 5_000
+        args.paths_1m, args.paths_10k, args.real = 20_000, 2_000, 1_000
+        args.files_small, args.files_large = 2_000, 5_000
     cases = set(args.cases.split(","))
     every = max(1, args.paths_1m // args.real)
     began = time.perf_counter()
@@ -320,11 +324,20 @@ def main():
         results["total_seconds"] = time.perf_counter() - began
         write(results, args.out)
 
+    def run_case(key: str, input_uri: str, ckpt: str) -> dict:
+        try:
+            return run_predict(key, input_uri, ckpt, os.path.join(work, f"out-{key}"), args.num_cpus,
+                               args.files_per_shard, logs)
+        except Exception as e:  # recorded with the cases before it, then raised
+            results["failed"] = {"case": key, "error": str(e)[-4000:]}
+            save(False)
+            raise
+
     problems = []
     if "manifest" in cases:
         width = args.manifest_width or None
-        ckpt = make_small_checkpoint(os.path.join(work, f"ckpt-{args.manifest_arch}-{args.manifest_image_size}-w{width}"),
-                                     args.manifest_arch, args.manifest_image_size, width)
+        name = f"ckpt-{args.manifest_arch}-{args.manifest_image_size}-w{width}"
+        ckpt = make_small_checkpoint(os.path.join(work, name), args.manifest_arch, args.manifest_image_size, width)
         model = {"arch": args.manifest_arch, "image_size": args.manifest_image_size, "width": width}
         missing_dir = os.path.join(corpus, "missing")
         assert not os.path.exists(missing_dir)
@@ -333,8 +346,7 @@ def main():
             manifest = os.path.join(work, f"manifest-{paths}-every{every}-of{corpus_size}.parquet")
             info = make_manifest(manifest, real, paths, every, missing_dir)
             setup[f"{key}_manifest_seconds"] = time.perf_counter() - t
-            r = run_predict(key, manifest, ckpt, os.path.join(work, f"out-{key}"), args.num_cpus,
-                            args.files_per_shard, logs)
+            r = run_case(key, manifest, ckpt)
             results[key] = {**info, "model": model, "input": "parquet manifest", **r}
             problems += check(key, r, info["paths"], info["real"])
             save(False)
@@ -350,8 +362,7 @@ def main():
             t = time.perf_counter()
             folder = make_linked_tree(os.path.join(work, f"linked-{files}-of{len(sources)}"), sources, files)
             setup[f"{key}_tree_seconds"] = time.perf_counter() - t
-            r = run_predict(key, folder, ckpt, os.path.join(work, f"out-{key}"), args.num_cpus,
-                            args.files_per_shard, logs)
+            r = run_case(key, folder, ckpt)
             results[key] = {"paths": files, "distinct_files": min(files, len(sources)),
                             "hard_links": files > len(sources), "model": model, "input": "folder", **r}
             problems += check(key, r, files, files)

@@ -408,6 +408,7 @@ def train_loop_per_worker(config: dict) -> None:
             "worker_rss_mb": _rss_mb(),  # rank 0's memory now: flat over epochs
             "worker_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "resident": bool(config["resident"]),
+            "node_id": ray.get_runtime_context().get_node_id(),  # rank 0's node
         }
         if epoch == start_epoch:
             metrics.update(load_seconds=load_seconds, first_step_time=first_step.get("time"))
