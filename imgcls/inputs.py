@@ -37,6 +37,9 @@ PLAN_DIR = "_inputs"
 PLAN_FILE = "_plan.json"
 SHARDS_FILE = "shards.parquet"
 MANIFEST_SUFFIXES = (".csv", ".parquet")
+SHARDS_PER_CPU = 4  # a small job is cut into at least this many shards per CPU of the cluster...
+MIN_SHARD_FILES = 16  # ... of at least this many files
+RECUT_MAX_FILES = 200_000  # ... when it has at most this many files (the driver re-reads their paths)
 
 
 @dataclass
@@ -147,9 +150,30 @@ def _summary_rows(ds: ray.data.Dataset) -> pa.Table:
         if any(t.num_rows for t in tables) else schema.empty_table()
 
 
-def _driver_lists(paths: Iterable[str], lists_uri: str, files_per_shard: int) -> pa.Table:
-    rows = write_lists(sorted(paths), lists_uri, "d", files_per_shard)
+def _driver_lists(paths: Iterable[str], lists_uri: str, files_per_shard: int, sort: bool = True) -> pa.Table:
+    rows = write_lists(sorted(paths) if sort else list(paths), lists_uri, "d", files_per_shard)
     return pa.table({k: pa.array(v) for k, v in rows.items()})
+
+
+def _recut_small(summary: pa.Table, lists_uri: str, files_per_shard: int) -> pa.Table:
+    """A job with fewer shards than ``SHARDS_PER_CPU`` per CPU would leave actors idle
+    (a shard is one actor's work): its lists are cut again into smaller shards, once, at
+    planning time. Only small jobs qualify, as the driver reads every path here."""
+    files = int(pc.sum(summary["files"]).as_py())
+    cpus = float(ray.cluster_resources().get("CPU", 1)) if ray.is_initialized() else 1.0
+    want = int(SHARDS_PER_CPU * max(1.0, cpus))
+    per_shard = max(MIN_SHARD_FILES, -(-files // want))
+    if summary.num_rows >= want or files > RECUT_MAX_FILES or per_shard >= files_per_shard:
+        return summary
+    ordered = summary.sort_by([("first", "ascending"), ("list", "ascending")])["list"].to_pylist()
+    paths = []
+    for uri in ordered:
+        with storage.open_uri(uri, "rb") as f:
+            paths.extend(pq.read_table(f)[COL_PATH].to_pylist())
+    fs, _ = storage.filesystem(lists_uri)
+    for uri in ordered:
+        fs.rm(storage.strip(uri))
+    return _driver_lists(paths, lists_uri, per_shard, sort=False)
 
 
 def _source_stat(uri: str) -> Optional[dict]:
@@ -219,6 +243,7 @@ def plan_inputs(input_uri: str, output_uri: str, files_per_shard: int) -> InputP
         raise FileNotFoundError(f"no input at {input_uri}")
     if summary is None or summary.num_rows == 0:
         raise FileNotFoundError(f"no files found at {input_uri}")
+    summary = _recut_small(summary, lists_uri, files_per_shard)
     # One row per shard list; a list written twice (two identical manifest blocks, or a
     # retried task) counts once. Shards are numbered in the order of their first path.
     agg = summary.group_by("list").aggregate([("files", "max"), ("first", "min"), ("sha256", "min")])
