@@ -52,3 +52,23 @@ def test_overlay_keeps_shape_and_dtype():
     image = np.zeros((10, 12, 3), np.uint8)
     out = overlay(image, np.linspace(0, 1, 120).reshape(10, 12))
     assert out.shape == (10, 12, 3) and out.dtype == np.uint8 and out.max() > 0
+
+
+def test_explains_a_tar_member_by_its_path(dogs_cats_root, tmp_path):
+    """Paths from a predictions table may name tar members (TAR#MEMBER): explain reads them."""
+    import os
+    import tarfile
+
+    from imgcls.checkpoint import save_checkpoint
+    from imgcls.config import JobConfig, ModelConfig
+    from imgcls.explain import explain_images
+
+    photo = os.path.join(dogs_cats_root, "cat", sorted(os.listdir(os.path.join(dogs_cats_root, "cat")))[0])
+    with tarfile.open(tmp_path / "shard.tar", "w") as tar:
+        tar.add(photo, arcname="in/cat.png")
+    torch.manual_seed(0)
+    save_checkpoint(str(tmp_path / "ckpt"), create_model("small_cnn", 2),
+                    JobConfig(model=ModelConfig(arch="small_cnn", image_size=32)), ["cat", "dog"], history=[])
+    [result] = explain_images(str(tmp_path / "ckpt"), [f"{tmp_path / 'shard.tar'}#in/cat.png"], str(tmp_path / "out"))
+    assert result["label"] in ("cat", "dog") and os.path.basename(result["overlay"]).startswith("0000_cat_")
+    assert os.path.getsize(result["overlay"]) > 0
