@@ -244,9 +244,11 @@ def check(name: str, r: dict, rows: int, ok: int) -> list[str]:
     return bad
 
 
-def steady(small: dict, large: dict) -> float:
-    """(extra rows) / (extra job seconds) from the smaller case to the larger one."""
-    return (large["rows"] - small["rows"]) / (large["seconds"] - small["seconds"])
+def steady(small: dict, large: dict):
+    """(extra rows) / (extra job seconds) from the smaller case to the larger one; None when
+    the larger took no longer (sizes too close for the machine's noise)."""
+    extra = large["seconds"] - small["seconds"]
+    return (large["rows"] - small["rows"]) / extra if extra > 0 else None
 
 
 def machine() -> dict:
@@ -382,7 +384,7 @@ def main():
                         "predict_json_files": ref.get("files"), "predict_json_images_per_s": ref.get("images_per_s"),
                         "predict_json_steady_images_per_s": ref.get("steady_images_per_s"),
                         "same_model": same})
-            if same and ref.get("steady_images_per_s"):
+            if same and ref.get("steady_images_per_s") and big["steady_rows_per_s"]:
                 cmp["steady_vs_predict_json_steady"] = big["steady_rows_per_s"] / ref["steady_images_per_s"]
             # predict.json's images_per_s is at its own file count (2,000 by default), start-up
             # included: set beside ours, not divided, as the file counts differ.

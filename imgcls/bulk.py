@@ -43,6 +43,7 @@ from imgcls.reader import (COL_PATH, COL_ROW, COL_SHARD, COL_SHARD_ROWS, COL_STA
 JOB_FILE = "_job.json"
 SUMMARY_FILE = "_summary.json"
 STAGING_DIR = "_staging"
+MODEL_DIR = "_model"  # the prepared model program the actors load
 PART_TEMPLATE = "part-{:06d}.parquet"
 PART_NAME = re.compile(r"^part-(\d+)\.parquet$")
 COUNTS_KEY = b"imgcls.counts"  # Parquet footer metadata of each part: its rows, ok and errors
@@ -274,6 +275,7 @@ def label_images(cfg: PredictConfig) -> LabelSummary:
     todo = shards.filter(pc.invert(pc.is_in(shards[COL_SHARD], pa.array(sorted(skip), pa.int64()))))
     labelled: list[dict] = []
     if todo.num_rows:
+        payload = payload.stored(storage.join(cfg.output, MODEL_DIR, f"{payload.model_id}.bin"))
         pools = pool_plan(cfg.use_gpu, cfg.num_actors, cfg.separate_decode)
         run = _run_one_pool if pools["decode"] is None else _run_two_pools
         labelled = run(todo, payload, cfg, pools)

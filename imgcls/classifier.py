@@ -37,6 +37,29 @@ class ModelPayload:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     model_id: str  # hash of the checkpoint's weights, or of the ONNX file
+    program_uri: str = ""  # where ``program`` was stored instead (``stored``)
+
+    def stored(self, uri: str) -> "ModelPayload":
+        """A copy that names ``uri``, where the program is written, instead of holding it.
+
+        Actor constructor arguments over 100 KB go to Ray's object store, and an actor
+        restarted after its node is lost cannot get them back (ray-project/ray#53727);
+        a payload of a few hundred bytes travels inline, and restarts work.
+        """
+        import dataclasses
+
+        from imgcls import storage
+
+        with storage.open_uri(uri, "wb") as f:
+            f.write(self.program)
+        return dataclasses.replace(self, program=b"", program_uri=uri)
+
+    def load_program(self) -> bytes:
+        if self.program or not self.program_uri:
+            return self.program
+        from imgcls import storage
+
+        return storage.read_bytes(self.program_uri)
 
 
 class Classifier:
@@ -55,11 +78,11 @@ class Classifier:
             opts = ort.SessionOptions()
             if threads:
                 opts.intra_op_num_threads = threads
-            self.session = ort.InferenceSession(payload.program, opts, providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(payload.load_program(), opts, providers=["CPUExecutionProvider"])
         else:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", FutureWarning)  # TorchScript's deprecation notice
-                self.model = torch.jit.load(io.BytesIO(payload.program), map_location=self.device).eval()
+                self.model = torch.jit.load(io.BytesIO(payload.load_program()), map_location=self.device).eval()
         self.model_id = payload.model_id
         self.classes = np.array(payload.classes, dtype=object)
         self.normalize = ScaleNormalize(payload.mean, payload.std)

@@ -165,7 +165,7 @@ def _recut_small(summary: pa.Table, lists_uri: str, files_per_shard: int) -> pa.
     per_shard = max(MIN_SHARD_FILES, -(-files // want))
     if summary.num_rows >= want or files > RECUT_MAX_FILES or per_shard >= files_per_shard:
         return summary
-    ordered = summary.sort_by([("first", "ascending"), ("list", "ascending")])["list"].to_pylist()
+    ordered = summary["list"].to_pylist()  # one row per list, in shard order
     paths = []
     for uri in ordered:
         with storage.open_uri(uri, "rb") as f:
@@ -243,12 +243,13 @@ def plan_inputs(input_uri: str, output_uri: str, files_per_shard: int) -> InputP
         raise FileNotFoundError(f"no input at {input_uri}")
     if summary is None or summary.num_rows == 0:
         raise FileNotFoundError(f"no files found at {input_uri}")
-    summary = _recut_small(summary, lists_uri, files_per_shard)
     # One row per shard list; a list written twice (two identical manifest blocks, or a
     # retried task) counts once. Shards are numbered in the order of their first path.
     agg = summary.group_by("list").aggregate([("files", "max"), ("first", "min"), ("sha256", "min")])
     summary = pa.table({"list": agg["list"], "files": agg["files_max"], "first": agg["first_min"],
                         "sha256": agg["sha256_min"]}).sort_by([("first", "ascending"), ("list", "ascending")])
+    summary = _recut_small(summary, lists_uri, files_per_shard).sort_by([("first", "ascending"),
+                                                                          ("list", "ascending")])
     digest = hashlib.sha256("\n".join(summary.column("sha256").to_pylist()).encode()).hexdigest()
     shards = pa.table({COL_SHARD: pa.array(range(summary.num_rows), pa.int64()), "list": summary.column("list"),
                        "files": summary.column("files")})

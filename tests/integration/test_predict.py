@@ -100,7 +100,7 @@ def test_separate_decode_pool_gives_the_same_rows(ray_cluster, checkpoint, bad_c
                                              files_per_shard=4, separate_decode=separate,
                                              batch_size=3 if separate else 64))
         assert summary.rows == summary.files
-        assert sorted(os.listdir(out)) == ["_inputs", "_job.json", "_summary.json"] + \
+        assert sorted(os.listdir(out)) == ["_inputs", "_job.json", "_model", "_summary.json"] + \
             [f"part-{i:06d}.parquet" for i in range(summary.shards)]  # no staging left
         frames[separate] = read_output(out).sort_values("path").reset_index(drop=True)
     fused, split = frames[False], frames[True]
@@ -199,6 +199,14 @@ def test_killed_job_resumes_without_redoing_or_duplicating(ray_cluster, checkpoi
         time.sleep(0.2)
     os.killpg(proc.pid, 9)  # the driver and its private Ray cluster, mid-run
     proc.wait()
+    # Workers write their own parts: one mid-write when the driver died may still finish
+    # its part (whole, through its rename) before it notices. Wait for the folder to settle.
+    listing, stable_since = None, time.time()
+    while time.time() - stable_since < 5:
+        now = sorted(p.name for p in out.glob("part-*.parquet"))
+        if now != listing:
+            listing, stable_since = now, time.time()
+        time.sleep(0.2)
     done_before = {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")}
     assert 3 <= len(done_before) < 20, "the job should have been killed midway"
     for p in done_before:  # whatever is visible is a complete shard
