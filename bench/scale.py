@@ -20,6 +20,9 @@ local Ray cluster (``python -m imgcls.cli predict --model CKPT --input IN --outp
    10,000 JPEGs of the corpus, hard-linked (``os.link``) under distinct names to reach
    100,000 (``distinct_files`` in each case says how many are distinct); every file is
    read and decoded all the same, but from the page cache.
+4. ``resume``: a job over the smaller folder killed once half its shards are written,
+   rerun, and set against a clean job over exactly the files the rerun labelled
+   (``rerun_vs_clean_process_seconds``: what a resume costs over the remaining work).
 
 Figures per case:
 - ``driver_peak_rss_mb``: the peak resident memory of the ``imgcls predict`` process
@@ -190,14 +193,19 @@ class ProcessWatch:
         self.thread.join()
 
 
-def run_predict(name: str, input_uri: str, checkpoint: str, output: str, num_cpus: int, files_per_shard,
-                logs: str) -> dict:
-    """``imgcls predict`` in its own process with its own local Ray cluster, watched."""
-    shutil.rmtree(output, ignore_errors=True)
+def predict_cmd(input_uri: str, checkpoint: str, output: str, num_cpus: int, files_per_shard) -> list[str]:
     cmd = [sys.executable, "-m", "imgcls.cli", "predict", "--model", checkpoint, "--input", input_uri,
            "--output", output, "--num-cpus", str(num_cpus)]
-    if files_per_shard:
-        cmd += ["--files-per-shard", str(files_per_shard)]
+    return cmd + (["--files-per-shard", str(files_per_shard)] if files_per_shard else [])
+
+
+def run_predict(name: str, input_uri: str, checkpoint: str, output: str, num_cpus: int, files_per_shard,
+                logs: str, fresh: bool = True) -> dict:
+    """``imgcls predict`` in its own process with its own local Ray cluster, watched;
+    ``fresh=False`` keeps what ``output`` holds (a rerun)."""
+    if fresh:
+        shutil.rmtree(output, ignore_errors=True)
+    cmd = predict_cmd(input_uri, checkpoint, output, num_cpus, files_per_shard)
     os.makedirs(logs, exist_ok=True)
     out_path, err_path = os.path.join(logs, f"{name}.stdout"), os.path.join(logs, f"{name}.stderr")
     print(f"[scale] {name}: {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
@@ -230,6 +238,52 @@ def run_predict(name: str, input_uri: str, checkpoint: str, output: str, num_cpu
     print(f"[scale] {name}: " + json.dumps({k: (round(v, 2) if isinstance(v, float) else v)
                                             for k, v in result.items()}), file=sys.stderr, flush=True)
     return result
+
+
+def parts(output: str) -> list[str]:
+    return sorted(glob.glob(os.path.join(output, "part-*.parquet")))
+
+
+def run_resume(folder: str, checkpoint: str, work: str, num_cpus: int, files_per_shard, logs: str) -> dict:
+    """A job killed (its process group: the driver and its Ray cluster) once half its
+    shards are written, then rerun; against a clean job over exactly the files the
+    rerun labelled (a manifest of them): what resuming costs over the remaining work."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    output = os.path.join(work, "out-resume")
+    shutil.rmtree(output, ignore_errors=True)
+    os.makedirs(logs, exist_ok=True)
+    with open(os.path.join(logs, "resume_killed.log"), "w") as log:
+        proc = subprocess.Popen(predict_cmd(folder, checkpoint, output, num_cpus, files_per_shard), stdout=log,
+                                stderr=log, start_new_session=True, env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+        plan = os.path.join(output, "_inputs", "shards.parquet")
+        while proc.poll() is None and not (os.path.exists(plan) and
+                                           len(parts(output)) * 2 >= pq.read_metadata(plan).num_rows):
+            time.sleep(0.2)
+        if proc.poll() is not None:
+            raise RuntimeError("the job to kill finished first")
+        os.killpg(proc.pid, 9)
+        proc.wait()
+    listing, stable_since = None, time.time()
+    while time.time() - stable_since < 5:  # a worker mid-write may still finish its part
+        now = parts(output)
+        if now != listing:
+            listing, stable_since = now, time.time()
+        time.sleep(0.2)
+    before = set(listing)
+    shards = pq.read_metadata(os.path.join(output, "_inputs", "shards.parquet")).num_rows
+    rerun = run_predict("resume_rerun", folder, checkpoint, output, num_cpus, files_per_shard, logs, fresh=False)
+    labelled = [p for p in parts(output) if p not in before]
+    paths = pa.concat_tables([pq.read_table(p, columns=["path"]) for p in labelled])
+    manifest = os.path.join(work, "resume-remaining.parquet")
+    pq.write_table(paths, manifest)
+    clean = run_predict("resume_clean", manifest, checkpoint, os.path.join(work, "out-resume-clean"), num_cpus,
+                        files_per_shard, logs)
+    return {"shards": shards, "shards_done_before_kill": len(before), "remaining_files": paths.num_rows,
+            "rerun": rerun, "clean_remaining": clean,
+            "rerun_vs_clean_process_seconds": rerun["process_seconds"] / clean["process_seconds"],
+            "rerun_vs_clean_job_seconds": rerun["seconds"] / clean["seconds"]}
 
 
 def check(name: str, r: dict, rows: int, ok: int) -> list[str]:
@@ -291,7 +345,7 @@ def main():
     p.add_argument("--files-width", type=int, default=0, help="small_cnn width; 0 for the arch's default")
     p.add_argument("--files-per-shard", type=int, default=None, help="passed to imgcls predict (default: its own)")
     p.add_argument("--num-cpus", type=int, default=os.cpu_count())
-    p.add_argument("--cases", default="manifest,files", help="comma-separated: manifest, files")
+    p.add_argument("--cases", default="manifest,files,resume", help="comma-separated: manifest, files, resume")
     p.add_argument("--workdir", default="out/bench-scale")
     p.add_argument("--predict-json", default="bench/results/predict.json")
     p.add_argument("--out", default="bench/results/scale.json")
@@ -307,7 +361,7 @@ def main():
 
     work = os.path.abspath(args.workdir)
     logs = os.path.join(work, "logs")
-    corpus_size = max(args.real if "manifest" in cases else 0, args.files_small if "files" in cases else 0)
+    corpus_size = max(args.real if "manifest" in cases else 0, args.files_small if cases & {"files", "resume"} else 0)
     t = time.perf_counter()
     corpus = make_corpus(os.path.join(work, f"jpeg-{corpus_size}"), corpus_size)
     real = corpus_files(corpus)[:corpus_size]
@@ -389,6 +443,16 @@ def main():
             # predict.json's images_per_s is at its own file count (2,000 by default), start-up
             # included: set beside ours, not divided, as the file counts differ.
         results["vs_predict_json"] = cmp
+    if "resume" in cases:
+        width = args.files_width or None
+        ckpt = make_small_checkpoint(os.path.join(work, f"ckpt-{args.files_arch}-{args.files_image_size}-w{width}"),
+                                     args.files_arch, args.files_image_size, width)
+        sources = real[:args.files_small]
+        folder = make_linked_tree(os.path.join(work, f"linked-{args.files_small}-of{len(sources)}"), sources,
+                                  args.files_small)
+        results["resume"] = r = run_resume(folder, ckpt, work, args.num_cpus, args.files_per_shard, logs)
+        problems += check("resume_rerun", r["rerun"], args.files_small, args.files_small)
+        save(False)
     ratios = {}
     if "manifest" in cases:
         big, small = results["manifest_1m"], results["manifest_10k"]
@@ -404,6 +468,8 @@ def main():
         ratios["tree_peak_rss_100k_vs_10k"] = big["tree_peak_rss_mb"] / small["tree_peak_rss_mb"]
         ratios["driver_peak_memory_100k_vs_10k"] = big["driver_peak_rss_mb"] / small["driver_peak_rss_mb"]
         ratios["files_100k_vs_10k"] = big["paths"] / small["paths"]
+    if "resume" in cases:
+        ratios["resume_rerun_vs_clean_remaining"] = results["resume"]["rerun_vs_clean_process_seconds"]
     results["ratios"] = ratios
     results["problems"] = problems
     save(True)
