@@ -221,17 +221,80 @@ class JobConfig:
     def from_dict(cls, d: dict[str, Any]) -> "JobConfig":
         unknown = set(d) - {f.name for f in fields(cls)}
         if unknown:
-            raise ValueError(f"unknown config sections: {sorted(unknown)}")
+            raise ValueError(f"unknown config sections {sorted(unknown)}; known: {[f.name for f in fields(cls)]}")
         return cls(**{f.name: build(f.default_factory, d.get(f.name) or {}) for f in fields(cls)})
 
 
+class ConfigError(ValueError):
+    """A config value that is wrong; ``key`` names the field (the CLI shows it as its flag)."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(f"{key}: {message}")
+        self.key, self.message = key, message
+
+
+def _field_types(cls) -> dict[str, tuple[type, bool]]:
+    """Field name -> (base type, optional) from each field's annotation."""
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for f in fields(cls):
+        hint = hints[f.name]
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        out[f.name] = (args[0] if args else hint, type(None) in typing.get_args(hint))
+    return out
+
+
+_TRUE, _FALSE = {"true", "yes", "on", "1"}, {"false", "no", "off", "0"}
+
+
+def coerce(key: str, value: Any, kind: type, optional: bool) -> Any:
+    """``value`` as ``kind``: what YAML or a caller gave, checked. YAML 1.1 reads ``1e-3``
+    as a string, so numbers in strings are parsed; anything else of the wrong type is an
+    error that names ``key``."""
+    if value is None or (optional and isinstance(value, str) and value.strip().lower() in ("none", "null", "~")):
+        if optional:
+            return None
+        raise ConfigError(key, "a value is required")
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+            return value.strip().lower() in _TRUE
+        raise ConfigError(key, f"expected true or false, got {value!r}")
+    if kind in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(key, f"expected a number, got {value!r}")
+        try:
+            number = float(value) if isinstance(value, str) else value
+        except ValueError:
+            raise ConfigError(key, f"expected a number, got {value!r}") from None
+        if not isinstance(number, (int, float)):
+            raise ConfigError(key, f"expected a number, got {value!r}")
+        if kind is int:
+            if float(number) != int(number):
+                raise ConfigError(key, f"expected a whole number, got {value!r}")
+            return int(number)
+        return float(number)
+    if kind is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(key, f"expected text, got {value!r}")
+        return str(value)
+    return value
+
+
 def build(cls, values: dict[str, Any]):
-    """Builds dataclass ``cls`` from a dict, rejecting unknown keys by name."""
+    """Builds dataclass ``cls`` from a dict: unknown keys are refused by name, every value
+    is coerced and checked by its field's declared type (``coerce``)."""
     names = {f.name for f in fields(cls)}
     unknown = set(values) - names
     if unknown:
-        raise ValueError(f"unknown {cls.__name__} keys: {sorted(unknown)}; known: {sorted(names)}")
-    return cls(**values)
+        raise ConfigError(sorted(unknown)[0], f"unknown {cls.__name__} key(s) {sorted(unknown)}; "
+                                              f"known: {sorted(names)}")
+    types = _field_types(cls)
+    typed = {k: coerce(k, v, *types[k]) for k, v in values.items()}
+    return cls(**typed)
 
 
 def merge(base, **overrides):

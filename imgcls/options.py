@@ -18,7 +18,9 @@ from typing import Any, Optional
 import click
 import yaml
 
-from imgcls.config import build
+from imgcls.config import ConfigError, build
+
+SECTIONS = ("data", "model", "train", "predict")  # of a YAML config file
 
 
 @functools.cache
@@ -67,21 +69,45 @@ def config_options(*classes):
 
 
 def load_yaml(path: Optional[str]) -> dict:
+    """A YAML config file's sections; an unknown section (a misspelt ``trian:``) is refused."""
     if not path:
         return {}
     with open(path) as f:
         data = yaml.safe_load(f) or {}
     if not isinstance(data, dict):
-        raise click.BadParameter(f"{path} must hold a mapping of sections")
-    return data
+        raise click.BadParameter(f"{path} must hold a mapping of sections {list(SECTIONS)}")
+    unknown = sorted(set(data) - set(SECTIONS))
+    if unknown:
+        raise click.BadParameter(f"{path}: unknown section(s) {unknown}; valid sections: {list(SECTIONS)}")
+    for name, section in data.items():
+        if section is not None and not isinstance(section, dict):
+            raise click.BadParameter(f"{path}: section '{name}' must be a mapping of settings")
+    return {k: v or {} for k, v in data.items()}
+
+
+def flag_message(message: str, names) -> str:
+    """``message`` with the field names it mentions written as their flags."""
+    import re
+
+    for name in sorted(names, key=len, reverse=True):
+        message = re.sub(rf"(?<![\w-]){re.escape(name)}(?![\w-])", flag_name(name), message)
+    return message
 
 
 def resolve(cls, section: dict, flags: dict):
-    """Builds ``cls`` from YAML ``section`` values overridden by the given (non-None) flags."""
+    """Builds ``cls`` from YAML ``section`` values overridden by the given (non-None) flags.
+
+    Errors name the flag (``--lr``), whether the value came from the flag or the YAML file.
+    """
     names = {f.name for f in fields(cls)}
     values = dict(section)
     values.update({k: v for k, v in flags.items() if k in names and v is not None})
     try:
         return build(cls, values)
+    except ConfigError as e:
+        if e.key not in names:
+            raise click.UsageError(f"{flag_message(e.message, names)} (a key of the YAML file's "
+                                   f"'{cls.__name__.removesuffix('Config').lower()}' section)") from None
+        raise click.UsageError(f"{flag_name(e.key)}: {flag_message(e.message, names)}") from None
     except (TypeError, ValueError) as e:
-        raise click.UsageError(f"{cls.__name__}: {e}") from None
+        raise click.UsageError(flag_message(str(e), names)) from None
