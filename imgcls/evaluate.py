@@ -31,8 +31,13 @@ def predict_labelled(model: str, images: LabelledImages, batch_size: int = 64, r
     return df.sort_values(COL_PATH).reset_index(drop=True)
 
 
+def topk_key(report: dict) -> str:
+    """The report's top-k accuracy key: 'top5_accuracy', or 'top2_accuracy' for 2 classes."""
+    return f"top{report['top_k']}_accuracy"
+
+
 def report_from_predictions(df: pd.DataFrame, classes: Sequence[str]) -> dict:
-    """Accuracy, top-5, per-class and macro P/R/F1 and the confusion matrix.
+    """Accuracy, top-k (``topk_key``), per-class and macro P/R/F1 and the confusion matrix.
 
     Rows whose image could not be read are counted in ``errors`` and left out of the
     metrics. Raises DataError on a true label the model does not know.
@@ -44,9 +49,10 @@ def report_from_predictions(df: pd.DataFrame, classes: Sequence[str]) -> dict:
     pred = encode_labels(ok[COL_LABEL].astype(str).tolist(), classes)
     cm = confusion_matrix(torch.from_numpy(y), torch.from_numpy(pred), len(classes))
     report = classification_report(cm, classes)
-    k = min(5, len(classes))
-    top5 = [t in list(top)[:k] for t, top in zip(ok[COL_TRUE], ok[COL_TOPK_LABELS])]
-    report["top5_accuracy"] = float(np.mean(top5)) if top5 else 0.0
+    k = min(5, len(classes))  # top-5, or top-k for fewer classes: the key names its k
+    hits = [t in list(top)[:k] for t, top in zip(ok[COL_TRUE], ok[COL_TOPK_LABELS])]
+    report["top_k"] = k
+    report[topk_key(report)] = float(np.mean(hits)) if hits else 0.0
     report["errors"] = int(len(df) - len(ok))
     report["classes"] = list(classes)
     return report

@@ -13,7 +13,7 @@ from imgcls.bulk import label_images
 from imgcls.config import DataConfig, JobConfig, ModelConfig, PredictConfig, TrainConfig
 from imgcls.checkpoint import load_checkpoint, read_model_info
 from imgcls.data import list_labelled_images
-from imgcls.evaluate import COL_TRUE, evaluate_images, report_from_predictions
+from imgcls.evaluate import COL_TRUE, evaluate_images, report_from_predictions, topk_key
 from imgcls.reader import source_file
 from imgcls.train import fit
 
@@ -31,7 +31,7 @@ def run_training(job: JobConfig) -> dict:
     test = result.splits["test"]
     if len(test):
         report, _ = evaluate_images(result.best_checkpoint, test)
-        summary["test"] = {k: report[k] for k in ("accuracy", "top5_accuracy", "macro_precision",
+        summary["test"] = {k: report[k] for k in ("accuracy", topk_key(report), "macro_precision",
                                                    "macro_recall", "macro_f1", "num_samples")}
         storage.write_json(storage.join(result.best_checkpoint, TEST_METRICS_FILE), report)
         print(f"test accuracy {report['accuracy']:.4f}  macro F1 {report['macro_f1']:.4f}  "
@@ -108,7 +108,7 @@ def run_evaluation(model: str, output: str, data: str | None = None, predictions
     df.to_parquet(os.path.join(output, PREDICTIONS_FILE))
     history = load_checkpoint(model).history
     files = write_report(output, report, df, COL_TRUE, history=history)
-    return {**{k: report[k] for k in ("accuracy", "top5_accuracy", "macro_f1")}, **files}
+    return {**{k: report[k] for k in ("accuracy", topk_key(report), "macro_f1")}, **files}
 
 
 def worst_mistakes(evaluation_folder: str, n: int) -> list[str]:

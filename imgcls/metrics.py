@@ -25,8 +25,12 @@ def confusion_matrix(target: torch.Tensor, pred: torch.Tensor, num_classes: int)
 def classification_report(cm: np.ndarray | torch.Tensor, classes: Sequence[str]) -> dict:
     """Accuracy, per-class and macro precision/recall/F1 from a confusion matrix.
 
-    Classes with no predictions (or no support) get precision (or recall) 0, the
-    convention scikit-learn uses with ``zero_division=0``.
+    scikit-learn's definitions (``precision_recall_fscore_support`` with
+    ``zero_division=0``, labels from the data): a class with no predictions has
+    precision 0, one with no support recall 0, and the macro averages are over the
+    classes that occur in the targets or the predictions, so a class absent from both
+    (a 10-class model evaluated on 3 classes' images) does not pull them down. Per-class
+    figures are given for every class.
     """
     cm = np.asarray(cm.cpu() if isinstance(cm, torch.Tensor) else cm, dtype=np.float64)
     tp = np.diag(cm)
@@ -37,11 +41,14 @@ def classification_report(cm: np.ndarray | torch.Tensor, classes: Sequence[str])
     denom = precision + recall
     f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(tp), where=denom > 0)
     total = cm.sum()
+    present = (support > 0) | (predicted > 0)
+    macro = (lambda v: float(v[present].mean())) if present.any() else (lambda v: 0.0)  # noqa: E731
     return {
         "accuracy": float(tp.sum() / total) if total else 0.0,
-        "macro_precision": float(precision.mean()),
-        "macro_recall": float(recall.mean()),
-        "macro_f1": float(f1.mean()),
+        "macro_precision": macro(precision),
+        "macro_recall": macro(recall),
+        "macro_f1": macro(f1),
+        "macro_classes": int(present.sum()),  # classes the macro averages are over
         "num_samples": int(total),
         "per_class": {
             c: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}

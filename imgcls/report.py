@@ -121,7 +121,8 @@ def _html(report: dict, plots: dict, title: str) -> str:
     summary = "".join(
         f"<tr><th>{html.escape(k)}</th><td>{report[k]:.4f}</td></tr>" if isinstance(report[k], float)
         else f"<tr><th>{html.escape(k)}</th><td>{report[k]}</td></tr>"
-        for k in ("accuracy", "top5_accuracy", "macro_precision", "macro_recall", "macro_f1", "num_samples", "errors")
+        for k in ("accuracy", f"top{report.get('top_k', 5)}_accuracy", "macro_precision", "macro_recall", "macro_f1",
+                  "num_samples", "errors")
         if k in report)
     per_class = "".join(
         f"<tr><td>{html.escape(c)}</td><td>{m['precision']:.3f}</td><td>{m['recall']:.3f}</td>"

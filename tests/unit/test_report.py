@@ -25,7 +25,8 @@ def test_report_writes_metrics_plots_and_html(tmp_path):
         COL_TRUE: ["cat", "cat", "cat", "dog", "dog", "dog", "dog"],
     })
     report = report_from_predictions(df, ["cat", "dog"])
-    assert report["accuracy"] == 4 / 6 and report["errors"] == 1 and report["top5_accuracy"] == 1.0
+    assert report["accuracy"] == 4 / 6 and report["errors"] == 1 and report["top2_accuracy"] == 1.0
+    assert report["top_k"] == 2 and "top5_accuracy" not in report  # 2 classes: it is top-2, and says so
     assert report["confusion_matrix"] == [[2, 1], [1, 2]]
     history = [{"epoch": e, "train_loss": 1 / (e + 1), "val_loss": 1.2 / (e + 1), "train_accuracy": 0.5 + e / 10,
                 "val_accuracy": 0.45 + e / 10} for e in range(3)]
