@@ -59,7 +59,7 @@ def list_labelled_images(root: str, check_paths: bool = True) -> LabelledImages:
         DataError: empty folder, missing manifest column or path, or fewer than two classes.
     """
     if not root:
-        raise DataError("no data given: set data.root to an ImageFolder tree or a manifest")
+        raise DataError("no data given: set --root (or data.root in the YAML file) to an ImageFolder tree or a manifest")
     fs, path = storage.filesystem(root)
     if root.lower().endswith(MANIFEST_EXTENSIONS):
         images = _read_manifest(root, check_paths)
@@ -67,7 +67,7 @@ def list_labelled_images(root: str, check_paths: bool = True) -> LabelledImages:
         if not fs.isdir(path):
             raise DataError(f"{root} is neither a folder nor a .csv/.parquet manifest")
         base = path.rstrip("/") + "/"
-        files = sorted(f for f in fs.find(path) if is_image_path(f))
+        files = sorted(f for f in fs.find(path) if is_image_path(f) and not storage.hidden_below(path, f))
         nested = [f for f in files if "/" in f[len(base):]]
         if not nested:
             raise DataError(f"{root} has no images in class subfolders (expected ROOT/<class>/<image>)")

@@ -109,7 +109,7 @@ def list_prefix(uri: str) -> list[str]:
     """Every non-hidden file under ``uri`` (recursively), as URIs, sorted."""
     fs, path = storage.filesystem(uri)
     found = fs.find(path)
-    return sorted(storage.unstrip(uri, f) for f in found if not is_hidden(f))
+    return sorted(storage.unstrip(uri, f) for f in found if not storage.hidden_below(path, f))
 
 
 def prefix_lists(batch: dict, lists_uri: str, files_per_shard: int) -> dict[str, list]:
@@ -221,8 +221,9 @@ def plan_inputs(input_uri: str, output_uri: str, files_per_shard: int) -> InputP
             batch_format="pyarrow", batch_size=files_per_shard * 32, num_cpus=0.25)
         summary = _summary_rows(ds)
     elif any(ch in in_path for ch in "*?["):
-        summary = _driver_lists((storage.unstrip(input_uri, f) for f in in_fs.glob(in_path) if not is_hidden(f)),
-                                lists_uri, files_per_shard)
+        static = in_path[:min(in_path.find(ch) for ch in "*?[" if ch in in_path)].rsplit("/", 1)[0]
+        summary = _driver_lists((storage.unstrip(input_uri, f) for f in in_fs.glob(in_path)
+                                 if not storage.hidden_below(static, f)), lists_uri, files_per_shard)
     elif in_fs.isdir(in_path):
         entries = in_fs.ls(in_path, detail=True)
         top = [storage.unstrip(input_uri, e["name"]) for e in entries

@@ -49,6 +49,14 @@ def join(base: str, *parts: str) -> str:
     return os.path.join(base, *parts)
 
 
+def hidden_below(base: str, path: str) -> bool:
+    """Whether any part of ``path`` below the folder ``base`` is hidden (starts with '.'):
+    ``.ipynb_checkpoints/x.jpg`` or ``.DS_Store``. Listings of inputs and of training
+    data both skip such paths."""
+    rel = path[len(base.rstrip("/")) + 1:] if path.startswith(base.rstrip("/") + "/") else path.rsplit("/", 1)[-1]
+    return any(part.startswith(".") for part in rel.split("/") if part)
+
+
 def open_uri(uri: str, mode: str = "rb", **kwargs):
     return fsspec.open(uri, mode, **kwargs)
 

@@ -154,3 +154,20 @@ def test_parts_past_99999_and_counts_in_their_footers(tmp_path):
     assert json.loads(meta[COUNTS_KEY])["rows"] == 3
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".tmp")]
     assert np.array_equal(pq.read_table(tmp_path / part_name(7))[COL_PATH].to_pylist(), ["a", "b", "c"])
+
+
+def test_hidden_files_and_folders_are_skipped_by_both_listings(tmp_path):
+    """A notebook's .ipynb_checkpoints/ is neither labelled nor a class."""
+    from imgcls.data import list_labelled_images
+    from imgcls.inputs import list_prefix
+
+    for folder in ("cat", "dog", ".ipynb_checkpoints", "cat/.thumbs"):
+        (tmp_path / "data" / folder).mkdir(parents=True, exist_ok=True)
+        (tmp_path / "data" / folder / "a.png").write_bytes(b"x")
+    (tmp_path / "data" / "dog" / ".DS_Store").write_bytes(b"x")
+    images = list_labelled_images(str(tmp_path / "data"), check_paths=False)
+    assert sorted(set(images.labels)) == ["cat", "dog"] and len(images.paths) == 2
+    assert list_prefix(str(tmp_path / "data")) == [str(tmp_path / "data" / c / "a.png") for c in ("cat", "dog")]
+    plan = plan_inputs(str(tmp_path / "data" / "*" / "*"), str(tmp_path / "out"), files_per_shard=10)
+    listed = pq.read_table(plan.shard_table()["list"][0].as_py())[COL_PATH].to_pylist()
+    assert listed == [str(tmp_path / "data" / c / "a.png") for c in ("cat", "dog")]
