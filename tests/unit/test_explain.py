@@ -72,3 +72,13 @@ def test_explains_a_tar_member_by_its_path(dogs_cats_root, tmp_path):
     [result] = explain_images(str(tmp_path / "ckpt"), [f"{tmp_path / 'shard.tar'}#in/cat.png"], str(tmp_path / "out"))
     assert result["label"] in ("cat", "dog") and os.path.basename(result["overlay"]).startswith("0000_cat_")
     assert os.path.getsize(result["overlay"]) > 0
+
+
+def test_file_names_from_labels_stay_inside_the_output(tmp_path):
+    from imgcls.explain import safe_name
+
+    for label in ("../x", "..", "a/b", "/etc/passwd", "dog cat", ".hidden"):
+        name = f"0000_{safe_name('img')}_{safe_name(label)}.png"
+        assert "/" not in name and ".." not in name.replace("0000_img_", "")[:2]
+        assert (tmp_path / name).resolve().parent == tmp_path.resolve()
+    assert safe_name("ankle_boot") == "ankle_boot"
