@@ -33,4 +33,6 @@ if any(u.startswith("file://") for u in indexes):
     print("--index-strategy"); print("unsafe-best-match")
 PY
 )
-VIRTUAL_ENV="$PWD/.venv" .venv/bin/uv pip install --python .venv/bin/python "${uv_args[@]}" -e ".[${extras}]"
+# constraints.txt: the exact versions imgcls is tested with.
+VIRTUAL_ENV="$PWD/.venv" .venv/bin/uv pip install --python .venv/bin/python --constraint constraints.txt \
+  "${uv_args[@]}" -e ".[${extras}]"
