@@ -35,6 +35,7 @@ from ray.data import ActorPoolStrategy, ExecutionResources
 from imgcls import storage
 from imgcls.classifier import Classifier, ModelPayload
 from imgcls.config import PredictConfig
+from imgcls.devices import choose_gpu
 from imgcls.inputs import plan_inputs
 from imgcls.predict import pool_plan, prepare_model
 from imgcls.reader import (COL_PATH, COL_ROW, COL_SHARD, COL_SHARD_ROWS, COL_STATUS, MAX_FILE_BYTES, STATUS_OK,
@@ -276,7 +277,8 @@ def label_images(cfg: PredictConfig) -> LabelSummary:
     labelled: list[dict] = []
     if todo.num_rows:
         payload = payload.stored(storage.join(cfg.output, MODEL_DIR, f"{payload.model_id}.bin"))
-        pools = pool_plan(cfg.use_gpu, cfg.num_actors, cfg.separate_decode)
+        use_gpu = choose_gpu(cfg.use_gpu, gpus=cfg.num_actors or 1, what="labelling")
+        pools = pool_plan(use_gpu, cfg.num_actors, cfg.separate_decode)
         run = _run_one_pool if pools["decode"] is None else _run_two_pools
         labelled = run(todo, payload, cfg, pools)
     missing = set(range(plan.shards)) - done_shards(cfg.output)

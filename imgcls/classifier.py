@@ -62,6 +62,19 @@ class ModelPayload:
         return storage.read_bytes(self.program_uri)
 
 
+def onnx_providers(use_gpu: bool, available: list[str]) -> list[str]:
+    """ONNX Runtime execution providers: CUDA first when this actor has a GPU and the
+    installed onnxruntime has the CUDA provider (``onnxruntime-gpu``), else the CPU."""
+    if use_gpu and "CUDAExecutionProvider" in available:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if use_gpu:
+        import logging
+
+        logging.getLogger(__name__).warning(
+            "the actor has a GPU but onnxruntime has no CUDA provider (install onnxruntime-gpu); running on CPU")
+    return ["CPUExecutionProvider"]
+
+
 class Classifier:
     """Actor stage: loads the prepared model once, then labels batches under inference_mode."""
 
@@ -78,7 +91,8 @@ class Classifier:
             opts = ort.SessionOptions()
             if threads:
                 opts.intra_op_num_threads = threads
-            self.session = ort.InferenceSession(payload.load_program(), opts, providers=["CPUExecutionProvider"])
+            self.providers = onnx_providers(use_gpu, ort.get_available_providers())
+            self.session = ort.InferenceSession(payload.load_program(), opts, providers=self.providers)
         else:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", FutureWarning)  # TorchScript's deprecation notice

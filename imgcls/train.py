@@ -34,6 +34,7 @@ from imgcls.cache import ImageCache, build_cache, cache_dataset, load_indices, w
 from imgcls.checkpoint import load_train_state, save_checkpoint, save_config
 from imgcls.config import JobConfig
 from imgcls.data import LabelledImages, balanced_resample, class_counts, list_labelled_images, split_stratified
+from imgcls.devices import choose_gpu
 from imgcls.imaging import resize_size
 from imgcls.metrics import classification_report, confusion_matrix, inverse_frequency_weights
 from imgcls.models import create_model, get_spec, set_backbone_trainable
@@ -49,10 +50,6 @@ RESIDENT_GPU_SHARE = 0.25  # of a GPU's memory that resident data may take; beyo
 
 def cluster_cpus() -> float:
     return float(ray.cluster_resources().get("CPU", 1.0))
-
-
-def cluster_gpus() -> float:
-    return float(ray.cluster_resources().get("GPU", 0.0))
 
 
 def cpus_per_worker(num_workers: int, requested: Optional[float], use_gpu: bool) -> float:
@@ -520,7 +517,7 @@ def build_trainer(job: JobConfig, callbacks: Optional[list] = None
     caches = build_caches(job, train_images, splits["val"], classes, storage_path)
     resident = fits_in_memory(caches, t.num_workers) if job.data.in_memory is None else job.data.in_memory
     datasets = {} if resident else {name: cache_dataset(c) for name, c in caches.items()}
-    use_gpu = cluster_gpus() > 0 if t.use_gpu is None else t.use_gpu
+    use_gpu = choose_gpu(t.use_gpu, gpus=t.num_workers, what="training")
 
     trainer = ray.train.torch.TorchTrainer(
         train_loop_per_worker,

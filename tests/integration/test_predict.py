@@ -151,6 +151,25 @@ def test_manifest_rows_and_a_rerun_that_neither_lists_again_nor_mixes_models(ray
                                    files_per_shard=2))
 
 
+def test_onnxruntime_after_export_labels_like_torch(ray_cluster, checkpoint, bad_corpus, tmp_path):
+    """``export`` then ``predict --runtime onnxruntime`` (the CPU provider here), end to end
+    over the real-photo corpus: the same rows as the torch runtime, scores within 1e-4."""
+    from imgcls.export import export_checkpoint
+
+    export_checkpoint(checkpoint, str(tmp_path / "export"), formats=("onnx",))
+    frames = {}
+    for runtime, model in (("torch", checkpoint), ("onnxruntime", str(tmp_path / "export"))):
+        summary = label_images(PredictConfig(model=model, input=str(bad_corpus), output=str(tmp_path / runtime),
+                                             runtime=runtime))
+        assert summary.rows == summary.files
+        frames[runtime] = read_output(tmp_path / runtime).sort_values("path").reset_index(drop=True)
+    torch_df, ort_df = frames["torch"], frames["onnxruntime"]
+    assert list(torch_df["path"]) == list(ort_df["path"]) and list(torch_df["status"]) == list(ort_df["status"])
+    ok = torch_df["status"] == "ok"
+    assert ok.sum() >= 8 and (torch_df.loc[ok, "label"] == ort_df.loc[ok, "label"]).all()
+    assert np.allclose(torch_df.loc[ok, "score"], ort_df.loc[ok, "score"], atol=1e-4)
+
+
 def test_pipeline_scores_match_direct_model_call(ray_cluster, checkpoint, bad_corpus, tmp_path):
     label_images(PredictConfig(model=checkpoint, input=str(bad_corpus / "plain.png"), output=str(tmp_path / "o")))
     row = read_output(tmp_path / "o").iloc[0]

@@ -109,3 +109,12 @@ def test_model_stage_imports_no_torchvision():
     code = "import sys, imgcls.bulk, imgcls.inputs; print(any(m.startswith('torchvision') for m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_onnxruntime_uses_the_cuda_provider_only_with_a_gpu():
+    from imgcls.classifier import onnx_providers
+
+    both = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert onnx_providers(True, both) == both
+    assert onnx_providers(False, both) == ["CPUExecutionProvider"]
+    assert onnx_providers(True, ["CPUExecutionProvider"]) == ["CPUExecutionProvider"]  # CPU-only onnxruntime
