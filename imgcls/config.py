@@ -129,7 +129,13 @@ class TrainConfig:
     storage_path: str = "runs"
     """Where checkpoints go: a local folder or fsspec URI shared by all nodes."""
     name: str = "imgcls"
-    """Run name; a rerun with the same name and storage_path resumes."""
+    """Run name: the run's folder under storage_path."""
+    resume: bool = False
+    """Continue the run whose folder (storage_path/name) already holds checkpoints, from
+    its latest; without it (or --overwrite) such a folder is refused."""
+    overwrite: bool = False
+    """Start afresh in a run folder that holds checkpoints: they are deleted (the
+    decoded cache is kept)."""
     resume_from: Optional[str] = None
     """Explicit checkpoint folder to resume from."""
     max_failures: int = 2
@@ -160,6 +166,8 @@ class TrainConfig:
             raise ValueError("mixup_alpha and cutmix_alpha must be >= 0")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
             raise ValueError("ema_decay must be in (0, 1)")
+        if self.resume and self.overwrite:
+            raise ValueError("resume and overwrite exclude each other")
 
 
 @dataclass(frozen=True)

@@ -65,7 +65,8 @@ def run_demo(workdir: str, per_class: int = 1500, epochs: Optional[int] = None) 
 
     data = fetch_fashion_mnist(os.path.join(workdir, "data", "fashion-mnist"), per_class=per_class)
     job = demo_job(data, os.path.join(workdir, "runs"), epochs)
-    summary = run_training(job)
+    # The demo starts afresh each time it runs (its decoded cache is kept).
+    summary = run_training(dataclasses.replace(job, train=dataclasses.replace(job.train, overwrite=True)))
     inbox = os.path.join(workdir, "inbox")
     shutil.rmtree(inbox, ignore_errors=True)
     os.makedirs(inbox)

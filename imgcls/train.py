@@ -317,6 +317,10 @@ def train_loop_per_worker(config: dict) -> None:
     if checkpoint:
         with checkpoint.as_directory() as folder:
             state = load_train_state(folder)
+            if state is None:
+                raise RuntimeError(f"checkpoint {folder} has no train_state.pt, so training cannot resume from it "
+                                   "(a model-only checkpoint such as best/ or an export?); resume from a "
+                                   "checkpoint_* folder of the run")
         model.load_state_dict(state.get("raw_model", state["model"]))
         start_epoch, history = state["epoch"] + 1, state["history"]
         if rank == 0:
@@ -501,6 +505,65 @@ def fits_in_memory(caches: dict[str, ImageCache], num_workers: int) -> bool:
     return per_worker <= RESIDENT_MEMORY_SHARE * memory / num_workers
 
 
+class RunFolderError(ValueError):
+    """A run folder that holds another run's checkpoints, without --resume or --overwrite."""
+
+
+# Settings a resumed run may change: how long it runs and how it keeps checkpoints.
+RESUME_MAY_CHANGE = {"epochs", "resume", "overwrite", "resume_from", "max_failures", "num_to_keep"}
+
+
+def config_differences(old: JobConfig, new: JobConfig) -> dict[str, tuple]:
+    """``{field: (old, new)}`` for every setting that differs, sections flattened."""
+    out = {}
+    for section, values in new.to_dict().items():
+        before = old.to_dict().get(section, {})
+        for key, value in values.items():
+            if before.get(key) != value:
+                out[key] = (before.get(key), value)
+    return out
+
+
+def prepare_run_folder(job: JobConfig) -> str:
+    """Checks the run folder (storage_path/name) against ``--resume``/``--overwrite`` and
+    writes the run's config.yaml; returns the folder.
+
+    A folder that holds checkpoints is continued only with ``--resume``, and only with
+    the same settings (but for RESUME_MAY_CHANGE); ``--overwrite`` deletes them first.
+
+    Raises:
+        RunFolderError: checkpoints there and neither flag, or --resume with other settings.
+    """
+    import yaml
+
+    t = job.train
+    run = storage.join(storage.absolute(t.storage_path), t.name)
+    fs, path = storage.filesystem(run)
+    fs.invalidate_cache(path)
+    entries = fs.ls(path, detail=False) if fs.exists(path) else []
+    names = {e.rstrip("/").rsplit("/", 1)[-1]: e for e in entries}
+    has_checkpoints = any(n.startswith("checkpoint_") for n in names)
+    config_uri = storage.join(run, "config.yaml")
+    if has_checkpoints and t.overwrite:
+        for name, entry in names.items():
+            if name != "cache":  # the decoded cache is keyed by its data: still valid
+                fs.rm(entry, recursive=True)
+    elif has_checkpoints and not t.resume:
+        raise RunFolderError(f"{run} already holds checkpoints of a run: pass --resume to continue it, "
+                             "--overwrite to start it afresh, or another --name for a new run")
+    elif has_checkpoints and "config.yaml" in names:
+        with storage.open_uri(config_uri, "r") as f:
+            saved = JobConfig.from_dict(yaml.safe_load(f))
+        changed = {k: v for k, v in config_differences(saved, job).items() if k not in RESUME_MAY_CHANGE}
+        if changed:
+            listed = ", ".join(f"--{k.replace('_', '-')} {old!r} -> {new!r}" for k, (old, new) in sorted(changed.items()))
+            raise RunFolderError(f"--resume with other settings than the run in {run}: {listed}; resume with the "
+                                 "run's settings, or start a new run (--name, or --overwrite)")
+    storage.makedirs(run)
+    save_config(config_uri, job)
+    return run
+
+
 def build_trainer(job: JobConfig, callbacks: Optional[list] = None
                   ) -> tuple[ray.train.torch.TorchTrainer, dict[str, LabelledImages], list[str], str]:
     """Prepares data and the TorchTrainer for ``job``; returns (trainer, splits, classes, storage_path).
@@ -512,8 +575,7 @@ def build_trainer(job: JobConfig, callbacks: Optional[list] = None
     t = job.train
     train_images = training_images(job, splits)
     storage_path = storage.absolute(t.storage_path)
-    storage.makedirs(storage.join(storage_path, t.name))
-    save_config(storage.join(storage_path, t.name, "config.yaml"), job)
+    prepare_run_folder(job)
     caches = build_caches(job, train_images, splits["val"], classes, storage_path)
     resident = fits_in_memory(caches, t.num_workers) if job.data.in_memory is None else job.data.in_memory
     datasets = {} if resident else {name: cache_dataset(c) for name, c in caches.items()}

@@ -10,10 +10,11 @@ import time
 import pandas as pd
 import pytest
 import torch
+import yaml
 
 from imgcls.checkpoint import load_checkpoint
 from imgcls.config import DataConfig, JobConfig, ModelConfig, TrainConfig
-from imgcls.train import fit, prepare_splits
+from imgcls.train import RunFolderError, fit, prepare_splits
 
 pytestmark = pytest.mark.integration
 
@@ -46,7 +47,14 @@ def test_fit_checkpoints_every_epoch_and_resumes(ray_cluster, fmnist_root, tmp_p
 
     # A rerun with the same name and storage resumes from the latest checkpoint, and
     # finds the decoded cache instead of decoding again.
-    longer = small_job(fmnist_root, tmp_path, epochs=3)
+    # Rerun with the same name: refused without --resume (a new experiment must not
+    # silently continue an old one), and --resume with other settings names them.
+    with pytest.raises(RunFolderError, match="--resume to continue it, --overwrite to start it afresh"):
+        fit(small_job(fmnist_root, tmp_path, epochs=3))
+    with pytest.raises(RunFolderError, match=r"--lr 0\.003 -> 0\.01"):
+        fit(small_job(fmnist_root, tmp_path, epochs=3, lr=0.01, resume=True))
+    assert yaml.safe_load(open(run_dir / "config.yaml"))["train"]["lr"] == 3e-3  # not overwritten
+    longer = small_job(fmnist_root, tmp_path, epochs=3, resume=True)
     resumed = fit(longer)
     assert [h["epoch"] for h in resumed.history] == [0, 1, 2]
     assert resumed.history[:2] == result.history
@@ -136,6 +144,6 @@ def test_trains_from_s3_manifest_with_streamed_cache_on_s3(ray_cluster, s3_serve
     state = torch.load(os.path.join(result.checkpoint, "train_state.pt"), weights_only=True)
     assert "raw_model" in state and state["ema_updates"] > 0  # the average is saved as the model
 
-    resumed = fit(dataclasses.replace(job, train=dataclasses.replace(job.train, epochs=3)))
+    resumed = fit(dataclasses.replace(job, train=dataclasses.replace(job.train, epochs=3, resume=True)))
     assert [h["epoch"] for h in resumed.history] == [0, 1, 2] and resumed.history[2]["started_at_epoch"] == 2
     assert resumed.caches["train"].reused and resumed.caches["val"].reused
