@@ -155,12 +155,13 @@ def _driver_lists(paths: Iterable[str], lists_uri: str, files_per_shard: int, so
     return pa.table({k: pa.array(v) for k, v in rows.items()})
 
 
-def _recut_small(summary: pa.Table, lists_uri: str, files_per_shard: int) -> pa.Table:
+def _recut_small(summary: pa.Table, lists_uri: str, files_per_shard: int, cpus: Optional[float] = None) -> pa.Table:
     """A job with fewer shards than ``SHARDS_PER_CPU`` per CPU would leave actors idle
     (a shard is one actor's work): its lists are cut again into smaller shards, once, at
     planning time. Only small jobs qualify, as the driver reads every path here."""
     files = int(pc.sum(summary["files"]).as_py())
-    cpus = float(ray.cluster_resources().get("CPU", 1)) if ray.is_initialized() else 1.0
+    if cpus is None:
+        cpus = float(ray.cluster_resources().get("CPU", 1)) if ray.is_initialized() else 1.0
     want = int(SHARDS_PER_CPU * max(1.0, cpus))
     per_shard = max(MIN_SHARD_FILES, -(-files // want))
     if summary.num_rows >= want or files > RECUT_MAX_FILES or per_shard >= files_per_shard:
@@ -186,8 +187,10 @@ def _source_stat(uri: str) -> Optional[dict]:
     return {k: str(info[k]) for k in keep if k in info}
 
 
-def plan_inputs(input_uri: str, output_uri: str, files_per_shard: int) -> InputPlan:
+def plan_inputs(input_uri: str, output_uri: str, files_per_shard: int, cpus: Optional[float] = None) -> InputPlan:
     """Plans ``input_uri`` into shards under ``output_uri``/_inputs, or reuses the plan there.
+
+    ``cpus`` (default: the running cluster's) sets how many shards a small job is cut into.
 
     Raises:
         FileNotFoundError: nothing at ``input_uri``, or no files under it.
@@ -249,7 +252,7 @@ def plan_inputs(input_uri: str, output_uri: str, files_per_shard: int) -> InputP
     agg = summary.group_by("list").aggregate([("files", "max"), ("first", "min"), ("sha256", "min")])
     summary = pa.table({"list": agg["list"], "files": agg["files_max"], "first": agg["first_min"],
                         "sha256": agg["sha256_min"]}).sort_by([("first", "ascending"), ("list", "ascending")])
-    summary = _recut_small(summary, lists_uri, files_per_shard).sort_by([("first", "ascending"),
+    summary = _recut_small(summary, lists_uri, files_per_shard, cpus).sort_by([("first", "ascending"),
                                                                           ("list", "ascending")])
     digest = hashlib.sha256("\n".join(summary.column("sha256").to_pylist()).encode()).hexdigest()
     shards = pa.table({COL_SHARD: pa.array(range(summary.num_rows), pa.int64()), "list": summary.column("list"),

@@ -125,19 +125,19 @@ def test_flat_folder_plan_is_written_once_and_reused(tmp_path):
 
 
 def test_a_small_job_is_cut_into_enough_shards_for_every_cpu(tmp_path):
-    """Without Ray the cluster counts as 1 CPU: at least 4 shards (of 16 files or more)."""
+    """On 1 CPU: at least 4 shards (of 16 files or more)."""
     inbox = tmp_path / "inbox"
     inbox.mkdir()
     for i in range(100):
         (inbox / f"{i:03d}.jpg").write_bytes(b"x")
     (inbox / "z.tar").write_bytes(b"x")
-    plan = plan_inputs(str(inbox), str(tmp_path / "out"), files_per_shard=2000)
+    plan = plan_inputs(str(inbox), str(tmp_path / "out"), files_per_shard=2000, cpus=1)
     shards = plan.shard_table()
     listed = [pq.read_table(u)[COL_PATH].to_pylist() for u in shards["list"].to_pylist()]
     assert [len(x) for x in listed] == [26, 26, 26, 22, 1]  # the tar alone
     assert sum(listed, []) == sorted(str(p) for p in inbox.iterdir())
     assert len(os.listdir(tmp_path / "out" / "_inputs" / "lists")) == 5  # the first cut's lists are gone
-    few = plan_inputs(str(inbox), str(tmp_path / "few"), files_per_shard=20)  # already enough shards
+    few = plan_inputs(str(inbox), str(tmp_path / "few"), files_per_shard=20, cpus=1)  # already enough shards
     assert few.shards == 5 + 1
 
 
