@@ -19,7 +19,7 @@ from torchvision.transforms import v2
 from imgcls import storage
 # Decoding and the eval geometry live in imaging.py, which imports no torchvision, so
 # that Ray workers decoding for inference start quickly; they are part of this API.
-from imgcls.imaging import (ImageDecodeError, ScaleNormalize, decode_image, eval_geometry, resize_size,  # noqa: F401
+from imgcls.imaging import (ImageDecodeError, ScaleNormalize, decode_image, decode_resized, eval_geometry, resize_size,  # noqa: F401
                             to_chw_tensor)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
@@ -59,7 +59,8 @@ def list_labelled_images(root: str, check_paths: bool = True) -> LabelledImages:
         DataError: empty folder, missing manifest column or path, or fewer than two classes.
     """
     if not root:
-        raise DataError("no data given: set --root (or data.root in the YAML file) to an ImageFolder tree or a manifest")
+        raise DataError("no data given: set --root (or root in the YAML file's data section) to an ImageFolder "
+                        "tree or a manifest")
     fs, path = storage.filesystem(root)
     if root.lower().endswith(MANIFEST_EXTENSIONS):
         images = _read_manifest(root, check_paths)
@@ -192,6 +193,13 @@ class ClassificationPresetEval:
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:  # (3, H, W) uint8 -> (3, S, S) float
         return self.normalize(self.geometry(image))
+
+    def decode(self, data: bytes, max_pixels: int = 64_000_000) -> torch.Tensor:
+        """Image file bytes -> (3, S, S) uint8 exactly as inference, the validation and test
+        caches and explain see them (``imaging.decode_resized``: JPEGs decoded at a reduced
+        scale that keeps the resize's shorter side, then the eval resize and crop)."""
+        return torch.from_numpy(decode_resized(data, resize_size(self.image_size), self.image_size,
+                                               max_pixels)).permute(2, 0, 1)
 
 
 class ClassificationPresetTrain:

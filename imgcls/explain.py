@@ -78,7 +78,7 @@ def explain_images(checkpoint: str, paths: Sequence[str], output: str, layer: Op
     from PIL import Image
 
     from imgcls.checkpoint import load_checkpoint
-    from imgcls.data import ClassificationPresetEval, decode_image, to_chw_tensor
+    from imgcls.data import ClassificationPresetEval
     from imgcls.reader import read_input, split_member
 
     loaded = load_checkpoint(checkpoint)
@@ -86,7 +86,7 @@ def explain_images(checkpoint: str, paths: Sequence[str], output: str, layer: Op
     os.makedirs(output, exist_ok=True)
     results = []
     for i, path in enumerate(paths):
-        chw = preset.geometry(to_chw_tensor(decode_image(read_input(path))))  # (3, S, S) uint8
+        chw = preset.decode(read_input(path))  # (3, S, S) uint8, the pixels inference sees
         heat, logits = grad_cam(loaded.model, preset.normalize(chw)[None], layer=layer)
         probs = logits.softmax(1)[0]
         label = loaded.classes[int(probs.argmax())]

@@ -205,3 +205,26 @@ def test_fetch_marker_tells_subsets_apart(tmp_path):
     fetch_fashion_mnist(dest, per_class=5)  # more per class: fetched again, not the 3-per-class subset
     counts = {d: len(os.listdir(os.path.join(dest, d))) for d in os.listdir(dest) if not d.startswith(".")}
     assert set(counts.values()) == {5} and len(counts) == 10
+
+
+def test_one_preprocessing_definition_gives_the_same_pixels_everywhere(tmp_path):
+    """A real JPEG photo (matplotlib's Grace Hopper, 512x600) read by inference (the
+    reader), by the validation/test cache (its shard tasks' batched resize) and by explain
+    (the eval preset) gives the same uint8 tensor, pixel for pixel; normalising it gives
+    what the model sees in each."""
+    from matplotlib import cbook
+
+    from imgcls.cache import resize_many
+    from imgcls.imaging import decode_image, resize_size
+    from imgcls.reader import Decoder
+
+    photo = str(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False))
+    data = open(photo, "rb").read()
+    for size in (64, 96, 224):
+        short = resize_size(size)
+        [chunk] = list(Decoder(size, 64_000_000).chunks([photo]))
+        inference = torch.from_numpy(chunk["image"][0]).permute(2, 0, 1)
+        cached = torch.from_numpy(resize_many([decode_image(data, target_size=short)], short, size)[0]).permute(2, 0, 1)
+        explained = ClassificationPresetEval(size, (0.5,) * 3, (0.25,) * 3).decode(data)
+        assert inference.shape == (3, size, size)
+        assert torch.equal(inference, cached) and torch.equal(inference, explained)
