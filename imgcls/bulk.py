@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -191,6 +192,35 @@ def commit_shard(output: str, shard: int, shard_rows: int, schema: pa.Schema) ->
     return _summary_row(shard, counts, time.perf_counter() - began)
 
 
+class Progress:
+    """What a person watching a labelling job sees: files done of the total, shards, rate
+    and ETA, one line on stderr at most every ``every`` seconds and once at the end, so a
+    terminal and a job's log read the same."""
+
+    def __init__(self, todo: pa.Table, every: float = 10.0):
+        self.files = dict(zip(todo[COL_SHARD].to_pylist(), todo["files"].to_pylist()))
+        self.total, self.shards = sum(self.files.values()), len(self.files)
+        self.done = self.shards_done = 0
+        self.every, self.start = every, time.monotonic()
+        self.last = self.start
+
+    def line(self) -> str:
+        elapsed = max(1e-9, time.monotonic() - self.start)
+        rate = self.done / elapsed
+        eta = (self.total - self.done) / rate if rate > 0 else float("nan")
+        eta_text = "done" if self.done >= self.total else (f"ETA {int(eta // 60)}m{int(eta % 60):02d}s" if rate else "ETA ?")
+        return (f"labelled {self.done:,} / {self.total:,} files ({100 * self.done / max(1, self.total):.0f}%), "
+                f"{self.shards_done} / {self.shards} shards, {rate:.0f} files/s, {eta_text}")
+
+    def shard_done(self, shard: int) -> None:
+        self.done += self.files.get(shard, 0)
+        self.shards_done += 1
+        now = time.monotonic()
+        if now - self.last >= self.every or self.shards_done == self.shards:
+            self.last = now
+            print(self.line(), file=sys.stderr, flush=True)
+
+
 def _run_one_pool(todo: pa.Table, payload: ModelPayload, cfg: PredictConfig, plan: dict) -> list[dict]:
     ds = _shard_rows(todo).map_batches(
         LabelShards, fn_constructor_kwargs={
@@ -198,8 +228,12 @@ def _run_one_pool(todo: pa.Table, payload: ModelPayload, cfg: PredictConfig, pla
             "top_k": cfg.top_k, "embeddings": cfg.embeddings, "threads": plan["threads"], "use_gpu": plan["use_gpu"]},
         batch_size=1, compute=ActorPoolStrategy(size=plan["size"]), num_cpus=plan["num_cpus"],
         num_gpus=plan["num_gpus"])
-    return [row for batch in ds.iter_batches(batch_size=None, batch_format="pandas")
-            for row in batch.to_dict("records")]
+    progress, rows = Progress(todo), []
+    for batch in ds.iter_batches(batch_size=None, batch_format="pandas"):
+        for row in batch.to_dict("records"):
+            rows.append(row)
+            progress.shard_done(int(row["shard"]))
+    return rows
 
 
 def _run_two_pools(todo: pa.Table, payload: ModelPayload, cfg: PredictConfig, plan: dict) -> list[dict]:
@@ -219,7 +253,7 @@ def _run_two_pools(todo: pa.Table, payload: ModelPayload, cfg: PredictConfig, pl
     schema = output_schema(cfg.embeddings)
     covered: dict[int, set] = {}
     totals: dict[int, int] = {}
-    commits = []
+    commits, progress = [], Progress(todo)
     for batch in staged.iter_batches(batch_size=None, batch_format="pyarrow"):
         for shard, rows, shard_rows in zip(*(batch[c].to_pylist() for c in ("shard", "rows", "shard_rows"))):
             covered.setdefault(shard, set()).update(rows)
@@ -228,6 +262,7 @@ def _run_two_pools(todo: pa.Table, payload: ModelPayload, cfg: PredictConfig, pl
             if shard in totals and len(covered[shard]) == totals[shard]:
                 commits.append(commit_shard.remote(cfg.output, shard, totals.pop(shard), schema))
                 del covered[shard]
+                progress.shard_done(shard)
     if covered:
         raise RuntimeError(f"shards {sorted(covered)} did not receive all their rows")
     done = ray.get(commits)

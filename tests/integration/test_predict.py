@@ -69,9 +69,14 @@ def read_output(folder):
     return pq.read_table(str(folder)).to_pandas()
 
 
-def test_every_file_gets_exactly_one_row(ray_cluster, checkpoint, bad_corpus, tmp_path):
+def test_every_file_gets_exactly_one_row(ray_cluster, checkpoint, bad_corpus, tmp_path, capsys):
     summary = label_images(PredictConfig(model=checkpoint, input=str(bad_corpus), output=str(tmp_path / "out"),
                                          files_per_shard=4, top_k=2, embeddings=True))
+    # Progress a person can read: files done of the total, shards, rate; the last line at 100%.
+    progress = [line for line in capsys.readouterr().err.splitlines() if line.startswith("labelled ")]
+    n = summary.files
+    assert progress and progress[-1].startswith(f"labelled {n} / {n} files (100%), 4 / 4 shards, ")
+    assert progress[-1].endswith("done")
     df = read_output(tmp_path / "out")
     inputs = sorted(str(p) for p in bad_corpus.rglob("*") if p.is_file())
     assert sorted(df["path"]) == inputs  # rows == inputs, no duplicates
