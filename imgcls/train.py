@@ -48,6 +48,13 @@ RESIDENT_MEMORY_SHARE = 0.25  # of a worker's share of node memory that its resi
 RESIDENT_GPU_SHARE = 0.25  # of a GPU's memory that resident data may take; beyond it, pinned host memory
 
 
+def _say(message: str) -> None:
+    """One line from a training worker to the job's output, once. Ray Train patches
+    ``print`` in its workers to log the line and also write it to the redirected stdout,
+    so each printed line reached the driver twice; its logger reaches it once."""
+    logging.getLogger().info(message)
+
+
 def cluster_cpus() -> float:
     return float(ray.cluster_resources().get("CPU", 1.0))
 
@@ -324,7 +331,7 @@ def train_loop_per_worker(config: dict) -> None:
         model.load_state_dict(state.get("raw_model", state["model"]))
         start_epoch, history = state["epoch"] + 1, state["history"]
         if rank == 0:
-            print(f"resuming from epoch {state['epoch'] + 1} checkpoint", flush=True)
+            _say(f"resuming from epoch {state['epoch'] + 1} checkpoint")
     frozen = m.freeze_backbone and (m.unfreeze_after is None or start_epoch < m.unfreeze_after)
     set_backbone_trainable(model, not frozen)
     if channels_last:
@@ -415,10 +422,10 @@ def train_loop_per_worker(config: dict) -> None:
             metrics.update(load_seconds=load_seconds, first_step_time=first_step.get("time"))
         history.append(metrics)
         if rank == 0:
-            print(f"epoch {epoch + 1}/{t.epochs}  train_loss {metrics['train_loss']:.4f}  "
-                  f"train_acc {metrics['train_accuracy']:.4f}  val_loss {metrics['val_loss']:.4f}  "
-                  f"val_acc {metrics['val_accuracy']:.4f}  val_f1 {metrics['val_macro_f1']:.4f}  "
-                  f"images/s {metrics['images_per_s']:.1f}", flush=True)
+            _say(f"epoch {epoch + 1}/{t.epochs}  train_loss {metrics['train_loss']:.4f}  "
+                 f"train_acc {metrics['train_accuracy']:.4f}  val_loss {metrics['val_loss']:.4f}  "
+                 f"val_acc {metrics['val_accuracy']:.4f}  val_f1 {metrics['val_macro_f1']:.4f}  "
+                 f"images/s {metrics['images_per_s']:.1f}")
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
             if rank == 0:
