@@ -114,8 +114,13 @@ def run_evaluation(model: str, output: str, data: str | None = None, predictions
 
 def worst_mistakes(evaluation_folder: str, n: int) -> list[str]:
     """Paths of the ``n`` most confident wrong predictions of an evaluation run."""
-    import pandas as pd
+    import pyarrow.parquet as pq
 
-    df = pd.read_parquet(os.path.join(evaluation_folder, PREDICTIONS_FILE))
+    # Only the columns needed, without the pandas metadata: the file holds list columns
+    # whose pyarrow-backed pandas dtypes pandas cannot read back ("data type
+    # 'list<item: string>[pyarrow]' not understood").
+    columns = ["path", "status", "label", "score", COL_TRUE]
+    df = pq.read_table(os.path.join(evaluation_folder, PREDICTIONS_FILE), columns=columns).to_pandas(
+        ignore_metadata=True)
     wrong = df[(df["status"] == "ok") & (df["label"] != df[COL_TRUE])]
     return wrong.sort_values("score", ascending=False).head(n)["path"].tolist()
