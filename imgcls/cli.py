@@ -13,18 +13,31 @@ from imgcls.config import DataConfig, JobConfig, ModelConfig, PredictConfig, Tra
 from imgcls.options import config_options, load_yaml, resolve
 
 
+VERBOSE = False  # set by ``imgcls --verbose``
+
+
 def init_ray(num_cpus: int | None = None) -> None:
     """Starts a private local Ray cluster with ``num_cpus`` CPUs when given; otherwise joins
     the cluster named by RAY_ADDRESS (as under ``ray job submit``), a running local one, or
-    starts one."""
+    starts one. Unless ``--verbose``, Ray's own INFO logs and Ray Data's progress reports
+    are kept out of the output, which then shows imgcls's own lines: the devices chosen,
+    labelling progress, one line per epoch, the summary."""
+    import logging
+
     import ray
 
     if ray.is_initialized():
         return
+    level = logging.INFO if VERBOSE else logging.WARNING
     if num_cpus is not None:
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level=level)
     else:
-        ray.init()
+        ray.init(logging_level=level)
+    if not VERBOSE:
+        import ray.data  # noqa: F401 - configures its loggers on import; set their level after
+
+        for name in ("ray", "ray.data", "ray.train", "ray.tune"):
+            logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def init_ray_while_importing(num_cpus: int | None, *modules: str, warm: tuple[str, ...] = ()) -> None:
@@ -71,8 +84,11 @@ def resolve_job(config_path, flags) -> JobConfig:
 
 
 @click.group()
-def cli():
+@click.option("--verbose", is_flag=True, help="Also show Ray's own logs and Ray Data's progress reports.")
+def cli(verbose):
     """Distributed image classification on Ray: train, label, evaluate, export."""
+    global VERBOSE
+    VERBOSE = verbose
 
 
 @cli.command()
@@ -101,10 +117,7 @@ def predict(config_path, num_cpus, **flags):
     init_ray_while_importing(num_cpus, "imgcls.bulk", "imgcls.checkpoint")
     from imgcls.bulk import label_images
 
-    summary = label_images(cfg)
-    click.echo(f"files {summary.files}  ok {summary.ok}  errors {summary.errors}  "
-               f"shards {summary.shards} ({summary.shards_skipped} already done)  images/s {summary.images_per_s}")
-    echo_json(asdict(summary))
+    echo_json(asdict(label_images(cfg)))  # the summary, once
 
 
 @cli.command()

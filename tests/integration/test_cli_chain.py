@@ -4,6 +4,7 @@ explain --mistakes-from."""
 
 import json
 import os
+import re
 import shutil
 
 import pyarrow.parquet as pq
@@ -58,3 +59,33 @@ def test_evaluate_predict_and_explain_as_the_readme_writes_them(ray_cluster, fmn
     explained = json.loads(out[out.index("["):])
     assert len(explained) == 3 and len(os.listdir(tmp_path / "gradcam")) == 3
     assert all(os.path.dirname(e["overlay"]) == str(tmp_path / "gradcam") for e in explained)
+
+
+def test_predict_output_is_imgcls_lines_only_unless_verbose(checkpoint_28, fmnist_root, tmp_path):
+    """A user's terminal or job log shows the devices chosen, labelling progress and the
+    summary once; Ray's own INFO logs and Ray Data's progress reports only with --verbose."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    outputs = {}
+    for verbose in (False, True):
+        cmd = [sys.executable, "-m", "imgcls.cli", *(["--verbose"] if verbose else []), "predict", "--model",
+               checkpoint_28, "--input", os.path.join(fmnist_root, "bag"), "--output", str(tmp_path / f"o{verbose}"),
+               "--num-cpus", "2"]
+        outputs[verbose] = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+        assert outputs[verbose].returncode == 0, outputs[verbose].stderr[-3000:]
+    quiet = outputs[False]
+    assert quiet.stdout.startswith("devices: labelling runs on CPUs") and quiet.stdout.count('"files"') == 1
+    assert not re.search(r"\sINFO\s", quiet.stderr) and "labelled 200 / 200 files (100%)" in quiet.stderr
+    assert re.search(r"\sINFO\s", outputs[True].stderr)  # Ray's own logs are there when asked for
+
+
+@pytest.fixture(scope="module")
+def checkpoint_28(tmp_path_factory, fmnist_root):
+    folder = str(tmp_path_factory.mktemp("ckpt28"))
+    classes = sorted(d for d in os.listdir(fmnist_root) if os.path.isdir(os.path.join(fmnist_root, d)))
+    torch.manual_seed(0)
+    save_checkpoint(folder, create_model("small_cnn", 10), JobConfig(model=ModelConfig(arch="small_cnn", image_size=28)),
+                    classes, history=[])
+    return folder
