@@ -266,10 +266,15 @@ def _run_two_pools(todo: pa.Table, payload: ModelPayload, cfg: PredictConfig, pl
     if covered:
         raise RuntimeError(f"shards {sorted(covered)} did not receive all their rows")
     done = ray.get(commits)
-    fs, folder = storage.filesystem(storage.join(cfg.output, STAGING_DIR))
+    _remove_staging(cfg.output)
+    return done
+
+
+def _remove_staging(output: str) -> None:
+    """Removes ``_staging/``: what a killed run left, or the emptied folders of a finished one."""
+    fs, folder = storage.filesystem(storage.join(output, STAGING_DIR))
     if fs.exists(folder):
         fs.rm(folder, recursive=True)
-    return done
 
 
 def _shard_rows(todo: pa.Table) -> ray.data.Dataset:
@@ -304,8 +309,7 @@ def label_images(cfg: PredictConfig) -> LabelSummary:
     fs, folder = storage.filesystem(cfg.output)
     for stale in fs.glob(f"{folder.rstrip('/')}/.tmp-*"):  # left by a killed run
         fs.rm(stale)
-    if fs.exists(f"{folder.rstrip('/')}/{STAGING_DIR}"):
-        fs.rm(f"{folder.rstrip('/')}/{STAGING_DIR}", recursive=True)
+    _remove_staging(cfg.output)
     shards = plan.shard_table()
     skip = done_shards(cfg.output)
     todo = shards.filter(pc.invert(pc.is_in(shards[COL_SHARD], pa.array(sorted(skip), pa.int64()))))

@@ -23,7 +23,7 @@ from imgcls.imaging import (ImageDecodeError, ScaleNormalize, decode_image, deco
                             to_chw_tensor)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
-MANIFEST_EXTENSIONS = (".csv", ".parquet")
+MANIFEST_EXTENSIONS = storage.MANIFEST_EXTENSIONS
 SPLITS = ("train", "val", "test")
 
 

@@ -36,7 +36,7 @@ from imgcls.reader import COL_PATH, COL_SHARD, is_tar
 PLAN_DIR = "_inputs"
 PLAN_FILE = "_plan.json"
 SHARDS_FILE = "shards.parquet"
-MANIFEST_SUFFIXES = (".csv", ".parquet")
+SHARD_ORDER = [("first", "ascending"), ("list", "ascending")]  # shards are numbered by their first path
 SHARDS_PER_CPU = 4  # a small job is cut into at least this many shards per CPU of the cluster...
 MIN_SHARD_FILES = 16  # ... of at least this many files
 RECUT_MAX_FILES = 200_000  # ... when it has at most this many files (the driver re-reads their paths)
@@ -56,10 +56,6 @@ class InputPlan:
     def shard_table(self) -> pa.Table:
         with storage.open_uri(storage.join(self.uri, SHARDS_FILE), "rb") as f:
             return pq.read_table(f)
-
-
-def is_hidden(path: str) -> bool:
-    return path.rstrip("/").rsplit("/", 1)[-1].startswith(".")
 
 
 def cut_runs(paths: list[str], size: int) -> list[list[str]]:
@@ -158,7 +154,8 @@ def _driver_lists(paths: Iterable[str], lists_uri: str, files_per_shard: int, so
 def _recut_small(summary: pa.Table, lists_uri: str, files_per_shard: int, cpus: Optional[float] = None) -> pa.Table:
     """A job with fewer shards than ``SHARDS_PER_CPU`` per CPU would leave actors idle
     (a shard is one actor's work): its lists are cut again into smaller shards, once, at
-    planning time. Only small jobs qualify, as the driver reads every path here."""
+    planning time. Only small jobs qualify, as the driver reads every path here.
+    ``summary`` is in SHARD_ORDER, and so is what this returns."""
     files = int(pc.sum(summary["files"]).as_py())
     if cpus is None:
         cpus = float(ray.cluster_resources().get("CPU", 1)) if ray.is_initialized() else 1.0
@@ -174,12 +171,12 @@ def _recut_small(summary: pa.Table, lists_uri: str, files_per_shard: int, cpus: 
     fs, _ = storage.filesystem(lists_uri)
     for uri in ordered:
         fs.rm(storage.strip(uri))
-    return _driver_lists(paths, lists_uri, per_shard, sort=False)
+    return _driver_lists(paths, lists_uri, per_shard, sort=False).sort_by(SHARD_ORDER)
 
 
 def _source_stat(uri: str) -> Optional[dict]:
     """What identifies a manifest file's version: size and modification time or ETag."""
-    if not uri.lower().endswith(MANIFEST_SUFFIXES):
+    if not uri.lower().endswith(storage.MANIFEST_EXTENSIONS):
         return None
     fs, path = storage.filesystem(uri)
     info = fs.info(path)
@@ -230,9 +227,9 @@ def plan_inputs(input_uri: str, output_uri: str, files_per_shard: int, cpus: Opt
     elif in_fs.isdir(in_path):
         entries = in_fs.ls(in_path, detail=True)
         top = [storage.unstrip(input_uri, e["name"]) for e in entries
-               if e["type"] != "directory" and not is_hidden(e["name"])]
+               if e["type"] != "directory" and not storage.hidden_below(in_path, e["name"])]
         subdirs = sorted(storage.unstrip(input_uri, e["name"]) for e in entries
-                         if e["type"] == "directory" and not is_hidden(e["name"]))
+                         if e["type"] == "directory" and not storage.hidden_below(in_path, e["name"]))
         parts = [_driver_lists(top, lists_uri, files_per_shard)] if top else []
         if subdirs:
             items = [{"index": i, "prefix": d} for i, d in enumerate(subdirs)]
@@ -251,9 +248,8 @@ def plan_inputs(input_uri: str, output_uri: str, files_per_shard: int, cpus: Opt
     # retried task) counts once. Shards are numbered in the order of their first path.
     agg = summary.group_by("list").aggregate([("files", "max"), ("first", "min"), ("sha256", "min")])
     summary = pa.table({"list": agg["list"], "files": agg["files_max"], "first": agg["first_min"],
-                        "sha256": agg["sha256_min"]}).sort_by([("first", "ascending"), ("list", "ascending")])
-    summary = _recut_small(summary, lists_uri, files_per_shard, cpus).sort_by([("first", "ascending"),
-                                                                          ("list", "ascending")])
+                        "sha256": agg["sha256_min"]}).sort_by(SHARD_ORDER)
+    summary = _recut_small(summary, lists_uri, files_per_shard, cpus)
     digest = hashlib.sha256("\n".join(summary.column("sha256").to_pylist()).encode()).hexdigest()
     shards = pa.table({COL_SHARD: pa.array(range(summary.num_rows), pa.int64()), "list": summary.column("list"),
                        "files": summary.column("files")})

@@ -13,6 +13,8 @@ from typing import Any
 import fsspec
 from fsspec.core import split_protocol, url_to_fs
 
+MANIFEST_EXTENSIONS = (".csv", ".parquet")  # a manifest of paths, where a folder could be given
+
 
 def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """Returns the filesystem for ``uri`` and the path within it."""

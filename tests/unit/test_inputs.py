@@ -31,6 +31,11 @@ def add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
+def planned_paths(plan):
+    """The paths of each planned shard, in shard order."""
+    return [pq.read_table(u)[COL_PATH].to_pylist() for u in plan.shard_table()["list"].to_pylist()]
+
+
 def rows(paths, max_bytes=256 * 2**20):
     out = [c for c in Decoder(32, 64_000_000, max_images=4, max_bytes=max_bytes).chunks(paths)]
     return [(p, s, e) for c in out for p, s, e in zip(c[COL_PATH], c[COL_STATUS], c["error"])]
@@ -114,8 +119,7 @@ def test_flat_folder_plan_is_written_once_and_reused(tmp_path):
     out = str(tmp_path / "out")
     plan = plan_inputs(str(inbox), out, files_per_shard=3)
     assert (plan.files, plan.shards, plan.reused) == (7, 3, False)
-    shards = plan.shard_table()
-    listed = [pq.read_table(u)[COL_PATH].to_pylist() for u in shards["list"].to_pylist()]
+    listed = planned_paths(plan)
     assert sum(listed, []) == sorted(str(inbox / f"{i}.jpg") for i in range(7))
     (inbox / "new.jpg").write_bytes(b"x")  # appears after the first run: a rerun keeps its plan
     again = plan_inputs(str(inbox), out, files_per_shard=3)
@@ -132,8 +136,7 @@ def test_a_small_job_is_cut_into_enough_shards_for_every_cpu(tmp_path):
         (inbox / f"{i:03d}.jpg").write_bytes(b"x")
     (inbox / "z.tar").write_bytes(b"x")
     plan = plan_inputs(str(inbox), str(tmp_path / "out"), files_per_shard=2000, cpus=1)
-    shards = plan.shard_table()
-    listed = [pq.read_table(u)[COL_PATH].to_pylist() for u in shards["list"].to_pylist()]
+    listed = planned_paths(plan)
     assert [len(x) for x in listed] == [26, 26, 26, 22, 1]  # the tar alone
     assert sum(listed, []) == sorted(str(p) for p in inbox.iterdir())
     assert len(os.listdir(tmp_path / "out" / "_inputs" / "lists")) == 5  # the first cut's lists are gone
@@ -169,5 +172,5 @@ def test_hidden_files_and_folders_are_skipped_by_both_listings(tmp_path):
     assert sorted(set(images.labels)) == ["cat", "dog"] and len(images.paths) == 2
     assert list_prefix(str(tmp_path / "data")) == [str(tmp_path / "data" / c / "a.png") for c in ("cat", "dog")]
     plan = plan_inputs(str(tmp_path / "data" / "*" / "*"), str(tmp_path / "out"), files_per_shard=10)
-    listed = pq.read_table(plan.shard_table()["list"][0].as_py())[COL_PATH].to_pylist()
+    [listed] = planned_paths(plan)
     assert listed == [str(tmp_path / "data" / c / "a.png") for c in ("cat", "dog")]
