@@ -20,7 +20,6 @@ model is refused rather than mixed into the same output.
 from __future__ import annotations
 
 import json
-import re
 import sys
 import time
 import uuid
@@ -37,18 +36,14 @@ from imgcls import storage
 from imgcls.classifier import Classifier, ModelPayload
 from imgcls.config import PredictConfig
 from imgcls.devices import choose_gpu
-from imgcls.inputs import plan_inputs
+from imgcls.finished import COUNTS_KEY, JOB_FILE, PART_NAME, PART_TEMPLATE, STAGING_DIR
+from imgcls.inputs import OutputFolderError, plan_inputs
 from imgcls.predict import pool_plan, prepare_model
 from imgcls.reader import (COL_PATH, COL_ROW, COL_SHARD, COL_SHARD_ROWS, COL_STATUS, MAX_FILE_BYTES, STATUS_OK,
                            Decoder, DecodeShards, output_schema, read_shard_list)
 
-JOB_FILE = "_job.json"
 SUMMARY_FILE = "_summary.json"
-STAGING_DIR = "_staging"
 MODEL_DIR = "_model"  # the prepared model program the actors load
-PART_TEMPLATE = "part-{:06d}.parquet"
-PART_NAME = re.compile(r"^part-(\d+)\.parquet$")
-COUNTS_KEY = b"imgcls.counts"  # Parquet footer metadata of each part: its rows, ok and errors
 SUMMARY_COLUMNS = ("shard", "rows", "ok", "errors", "node", "seconds")
 
 
@@ -287,7 +282,8 @@ def _shard_rows(todo: pa.Table) -> ray.data.Dataset:
 def _fingerprint(plan, payload: ModelPayload, cfg: PredictConfig) -> dict:
     return {"inputs_sha256": plan.sha256, "files": plan.files, "shards": plan.shards,
             "files_per_shard": cfg.files_per_shard, "model_id": payload.model_id, "model": cfg.model,
-            "runtime": cfg.runtime, "embeddings": cfg.embeddings, "top_k": cfg.top_k}
+            "runtime": cfg.runtime, "embeddings": cfg.embeddings, "top_k": cfg.top_k,
+            "columns": output_schema(cfg.embeddings).names}  # parts of another schema do not mix
 
 
 def label_images(cfg: PredictConfig) -> LabelSummary:
@@ -302,8 +298,8 @@ def label_images(cfg: PredictConfig) -> LabelSummary:
         previous = storage.read_json(job_uri)
         if previous != fingerprint:
             changed = sorted(k for k in set(previous) | set(fingerprint) if previous.get(k) != fingerprint.get(k))
-            raise ValueError(f"{cfg.output} holds the output of another job (differs in {changed}); "
-                             "use a new output folder")
+            raise OutputFolderError(f"{cfg.output} holds the output of another job (differs in {changed}); "
+                                    "use a new output folder")
     else:
         storage.write_json(job_uri, fingerprint)
     fs, folder = storage.filesystem(cfg.output)

@@ -41,7 +41,7 @@ from imgcls.imaging import ImageDecodeError, decode_image, resize_center_crop
 if TYPE_CHECKING:  # imgcls.data imports torchvision (seconds of CPU), which the decode tasks do without
     from imgcls.data import LabelledImages
 
-CACHE_VERSION = 1  # of the decode and resize below; part of every cache key
+CACHE_VERSION = 2  # of the decode and resize below; part of every cache key (2: float and 16-bit images scaled by their range)
 MANIFEST_FILE = "_cache.json"
 SHARD_TEMPLATE = "shard-{:05d}.npz"
 SHARD_BYTES = 64 * 2**20  # uint8 bytes per shard at most: a task's memory and the unit of reading

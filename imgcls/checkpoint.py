@@ -3,7 +3,8 @@
 A checkpoint is a folder (local or fsspec URI) holding:
 ``model.pt`` (state dict of the unwrapped model), ``train_state.pt`` (optimizer,
 scheduler, scaler, epoch), ``classes.json``, ``config.yaml`` (the resolved JobConfig),
-``history.json`` (per-epoch metrics) and ``meta.json`` (arch, input size, normalisation).
+``history.json`` (per-epoch metrics), ``meta.json`` (arch, input size, normalisation) and
+``splits/{train,val,test}.parquet`` (the ``path,label`` manifests of the run's splits).
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ CLASSES_FILE = "classes.json"
 CONFIG_FILE = "config.yaml"
 HISTORY_FILE = "history.json"
 META_FILE = "meta.json"
+SPLITS_DIR = "splits"  # the run's train/val/test manifests, in the run folder and every checkpoint
+SPLITS = ("train", "val", "test")
 
 
 def save_config(uri: str, job: JobConfig) -> None:
@@ -36,9 +39,15 @@ def save_config(uri: str, job: JobConfig) -> None:
 
 
 def save_checkpoint(folder: str, model: nn.Module, job: JobConfig, classes: list[str],
-                    history: list[dict], train_state: Optional[dict] = None) -> None:
-    """Writes a checkpoint folder; ``model`` must be unwrapped (not DDP)."""
+                    history: list[dict], train_state: Optional[dict] = None,
+                    files: Optional[dict[str, bytes]] = None) -> None:
+    """Writes a checkpoint folder; ``model`` must be unwrapped (not DDP). ``files`` maps
+    relative paths to bytes written as they are (the run's split manifests)."""
     storage.makedirs(folder)
+    for name, data in (files or {}).items():
+        storage.makedirs(storage.join(folder, os.path.dirname(name)))
+        with storage.open_uri(storage.join(folder, name), "wb") as f:
+            f.write(data)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     with storage.open_uri(storage.join(folder, MODEL_FILE), "wb") as f:
         torch.save(state, f)
@@ -54,6 +63,39 @@ def save_checkpoint(folder: str, model: nn.Module, job: JobConfig, classes: list
         "width": job.model.width,
     })
     save_config(storage.join(folder, CONFIG_FILE), job)
+
+
+def split_file_names() -> list[str]:
+    return [f"{name}.parquet" for name in SPLITS]
+
+
+def write_splits(folder: str, splits: dict) -> None:
+    """Writes each split's ``path,label`` manifest to ``folder/{train,val,test}.parquet``:
+    what the run trained, validated and tested on. A split manifest is valid data input."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    storage.makedirs(folder)
+    for name in SPLITS:
+        images = splits[name]
+        table = pa.table({"path": pa.array(images.paths, pa.string()), "label": pa.array(images.labels, pa.string())})
+        with storage.open_uri(storage.join(folder, f"{name}.parquet"), "wb") as f:
+            pq.write_table(table, f)
+
+
+def split_manifest(checkpoint: str, split: str) -> str:
+    """URI of a checkpoint's ``split`` manifest (train, val or test).
+
+    Raises:
+        FileNotFoundError: the checkpoint predates saved splits, or is an export.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    uri = storage.join(checkpoint, SPLITS_DIR, f"{split}.parquet")
+    if not storage.exists(uri):
+        raise FileNotFoundError(f"{checkpoint} holds no {split} split ({SPLITS_DIR}/{split}.parquet): it was not "
+                                "saved by imgcls train, or by an older version; use --data instead")
+    return uri
 
 
 @dataclass

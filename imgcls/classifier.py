@@ -19,9 +19,9 @@ import pyarrow as pa
 import torch
 
 from imgcls.imaging import ScaleNormalize
-from imgcls.reader import (COL_EMBEDDING, COL_ERROR, COL_LABEL, COL_MODEL_ID, COL_PATH, COL_ROW, COL_SCORE,
-                           COL_SHARD, COL_SHARD_ROWS, COL_STATUS, COL_TOPK_LABELS, COL_TOPK_SCORES, STATUS_OK,
-                           ReadDecodeBatch, output_schema)
+from imgcls.reader import (COL_EMBEDDING, COL_ERROR, COL_ERROR_TYPE, COL_LABEL, COL_MODEL_ID, COL_PATH, COL_ROW,
+                           COL_SCORE, COL_SHARD, COL_SHARD_ROWS, COL_STATUS, COL_TOPK_LABELS, COL_TOPK_SCORES,
+                           STATUS_OK, ReadDecodeBatch, output_schema)
 
 PASS_THROUGH = (COL_SHARD, COL_ROW, COL_SHARD_ROWS)  # internal int64 columns a batch may carry
 
@@ -158,7 +158,9 @@ class Classifier:
         columns = {
             COL_PATH: batch[COL_PATH].tolist(), COL_STATUS: batch[COL_STATUS].tolist(),
             # Missing errors may arrive as None or NaN, depending on the block format.
-            COL_ERROR: [e if isinstance(e, str) else None for e in batch[COL_ERROR]], COL_LABEL: labels.tolist(),
+            COL_ERROR: [e if isinstance(e, str) else None for e in batch[COL_ERROR]],
+            COL_ERROR_TYPE: [e if isinstance(e, str) else None for e in batch[COL_ERROR_TYPE]],
+            COL_LABEL: labels.tolist(),
             COL_SCORE: [None if math.isnan(s) else float(s) for s in scores],
             COL_TOPK_LABELS: topk_labels, COL_TOPK_SCORES: topk_scores, COL_MODEL_ID: [self.model_id] * n,
         }

@@ -4,16 +4,73 @@ from __future__ import annotations
 
 import importlib
 import json
+import sys
 import threading
+import traceback
 from dataclasses import asdict
 
 import click
 
-from imgcls.config import DataConfig, JobConfig, ModelConfig, PredictConfig, TrainConfig
+from imgcls.config import (PACKAGED_WEIGHTS_MODELS, TORCHVISION_MODELS, DataConfig, JobConfig, ModelConfig,
+                           PredictConfig, TrainConfig)
 from imgcls.options import config_options, load_yaml, resolve
+from imgcls.paths import local_path, resolve_paths
 
 
 VERBOSE = False  # set by ``imgcls --verbose``
+
+# The mistakes of a user's input or config: one line (``imgcls CMD: error: ...``) and
+# exit status 2, the traceback only with --verbose. Named rather than imported, as
+# their modules are slow to import; one not imported yet cannot have been raised.
+# click's own usage errors (bad flags, click.UsageError) are shown the same way.
+USER_ERRORS = (
+    ("imgcls.config", "ConfigError"),  # a wrong setting, e.g. in a checkpoint's config.yaml
+    ("imgcls.data", "DataError"),  # unusable data: unknown labels, no images, an empty split
+    ("imgcls.train", "RunFolderError"),  # a run folder with checkpoints, without --resume/--overwrite
+    ("imgcls.inputs", "ManifestError"),  # a labelling manifest without a path column
+    ("imgcls.inputs", "OutputFolderError"),  # an output folder that holds another job's output
+    ("builtins", "FileNotFoundError"),  # a path given that does not exist
+)
+
+
+def user_error_types() -> tuple[type, ...]:
+    return tuple(getattr(sys.modules[module], name) for module, name in USER_ERRORS if module in sys.modules)
+
+
+class UserError(click.ClickException):
+    """A user's mistake, shown as one line: ``imgcls COMMAND: error: MESSAGE``."""
+
+    exit_code = 2
+
+    def __init__(self, command: str | None, message: str):
+        super().__init__(" ".join(str(message).split()))
+        self.command = command
+
+    def show(self, file=None) -> None:
+        prog = f"imgcls {self.command}" if self.command else "imgcls"
+        click.echo(f"{prog}: error: {self.message}", file=file, err=True)
+
+
+class Imgcls(click.Group):
+    """The command group: user errors (``USER_ERRORS``, click's usage errors) as one line
+    and exit status 2; any other exception is a bug and keeps its traceback (status 1)."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except (UserError, click.exceptions.NoArgsIsHelpError):  # the latter shows the help
+            raise
+        except click.UsageError as e:
+            command = ctx.invoked_subcommand
+            usage = f"imgcls {command} --help" if command else "imgcls --help"
+            raise UserError(command, f"{e.format_message()} (see {usage})") from None
+        except Exception as e:
+            if not isinstance(e, user_error_types()):
+                raise
+            if VERBOSE:
+                traceback.print_exception(e)
+            cause = getattr(e, "cause", None)  # a Ray task's error carries the original
+            raise UserError(ctx.invoked_subcommand, cause if isinstance(cause, BaseException) else e) from None
 
 
 def init_ray(num_cpus: int | None = None) -> None:
@@ -78,13 +135,42 @@ def echo_json(obj) -> None:
 
 def resolve_job(config_path, flags) -> JobConfig:
     raw = load_yaml(config_path)
-    return JobConfig(data=resolve(DataConfig, raw.get("data", {}), flags),
-                     model=resolve(ModelConfig, raw.get("model", {}), flags),
-                     train=resolve(TrainConfig, raw.get("train", {}), flags))
+    # Paths made absolute here: Ray's tasks and Tune's trials run in folders of their own.
+    return resolve_paths(JobConfig(data=resolve(DataConfig, raw.get("data", {}), flags),
+                                   model=resolve(ModelConfig, raw.get("model", {}), flags),
+                                   train=resolve(TrainConfig, raw.get("train", {}), flags)))
 
 
-@click.group()
-@click.option("--verbose", is_flag=True, help="Also show Ray's own logs and Ray Data's progress reports.")
+def check_weights(model: ModelConfig) -> None:
+    """Refuses, before any work starts, ``--weights`` that cannot load: 'packaged' for an
+    architecture without packaged weights, or a path or URI where nothing is. A
+    torchvision enum name (for a torchvision architecture, see ``models.create_model``)
+    is left to torchvision."""
+    weights = model.weights
+    if weights is None:
+        return
+    if weights == "packaged":
+        if model.arch not in PACKAGED_WEIGHTS_MODELS:
+            raise click.BadParameter(f"'packaged' weights exist for {', '.join(PACKAGED_WEIGHTS_MODELS)} only, "
+                                     f"not {model.arch}", param_hint="'--weights'")
+        return
+    if model.arch in TORCHVISION_MODELS and "/" not in weights and "." not in weights:
+        return  # an enum name such as DEFAULT or IMAGENET1K_V1
+    from imgcls import storage
+
+    try:
+        found = storage.exists(weights)
+    except (ValueError, ImportError) as e:  # an unknown protocol, or its package missing
+        raise click.BadParameter(f"cannot read {weights}: {e}", param_hint="'--weights'") from None
+    if not found:
+        names = " (torchvision enum names such as DEFAULT are for torchvision architectures)" \
+            if "/" not in weights and "." not in weights else ""
+        raise click.BadParameter(f"no weights file at {weights}{names}", param_hint="'--weights'")
+
+
+@click.group(cls=Imgcls)
+@click.option("--verbose", is_flag=True,
+              help="Also show Ray's own logs, Ray Data's progress reports and the traceback of an error.")
 def cli(verbose):
     """Distributed image classification on Ray: train, label, evaluate, export."""
     global VERBOSE
@@ -98,6 +184,7 @@ def cli(verbose):
 def train(config_path, num_cpus, **flags):
     """Train a model with Ray Train, then report metrics on the held-out test split."""
     job = resolve_job(config_path, flags)
+    check_weights(job.model)
     init_ray_while_importing(num_cpus, "imgcls.jobs", warm=("imgcls.cache",))
     from imgcls.jobs import run_training
 
@@ -110,9 +197,16 @@ def train(config_path, num_cpus, **flags):
 @config_options(PredictConfig)
 def predict(config_path, num_cpus, **flags):
     """Label every file under --input and write Parquet shards to --output."""
-    cfg = resolve(PredictConfig, load_yaml(config_path).get("predict", {}), flags)
+    cfg = resolve_paths(resolve(PredictConfig, load_yaml(config_path).get("predict", {}), flags))
     if not (cfg.model and cfg.input and cfg.output):
         raise click.UsageError("--model, --input and --output are required")
+    from imgcls.finished import finished_summary
+
+    done = finished_summary(cfg)  # a rerun over a complete output: no Ray, no torch
+    if done is not None:
+        click.echo(f"{cfg.output} is complete: all {done['shards']} shards labelled before; nothing to do", err=True)
+        echo_json(done)
+        return
     # imgcls.checkpoint brings torchvision, which predict.prepare_model needs.
     init_ray_while_importing(num_cpus, "imgcls.bulk", "imgcls.checkpoint")
     from imgcls.bulk import label_images
@@ -129,9 +223,10 @@ def predict(config_path, num_cpus, **flags):
 @config_options(DataConfig, ModelConfig, TrainConfig)
 def tune(config_path, num_cpus, num_samples, grace_period, max_concurrent, **flags):
     """Search lr, weight decay, batch size and augmentation strength with Ray Tune and ASHA."""
+    job = resolve_job(config_path, flags)
+    check_weights(job.model)
     from imgcls.tune import run_tune
 
-    job = resolve_job(config_path, flags)
     init_ray(num_cpus)
     echo_json(asdict(run_tune(job, num_samples=num_samples, grace_period=grace_period, max_concurrent=max_concurrent)))
 
@@ -142,17 +237,32 @@ def tune(config_path, num_cpus, num_samples, grace_period, max_concurrent, **fla
 @click.option("--predictions", default=None,
               help="Predictions Parquet (file or folder) instead of --data; true labels come from a "
                    "'true_label' column, else from each file's parent folder name.")
+@click.option("--split", type=click.Choice(["test", "val", "train"]), default=None,
+              help="Instead of --data: the checkpoint's own held-out split, as saved by imgcls train.")
 @click.option("--output", required=True, type=click.Path(file_okay=False), help="Folder for metrics.json, PNGs, report.html.")
 @click.option("--num-cpus", type=int, default=None, help="CPUs of a local Ray cluster started by this command.")
-def evaluate(model, data, predictions, output, num_cpus):
+def evaluate(model, data, predictions, split, output, num_cpus):
     """Metrics, confusion matrix, plots and report.html for a labelled set."""
-    if bool(data) == bool(predictions):
-        raise click.UsageError("give exactly one of --data and --predictions")
+    model, data, predictions, output = (local_path(p) for p in (model, data, predictions, output))
+    if sum(map(bool, (data, predictions, split))) != 1:
+        raise click.UsageError("give exactly one of --data, --split and --predictions")
+    if split:
+        from imgcls.checkpoint import split_manifest
+
+        data = split_manifest(model, split)
     if data:
         init_ray_while_importing(num_cpus, "imgcls.jobs")
+    from imgcls.evaluate import left_out_line
     from imgcls.jobs import run_evaluation
 
     result = run_evaluation(model, output, data=data, predictions=predictions)
+    note = left_out_line(result)
+    if note:
+        click.echo(f"imgcls evaluate: {note}", err=True)
+    if result.get("training_overlap"):
+        click.echo(f"imgcls evaluate: warning: {result['training_overlap']} of the {result['num_samples']} images "
+                   "were in the checkpoint's training split, so these figures overstate accuracy on new images; "
+                   "--split test scores the held-out split", err=True)
     click.echo(f"accuracy {result['accuracy']:.4f}  macro F1 {result['macro_f1']:.4f}  report {result['report']}")
 
 
@@ -161,7 +271,7 @@ def evaluate(model, data, predictions, output, num_cpus):
 @click.option("--output", required=True, help="Export folder (local or fsspec URI).")
 @click.option("--format", "formats", multiple=True, type=click.Choice(["onnx", "torchscript", "safetensors"]),
               help="Formats to write (repeatable); default all.")
-@click.option("--opset", type=int, default=17, show_default=True, help="ONNX opset (17 or newer).")
+@click.option("--opset", type=click.IntRange(min=17), default=17, show_default=True, help="ONNX opset (17 or newer).")
 def export(model, output, formats, opset):
     """Export a checkpoint to ONNX (dynamic batch), TorchScript and safetensors."""
     from imgcls.export import FORMATS, export_checkpoint
@@ -175,16 +285,23 @@ def export(model, output, formats, opset):
 @click.option("--image", "images", multiple=True, help="Image to explain (repeatable).")
 @click.option("--mistakes-from", default=None,
               help="Explain the most confident mistakes listed in this evaluation folder's predictions.parquet.")
-@click.option("--top", type=int, default=8, show_default=True, help="How many mistakes to explain.")
+@click.option("--split", type=click.Choice(["test", "val", "train"]), default=None,
+              help="Explain the first --top images of the checkpoint's own split, as saved by imgcls train.")
+@click.option("--top", type=int, default=8, show_default=True, help="How many mistakes (or split images) to explain.")
 @click.option("--layer", default=None, help="Module name to explain at (default: the last Conv2d).")
-def explain(model, output, images, mistakes_from, top, layer):
-    """Grad-CAM heatmap overlays for chosen images or for the worst mistakes."""
+def explain(model, output, images, mistakes_from, split, top, layer):
+    """Grad-CAM heatmap overlays for chosen images, a split's images or the worst mistakes."""
     from imgcls.explain import explain_images
     from imgcls.jobs import worst_mistakes
 
     paths = list(images) + (worst_mistakes(mistakes_from, top) if mistakes_from else [])
+    if split:
+        from imgcls.checkpoint import split_manifest
+        from imgcls.data import list_labelled_images
+
+        paths += list_labelled_images(split_manifest(model, split), check_paths=False).paths[:top]
     if not paths:
-        raise click.UsageError("give --image or --mistakes-from")
+        raise click.UsageError("give --image, --split or --mistakes-from")
     echo_json(explain_images(model, paths, output, layer=layer))
 
 

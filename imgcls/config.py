@@ -16,6 +16,18 @@ OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "onecycle")
 CLASS_BALANCE = ("none", "loss", "sampler")
 RUNTIMES = ("torch", "onnxruntime")
+# The architectures of imgcls.models' registry, named here so that the CLI can list them
+# without importing torchvision (a unit test checks them against the registry).
+TORCHVISION_MODELS = ("convnext_tiny", "efficientnet_b0", "efficientnet_b1", "mobilenet_v3_large",
+                      "mobilenet_v3_small", "resnet18", "resnet34", "resnet50", "vgg11", "vgg11_bn", "vgg16")
+PACKAGED_WEIGHTS_MODELS = ("efficientnet_lite0",)  # those with weights='packaged'
+MODEL_NAMES = tuple(sorted(("small_cnn", *PACKAGED_WEIGHTS_MODELS, *TORCHVISION_MODELS)))
+
+
+def choices(values: tuple[str, ...]) -> dict:
+    """Field metadata of a setting with a fixed set of values: ``build`` refuses others and
+    the CLI lists them (``click.Choice``)."""
+    return {"choices": values}
 
 
 @dataclass(frozen=True)
@@ -31,8 +43,8 @@ class DataConfig:
     """Seed of the deterministic train/val/test split."""
     max_per_class: Optional[int] = None
     """Cap on images per class, for quick runs on a subset."""
-    augment: str = "standard"
-    """Training augmentation preset: one of AUGMENTATIONS."""
+    augment: str = field(default="standard", metadata=choices(AUGMENTATIONS))
+    """Training augmentation preset."""
     augment_magnitude: int = 9
     """Magnitude of RandAugment (0-30); also scales rotation/shear in 'standard'."""
     cache_path: Optional[str] = None
@@ -58,8 +70,8 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    arch: str = "small_cnn"
-    """Architecture name from ``imgcls.models.list_models()``."""
+    arch: str = field(default="small_cnn", metadata=choices(MODEL_NAMES))
+    """Network architecture."""
     weights: Optional[str] = None
     """Initial weights: None (random), a torchvision enum name such as 'DEFAULT' or
     'IMAGENET1K_V1' (downloaded), 'packaged' (weights shipped in a Python package),
@@ -88,8 +100,8 @@ class TrainConfig:
     """Passes over the training split."""
     batch_size: int = 64
     """Images per step on each worker."""
-    optimizer: str = "adamw"
-    """One of OPTIMIZERS."""
+    optimizer: str = field(default="adamw", metadata=choices(OPTIMIZERS))
+    """Optimizer (SGD with Nesterov momentum, or AdamW)."""
     lr: float = 1e-3
     """Peak learning rate, reached after warmup."""
     weight_decay: float = 0.05
@@ -98,10 +110,25 @@ class TrainConfig:
     """SGD momentum (Nesterov)."""
     warmup_epochs: float = 1.0
     """Linear warmup length; the decay to zero follows."""
-    schedule: str = "cosine"
+    schedule: str = field(default="cosine", metadata=choices(SCHEDULES))
     """Decay after the warmup: 'cosine', or 'onecycle' (linear, a triangle with the warmup)."""
     label_smoothing: float = 0.0
     """Cross-entropy label smoothing."""
+    linear_probe: bool = False
+    """Train only a logistic-regression head on the frozen pretrained backbone's features,
+    computed once (seconds, no gradient steps); saved as a normal checkpoint."""
+    probe_head: Optional[bool] = None
+    """LP-FT: fit the new head as a linear probe on frozen features before fine-tuning, so
+    that fine-tuning starts from a good head instead of a random one. None: on when
+    starting from pretrained weights."""
+    freeze_batchnorm: Optional[bool] = None
+    """Keep BatchNorm layers in inference mode while fine-tuning: their pretrained running
+    statistics are used and kept (their scale and shift still train), so the features
+    match those the head was probed on, and small batches of a small dataset do not
+    disturb them. None: on with LP-FT (probe_head), off otherwise."""
+    layer_decay: float = 1.0
+    """Layer-wise lr decay: the head trains at the lr, and each backbone stage below it at
+    this factor of the lr of the stage above (e.g. 0.8); 1 is off."""
     mixup_alpha: float = 0.0
     """MixUp: images and labels mixed with the batch reversed, weight ~ Beta(a, a); 0 is off."""
     cutmix_alpha: float = 0.0
@@ -112,7 +139,7 @@ class TrainConfig:
     and saved as the model; None is off."""
     compile: bool = False
     """torch.compile the model (slower to start; on 2 CPU cores it did not pay off)."""
-    class_balance: str = "none"
+    class_balance: str = field(default="none", metadata=choices(CLASS_BALANCE))
     """Imbalance handling: 'loss' weights the loss by inverse class frequency,
     'sampler' resamples the training split to equal class counts."""
     num_workers: int = 2
@@ -166,6 +193,8 @@ class TrainConfig:
             raise ValueError("mixup_alpha and cutmix_alpha must be >= 0")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
             raise ValueError("ema_decay must be in (0, 1)")
+        if not 0 < self.layer_decay <= 1:
+            raise ValueError("layer_decay must be in (0, 1]")
         if self.resume and self.overwrite:
             raise ValueError("resume and overwrite exclude each other")
 
@@ -187,8 +216,9 @@ class PredictConfig:
     """Labels and scores kept per image."""
     embeddings: bool = False
     """Also write the penultimate-layer features."""
-    runtime: str = "torch"
-    """'torch' or 'onnxruntime'."""
+    runtime: str = field(default="torch", metadata=choices(RUNTIMES))
+    """Inference runtime: 'torch' for a checkpoint folder, 'onnxruntime' for an export folder
+    holding model.onnx."""
     num_actors: Optional[int] = None
     """Inference actors; None sizes the pool from the cluster."""
     use_gpu: Optional[bool] = None
@@ -221,6 +251,10 @@ class JobConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self):
+        if self.train.linear_probe and not self.model.weights:
+            raise ConfigError("linear_probe", "a linear probe needs pretrained weights (--weights)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -294,7 +328,8 @@ def coerce(key: str, value: Any, kind: type, optional: bool) -> Any:
 
 def build(cls, values: dict[str, Any]):
     """Builds dataclass ``cls`` from a dict: unknown keys are refused by name, every value
-    is coerced and checked by its field's declared type (``coerce``)."""
+    is coerced and checked by its field's declared type (``coerce``) and, for a field with
+    ``choices`` metadata, against its choices."""
     names = {f.name for f in fields(cls)}
     unknown = set(values) - names
     if unknown:
@@ -302,6 +337,10 @@ def build(cls, values: dict[str, Any]):
                                               f"known: {sorted(names)}")
     types = _field_types(cls)
     typed = {k: coerce(k, v, *types[k]) for k, v in values.items()}
+    for f in fields(cls):
+        allowed = f.metadata.get("choices")
+        if allowed and f.name in typed and typed[f.name] is not None and typed[f.name] not in allowed:
+            raise ConfigError(f.name, f"must be one of {', '.join(allowed)}; got {typed[f.name]!r}")
     return cls(**typed)
 
 

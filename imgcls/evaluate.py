@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from imgcls.checkpoint import read_model_info
-from imgcls.data import LabelledImages, encode_labels
+from imgcls.data import DataError, LabelledImages, encode_labels
 from imgcls.metrics import classification_report, confusion_matrix
 from imgcls.predict import input_rows, predict
 from imgcls.reader import COL_LABEL, COL_PATH, COL_STATUS, COL_TOPK_LABELS, STATUS_OK
@@ -36,11 +36,49 @@ def topk_key(report: dict) -> str:
     return f"top{report['top_k']}_accuracy"
 
 
+def scorable_rows(df: pd.DataFrame, classes: Sequence[str]) -> tuple[pd.DataFrame, dict]:
+    """The rows of ``df`` that can be scored against ``classes`` (and its error rows, which
+    ``report_from_predictions`` counts), plus what was left out: ``unknown_true_label``
+    (rows read fine whose true label the model does not know, such as the parent folder
+    ``inbox`` of unlabelled files) and ``unknown_true_labels`` (up to 10 such labels, with
+    their row counts).
+
+    Raises DataError when no row is left to score.
+    """
+    ok = df[COL_STATUS] == STATUS_OK
+    known = df[COL_TRUE].astype(str).isin(set(classes))
+    unknown = df[ok & ~known][COL_TRUE].astype(str).value_counts()
+    if not (ok & known).any():
+        found = ", ".join(f"{label!r}: {n}" for label, n in unknown.head(5).items())
+        raise DataError(
+            f"no row to score: of {len(df)} predictions, {int((~ok).sum())} are error rows and {int(unknown.sum())} "
+            f"have a true label the model does not know ({found or 'none'}); the model knows {list(classes)}; "
+            "true labels come from a 'true_label' column, else from each file's parent folder name")
+    left_out = {"unknown_true_label": int(unknown.sum()),
+                "unknown_true_labels": {str(k): int(v) for k, v in unknown.head(10).items()}}
+    return df[~ok | known], left_out
+
+
+def left_out_line(report: dict) -> str | None:
+    """One line saying which rows a report left out and why, or None when none."""
+    errors, unknown = report.get("errors", 0), report.get("unknown_true_label", 0)
+    if not errors and not unknown:
+        return None
+    reasons = []
+    if unknown:
+        labels = ", ".join(f"{label!r}: {n}" for label, n in report.get("unknown_true_labels", {}).items())
+        reasons.append(f"{unknown} whose true label the model does not know ({labels})")
+    if errors:
+        reasons.append(f"{errors} error row(s) (files that could not be read)")
+    return f"scored {report['num_samples']} rows; left out {' and '.join(reasons)}"
+
+
 def report_from_predictions(df: pd.DataFrame, classes: Sequence[str]) -> dict:
     """Accuracy, top-k (``topk_key``), per-class and macro P/R/F1 and the confusion matrix.
 
     Rows whose image could not be read are counted in ``errors`` and left out of the
-    metrics. Raises DataError on a true label the model does not know.
+    metrics. Raises DataError on a true label the model does not know (``scorable_rows``
+    leaves such rows out first).
     """
     import torch
 

@@ -2,41 +2,92 @@
 
 This module imports torch, PIL and numpy but not torchvision, whose import alone takes
 about 7 s of CPU (it pulls in torch._dynamo). Ray workers that only decode images for
-inference import this, so they start in about a third of the time.
+inference import this, so they start in about a third of the time. Its errors carry the
+predictions table's error types, which ``imgcls.reader`` defines.
 """
 
 from __future__ import annotations
 
 import io
+import re
 from typing import Optional, Sequence
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from imgcls.reader import ERROR_DECODE, ERROR_EMPTY, ERROR_TOO_LARGE, ERROR_UNSUPPORTED, InputError, stable_text
 
-class ImageDecodeError(ValueError):
-    """The bytes are not a usable image."""
+
+class ImageDecodeError(InputError):
+    """The bytes are not a usable image: not an image, corrupt or truncated; the subclasses
+    below for the other reasons. ``error_type`` is the predictions table's error type."""
+
+    error_type = ERROR_DECODE
+
+
+class EmptyImageError(ImageDecodeError):
+    """Zero bytes."""
+
+    error_type = ERROR_EMPTY
+
+
+class ImageTooLargeError(ImageDecodeError):
+    """More pixels than ``max_pixels`` (or PIL's own decompression-bomb limit)."""
+
+    error_type = ERROR_TOO_LARGE
+
+
+class UnsupportedImageError(ImageDecodeError):
+    """An image that PIL cannot decode here: a format it does not read (HEIC, JPEG XL), one
+    it identifies but has no decoder for (EPS without Ghostscript, GRIB, HDF5), or a mode it
+    cannot convert to RGB."""
+
+    error_type = ERROR_UNSUPPORTED
+
+
+# PIL's words for an image it identified but cannot decode (rather than a corrupt one).
+_UNSUPPORTED = re.compile(r"(?i)unsupported|not supported|not available|cannot find loader|ghostscript|cannot handle"
+                          r"|support not installed")
+# ISO base media (HEIF) brands of still images; AVIF is read by PIL when built with libavif.
+_HEIF_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"hevm", b"hevs", b"mif1", b"msf1"}
+
+
+def _unreadable_format(data: bytes) -> Optional[str]:
+    """The name of an image format PIL does not identify, from its signature; None if not one."""
+    if data[4:8] == b"ftyp":  # ISO base media: a major brand, a version, compatible brands
+        size = int.from_bytes(data[:4], "big")
+        brands = {data[8:12]} | {data[i:i + 4] for i in range(16, min(size, 256), 4)}
+        if brands & {b"avif", b"avis"}:
+            return "AVIF"
+        if brands & _HEIF_BRANDS:
+            return "HEIF/HEIC"
+    if data.startswith((b"\xff\x0a", b"\x00\x00\x00\x0cJXL \r\n\x87\n")):
+        return "JPEG XL"
+    return None
 
 
 def decode_image(data: bytes, max_pixels: int = 64_000_000, target_size: Optional[int] = None) -> np.ndarray:
     """Decodes image bytes to an RGB uint8 array of shape (H, W, 3).
 
-    Applies the EXIF orientation; converts grayscale, palette, RGBA, CMYK and 16-bit
-    images to 8-bit RGB; refuses images over ``max_pixels`` before decoding them.
-    For JPEG, ``target_size`` lets the decoder work at a reduced scale (draft mode)
-    while keeping the shorter side at least ``target_size``.
+    Applies the EXIF orientation; converts grayscale, palette, RGBA, CMYK, 16-bit, 32-bit
+    integer and float images to 8-bit RGB (see ``_to_rgb8``); refuses images over
+    ``max_pixels`` before decoding them. For JPEG, ``target_size`` lets the decoder work
+    at a reduced scale (draft mode) while keeping the shorter side at least ``target_size``.
 
     Raises:
-        ImageDecodeError: empty, truncated, corrupt, non-image or oversized input.
+        ImageDecodeError: non-image, truncated or corrupt input; its subclasses
+            EmptyImageError, ImageTooLargeError and UnsupportedImageError for empty,
+            oversized and undecodable (HEIC, EPS without Ghostscript...) input. The
+            messages hold nothing that differs from run to run.
     """
     if not data:
-        raise ImageDecodeError("empty file")
+        raise EmptyImageError("empty file")
     try:
         with Image.open(io.BytesIO(data)) as im:
             w, h = im.size
             if w * h > max_pixels:
-                raise ImageDecodeError(f"{w}x{h} image exceeds max_pixels={max_pixels} (decompression bomb?)")
+                raise ImageTooLargeError(f"{w}x{h} image exceeds max_pixels={max_pixels} (decompression bomb?)")
             if target_size and im.format == "JPEG":
                 im.draft("RGB", (target_size, target_size))
             im.load()  # surfaces truncation now rather than later
@@ -44,17 +95,46 @@ def decode_image(data: bytes, max_pixels: int = 64_000_000, target_size: Optiona
             return _to_rgb8(im)
     except ImageDecodeError:
         raise
-    except (Image.DecompressionBombError, Image.UnidentifiedImageError) as e:
-        raise ImageDecodeError(f"{type(e).__name__}: {e}") from None
+    except Image.DecompressionBombError as e:
+        raise ImageTooLargeError(f"{type(e).__name__}: {e}") from None
+    except Image.UnidentifiedImageError as e:  # its message names the BytesIO, with its address
+        known = _unreadable_format(data)
+        if known:
+            raise UnsupportedImageError(f"a {known} image, which PIL cannot read") from None
+        raise ImageDecodeError(f"{type(e).__name__}: cannot identify image file") from None
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... on bad data
-        raise ImageDecodeError(f"{type(e).__name__}: {e}") from None
+        kind = UnsupportedImageError if _UNSUPPORTED.search(str(e)) else ImageDecodeError
+        raise kind(stable_text(f"{type(e).__name__}: {e}")) from None
 
 
 def _to_rgb8(im: Image.Image) -> np.ndarray:
-    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        arr = np.asarray(im, dtype=np.float32)
-        top = 65535.0 if im.mode.startswith("I;16") or arr.max() > 255 else 255.0
-        arr = np.clip(arr / top * 255.0, 0, 255).astype(np.uint8)
+    """A decoded PIL image -> (H, W, 3) uint8 RGB: the one conversion of every decode path
+    (the training cache, inference, explain).
+
+    One-channel images deeper than 8 bits are scaled to 0..255 by their type and range,
+    rounded to the nearest value, then repeated to three channels; NaN and +-inf count as 0:
+    - ``I;16*`` (16-bit): value / 65535 * 255.
+    - ``I`` (32-bit integer): as-is when the largest value is at most 255, as 16-bit
+      when at most 65535, else value / largest * 255; negative values give 0.
+    - ``F`` (32-bit float): value * 255 when all values lie in [0, 1]; as-is when they
+      lie in [0, 255]; else stretched from the image's min..max to 0..255 (an image of
+      one value gives 0). A 0..255 image that is darker than 1 everywhere therefore reads
+      as a 0..1 one; nothing in the file tells the two apart.
+    Transparent images are composited on white; other modes go through PIL's convert.
+    """
+    if im.mode in ("I", "F") or im.mode.startswith("I;16"):
+        arr = np.nan_to_num(np.array(im, dtype=np.float32), copy=False, nan=0.0, posinf=0.0, neginf=0.0)
+        lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
+        shift, scale = 0.0, 1.0
+        if im.mode.startswith("I;16"):
+            scale = 255 / 65535
+        elif im.mode == "I":
+            scale = 1.0 if hi <= 255 else 255 / 65535 if hi <= 65535 else 255 / hi
+        elif lo >= 0 and hi <= 1:
+            scale = 255.0
+        elif lo < 0 or hi > 255:
+            shift, scale = lo, (255 / (hi - lo) if hi > lo else 0.0)
+        arr = np.clip(np.rint((arr - shift) * scale), 0, 255).astype(np.uint8)
         return np.repeat(arr[..., None], 3, axis=2)
     if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
         # Composite on white, as most viewers show transparent areas.

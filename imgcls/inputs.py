@@ -31,15 +31,24 @@ import pyarrow.parquet as pq
 import ray
 
 from imgcls import storage
+from imgcls.finished import PLAN_DIR, PLAN_FILE, source_stat
 from imgcls.reader import COL_PATH, COL_SHARD, is_tar
 
-PLAN_DIR = "_inputs"
-PLAN_FILE = "_plan.json"
 SHARDS_FILE = "shards.parquet"
 SHARD_ORDER = [("first", "ascending"), ("list", "ascending")]  # shards are numbered by their first path
 SHARDS_PER_CPU = 4  # a small job is cut into at least this many shards per CPU of the cluster...
 MIN_SHARD_FILES = 16  # ... of at least this many files
 RECUT_MAX_FILES = 200_000  # ... when it has at most this many files (the driver re-reads their paths)
+
+
+class ManifestError(ValueError):
+    """A manifest of a labelling job's inputs that cannot be used as given: it has no
+    ``path`` column."""
+
+
+class OutputFolderError(ValueError):
+    """An output folder that holds the output of another labelling job (other inputs, or
+    another model): a job's output is never mixed with another's."""
 
 
 @dataclass
@@ -128,13 +137,13 @@ def _manifest_dataset(uri: str) -> ray.data.Dataset:
         with fs.open(path, "rb") as f:
             header = f.readline().decode("utf-8", "replace").strip().split(",")
         if COL_PATH not in [h.strip().strip('"') for h in header]:
-            raise ValueError(f"manifest {uri} has no '{COL_PATH}' column (header: {header})")
+            raise ManifestError(f"manifest {uri} has no '{COL_PATH}' column (header: {header})")
         return ray.data.read_csv(path, filesystem=fs, convert_options=pacsv.ConvertOptions(
             include_columns=[COL_PATH], column_types={COL_PATH: pa.string()}))
     with fs.open(path, "rb") as f:
         names = pq.read_schema(f).names
     if COL_PATH not in names:
-        raise ValueError(f"manifest {uri} has no '{COL_PATH}' column (columns: {names})")
+        raise ManifestError(f"manifest {uri} has no '{COL_PATH}' column (columns: {names})")
     return ray.data.read_parquet(path, filesystem=fs, columns=[COL_PATH])
 
 
@@ -174,16 +183,6 @@ def _recut_small(summary: pa.Table, lists_uri: str, files_per_shard: int, cpus: 
     return _driver_lists(paths, lists_uri, per_shard, sort=False).sort_by(SHARD_ORDER)
 
 
-def _source_stat(uri: str) -> Optional[dict]:
-    """What identifies a manifest file's version: size and modification time or ETag."""
-    if not uri.lower().endswith(storage.MANIFEST_EXTENSIONS):
-        return None
-    fs, path = storage.filesystem(uri)
-    info = fs.info(path)
-    keep = ("size", "ETag", "etag", "mtime", "LastModified", "last_modified", "md5Hash")
-    return {k: str(info[k]) for k in keep if k in info}
-
-
 def plan_inputs(input_uri: str, output_uri: str, files_per_shard: int, cpus: Optional[float] = None) -> InputPlan:
     """Plans ``input_uri`` into shards under ``output_uri``/_inputs, or reuses the plan there.
 
@@ -191,20 +190,20 @@ def plan_inputs(input_uri: str, output_uri: str, files_per_shard: int, cpus: Opt
 
     Raises:
         FileNotFoundError: nothing at ``input_uri``, or no files under it.
-        ValueError: the output folder holds the plan of other inputs, or a manifest
-            has no ``path`` column.
+        OutputFolderError: the output folder holds the plan of other inputs.
+        ManifestError: a manifest has no ``path`` column.
     """
     start = time.perf_counter()
     uri = storage.join(output_uri, PLAN_DIR)
     plan_file = storage.join(uri, PLAN_FILE)
-    stat = _source_stat(input_uri)
+    stat = source_stat(input_uri)
     if storage.exists(plan_file):
         found = storage.read_json(plan_file)
         if found["input"] != input_uri or found["files_per_shard"] != files_per_shard or \
                 found.get("source_stat") != stat:
-            raise ValueError(f"{output_uri} holds the output of other inputs ({found['input']}, "
-                             f"{found['files_per_shard']} files per shard, source {found.get('source_stat')}); "
-                             "use a new output folder")
+            raise OutputFolderError(f"{output_uri} holds the output of other inputs ({found['input']}, "
+                                    f"{found['files_per_shard']} files per shard, source "
+                                    f"{found.get('source_stat')}); use a new output folder")
         plan = InputPlan(**{k: v for k, v in found.items() if k != "source_stat"}, uri=uri, reused=True)
         plan.seconds = time.perf_counter() - start
         return plan

@@ -13,7 +13,7 @@ from imgcls.bulk import label_images
 from imgcls.config import DataConfig, JobConfig, ModelConfig, PredictConfig, TrainConfig
 from imgcls.checkpoint import load_checkpoint, read_model_info
 from imgcls.data import list_labelled_images
-from imgcls.evaluate import COL_TRUE, evaluate_images, report_from_predictions, topk_key
+from imgcls.evaluate import COL_TRUE, evaluate_images, report_from_predictions, scorable_rows, topk_key
 from imgcls.reader import source_file
 from imgcls.train import fit
 
@@ -90,26 +90,48 @@ def run_evaluation(model: str, output: str, data: str | None = None, predictions
     """Evaluates ``model`` on labelled ``data`` (runs inference) or on existing ``predictions``.
 
     Writes metrics.json, the PNG plots, report.html and predictions.parquet to ``output``.
+    Predictions whose true label the model does not know are left out (counted in
+    ``unknown_true_label``; ``evaluate.scorable_rows``), as are error rows (``errors``);
+    DataError when none is left. Returns the headline metrics, those counts, ``num_samples``
+    (rows scored) and the files written.
     """
     import pyarrow.parquet as pq
 
     from imgcls.report import write_report
 
     classes = read_model_info(model).classes
+    overlap = {}
     if data:
-        report, df = evaluate_images(model, list_labelled_images(data))
+        images = list_labelled_images(data)
+        overlap = {"training_overlap": training_overlap(model, images.paths)}
+        report, df = evaluate_images(model, images)
     else:
         fs, path = storage.filesystem(predictions)
         df = pq.read_table(path, filesystem=fs).to_pandas()
         if COL_TRUE not in df.columns:
             # the parent folder of each file (of the tar, for tar members)
             df[COL_TRUE] = df["path"].map(source_file).str.rsplit("/", n=2).str[-2]
-        report = report_from_predictions(df, classes)
+        df, left_out = scorable_rows(df, classes)
+        report = {**report_from_predictions(df, classes), **left_out}
     os.makedirs(output, exist_ok=True)
     df.to_parquet(os.path.join(output, PREDICTIONS_FILE))
     history = load_checkpoint(model).history
     files = write_report(output, report, df, COL_TRUE, history=history)
-    return {**{k: report[k] for k in ("accuracy", topk_key(report), "macro_f1")}, **files}
+    counts = {k: report[k] for k in ("num_samples", "errors", "unknown_true_label", "unknown_true_labels")
+              if k in report}
+    return {**{k: report[k] for k in ("accuracy", topk_key(report), "macro_f1")}, **counts, **overlap, **files}
+
+
+def training_overlap(model: str, paths: list[str]) -> int:
+    """How many of ``paths`` are in the checkpoint's saved training split (0 when it saved none)."""
+    from imgcls.checkpoint import split_manifest
+
+    try:
+        train = list_labelled_images(split_manifest(model, "train"), check_paths=False)
+    except FileNotFoundError:
+        return 0
+    seen = {os.path.normpath(p) for p in train.paths}
+    return sum(os.path.normpath(p) in seen for p in paths)
 
 
 def worst_mistakes(evaluation_folder: str, n: int) -> list[str]:
@@ -120,7 +142,10 @@ def worst_mistakes(evaluation_folder: str, n: int) -> list[str]:
     # whose pyarrow-backed pandas dtypes pandas cannot read back ("data type
     # 'list<item: string>[pyarrow]' not understood").
     columns = ["path", "status", "label", "score", COL_TRUE]
-    df = pq.read_table(os.path.join(evaluation_folder, PREDICTIONS_FILE), columns=columns).to_pandas(
-        ignore_metadata=True)
-    wrong = df[(df["status"] == "ok") & (df["label"] != df[COL_TRUE])]
+    path = os.path.join(evaluation_folder, PREDICTIONS_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{evaluation_folder} holds no {PREDICTIONS_FILE}: give the --output folder of an "
+                                "imgcls evaluate run")
+    df = pq.read_table(path, columns=columns).to_pandas(ignore_metadata=True)
+    wrong = df[(df["status"] == "ok") & df[COL_TRUE].notna() & (df["label"] != df[COL_TRUE])]
     return wrong.sort_values("score", ascending=False).head(n)["path"].tolist()

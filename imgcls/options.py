@@ -2,7 +2,10 @@
 
 Every field of a config dataclass becomes ``--field-name`` with the field's docstring
 as help. Flags default to None, meaning "not given": the resolved value comes from
-the dataclass default, then the YAML file, then the flag, in that order.
+the dataclass default, then the YAML file, then the flag, in that order. A field with
+``choices`` metadata takes one of them (``click.Choice``, listed in ``--help``); an
+Optional field's flag also takes ``none`` (any case), which clears a value the YAML
+file set (the flag's value is then ``NONE``).
 """
 
 from __future__ import annotations
@@ -35,14 +38,47 @@ def field_docs(cls) -> dict[str, str]:
     return docs
 
 
-def _click_type(annotation) -> tuple[Any, bool]:
-    """(click type, is_flag) for a field annotation such as 'Optional[int]'."""
+class _None:
+    """The value of an Optional field's flag given as ``none``: "set it to None", where
+    the flag's None means "not given"."""
+
+    def __repr__(self) -> str:
+        return "none"
+
+
+NONE = _None()
+
+
+class OrNone(click.ParamType):
+    """``base``, or ``none`` (any case) for NONE."""
+
+    def __init__(self, base: click.ParamType):
+        self.base = base
+        self.name = f"{base.name} or none"
+
+    def get_metavar(self, param, ctx) -> Optional[str]:
+        metavar = self.base.get_metavar(param, ctx)
+        if metavar and metavar.startswith("[") and metavar.endswith("]"):  # click.Choice's [a|b]
+            return metavar[:-1] + "|none]"
+        return f"{metavar or self.base.name.upper()}|none"
+
+    def convert(self, value, param, ctx):
+        if value is NONE or (isinstance(value, str) and value.strip().lower() == "none"):
+            return NONE
+        return self.base.convert(value, param, ctx)
+
+
+def _click_type(annotation, choices=None) -> tuple[Any, bool]:
+    """(click type, is_flag) for a field annotation such as 'Optional[int]'; ``choices``
+    (a field's metadata) makes it a ``click.Choice``; an Optional one also takes ``none``."""
     hint = eval(annotation, vars(typing)) if isinstance(annotation, str) else annotation  # noqa: S307 - our own annotations
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     base = args[0] if args else hint
     if base is bool:
         return None, True
-    return {int: int, float: float, str: str}[base], False
+    click_type = click.Choice(choices) if choices else {int: click.INT, float: click.FLOAT, str: click.STRING}[base]
+    optional = type(None) in typing.get_args(hint)
+    return (OrNone(click_type) if optional else click_type), False
 
 
 def flag_name(field_name: str) -> str:
@@ -55,9 +91,10 @@ def config_options(*classes):
         for cls in reversed(classes):
             docs = field_docs(cls)
             for f in reversed(fields(cls)):
-                click_type, is_flag = _click_type(f.type)
+                click_type, is_flag = _click_type(f.type, f.metadata.get("choices"))
                 default = f.default if f.default is not MISSING else None
-                help_text = f"{docs.get(f.name, '')} [default: {default}]"
+                shown = "none" if default is None and isinstance(click_type, OrNone) else default
+                help_text = f"{docs.get(f.name, '')} [default: {shown}]"
                 name = flag_name(f.name)
                 if is_flag:
                     opt = click.option(f"{name}/--no-{name[2:]}", f.name, default=None, help=help_text)
@@ -95,13 +132,14 @@ def flag_message(message: str, names) -> str:
 
 
 def resolve(cls, section: dict, flags: dict):
-    """Builds ``cls`` from YAML ``section`` values overridden by the given (non-None) flags.
+    """Builds ``cls`` from YAML ``section`` values overridden by the given (non-None) flags;
+    a flag given as ``none`` (NONE) sets its field to None.
 
     Errors name the flag (``--lr``), whether the value came from the flag or the YAML file.
     """
     names = {f.name for f in fields(cls)}
     values = dict(section)
-    values.update({k: v for k, v in flags.items() if k in names and v is not None})
+    values.update({k: (None if v is NONE else v) for k, v in flags.items() if k in names and v is not None})
     try:
         return build(cls, values)
     except ConfigError as e:

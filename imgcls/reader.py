@@ -9,6 +9,7 @@ fsspec; no torchvision), so they start in about 3 s of CPU instead of about 10 s
 
 from __future__ import annotations
 
+import re
 import tarfile
 
 import numpy as np
@@ -20,6 +21,7 @@ from imgcls import storage
 COL_PATH = "path"
 COL_STATUS = "status"
 COL_ERROR = "error"
+COL_ERROR_TYPE = "error_type"  # one of ERROR_TYPES on error rows, null on ok rows
 COL_LABEL = "label"
 COL_SCORE = "score"
 COL_TOPK_LABELS = "topk_labels"
@@ -28,6 +30,15 @@ COL_MODEL_ID = "model_id"
 COL_EMBEDDING = "embedding"
 STATUS_OK = "ok"
 STATUS_ERROR = "error"
+# Values of COL_ERROR_TYPE: why an input gave an error row, a small fixed set to group by
+# (the error text says more, and is the same in every run over the same files).
+ERROR_READ = "read"  # could not be read: missing, permission denied, a folder, a network or store error
+ERROR_EMPTY = "empty"  # a zero-byte file, or a tar that holds no files
+ERROR_TOO_LARGE = "too-large"  # over the byte cap (MAX_FILE_BYTES) or the pixel cap (max_pixels: a decompression bomb)
+ERROR_DECODE = "decode"  # not an image, or a corrupt or truncated one
+ERROR_UNSUPPORTED = "unsupported"  # an image PIL cannot decode here: HEIC, JPEG XL, EPS without Ghostscript, a stub format
+ERROR_TAR = "tar"  # a broken tar: not a tar, truncated or corrupt (the row is under the tar's own path)
+ERROR_TYPES = (ERROR_READ, ERROR_EMPTY, ERROR_TOO_LARGE, ERROR_DECODE, ERROR_UNSUPPORTED, ERROR_TAR)
 # Internal columns of the bulk-labelling pipeline, dropped before writing.
 COL_SHARD = "shard"
 COL_ROW = "row"  # index of the row within its shard
@@ -44,6 +55,7 @@ def output_schema(embeddings: bool = False) -> pa.Schema:
         pa.field(COL_PATH, pa.string(), nullable=False),
         pa.field(COL_STATUS, pa.string(), nullable=False),
         pa.field(COL_ERROR, pa.string()),
+        pa.field(COL_ERROR_TYPE, pa.string()),
         pa.field(COL_LABEL, pa.string()),
         pa.field(COL_SCORE, pa.float32()),
         pa.field(COL_TOPK_LABELS, pa.list_(pa.string())),
@@ -60,8 +72,49 @@ def is_tar(path: str) -> bool:
     return path.lower().endswith((".tar", ".tar.gz", ".tgz"))
 
 
-def _error_text(e: BaseException) -> str:
-    return f"{type(e).__name__}: {e}"[:500]
+class InputError(ValueError):
+    """An input that cannot be labelled for a reason found by reading it; ``error_type``
+    (one of ERROR_TYPES) says which. ``imaging.ImageDecodeError`` is one."""
+
+    error_type = ERROR_DECODE
+
+
+class EmptyTarError(InputError):
+    """A tar that holds no files."""
+
+    error_type = ERROR_EMPTY
+
+
+class BrokenTarError(InputError):
+    """A tar that cannot be read as one: not a tar, truncated or corrupt."""
+
+    error_type = ERROR_TAR
+
+
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")  # in reprs: <_io.BytesIO object at 0x7f56fc53e610>
+
+
+def stable_text(text: str) -> str:
+    """``text`` without what differs from run to run: the memory addresses of reprs."""
+    return _ADDRESS.sub("", text)
+
+
+def error_text(e: BaseException) -> str:
+    """The COL_ERROR of an input's error: its type and message, the same in every run."""
+    return stable_text(f"{type(e).__name__}: {e}")[:500]
+
+
+def error_type(e: BaseException, default: str = ERROR_READ) -> str:
+    """The COL_ERROR_TYPE of an input's error: the ``error_type`` it carries (InputError
+    and ``imaging.ImageDecodeError``), too-large for a file over the byte cap, else
+    ``default``: read for what reading the input raised (FileNotFoundError,
+    PermissionError, a store's errors), decode for what decoding raised."""
+    kind = getattr(e, "error_type", None)
+    if kind in ERROR_TYPES:
+        return kind
+    if isinstance(e, storage.FileTooLargeError):
+        return ERROR_TOO_LARGE
+    return default
 
 
 def member_path(tar: str, member: str) -> str:
@@ -94,8 +147,9 @@ def iter_tar(uri: str, max_bytes: int = MAX_FILE_BYTES):
 
     A member over ``max_bytes`` gives an error without being read into memory (a
     gzip bomb named .tar is caught here, or as a broken archive). A tar that cannot be
-    opened or ends early gives an error under the tar's own path, after the members
-    read before it; a tar with no files gives one error row, so it never vanishes.
+    opened (the read's own error) or read as a tar (BrokenTarError) gives an error under
+    the tar's own path, after the members read before it; a tar with no files gives one
+    error row (EmptyTarError), so it never vanishes.
     """
     files = 0
     try:
@@ -106,14 +160,21 @@ def iter_tar(uri: str, max_bytes: int = MAX_FILE_BYTES):
                 files += 1
                 name = member_path(uri, member.name)
                 if member.size > max_bytes:
-                    yield name, ValueError(f"tar member of {member.size} bytes exceeds the {max_bytes}-byte limit")
+                    yield name, storage.FileTooLargeError(
+                        f"tar member of {member.size} bytes exceeds the {max_bytes}-byte limit")
                     continue
                 yield name, tar.extractfile(member).read()
-    except Exception as e:  # noqa: BLE001 - unreadable, not a tar, truncated...
+    except tarfile.TarError as e:  # not a tar, truncated, corrupt (compressed data too)
+        if not files and str(e) == "empty file":  # tarfile's word for a zero-byte tar
+            yield uri, EmptyTarError("empty tar file")
+        else:
+            yield uri, BrokenTarError(f"broken tar archive: {stable_text(str(e))}")
+        return
+    except Exception as e:  # noqa: BLE001 - missing, unreadable: the read's own error
         yield uri, e
         return
     if not files:
-        yield uri, ValueError("tar archive holds no files")
+        yield uri, EmptyTarError("tar archive holds no files")
 
 
 def read_input(path: str, max_bytes: int = MAX_FILE_BYTES) -> bytes:
@@ -157,7 +218,7 @@ class Decoder:
     """Reads and decodes inputs into uint8 images of the eval geometry, in chunks.
 
     ``chunks(paths)`` yields dicts of at most ``max_images`` rows with columns ``path``,
-    ``status``, ``error`` and ``image`` (n, S, S, 3) uint8 (zeros on error rows). Never
+    ``status``, ``error``, ``error_type`` and ``image`` (n, S, S, 3) uint8 (zeros on error rows). Never
     raises for bad input: every file and tar member gives exactly one row. At most one
     tar member's bytes, ``max_images`` files' bytes and ``max_images`` decoded images
     are held at a time. Images are channels-last (HWC), the layout the model computes in.
@@ -186,17 +247,18 @@ class Decoder:
         obj = lambda values: np.array(values, dtype=object)  # noqa: E731
         return {COL_PATH: obj([r[0] for r in rows]),
                 COL_STATUS: obj([STATUS_OK if r[2] is None else STATUS_ERROR for r in rows]),
-                COL_ERROR: obj([r[2] for r in rows]), "image": image}
+                COL_ERROR: obj([r[2] for r in rows]), COL_ERROR_TYPE: obj([r[3] for r in rows]), "image": image}
 
     def chunks(self, paths):
         rows = []
         for name, data in iter_inputs(paths, self.max_bytes, fetch=self.max_images):
-            try:
-                if isinstance(data, BaseException):
-                    raise data
-                rows.append((name, self._image(data), None))
-            except Exception as e:  # noqa: BLE001 - ImageDecodeError, or the read's own error
-                rows.append((name, None, _error_text(e)))
+            if isinstance(data, BaseException):  # the read's own error, or the tar's
+                rows.append((name, None, error_text(data), error_type(data, ERROR_READ)))
+            else:
+                try:
+                    rows.append((name, self._image(data), None, None))
+                except Exception as e:  # noqa: BLE001 - ImageDecodeError (carries its type), or a bug
+                    rows.append((name, None, error_text(e), error_type(e, ERROR_DECODE)))
             if len(rows) == self.max_images:
                 yield self._chunk(rows)
                 rows = []

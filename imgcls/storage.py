@@ -16,6 +16,10 @@ from fsspec.core import split_protocol, url_to_fs
 MANIFEST_EXTENSIONS = (".csv", ".parquet")  # a manifest of paths, where a folder could be given
 
 
+class FileTooLargeError(ValueError):
+    """A file (or tar member) over the byte cap of a read."""
+
+
 def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """Returns the filesystem for ``uri`` and the path within it."""
     return url_to_fs(uri)
@@ -97,7 +101,7 @@ def read_many(uris: list[str], max_bytes: int | None = None) -> list[bytes | Bas
     Objects on one remote store come in one ``fs.cat`` call, which s3fs, gcsfs and adlfs
     run as concurrent requests, so a batch costs about one round trip rather than one
     per file. Local files are read one after the other: the page cache answers faster
-    than threads start. A file over ``max_bytes`` gives a ValueError (a local one
+    than threads start. A file over ``max_bytes`` gives a FileTooLargeError (a local one
     without being read).
     """
     out: list[bytes | BaseException] = [ValueError("not read")] * len(uris)
@@ -105,9 +109,10 @@ def read_many(uris: list[str], max_bytes: int | None = None) -> list[bytes | Bas
     for i, uri in enumerate(uris):
         if split_protocol(uri)[0] is None:
             try:
-                if max_bytes is not None and os.path.getsize(uri) > max_bytes:
-                    raise ValueError(f"file of {os.path.getsize(uri)} bytes exceeds the {max_bytes}-byte limit")
-                with open(uri, "rb") as f:
+                with open(uri, "rb") as f:  # a folder raises here, before its size is taken for a file's
+                    size = os.fstat(f.fileno()).st_size
+                    if max_bytes is not None and size > max_bytes:
+                        raise FileTooLargeError(f"file of {size} bytes exceeds the {max_bytes}-byte limit")
                     out[i] = f.read()
             except Exception as e:  # noqa: BLE001 - the caller turns it into an error row
                 out[i] = e
@@ -123,6 +128,6 @@ def read_many(uris: list[str], max_bytes: int | None = None) -> list[bytes | Bas
         for i, p in zip(idx, paths):
             value = got.get(p, got.get(fs._strip_protocol(p), FileNotFoundError(uris[i])))
             if isinstance(value, bytes) and max_bytes is not None and len(value) > max_bytes:
-                value = ValueError(f"file of {len(value)} bytes exceeds the {max_bytes}-byte limit")
+                value = FileTooLargeError(f"file of {len(value)} bytes exceeds the {max_bytes}-byte limit")
             out[i] = value
     return out

@@ -11,6 +11,7 @@ waits for the host. Devices are handled by ``prepare_model`` and the batch loade
 from __future__ import annotations
 
 import copy
+import io
 import logging
 import math
 import os
@@ -31,13 +32,14 @@ from torch import nn
 from imgcls import storage
 from imgcls.augment import BatchAugment, BatchEval, mixup_cutmix, soft_cross_entropy, stored_geometry
 from imgcls.cache import ImageCache, build_cache, cache_dataset, load_indices, worker_range
-from imgcls.checkpoint import load_train_state, save_checkpoint, save_config
+from imgcls.checkpoint import SPLITS_DIR, load_train_state, save_checkpoint, save_config, split_file_names, write_splits
 from imgcls.config import JobConfig
-from imgcls.data import LabelledImages, balanced_resample, class_counts, list_labelled_images, split_stratified
+from imgcls.data import DataError, LabelledImages, balanced_resample, class_counts, list_labelled_images, split_stratified
 from imgcls.devices import choose_gpu
 from imgcls.imaging import resize_size
 from imgcls.metrics import classification_report, confusion_matrix, inverse_frequency_weights
-from imgcls.models import create_model, get_spec, set_backbone_trainable
+from imgcls.models import create_model, get_spec, head_name, set_backbone_trainable
+from imgcls.probe import PROBE_CHECKPOINT, PROBE_HEAD_FILE, run_probe, set_head
 
 log = logging.getLogger(__name__)
 
@@ -99,11 +101,35 @@ def lr_lambda(warmup_steps: int, total_steps: int, schedule: str = "cosine"):
     return f
 
 
-def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float, momentum: float):
-    # No weight decay on norms and biases, the usual recipe for both optimizers.
-    decay = [p for n, p in model.named_parameters() if p.ndim > 1]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+def layer_stages(model: nn.Module) -> list[list[tuple[str, nn.Parameter]]]:
+    """The model's parameters in stages from the input to the head: one stage per top-level
+    module, or per numbered block of a top-level sequence (``layer1.0``, ``_blocks.3``,
+    ``features.2``); the classification head is the last stage."""
+    head = head_name(model) + "."
+    stages: dict[str, list] = {}
+    for name, p in model.named_parameters():
+        if name.startswith(head):
+            continue
+        parts = name.split(".")
+        key = parts[0] + ("." + parts[1] if len(parts) > 2 and parts[1].isdigit() else "")
+        stages.setdefault(key, []).append((name, p))
+    return list(stages.values()) + [[(n, p) for n, p in model.named_parameters() if n.startswith(head)]]
+
+
+def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float, momentum: float,
+                    layer_decay: float = 1.0):
+    """SGD (Nesterov) or AdamW, without weight decay on norms and biases (the usual recipe
+    for both). With ``layer_decay`` < 1, stage k of n (``layer_stages``, the head last)
+    trains at ``lr * layer_decay ** (n - 1 - k)``: the pretrained early layers, which hold
+    the most general features, change least."""
+    stages = layer_stages(model) if layer_decay < 1 else [list(model.named_parameters())]
+    groups = []
+    for k, stage in enumerate(stages):
+        scale = layer_decay ** (len(stages) - 1 - k)
+        for decayed in (True, False):
+            params = [p for _, p in stage if (p.ndim > 1) == decayed]
+            if params:
+                groups.append({"params": params, "lr": lr * scale, "weight_decay": weight_decay if decayed else 0.0})
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=True)
     return torch.optim.AdamW(groups, lr=lr)
@@ -204,6 +230,7 @@ class StepOptions:
     label_smoothing: float = 0.0
     class_weight: Optional[torch.Tensor] = None
     ema: Optional[ModelEMA] = None
+    freeze_batchnorm: bool = False
     generator: Optional[torch.Generator] = None
     on_first_step: Optional[Callable[[], None]] = field(default=None, repr=False)
 
@@ -224,6 +251,10 @@ def train_one_epoch(model, optimizer, scheduler, batches: Batches, device: torch
     accumulate on the device and are read once, after the epoch.
     """
     model.train()
+    if opts.freeze_batchnorm:
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
     seen = 0
@@ -332,6 +363,11 @@ def train_loop_per_worker(config: dict) -> None:
         start_epoch, history = state["epoch"] + 1, state["history"]
         if rank == 0:
             _say(f"resuming from epoch {state['epoch'] + 1} checkpoint")
+    elif config.get("probe_head"):  # LP-FT: start from the linear probe's head
+        head = torch.load(io.BytesIO(storage.read_bytes(config["probe_head"])), map_location="cpu", weights_only=True)
+        set_head(model, head["weight"], head["bias"])
+    split_files = {f"{SPLITS_DIR}/{name}": storage.read_bytes(storage.join(config["splits"], name))
+                   for name in split_file_names()} if rank == 0 and config.get("splits") else {}
     frozen = m.freeze_backbone and (m.unfreeze_after is None or start_epoch < m.unfreeze_after)
     set_backbone_trainable(model, not frozen)
     if channels_last:
@@ -357,7 +393,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     # [3] Optimiser, schedule, loss, augmentation.
     steps_per_epoch = max(1, math.ceil(per_worker / t.batch_size))
-    optimizer = build_optimizer(_unwrap(model), t.optimizer, t.lr, t.weight_decay, t.momentum)
+    optimizer = build_optimizer(_unwrap(model), t.optimizer, t.lr, t.weight_decay, t.momentum, t.layer_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(int(t.warmup_epochs * steps_per_epoch), t.epochs * steps_per_epoch, t.schedule))
     scaler = torch.amp.GradScaler(device.type, enabled=amp and on_gpu)
@@ -372,6 +408,7 @@ def train_loop_per_worker(config: dict) -> None:
         mixup_alpha=t.mixup_alpha, cutmix_alpha=t.cutmix_alpha, label_smoothing=t.label_smoothing,
         class_weight=inverse_frequency_weights(config["class_counts"]).to(device) if t.class_balance == "loss" else None,
         ema=ema, on_first_step=lambda: first_step.setdefault("time", time.time()),
+        freeze_batchnorm=t.freeze_batchnorm if t.freeze_batchnorm is not None else wants_probe_head(job, False),
     )
     to_float = BatchEval(m.image_size, spec.mean, spec.std)
 
@@ -411,7 +448,7 @@ def train_loop_per_worker(config: dict) -> None:
             "val_samples": report["num_samples"],
             "images_per_s": seen / elapsed,  # all workers together
             "epoch_seconds": elapsed,
-            "lr": scheduler.get_last_lr()[0],
+            "lr": max(scheduler.get_last_lr()),  # the head's, with layer_decay
             "started_at_epoch": start_epoch,  # > 0 when this worker group resumed from a checkpoint
             "worker_rss_mb": _rss_mb(),  # rank 0's memory now: flat over epochs
             "worker_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -435,7 +472,7 @@ def train_loop_per_worker(config: dict) -> None:
                     train_state.update(raw_model={k: v.detach().cpu() for k, v in _unwrap(model).state_dict().items()},
                                        ema_updates=ema.updates)
                 save_checkpoint(tmp, ema.module if ema is not None else _unwrap(model), job, classes, history,
-                                train_state=train_state)
+                                train_state=train_state, files=split_files)
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=checkpoint)
 
@@ -464,7 +501,7 @@ def prepare_splits(job: JobConfig) -> tuple[dict[str, LabelledImages], list[str]
                               seed=job.data.split_seed, max_per_class=job.data.max_per_class)
     for name in ("train", "val"):
         if not len(splits[name]):
-            raise ValueError(f"the {name} split is empty: add data or raise data.{name}_fraction")
+            raise DataError(f"the {name} split is empty: add data or raise data.{name}_fraction")
     return splits, classes
 
 
@@ -571,29 +608,109 @@ def prepare_run_folder(job: JobConfig) -> str:
     return run
 
 
-def build_trainer(job: JobConfig, callbacks: Optional[list] = None
+@dataclass
+class PreparedData:
+    """What the driver prepares before any training: splits, caches, the run folder."""
+
+    splits: dict[str, LabelledImages]
+    classes: list[str]
+    caches: dict[str, ImageCache]
+    storage_path: str
+    run: str
+    resuming: bool  # training continues from a checkpoint of this run (or --resume-from)
+
+
+def prepare_data(job: JobConfig) -> PreparedData:
+    """Lists and splits the data, checks the run folder, saves the split manifests there
+    and decodes the train and val splits once (or finds them decoded)."""
+    splits, classes = prepare_splits(job)
+    t = job.train
+    storage_path = storage.absolute(t.storage_path)
+    resuming = bool(t.resume_from) or (t.resume and has_checkpoints(storage.join(storage_path, t.name)))
+    run = prepare_run_folder(job)
+    write_splits(storage.join(run, SPLITS_DIR), splits)
+    caches = build_caches(job, training_images(job, splits), splits["val"], classes, storage_path)
+    return PreparedData(splits, classes, caches, storage_path, run, resuming)
+
+
+def has_checkpoints(run: str) -> bool:
+    fs, path = storage.filesystem(run)
+    fs.invalidate_cache(path)
+    return fs.exists(path) and any(e.rstrip("/").rsplit("/", 1)[-1].startswith("checkpoint_")
+                                   for e in fs.ls(path, detail=False))
+
+
+def wants_probe_head(job: JobConfig, resuming: bool) -> bool:
+    """LP-FT's probe before fine-tuning: by default whenever training starts from pretrained weights."""
+    if resuming or job.train.linear_probe:
+        return False
+    return bool(job.model.weights) if job.train.probe_head is None else job.train.probe_head
+
+
+def probe(job: JobConfig, data: PreparedData, use_gpu: bool) -> dict:
+    """Fits the linear probe (``imgcls.probe``) on the cached splits as a Ray task."""
+    weights = None
+    if job.train.class_balance == "loss":
+        weights = inverse_frequency_weights(class_counts(data.splits["train"].labels, data.classes)).tolist()
+    result = run_probe(job, data.classes, data.caches, weights, use_gpu)
+    metrics = result["metrics"]
+    _say(f"linear probe: val_acc {metrics['val_accuracy']:.4f}  train_acc {metrics['train_accuracy']:.4f}  "
+         f"l2 {metrics['probe_l2']:g}  {metrics['num_features']} features of {metrics['train_samples']} images "
+         f"in {metrics['probe_seconds']:.1f} s")
+    return result
+
+
+class SplitExactDataConfig(ray.train.DataConfig):
+    """Ray Train's DataConfig, but the named eval datasets are split with ``equal=False``:
+    every row reaches exactly one worker. (The default ``equal=True`` drops the remainder,
+    so 19 validation images on 2 workers counted as 18.)"""
+
+    def __init__(self, exact: list[str]):
+        super().__init__(datasets_to_split="all")
+        self._exact = set(exact)
+
+    def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+        equal = {k: v for k, v in datasets.items() if k not in self._exact}
+        output = super().configure(equal, world_size, worker_handles, worker_node_ids, **kwargs)
+        locality = worker_node_ids if self._enable_shard_locality else None
+        for name in self._exact & set(datasets):
+            ds = datasets[name].copy(datasets[name])
+            if ds.name is None:
+                ds.set_name(name)
+            ds.context.execution_options = self._resolve_execution_options(name)
+            for i, split in enumerate(ds.streaming_split(world_size, equal=False, locality_hints=locality)):
+                output[i][name] = split
+        return output
+
+
+def build_trainer(job: JobConfig, callbacks: Optional[list] = None, data: Optional[PreparedData] = None
                   ) -> tuple[ray.train.torch.TorchTrainer, dict[str, LabelledImages], list[str], str]:
     """Prepares data and the TorchTrainer for ``job``; returns (trainer, splits, classes, storage_path).
 
-    The trainer's ``train_loop_config`` carries the caches (``caches``) and whether the
-    workers hold them in memory (``resident``).
+    The trainer's ``train_loop_config`` carries the caches (``caches``), whether the
+    workers hold them in memory (``resident``), the split manifests to save with every
+    checkpoint (``splits``) and, for LP-FT, the linear probe's head (``probe_head``).
     """
-    splits, classes = prepare_splits(job)
+    data = data or prepare_data(job)
     t = job.train
-    train_images = training_images(job, splits)
-    storage_path = storage.absolute(t.storage_path)
-    prepare_run_folder(job)
-    caches = build_caches(job, train_images, splits["val"], classes, storage_path)
+    caches = data.caches
     resident = fits_in_memory(caches, t.num_workers) if job.data.in_memory is None else job.data.in_memory
     datasets = {} if resident else {name: cache_dataset(c) for name, c in caches.items()}
     use_gpu = choose_gpu(t.use_gpu, gpus=t.num_workers, what="training")
+    probe_head = None
+    if wants_probe_head(job, data.resuming):
+        result = probe(job, data, use_gpu)
+        probe_head = storage.join(data.run, PROBE_HEAD_FILE)
+        with storage.open_uri(probe_head, "wb") as f:
+            torch.save({"weight": torch.from_numpy(result["weight"]), "bias": torch.from_numpy(result["bias"])}, f)
 
     trainer = ray.train.torch.TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
-            "job": job.to_dict(), "classes": classes,
-            "class_counts": class_counts(splits["train"].labels, classes),
+            "job": job.to_dict(), "classes": data.classes,
+            "class_counts": class_counts(data.splits["train"].labels, data.classes),
             "caches": {name: c.to_dict() for name, c in caches.items()}, "resident": resident,
+            "splits": storage.join(data.run, SPLITS_DIR), "probe_head": probe_head,
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=t.num_workers, use_gpu=use_gpu,
@@ -601,7 +718,7 @@ def build_trainer(job: JobConfig, callbacks: Optional[list] = None
                                   **({"GPU": 1} if use_gpu else {})},
         ),
         run_config=ray.train.RunConfig(
-            name=t.name, storage_path=storage_path,
+            name=t.name, storage_path=data.storage_path,
             failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
             # Kept by validation accuracy, so that the best checkpoint of the whole run
             # survives however many later ones come; Ray always keeps the latest too.
@@ -611,9 +728,29 @@ def build_trainer(job: JobConfig, callbacks: Optional[list] = None
             callbacks=callbacks,
         ),
         datasets=datasets,
+        dataset_config=SplitExactDataConfig(exact=["val"]),
         resume_from_checkpoint=ray.train.Checkpoint(t.resume_from) if t.resume_from else None,
     )
-    return trainer, splits, classes, storage_path
+    return trainer, data.splits, data.classes, data.storage_path
+
+
+def fit_linear_probe(job: JobConfig, data: PreparedData) -> FitResult:
+    """``--linear-probe``: the probe's head on the pretrained backbone, saved as the run's
+    only checkpoint (``checkpoint_linear_probe``) and as ``best``."""
+    use_gpu = choose_gpu(job.train.use_gpu, gpus=1, what="the linear probe")
+    result = probe(job, data, use_gpu)
+    model = create_model(job.model.arch, len(data.classes), image_size=job.model.image_size, width=job.model.width)
+    model.load_state_dict(result["state"])
+    history = [{k: v for k, v in result["metrics"].items() if k != "probe_grid"}]
+    checkpoint = storage.join(data.run, PROBE_CHECKPOINT)
+    split_files = {f"{SPLITS_DIR}/{name}": storage.read_bytes(storage.join(data.run, SPLITS_DIR, name))
+                   for name in split_file_names()}
+    save_checkpoint(checkpoint, model, job, data.classes, history, files=split_files)
+    storage.write_json(storage.join(checkpoint, "probe.json"), result["metrics"])
+    best_link = storage.join(data.run, BEST_DIR)
+    promote_best(checkpoint, best_link)
+    return FitResult(checkpoint=checkpoint, best_checkpoint=best_link, metrics=history[-1], history=history,
+                     classes=data.classes, splits=data.splits, caches=data.caches, resident=False)
 
 
 def promote_best(checkpoint: str, dest: str) -> None:
@@ -656,16 +793,21 @@ def _exchange(a: str, b: str) -> bool:
 
 def best_of(best_checkpoints: list) -> Optional[str]:
     """Path of the checkpoint with the highest val_accuracy among Ray's (checkpoint, metrics)
-    pairs; the earliest one on a tie."""
+    pairs; on a tie (common on a small val split), the one with the lower val_loss, then
+    the earliest."""
     if not best_checkpoints:
         return None
-    scored = [(cm[1].get("val_accuracy", -1.0), -cm[1].get("epoch", 0), cm[0].path) for cm in best_checkpoints]
-    return max(scored)[2]
+    scored = [(cm[1].get("val_accuracy", -1.0), -cm[1].get("val_loss", math.inf), -cm[1].get("epoch", 0), cm[0].path)
+              for cm in best_checkpoints]
+    return max(scored)[-1]
 
 
 def fit(job: JobConfig) -> FitResult:
     """Trains ``job`` on the running Ray cluster and returns its checkpoints and metrics."""
-    trainer, splits, classes, storage_path = build_trainer(job)
+    data = prepare_data(job)
+    if job.train.linear_probe:
+        return fit_linear_probe(job, data)
+    trainer, splits, classes, storage_path = build_trainer(job, data=data)
     t = job.train
     result = trainer.fit()
     if result.checkpoint is None:

@@ -17,6 +17,7 @@ from ray.tune.schedulers import ASHAScheduler
 from imgcls import storage
 from imgcls.checkpoint import save_config
 from imgcls.config import JobConfig
+from imgcls.paths import resolve_paths
 
 METRIC = "val_accuracy"
 BEST_CONFIG_FILE = "tune_best.yaml"
@@ -57,6 +58,34 @@ def tune_trial(config: dict) -> None:
     trainer.fit()
 
 
+class TrialsFailedError(RuntimeError):
+    """Every trial failed: the message names the first trial's error."""
+
+
+def root_cause(error: BaseException) -> BaseException:
+    """The exception a trial raised, without Ray's wrappers (a task error carries it as ``cause``)."""
+    seen = set()
+    while getattr(error, "cause", None) is not None and id(error) not in seen:
+        seen.add(id(error))
+        error = error.cause
+    return error
+
+
+def failed_trials_message(results) -> str:
+    """'all N trials failed', with the first failed trial's error (its type and message,
+    without Ray's traceback) and where its trial folder is."""
+    failed = [r for r in results if r.error is not None]
+    first = failed[0] if failed else None
+    n = len(results)
+    if first is None:
+        return f"no trial of {n} reported {METRIC}"
+    cause = root_cause(first.error)
+    text = " ".join(str(cause).split())
+    text = text if len(text) <= 2000 else text[:2000] + " ..."
+    what = f"all {n} trials failed; the first trial's error" if n != 1 else "the only trial failed"
+    return f"{what}: {type(cause).__name__}: {text} (trial folder: {first.path})"
+
+
 @dataclass
 class TuneSummary:
     best_params: dict
@@ -76,6 +105,8 @@ def run_tune(job: JobConfig, num_samples: int = 4, grace_period: int = 1, max_co
         grace_period: Epochs every trial gets before ASHA may stop it.
         max_concurrent: Trials at once; each holds ``train.num_workers`` workers.
     """
+    # Tune runs every trial in a folder of its own: relative paths must be resolved here.
+    job = resolve_paths(job)
     scheduler = ASHAScheduler(time_attr="training_iteration", max_t=job.train.epochs,
                               grace_period=grace_period, reduction_factor=2)
     root = storage.absolute(job.train.storage_path)
@@ -86,6 +117,7 @@ def run_tune(job: JobConfig, num_samples: int = 4, grace_period: int = 1, max_co
         job = dataclasses.replace(job, data=dataclasses.replace(job.data, cache_path=storage.join(run_dir, "cache")))
     from imgcls.train import build_caches, prepare_splits, training_images
 
+    # The data is listed and checked once, before any trial: a bad root fails here, once.
     splits, classes = prepare_splits(job)
     build_caches(job, training_images(job, splits), splits["val"], classes, root)
     tuner = tune.Tuner(
@@ -97,11 +129,15 @@ def run_tune(job: JobConfig, num_samples: int = 4, grace_period: int = 1, max_co
         run_config=tune.RunConfig(name=f"{job.train.name}-tune", storage_path=root),
     )
     results = tuner.fit()
+    if not any((r.metrics or {}).get(METRIC) is not None for r in results):
+        raise TrialsFailedError(failed_trials_message(results))
     best = results.get_best_result(metric=METRIC, mode="max")
     best_job = apply_trial(job, best.config["params"], name=job.train.name)
     best_file = storage.join(run_dir, BEST_CONFIG_FILE)
     save_config(best_file, best_job)
     trials = [{"params": r.config["params"], METRIC: (r.metrics or {}).get(METRIC),
-               "epochs": (r.metrics or {}).get("training_iteration")} for r in results]
+               "epochs": (r.metrics or {}).get("training_iteration"),
+               **({"error": f"{type(root_cause(r.error)).__name__}: {root_cause(r.error)}"} if r.error else {})}
+              for r in results]
     return TuneSummary(best_params=best.config["params"], best_val_accuracy=best.metrics[METRIC],
                        best_job=best_job.to_dict(), trials=trials, best_config_file=best_file)

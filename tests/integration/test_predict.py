@@ -2,6 +2,7 @@
 
 import io
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -59,10 +60,15 @@ def bad_corpus(tmp_path_factory, dogs_cats_root):
     (root / "zero.jpg").write_bytes(b"")
     (root / "notes.txt").write_text("not an image")
     (root / "fake.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    # An iPhone photo's first bytes: PIL has no HEIF reader.
+    (root / "photo.heic").write_bytes(b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(500))
     return root
 
 
-EXPECTED_ERRORS = {"bomb.png", "truncated.jpg", "zero.jpg", "notes.txt", "fake.png"}
+# The error_type of each damaged file of bad_corpus.
+EXPECTED_ERRORS = {"bomb.png": "too-large", "truncated.jpg": "decode", "zero.jpg": "empty", "notes.txt": "decode",
+                   "fake.png": "decode", "photo.heic": "unsupported"}
+ADDRESS = re.compile(r"0x[0-9a-fA-F]{6,}| at 0x")  # a memory address, as in <_io.BytesIO object at 0x7f56fc53e610>
 
 
 def read_output(folder):
@@ -81,9 +87,10 @@ def test_every_file_gets_exactly_one_row(ray_cluster, checkpoint, bad_corpus, tm
     inputs = sorted(str(p) for p in bad_corpus.rglob("*") if p.is_file())
     assert sorted(df["path"]) == inputs  # rows == inputs, no duplicates
     assert summary.rows == summary.files == len(inputs)
-    errors = set(df.loc[df.status == "error", "path"].map(os.path.basename))
-    assert errors == EXPECTED_ERRORS
-    assert df.loc[df.status == "error", "error"].str.len().gt(0).all()
+    errors = df[df.status == "error"]
+    assert dict(zip(errors["path"].map(os.path.basename), errors["error_type"])) == EXPECTED_ERRORS
+    assert errors["error"].str.len().gt(0).all() and not errors["error"].str.contains(ADDRESS).any()
+    assert df.loc[df.status == "ok", ["error", "error_type"]].isna().all().all()
     ok = df[df.status == "ok"]
     assert ok["label"].isin(["cat", "dog"]).all() and ok["score"].between(0, 1).all()
     assert ok["topk_labels"].map(len).eq(2).all() and ok["embedding"].map(len).eq(128).all()
@@ -110,7 +117,7 @@ def test_separate_decode_pool_gives_the_same_rows(ray_cluster, checkpoint, bad_c
         frames[separate] = read_output(out).sort_values("path").reset_index(drop=True)
     fused, split = frames[False], frames[True]
     assert len(fused) == len(list(p for p in bad_corpus.rglob("*") if p.is_file()))
-    cols = ["path", "status", "label", "topk_labels", "model_id"]
+    cols = ["path", "status", "error", "error_type", "label", "topk_labels", "model_id"]
     assert fused[cols].astype(str).equals(split[cols].astype(str))
     assert np.allclose(fused["score"].fillna(-1), split["score"].fillna(-1), atol=1e-6)
 
@@ -138,7 +145,8 @@ def test_manifest_rows_and_a_rerun_that_neither_lists_again_nor_mixes_models(ray
                                              files_per_shard=2))
         df = read_output(out)
         assert sorted(df["path"]) == expected and summary.shards == 3
-        assert df.set_index("path").loc[str(folder / "imgs" / "nope.jpg"), "status"] == "error"
+        assert tuple(df.set_index("path").loc[str(folder / "imgs" / "nope.jpg"), ["status", "error_type"]]) == (
+            "error", "read")
         assert (summary.rows, summary.ok, summary.errors) == (5, 4, 1)
     plan = out / "_inputs" / "_plan.json"
     planned = plan.stat().st_mtime_ns
@@ -208,6 +216,39 @@ def test_tar_shards_yield_one_row_per_member(ray_cluster, checkpoint, dogs_cats_
     assert summary.shards == 2 and len(df) == 12 and df["path"].is_unique
     assert (df.status == "ok").sum() == 10
     assert set(df.loc[df.status == "error", "path"].str.rsplit("#", n=1).str[1]) == {"0_meta.json", "1_meta.json"}
+    assert set(df.loc[df.status == "error", "error_type"]) == {"decode"}
+
+
+def test_two_runs_over_the_same_damaged_files_give_the_same_error_rows(ray_cluster, checkpoint, bad_corpus, tmp_path):
+    """Error texts hold nothing that differs from run to run (PIL's 'cannot identify image
+    file <_io.BytesIO object at 0x7f...>' did), so two jobs over the same files give the
+    same (path, status, error, error_type) table, and errors can be grouped by type."""
+    import pandas as pd
+
+    broken = tmp_path / "broken.tar"
+    with tarfile.open(tmp_path / "whole.tar", "w") as tar:
+        tar.add(bad_corpus / "plain.png", arcname="a.png")
+        tar.add(bad_corpus / "plain.jpg", arcname="b.jpg")
+    broken.write_bytes((tmp_path / "whole.tar").read_bytes()[:700])  # cut inside a.png
+    tarfile.open(tmp_path / "empty.tar", "w").close()
+    listed = sorted(str(p) for p in bad_corpus.rglob("*") if p.is_file()) + [
+        str(tmp_path / n) for n in ("missing.jpg", "broken.tar", "empty.tar", "missing.tar")]
+    pd.DataFrame({"path": listed}).to_csv(tmp_path / "manifest.csv", index=False)
+    tables = []
+    for run in range(2):
+        summary = label_images(PredictConfig(model=checkpoint, input=str(tmp_path / "manifest.csv"),
+                                             output=str(tmp_path / f"out-{run}"), files_per_shard=4))
+        assert summary.rows == summary.files == len(listed)
+        tables.append(read_output(tmp_path / f"out-{run}")[["path", "status", "error", "error_type"]]
+                      .sort_values("path").reset_index(drop=True))
+    first, second = tables
+    assert first.equals(second)
+    errors = first[first.status == "error"]
+    assert dict(zip(errors["path"].map(os.path.basename), errors["error_type"])) == {
+        **EXPECTED_ERRORS, "missing.jpg": "read", "broken.tar": "tar", "empty.tar": "empty", "missing.tar": "read"}
+    assert not errors["error"].str.contains(ADDRESS).any()
+    assert errors.groupby("error_type").size().to_dict() == {"decode": 3, "empty": 2, "read": 2, "tar": 1,
+                                                             "too-large": 1, "unsupported": 1}
 
 
 def test_killed_job_resumes_without_redoing_or_duplicating(ray_cluster, checkpoint, dogs_cats_root, tmp_path):
@@ -262,6 +303,7 @@ def test_reads_from_and_writes_to_s3(ray_cluster, s3_server, checkpoint, bad_cor
                                          files_per_shard=2))
     assert summary.rows == 6 and summary.errors == 2
     table = pq.read_table("imgcls/preds", filesystem=fs).to_pandas()
+    assert sorted(table["error_type"].dropna()) == ["decode", "empty"]  # notes.txt in the tar, zero.jpg
     member = "s3://imgcls/inbox/tars/shard.tar#in/tar.png"
     assert sorted(table["path"]) == sorted([f"s3://imgcls/inbox/{n}" for n in (
         "cmyk.jpg", "nested/gray.png", "plain.jpg", "zero.jpg")] + [member, "s3://imgcls/inbox/tars/shard.tar#notes.txt"])

@@ -1,10 +1,17 @@
 """Ray Tune over TorchTrainer trials with ASHA, on a real local cluster and real images."""
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import yaml
+from ray import tune
 
 from imgcls.config import DataConfig, JobConfig, ModelConfig, TrainConfig
-from imgcls.tune import run_tune
+from imgcls.tune import TrialsFailedError, run_tune
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -20,3 +27,50 @@ def test_tune_reports_best_config(ray_cluster, fmnist_root, tmp_path):
     best = JobConfig.from_dict(yaml.safe_load(open(summary.best_config_file)))
     assert best.train.lr == summary.best_params["lr"] and 1e-4 <= best.train.lr <= 1e-2
     assert best.data.augment_magnitude == summary.best_params["augment_magnitude"]
+
+
+def test_all_trials_failing_is_one_clear_error(ray_cluster, fmnist_root, tmp_path):
+    """Not Ray's 'No best trial found': the error says all trials failed, and why the first did."""
+    job = JobConfig(data=DataConfig(root=fmnist_root, augment="light", max_per_class=20),
+                    model=ModelConfig(arch="small_cnn", image_size=28),
+                    train=TrainConfig(epochs=1, num_workers=1, storage_path=str(tmp_path), name="failing"))
+    # A batch size of 0 is refused by each trial's config, before its trainer starts.
+    with pytest.raises(TrialsFailedError, match=r"^all 2 trials failed; the first trial's error: ValueError: epochs, "
+                                                r"batch_size and num_workers must be positive \(trial folder: "):
+        run_tune(job, num_samples=2, space={"batch_size": tune.choice([0])})
+
+
+def imgcls(*args, cwd):
+    """The imgcls command as a user runs it, in the folder ``cwd``, with its own local Ray cluster."""
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    return subprocess.run([str(Path(sys.executable).parent / "imgcls"), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=900)
+
+
+def test_tune_command_with_a_relative_root(tmp_path):
+    """Ray Tune runs each trial in a folder of its own: the command resolves --root (and
+    every other path) against the folder it runs in before any trial starts."""
+    fetched = imgcls("fetch-data", "fashion-mnist", "data/fashion-mnist", "--per-class", "20", cwd=tmp_path)
+    assert fetched.returncode == 0, fetched.stderr[-3000:]
+    common = ["--arch", "small_cnn", "--image-size", "28", "--augment", "light", "--epochs", "1", "--num-workers", "1",
+              "--storage-path", "runs", "--num-cpus", "2"]
+    proc = imgcls("tune", "--root", "data/fashion-mnist", "--num-samples", "2", "--name", "cli", *common, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    summary = json.loads(proc.stdout[proc.stdout.rindex("\n{\n") + 1:])
+    assert len(summary["trials"]) == 2 and all(t["val_accuracy"] is not None and "error" not in t
+                                               for t in summary["trials"]), summary["trials"]
+    assert summary["best_config_file"] == str(tmp_path / "runs" / "cli-tune" / "tune_best.yaml")
+    best = yaml.safe_load(open(summary["best_config_file"]))
+    # Absolute, so that the best config works from any folder.
+    assert best["data"]["root"] == str(tmp_path / "data" / "fashion-mnist")
+    assert best["train"]["storage_path"] == str(tmp_path / "runs")
+
+
+def test_tune_command_with_a_bad_root_fails_before_any_trial(tmp_path):
+    proc = imgcls("tune", "--root", "nowhere", "--arch", "small_cnn", "--image-size", "28", "--epochs", "1",
+                  "--num-samples", "2", "--storage-path", "runs", "--num-cpus", "2", cwd=tmp_path)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert output.count(f"{tmp_path / 'nowhere'} is neither a folder nor a .csv/.parquet manifest") == 1, output[-3000:]
+    assert "Trial" not in output and "No best trial found" not in output, output[-3000:]

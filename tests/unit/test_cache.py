@@ -145,6 +145,9 @@ def test_best_of_picks_the_highest_validation_accuracy():
              (C("e2"), {"epoch": 2, "val_accuracy": 0.7}), (C("e3"), {"epoch": 3, "val_accuracy": 0.8})]
     assert best_of(pairs) == "e1"  # the earliest of the tied best
     assert best_of([]) is None
+    # A tie on accuracy goes to the lower validation loss first.
+    pairs[1][1]["val_loss"], pairs[3][1]["val_loss"] = 0.6, 0.4
+    assert best_of(pairs) == "e3"
 
 
 def test_onecycle_and_cosine_schedules():

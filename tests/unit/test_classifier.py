@@ -58,6 +58,7 @@ def test_prepared_model_labels_like_the_checkpoint(arch, photos, tmp_path):
         expected = loaded.model(x).softmax(1)
     rows = table.to_pylist()
     assert [r[COL_STATUS] for r in rows] == [STATUS_OK] * len(photos) + [STATUS_ERROR]
+    assert [r["error_type"] for r in rows] == [None] * len(photos) + ["read"]  # the missing file
     assert payload.model_id == loaded.model_id and all(r["model_id"] == loaded.model_id for r in rows)
     for r, p in zip(rows, expected):
         assert r["label"] == ["a", "b", "c"][int(p.argmax())]

@@ -4,18 +4,21 @@ import gzip
 import io
 import json
 import os
+import re
 import tarfile
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
 from imgcls import storage
 from imgcls.bulk import COUNTS_KEY, done_shards, part_counts, part_name, write_part_atomic
 from imgcls.inputs import cut_runs, plan_inputs
-from imgcls.reader import (COL_PATH, COL_STATUS, STATUS_ERROR, STATUS_OK, Decoder, iter_tar, member_path, read_input,
-                           split_member)
+from imgcls.reader import (COL_ERROR_TYPE, COL_PATH, COL_STATUS, ERROR_DECODE, ERROR_EMPTY, ERROR_READ, ERROR_TAR,
+                           ERROR_TOO_LARGE, ERROR_TYPES, ERROR_UNSUPPORTED, STATUS_ERROR, STATUS_OK, Decoder,
+                           error_type, iter_tar, member_path, read_input, split_member)
 
 
 @pytest.fixture(scope="module")
@@ -36,9 +39,10 @@ def planned_paths(plan):
     return [pq.read_table(u)[COL_PATH].to_pylist() for u in plan.shard_table()["list"].to_pylist()]
 
 
-def rows(paths, max_bytes=256 * 2**20):
-    out = [c for c in Decoder(32, 64_000_000, max_images=4, max_bytes=max_bytes).chunks(paths)]
-    return [(p, s, e) for c in out for p, s, e in zip(c[COL_PATH], c[COL_STATUS], c["error"])]
+def rows(paths, max_bytes=256 * 2**20, max_pixels=64_000_000):
+    """(path, status, error, error_type) per row the decoder gives for ``paths``."""
+    out = [c for c in Decoder(32, max_pixels, max_images=4, max_bytes=max_bytes).chunks(paths)]
+    return [r for c in out for r in zip(c[COL_PATH], c[COL_STATUS], c["error"], c[COL_ERROR_TYPE])]
 
 
 def test_member_paths_round_trip_on_any_store():
@@ -67,18 +71,29 @@ def test_tar_members_stream_with_errors_for_every_broken_tar(jpeg, tmp_path):
             f.write(b"\0" * 2**20)
     garbage = tmp_path / "garbage.tar"
     garbage.write_bytes(b"this is not a tar archive" * 100)
+    zero = tmp_path / "zero.tar"
+    zero.write_bytes(b"")
+    missing = tmp_path / "missing.tar"
     cap = max(len(jpeg) + 1000, 4000)
-    got = rows([str(good), str(empty), str(truncated), str(bomb), str(garbage)], max_bytes=cap)
-    by_path = {p: (s, e) for p, s, e in got}
+    got = rows([str(good), str(empty), str(truncated), str(bomb), str(garbage), str(zero), str(missing)],
+               max_bytes=cap)
+    by_path = {p: (s, e, t) for p, s, e, t in got}
     assert len(by_path) == len(got)  # one row per path
-    assert by_path[member_path(str(good), "a.jpg")][0] == STATUS_OK
+    assert by_path[member_path(str(good), "a.jpg")] == (STATUS_OK, None, None)
     assert by_path[member_path(str(good), "b.jpg")][0] == STATUS_OK
-    assert "exceeds" in by_path[member_path(str(good), "big.jpg")][1]
-    assert by_path[str(empty)] == (STATUS_ERROR, "ValueError: tar archive holds no files")
+    big = by_path[member_path(str(good), "big.jpg")]
+    assert "exceeds" in big[1] and big[2] == ERROR_TOO_LARGE
+    assert by_path[str(empty)] == (STATUS_ERROR, "EmptyTarError: tar archive holds no files", ERROR_EMPTY)
+    assert by_path[str(zero)] == (STATUS_ERROR, "EmptyTarError: empty tar file", ERROR_EMPTY)
     assert by_path[member_path(str(truncated), "a.jpg")][0] == STATUS_OK
-    assert by_path[str(truncated)][0] == STATUS_ERROR  # ended early: an error under the tar's own path
-    assert by_path[str(bomb)][0] == STATUS_ERROR and by_path[str(garbage)][0] == STATUS_ERROR
-    assert len(got) == 3 + 1 + 2 + 1 + 1
+    # Ended early: an error under the tar's own path.
+    assert by_path[str(truncated)] == (STATUS_ERROR, "BrokenTarError: broken tar archive: unexpected end of data",
+                                       ERROR_TAR)
+    assert by_path[str(bomb)][::2] == (STATUS_ERROR, ERROR_EMPTY)  # 200 MB of zeros: a tar's end marker
+    assert by_path[str(garbage)] == (STATUS_ERROR, "BrokenTarError: broken tar archive: invalid header", ERROR_TAR)
+    assert by_path[str(missing)][::2] == (STATUS_ERROR, ERROR_READ)
+    assert by_path[str(missing)][1].startswith("FileNotFoundError: ")
+    assert len(got) == 3 + 1 + 2 + 1 + 1 + 1 + 1
 
 
 def test_tar_is_read_one_member_at_a_time(jpeg, tmp_path):
@@ -101,7 +116,35 @@ def test_read_many_keeps_order_and_returns_errors(jpeg, tmp_path):
     got = storage.read_many([str(tmp_path / "a.jpg"), str(tmp_path / "missing.jpg"), str(tmp_path / "big.bin")],
                             max_bytes=len(jpeg))
     assert got[0] == jpeg
-    assert isinstance(got[1], FileNotFoundError) and isinstance(got[2], ValueError)
+    assert isinstance(got[1], FileNotFoundError) and isinstance(got[2], storage.FileTooLargeError)
+    assert [error_type(e) for e in got[1:]] == [ERROR_READ, ERROR_TOO_LARGE]
+
+
+def test_every_error_row_has_a_type_and_a_text_that_is_the_same_in_every_run(jpeg, tmp_path):
+    """One row per file, each damage its error_type; the texts hold no memory address (PIL's
+    'cannot identify image file <_io.BytesIO object at 0x7f...>' did), so two reads of the
+    same files give the same rows."""
+    files = {"photo.png": jpeg, "zero.jpg": b"", "notes.txt": b"not an image", "truncated.png": jpeg[:len(jpeg) // 3],
+             "big.png": jpeg + bytes(len(jpeg)),
+             # An iPhone photo's first bytes (PIL has no HEIF reader).
+             "photo.heic": b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(200)}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    Image.new("L", (1100, 1000)).save(tmp_path / "bomb.png")
+    (tmp_path / "folder.jpg").mkdir()
+    paths = sorted(str(p) for p in tmp_path.iterdir()) + [str(tmp_path / "missing.jpg")]
+    first, second = (rows(paths, max_bytes=int(len(jpeg) * 1.5), max_pixels=1_000_000) for _ in range(2))
+    assert first == second and [r[0] for r in first] == paths
+    kinds = {os.path.basename(p): t for p, _, _, t in first}
+    assert kinds == {"photo.png": None, "zero.jpg": ERROR_EMPTY, "notes.txt": ERROR_DECODE,
+                     "truncated.png": ERROR_DECODE, "big.png": ERROR_TOO_LARGE, "photo.heic": ERROR_UNSUPPORTED,
+                     "bomb.png": ERROR_TOO_LARGE, "folder.jpg": ERROR_READ, "missing.jpg": ERROR_READ}
+    for path, status, error, kind in first:
+        assert (status == STATUS_OK) == (error is None) == (kind is None)
+        assert kind is None or kind in ERROR_TYPES
+        assert error is None or not re.search(r"0x[0-9a-fA-F]{6,}| at 0x", error), error
+    texts = {os.path.basename(p): e for p, _, e, _ in first}
+    assert texts["notes.txt"] == "ImageDecodeError: UnidentifiedImageError: cannot identify image file"
 
 
 def test_cut_runs_keeps_tars_alone_and_caps_runs():

@@ -1,0 +1,71 @@
+"""A config's local paths made absolute against the folder the command runs in.
+
+Ray runs tasks, actors and Tune trials in folders of their own (the folder the cluster
+was started in, a trial's own folder), where a relative path means nothing or another
+file. Every command therefore resolves its config's paths before anything reaches Ray:
+``data.root``, ``data.cache_path``, ``model.weights`` when it names a file,
+``train.storage_path``, ``train.resume_from``, and predict's ``model``, ``input`` and
+``output``. URIs with a scheme (``s3://``, ``gs://``, ``file://``, fsspec's chained
+``simplecache::s3://...``) are left as they are, and so are empty values and the
+weight names that are not files (None, 'packaged', torchvision's enum names).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from typing import Optional, TypeVar
+
+from imgcls.config import JobConfig, PredictConfig
+
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
+
+Config = TypeVar("Config", JobConfig, PredictConfig)
+
+
+def is_uri(path: str) -> bool:
+    """Whether ``path`` names its filesystem (``s3://...``, ``file://...``, ``a::b://...``)."""
+    return bool(_SCHEME.match(path)) or "::" in path
+
+
+def local_path(path: Optional[str], base: Optional[str] = None) -> Optional[str]:
+    """``path`` made absolute against ``base`` (default: the current folder) when it is
+    a relative local path; URIs, absolute paths, None and '' come back unchanged but
+    for ``~`` (expanded) and ``..``/``.`` parts (normalised). A trailing '/' is kept."""
+    if not path or is_uri(path):
+        return path
+    resolved = os.path.normpath(os.path.join(base or os.getcwd(), os.path.expanduser(path)))
+    return resolved + "/" if path.endswith("/") and not resolved.endswith("/") else resolved
+
+
+def weights_path(weights: Optional[str], base: Optional[str] = None) -> Optional[str]:
+    """``--weights`` resolved like a path when it names a file: it has a '/' or '.' (as
+    ``models.create_model`` decides) or a file of that name is there. None, 'packaged'
+    and torchvision enum names ('DEFAULT', 'IMAGENET1K_V1') are not files."""
+    if not weights or weights == "packaged" or is_uri(weights):
+        return weights
+    base = base or os.getcwd()
+    if "/" in weights or "." in weights or os.path.exists(os.path.join(base, weights)):
+        return local_path(weights, base)
+    return weights
+
+
+def resolve_paths(cfg: Config, base: Optional[str] = None) -> Config:
+    """``cfg`` (a JobConfig or a PredictConfig) with its local paths made absolute
+    against ``base``, by default the current folder: call it where the command starts,
+    before anything is sent to Ray."""
+    base = base or os.getcwd()
+    if isinstance(cfg, PredictConfig):
+        return dataclasses.replace(cfg, model=local_path(cfg.model, base), input=local_path(cfg.input, base),
+                                   output=local_path(cfg.output, base))
+    if isinstance(cfg, JobConfig):
+        d, m, t = cfg.data, cfg.model, cfg.train
+        return dataclasses.replace(
+            cfg,
+            data=dataclasses.replace(d, root=local_path(d.root, base), cache_path=local_path(d.cache_path, base)),
+            model=dataclasses.replace(m, weights=weights_path(m.weights, base)),
+            train=dataclasses.replace(t, storage_path=local_path(t.storage_path, base),
+                                      resume_from=local_path(t.resume_from, base)),
+        )
+    raise TypeError(f"resolve_paths takes a JobConfig or a PredictConfig, not {type(cfg).__name__}")

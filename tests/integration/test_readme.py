@@ -1,0 +1,212 @@
+"""The README's shell blocks, run as a user types them, in a copy of the checkout.
+
+The blocks are read from README.md (```bash fences under the headings of RUNS), so a
+change to the README changes what runs here. Each line runs as written, through
+``bash -c`` in the copy's folder with the copy's ``.venv/bin`` first on PATH, unless a
+rule below matches it: SKIPPED lines are not run, SUBSTITUTIONS rewrite placeholders and
+cap sizes (small data, one epoch), PREPARED files are made where a line names them.
+These three tables are everything that is not run exactly as written; a line that no
+rule matches and that fails, fails the test.
+
+All commands join one local Ray cluster (RAY_ADDRESS) that the test starts in another
+folder, as ``ray start`` would: Ray's workers then run in that folder, not the
+command's, so every relative path a command takes must be resolved by the command.
+"""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parents[2]
+README = ROOT / "README.md"
+
+# Each run is a fresh copy of the checkout; its headings' blocks run there in this order.
+# The training block gets its own copy: it trains into the same run folder as the
+# walk-through, which refuses a second run there without --resume or --overwrite.
+RUNS = {
+    "walk-through": ["Walk-through: from training to bulk labelling to a report", "Bulk labelling",
+                     "Evaluation, explanations, export, tuning"],
+    "training": ["Training"],
+}
+# Headings whose bash blocks are not run here, and why; every other block must be in RUNS.
+SKIPPED_BLOCKS = {
+    "Two commands": "installs (minutes), then runs the demo and the whole suite: tests/integration/test_acceptance.py "
+                    "runs the demo's main job, and CI runs these commands themselves",
+}
+
+SKIPPED = [  # (pattern, why the line is not run)
+    (r"^ray job submit\b", "needs a Ray head with a job server (dashboard); tests/integration/test_job_submit.py "
+                           "submits jobs/train.py to a real one"),
+]
+
+SUBSTITUTIONS = [  # (pattern, replacement, why), applied in order
+    (r"^bash scripts/install\.sh && ", "", "the copy links the checkout's installed .venv; installing takes minutes"),
+    (r"--per-class \d+", "--per-class 30", "small data: 30 images per class"),
+    (r"^(imgcls fetch-data fashion-mnist \S+)(?!.*--per-class)", r"\1 --per-class 30",
+     "small data: 30 images per class"),
+    (r"--epochs \d+", "--epochs 1", "one epoch"),
+    (r"^(imgcls (?:train|tune)\b(?!.*--epochs).*?)(\s+#.*)?$", r"\1 --epochs 1\2", "one epoch"),
+    (r"--num-samples \d+", "--num-samples 1", "one trial (tests/integration/test_tune.py runs several)"),
+    (r"\bCKPT\b", "out/runs/fashion-mnist/best", "a checkpoint: the walk-through's best"),
+    (r"\bout/demo/", "out/", "the demo's data and run: the walk-through made the same recipe's under out/"),
+    (r"s3://bucket/images/", "out/data/fashion-mnist/", "a placeholder bucket: the walk-through's images"),
+    (r"s3://bucket/labels/", "out/labels-bulk/", "a placeholder bucket: a local folder"),
+    (r"--input \.\.\. --output \.\.\.", "--input out/data/fashion-mnist --output out/labels-onnx",
+     "placeholders: the walk-through's images, a local folder"),
+]
+
+
+def make_photo(copy: Path) -> None:
+    """A real image: the first Fashion-MNIST 'bag' of the walk-through's data, as a JPEG."""
+    from PIL import Image
+
+    bags = copy / "out" / "data" / "fashion-mnist" / "bag"
+    Image.open(bags / sorted(os.listdir(bags))[0]).convert("RGB").save(copy / "photo.jpg", quality=95)
+
+
+PREPARED = {"photo.jpg": make_photo}  # a file a line names, made in the copy's folder before that line runs
+
+
+def readme_blocks(text: str) -> list[tuple[str, list[str]]]:
+    """(heading, commands) of each ```bash block, under the nearest heading above it.
+    Comment-only and blank lines are dropped; backslash continuations joined."""
+    blocks, heading, block = [], None, None
+    for line in text.splitlines():
+        if block is not None:
+            if line.strip() == "```":
+                blocks.append((heading, block))
+                block = None
+            else:
+                block.append(line)
+        elif line.strip() == "```bash":
+            block = []
+        elif re.match(r"#{1,6} ", line):
+            heading = line.lstrip("#").strip()
+    out = []
+    for heading, lines in blocks:
+        commands, pending = [], ""
+        for line in lines:
+            pending += line
+            if pending.endswith("\\"):
+                pending = pending[:-1]
+                continue
+            if pending.strip() and not pending.strip().startswith("#"):
+                commands.append(pending.strip())
+            pending = ""
+        out.append((heading, commands))
+    return out
+
+
+def as_run(line: str) -> tuple[str | None, list[str]]:
+    """The command to run for a README line (None: skipped) and the reasons it differs."""
+    for pattern, why in SKIPPED:
+        if re.search(pattern, line):
+            return None, [why]
+    reasons = []
+    for pattern, replacement, why in SUBSTITUTIONS:
+        new = re.sub(pattern, replacement, line)
+        if new != line:
+            line = new
+            reasons.append(why)
+    return line, reasons
+
+
+def test_tables_are_used_and_every_block_is_classified():
+    """No rule is dead, and every bash block of the README is either run or skipped by name."""
+    blocks = readme_blocks(README.read_text())
+    headings = {h for h, _ in blocks}
+    run_headings = {h for hs in RUNS.values() for h in hs}
+    assert run_headings <= headings, f"README headings not found: {run_headings - headings}"
+    assert headings <= run_headings | set(SKIPPED_BLOCKS), \
+        f"bash blocks neither run nor skipped here: {headings - run_headings - set(SKIPPED_BLOCKS)}"
+    lines = [line for h, cmds in blocks if h in run_headings for line in cmds]
+    for pattern, *_ in SKIPPED + SUBSTITUTIONS:
+        assert any(re.search(pattern, line) for line in lines), f"rule {pattern!r} matches no README line"
+    for name in PREPARED:
+        assert any(name in line for line in lines), f"{name} is named by no README line"
+    assert as_run("imgcls train --config x.yaml  # a note") == ("imgcls train --config x.yaml --epochs 1  # a note",
+                                                               ["one epoch"])
+
+
+@pytest.fixture(scope="module")
+def ray_address(tmp_path_factory):
+    """A local Ray cluster with 2 CPUs, started in a folder of its own by a process that
+    stops it when its stdin closes."""
+    folder = tmp_path_factory.mktemp("ray-host")
+    script = ("import sys, ray\n"
+              "ctx = ray.init(num_cpus=2, include_dashboard=False)\n"
+              "print(ctx.address_info['gcs_address'], flush=True)\n"
+              "sys.stdin.read()\n"
+              "ray.shutdown()\n")
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    host = subprocess.Popen([sys.executable, "-c", script], cwd=folder, env=env, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    address = host.stdout.readline().strip()
+    assert address, "the Ray host did not start"
+    yield address
+    host.stdin.close()
+    try:
+        host.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        host.kill()
+
+
+def checkout_copy(dest: Path) -> Path:
+    """The checkout's files (tracked, and new ones not ignored) with .venv linked, not copied."""
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                            capture_output=True, check=True).stdout.decode().split("\0")
+    for rel in filter(None, listed):
+        src = ROOT / rel
+        if src.is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+    (dest / ".venv").symlink_to(ROOT / ".venv")
+    return dest
+
+
+def test_readme_blocks_run_as_written(tmp_path, ray_address):
+    blocks = readme_blocks(README.read_text())
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ADDRESS": ray_address}
+    done, log = {}, []
+    for run, headings in RUNS.items():
+        copy = checkout_copy(tmp_path / run)
+        env["PATH"] = f"{copy / '.venv' / 'bin'}:{os.environ['PATH']}"
+        for heading in headings:
+            for line in [c for h, cmds in blocks if h == heading for c in cmds]:
+                command, reasons = as_run(line)
+                if command is None:
+                    log.append(f"SKIPPED  {line}\n         ({'; '.join(reasons)})")
+                    continue
+                for name, make in PREPARED.items():
+                    if re.search(rf"(^|\s){re.escape(name)}(\s|$)", command) and not (copy / name).exists():
+                        make(copy)
+                start = time.monotonic()
+                proc = subprocess.run(["bash", "-c", command], cwd=copy, env=env, capture_output=True, text=True,
+                                      timeout=900)
+                seconds = time.monotonic() - start
+                log.append(f"{seconds:6.1f} s {command}" + (f"\n         (README: {line}; {'; '.join(reasons)})"
+                                                           if reasons else ""))
+                assert proc.returncode == 0, (f"README line failed ({heading}): {line}\nran: {command}\n"
+                                              f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-3000:]}\n"
+                                              f"--- stderr\n{proc.stderr[-5000:]}")
+        done[run] = copy
+    print("\n".join(["README commands:", *log]))
+
+    walk = done["walk-through"]
+    assert (walk / "out/runs/fashion-mnist/best/model.pt").is_file()
+    for labels in ("labels", "labels-bulk", "labels-onnx"):
+        assert list((walk / "out" / labels).glob("part-*.parquet")), labels
+    assert (walk / "out/eval/report.html").is_file() and (walk / "out/eval/metrics.json").is_file()
+    assert len(list((walk / "out/gradcam").glob("*.png"))) >= 2  # mistakes, and photo.jpg
+    assert (walk / "out/export/model.onnx").is_file()
+    assert (walk / "out/runs/fashion-mnist-tune/tune_best.yaml").is_file()
+    assert (done["training"] / "out/runs/fashion-mnist/best/model.pt").is_file()

@@ -1,0 +1,109 @@
+"""Transfer learning on real photos (packaged EfficientNet-Lite0 weights): the linear probe,
+LP-FT, the saved splits, and validation/test sets counted exactly once per image."""
+
+import json
+import os
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from click.testing import CliRunner
+
+from imgcls.checkpoint import SPLITS, load_checkpoint, split_manifest
+from imgcls.cli import cli
+from imgcls.config import DataConfig, JobConfig, ModelConfig, TrainConfig
+from imgcls.data import list_labelled_images
+from imgcls.evaluate import evaluate_images
+from imgcls.jobs import run_training
+from imgcls.models import create_model, head_name
+from imgcls.probe import PROBE_HEAD_FILE
+from imgcls.train import fit, prepare_splits
+
+pytestmark = pytest.mark.integration
+
+
+def lite0_job(root, tmp_path, name, per_class=24, **train):
+    return JobConfig(
+        data=DataConfig(root=root, augment="light", max_per_class=per_class, val_fraction=0.2, test_fraction=0.2),
+        model=ModelConfig(arch="efficientnet_lite0", weights="packaged", image_size=64),
+        train=TrainConfig(**{"epochs": 1, "batch_size": 16, "num_workers": 2, "storage_path": str(tmp_path / "runs"),
+                             "name": name, **train}))
+
+
+def test_linear_probe_is_a_normal_checkpoint_with_its_splits(ray_cluster, dogs_cats_root, tmp_path):
+    job = lite0_job(dogs_cats_root, tmp_path, "probe", linear_probe=True)
+    summary = run_training(job)
+    best = summary["checkpoint"]
+    metrics = summary["val"]
+    assert metrics["probe_l2"] > 0 and metrics["val_samples"] == 10 and metrics["train_samples"] == 28
+    # Saved splits: exactly the run's, in the checkpoint and the run folder, as manifests
+    # that read back as data input.
+    splits, _ = prepare_splits(job)
+    for name in SPLITS:
+        back = list_labelled_images(split_manifest(best, name))
+        assert sorted(back.paths) == sorted(splits[name].paths)
+        assert pq.read_table(str(tmp_path / "runs" / "probe" / "splits" / f"{name}.parquet")).num_rows == len(back)
+    # The probe's val accuracy, from features of the cached val images, is what the
+    # inference path gives on the same files: one preprocessing for both.
+    report, _ = evaluate_images(best, splits["val"])
+    assert report["num_samples"] == 10
+    assert abs(report["accuracy"] - metrics["val_accuracy"]) <= 0.1 + 1e-9  # at most one image flips
+    assert summary["test"]["num_samples"] == len(splits["test"])
+    loaded = load_checkpoint(best)
+    assert loaded.job.train.linear_probe and loaded.history[0]["epoch"] == 0
+    # Reaches well above chance on real photos with 14 training images a class.
+    assert report["accuracy"] >= 0.6 or summary["test"]["accuracy"] >= 0.6
+
+    # evaluate --split test scores exactly the held-out split; --data over the whole
+    # folder warns that the training images are in it; explain --split takes the split.
+    runner = CliRunner()
+    out = runner.invoke(cli, ["evaluate", "--model", best, "--split", "test", "--output", str(tmp_path / "ev")])
+    assert out.exit_code == 0, out.output
+    saved = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert saved["num_samples"] == len(splits["test"]) and "warning" not in out.output
+    assert saved["accuracy"] == pytest.approx(summary["test"]["accuracy"])
+    subset = tmp_path / "subset.csv"
+    both = splits["train"].paths[:5] + splits["test"].paths[:3]
+    labels = splits["train"].labels[:5] + splits["test"].labels[:3]
+    subset.write_text("path,label\n" + "".join(f"{p},{lab}\n" for p, lab in zip(both, labels)))
+    out = runner.invoke(cli, ["evaluate", "--model", best, "--data", str(subset), "--output", str(tmp_path / "ev2")])
+    assert out.exit_code == 0, out.output
+    assert "warning: 5 of the 8 images were in the checkpoint's training split" in out.output
+    out = runner.invoke(cli, ["explain", "--model", best, "--split", "test", "--top", "2",
+                              "--output", str(tmp_path / "cam")])
+    assert out.exit_code == 0, out.output
+    assert len(list((tmp_path / "cam").glob("*.png"))) == 2
+
+
+def test_lp_ft_starts_fine_tuning_from_the_probe_head(ray_cluster, dogs_cats_root, tmp_path):
+    # An lr so small that one epoch cannot move the head: the checkpoint's head is then the probe's.
+    job = lite0_job(dogs_cats_root, tmp_path, "lpft", lr=1e-12, warmup_epochs=0)
+    result = fit(job)
+    probe = torch.load(tmp_path / "runs" / "lpft" / PROBE_HEAD_FILE, weights_only=True)
+    model = load_checkpoint(result.checkpoint).model
+    head = model.get_submodule(head_name(model))
+    torch.testing.assert_close(head.weight.detach(), probe["weight"], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(head.bias.detach(), probe["bias"], atol=1e-4, rtol=1e-4)
+    fresh = create_model("efficientnet_lite0", 2, weights="packaged", image_size=64)
+    assert not torch.allclose(fresh.get_submodule(head_name(fresh)).weight, probe["weight"], atol=1e-3)
+
+
+def test_every_val_and_test_image_counts_once_with_two_streamed_workers(ray_cluster, fmnist_root, tmp_path):
+    # Prime-sized val and test splits (3 classes, one val and one test image each),
+    # streamed (not resident): Ray's default split of an eval dataset over 2 workers
+    # drops the remainder.
+    manifest = tmp_path / "three.csv"
+    rows = ["path,label"] + [f"{os.path.join(fmnist_root, c, f)},{c}" for c in sorted(os.listdir(fmnist_root))[:3]
+                             for f in sorted(os.listdir(os.path.join(fmnist_root, c)))[:10]]
+    manifest.write_text("\n".join(rows) + "\n")
+    data = DataConfig(root=str(manifest), augment="none", val_fraction=0.1, test_fraction=0.1, in_memory=False)
+    job = JobConfig(data=data, model=ModelConfig(arch="small_cnn", image_size=28),
+                    train=TrainConfig(epochs=1, batch_size=32, num_workers=2, storage_path=str(tmp_path / "runs"),
+                                      name="prime"))
+    splits, _ = prepare_splits(job)
+    n_val, n_test = len(splits["val"]), len(splits["test"])
+    assert n_val == 3 and n_test == 3
+    summary = run_training(job)
+    assert not summary["val"]["resident"]
+    assert summary["val"]["val_samples"] == n_val
+    assert summary["test"]["num_samples"] == n_test
