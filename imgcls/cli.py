@@ -29,6 +29,7 @@ USER_ERRORS = (
     ("imgcls.train", "RunFolderError"),  # a run folder with checkpoints, without --resume/--overwrite
     ("imgcls.inputs", "ManifestError"),  # a labelling manifest without a path column
     ("imgcls.inputs", "OutputFolderError"),  # an output folder that holds another job's output
+    ("imgcls.tune", "TrialsFailedError"),  # every trial failed: the message shows the first one's error
     ("builtins", "FileNotFoundError"),  # a path given that does not exist
 )
 
@@ -330,6 +331,7 @@ def fetch_data(name, dest, per_class):
 @click.option("--num-cpus", type=int, default=None, help="CPUs of the local Ray cluster (default: all).")
 def demo(workdir, per_class, epochs, num_cpus):
     """The main job on a small real dataset: fetch, train, evaluate, label a folder."""
+    workdir = local_path(workdir)  # Ray's workers may run in another folder
     init_ray_while_importing(num_cpus, "imgcls.jobs", warm=("imgcls.cache",))
     from imgcls.jobs import run_demo
 

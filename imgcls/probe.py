@@ -198,8 +198,13 @@ def run_probe(job, classes: list[str], caches: dict[str, ImageCache], class_weig
     CPUs one training worker would take (all of a small machine's)."""
     import ray
 
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
     largest_node = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]), default=1)
     cpus = 1 if use_gpu else int(max(1, min(largest_node, 8)))
-    task = ray.remote(num_cpus=cpus, num_gpus=1 if use_gpu else 0)(probe_job)
+    # Outside any placement group of the caller: a Tune trial reserves only a sliver of a
+    # CPU for its driver, in which this task could never be scheduled.
+    task = ray.remote(num_cpus=cpus, num_gpus=1 if use_gpu else 0,
+                      scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None))(probe_job)
     return ray.get(task.remote(job.to_dict(), classes, {k: c.to_dict() for k, c in caches.items()},
                                class_weight, use_gpu, cpus))

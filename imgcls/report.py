@@ -49,7 +49,8 @@ def plot_class_distribution(counts: dict[str, int], path: str, title: str = "Ima
 
 
 def plot_training_curves(history: list[dict], path: str) -> Optional[str]:
-    if not history:
+    """Loss and accuracy per epoch; None without epochs of training (a linear probe's)."""
+    if not history or any("train_loss" not in h for h in history):
         return None
     epochs = [h["epoch"] + 1 for h in history]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))

@@ -22,10 +22,10 @@ from imgcls.train import fit, prepare_splits
 pytestmark = pytest.mark.integration
 
 
-def lite0_job(root, tmp_path, name, per_class=24, **train):
+def lite0_job(root, tmp_path, name, per_class=40, **train):
     return JobConfig(
-        data=DataConfig(root=root, augment="light", max_per_class=per_class, val_fraction=0.2, test_fraction=0.2),
-        model=ModelConfig(arch="efficientnet_lite0", weights="packaged", image_size=64),
+        data=DataConfig(root=root, augment="light", max_per_class=per_class, val_fraction=0.15, test_fraction=0.25),
+        model=ModelConfig(arch="efficientnet_lite0", weights="packaged", image_size=224),
         train=TrainConfig(**{"epochs": 1, "batch_size": 16, "num_workers": 2, "storage_path": str(tmp_path / "runs"),
                              "name": name, **train}))
 
@@ -35,10 +35,11 @@ def test_linear_probe_is_a_normal_checkpoint_with_its_splits(ray_cluster, dogs_c
     summary = run_training(job)
     best = summary["checkpoint"]
     metrics = summary["val"]
-    assert metrics["probe_l2"] > 0 and metrics["val_samples"] == 10 and metrics["train_samples"] == 28
+    splits, _ = prepare_splits(job)
+    assert metrics["probe_l2"] > 0 and metrics["val_samples"] == len(splits["val"]) == 12
+    assert metrics["train_samples"] == len(splits["train"]) == 48 and metrics["train_accuracy"] >= 0.9
     # Saved splits: exactly the run's, in the checkpoint and the run folder, as manifests
     # that read back as data input.
-    splits, _ = prepare_splits(job)
     for name in SPLITS:
         back = list_labelled_images(split_manifest(best, name))
         assert sorted(back.paths) == sorted(splits[name].paths)
@@ -46,13 +47,16 @@ def test_linear_probe_is_a_normal_checkpoint_with_its_splits(ray_cluster, dogs_c
     # The probe's val accuracy, from features of the cached val images, is what the
     # inference path gives on the same files: one preprocessing for both.
     report, _ = evaluate_images(best, splits["val"])
-    assert report["num_samples"] == 10
-    assert abs(report["accuracy"] - metrics["val_accuracy"]) <= 0.1 + 1e-9  # at most one image flips
+    assert report["num_samples"] == 12
+    assert abs(report["accuracy"] - metrics["val_accuracy"]) <= 1 / 12 + 1e-9  # at most one image flips
     assert summary["test"]["num_samples"] == len(splits["test"])
     loaded = load_checkpoint(best)
     assert loaded.job.train.linear_probe and loaded.history[0]["epoch"] == 0
-    # Reaches well above chance on real photos with 14 training images a class.
-    assert report["accuracy"] >= 0.6 or summary["test"]["accuracy"] >= 0.6
+    # The L2 strength is the one with the lowest cross-validated loss (accuracy on held-out
+    # photos is measured by bench/finetune.py, over 600 test photos; 20 here say little).
+    assert summary["test"]["num_samples"] == 20
+    grid = json.loads(open(os.path.join(best, "probe.json")).read())["probe_grid"]
+    assert metrics["probe_l2"] == min(grid, key=lambda r: r["cv_loss"])["l2"] and len(grid) >= 5
 
     # evaluate --split test scores exactly the held-out split; --data over the whole
     # folder warns that the training images are in it; explain --split takes the split.
@@ -63,8 +67,10 @@ def test_linear_probe_is_a_normal_checkpoint_with_its_splits(ray_cluster, dogs_c
     assert saved["num_samples"] == len(splits["test"]) and "warning" not in out.output
     assert saved["accuracy"] == pytest.approx(summary["test"]["accuracy"])
     subset = tmp_path / "subset.csv"
-    both = splits["train"].paths[:5] + splits["test"].paths[:3]
-    labels = splits["train"].labels[:5] + splits["test"].labels[:3]
+    tr, te = splits["train"], splits["test"]  # each ordered by class: take both classes of each
+    both = tr.paths[:3] + tr.paths[-2:] + te.paths[:2] + te.paths[-1:]
+    labels = tr.labels[:3] + tr.labels[-2:] + te.labels[:2] + te.labels[-1:]
+    assert len(set(labels)) == 2
     subset.write_text("path,label\n" + "".join(f"{p},{lab}\n" for p, lab in zip(both, labels)))
     out = runner.invoke(cli, ["evaluate", "--model", best, "--data", str(subset), "--output", str(tmp_path / "ev2")])
     assert out.exit_code == 0, out.output
@@ -84,7 +90,7 @@ def test_lp_ft_starts_fine_tuning_from_the_probe_head(ray_cluster, dogs_cats_roo
     head = model.get_submodule(head_name(model))
     torch.testing.assert_close(head.weight.detach(), probe["weight"], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(head.bias.detach(), probe["bias"], atol=1e-4, rtol=1e-4)
-    fresh = create_model("efficientnet_lite0", 2, weights="packaged", image_size=64)
+    fresh = create_model("efficientnet_lite0", 2, weights="packaged", image_size=224)
     assert not torch.allclose(fresh.get_submodule(head_name(fresh)).weight, probe["weight"], atol=1e-3)
 
 
@@ -93,7 +99,7 @@ def test_every_val_and_test_image_counts_once_with_two_streamed_workers(ray_clus
     # streamed (not resident): Ray's default split of an eval dataset over 2 workers
     # drops the remainder.
     manifest = tmp_path / "three.csv"
-    rows = ["path,label"] + [f"{os.path.join(fmnist_root, c, f)},{c}" for c in sorted(os.listdir(fmnist_root))[:3]
+    rows = ["path,label"] + [f"{os.path.join(fmnist_root, c, f)},{c}" for c in sorted(d for d in os.listdir(fmnist_root) if not d.startswith("."))[:3]
                              for f in sorted(os.listdir(os.path.join(fmnist_root, c)))[:10]]
     manifest.write_text("\n".join(rows) + "\n")
     data = DataConfig(root=str(manifest), augment="none", val_fraction=0.1, test_fraction=0.1, in_memory=False)
