@@ -31,7 +31,7 @@ from torch import nn
 
 from imgcls import storage
 from imgcls.augment import BatchAugment, BatchEval, mixup_cutmix, soft_cross_entropy, stored_geometry
-from imgcls.cache import ImageCache, build_cache, cache_dataset, load_indices, worker_range
+from imgcls.cache import ImageCache, build_cache, cache_dataset, load_indices, load_shard, worker_range
 from imgcls.checkpoint import SPLITS_DIR, load_train_state, save_checkpoint, save_config, split_file_names, write_splits
 from imgcls.config import JobConfig
 from imgcls.data import DataError, LabelledImages, balanced_resample, class_counts, list_labelled_images, split_stratified
@@ -206,6 +206,15 @@ class ResidentSplit:
         for lo in range(0, n, batch_size):
             idx = order[lo:lo + batch_size]
             yield self.images[idx], self.labels[idx]
+
+
+def shard_batches(cache: ImageCache, rank: int, world: int, batch_size: int) -> Batches:
+    """In-order batches of the cache's shards ``rank``, ``rank + world``, ...: every image
+    on exactly one worker, one shard in memory at a time."""
+    for uri in cache.shard_uris()[rank::world]:
+        images, labels = load_shard(uri)
+        for lo in range(0, len(labels), batch_size):
+            yield torch.from_numpy(images[lo:lo + batch_size]), torch.from_numpy(labels[lo:lo + batch_size])
 
 
 def streamed_batches(shard, batch_size: int, seed: Optional[int] = None) -> Batches:
@@ -387,7 +396,7 @@ def train_loop_per_worker(config: dict) -> None:
         val_data = ResidentSplit.load(caches["val"], rank, world, equal=False, device=device)
         per_worker = len(train_data)
     else:
-        train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
+        train_shard = ray.train.get_dataset_shard("train")
         per_worker = caches["train"].num_images // world
     load_seconds = time.perf_counter() - load_start
 
@@ -431,9 +440,11 @@ def train_loop_per_worker(config: dict) -> None:
             torch.cuda.synchronize(device)
         elapsed = time.perf_counter() - start
         loss_sum, correct, seen = [v.item() for v in all_reduce_sum([sums["loss_sum"], sums["correct"], sums["seen"]])]
-        eval_model = ema.module if ema is not None else forward
+        # The plain module, not the DDP wrapper: DDP's forward broadcasts buffers, a
+        # collective that would hang when the workers' val parts differ in batch count.
+        eval_model = ema.module if ema is not None else _unwrap(model)
         val_batches = val_data.batches(t.batch_size * 2) if config["resident"] else \
-            streamed_batches(val_shard, t.batch_size * 2)
+            shard_batches(caches["val"], rank, world, t.batch_size * 2)
         cm, val_loss = evaluate(eval_model, val_batches, device, len(classes), to_float, amp=amp,
                                 channels_last=channels_last)
         cm, val_loss = all_reduce_sum([cm, val_loss])
@@ -660,29 +671,6 @@ def probe(job: JobConfig, data: PreparedData, use_gpu: bool) -> dict:
     return result
 
 
-class SplitExactDataConfig(ray.train.DataConfig):
-    """Ray Train's DataConfig, but the named eval datasets are split with ``equal=False``:
-    every row reaches exactly one worker. (The default ``equal=True`` drops the remainder,
-    so 19 validation images on 2 workers counted as 18.)"""
-
-    def __init__(self, exact: list[str]):
-        super().__init__(datasets_to_split="all")
-        self._exact = set(exact)
-
-    def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
-        equal = {k: v for k, v in datasets.items() if k not in self._exact}
-        output = super().configure(equal, world_size, worker_handles, worker_node_ids, **kwargs)
-        locality = worker_node_ids if self._enable_shard_locality else None
-        for name in self._exact & set(datasets):
-            ds = datasets[name].copy(datasets[name])
-            if ds.name is None:
-                ds.set_name(name)
-            ds.context.execution_options = self._resolve_execution_options(name)
-            for i, split in enumerate(ds.streaming_split(world_size, equal=False, locality_hints=locality)):
-                output[i][name] = split
-        return output
-
-
 def build_trainer(job: JobConfig, callbacks: Optional[list] = None, data: Optional[PreparedData] = None
                   ) -> tuple[ray.train.torch.TorchTrainer, dict[str, LabelledImages], list[str], str]:
     """Prepares data and the TorchTrainer for ``job``; returns (trainer, splits, classes, storage_path).
@@ -695,7 +683,11 @@ def build_trainer(job: JobConfig, callbacks: Optional[list] = None, data: Option
     t = job.train
     caches = data.caches
     resident = fits_in_memory(caches, t.num_workers) if job.data.in_memory is None else job.data.in_memory
-    datasets = {} if resident else {name: cache_dataset(c) for name, c in caches.items()}
+    # Only the training split goes through Ray Data (split equally, so that every worker
+    # takes the same number of steps); streamed workers read their share of the val
+    # shards themselves (``shard_batches``): Ray's equal split would drop the remainder,
+    # so 19 validation images on 2 workers would count as 18.
+    datasets = {} if resident else {"train": cache_dataset(caches["train"])}
     use_gpu = choose_gpu(t.use_gpu, gpus=t.num_workers, what="training")
     probe_head = None
     if wants_probe_head(job, data.resuming):
@@ -728,7 +720,6 @@ def build_trainer(job: JobConfig, callbacks: Optional[list] = None, data: Option
             callbacks=callbacks,
         ),
         datasets=datasets,
-        dataset_config=SplitExactDataConfig(exact=["val"]),
         resume_from_checkpoint=ray.train.Checkpoint(t.resume_from) if t.resume_from else None,
     )
     return trainer, data.splits, data.classes, data.storage_path
