@@ -65,8 +65,11 @@ def save_checkpoint(folder: str, model: nn.Module, job: JobConfig, classes: list
     save_config(storage.join(folder, CONFIG_FILE), job)
 
 
-def split_file_names() -> list[str]:
-    return [f"{name}.parquet" for name in SPLITS]
+def read_split_files(folder: str) -> dict[str, bytes]:
+    """The split manifests written by ``write_splits`` into ``folder``, keyed by their path
+    inside a checkpoint (``splits/train.parquet``...): ``save_checkpoint``'s ``files``."""
+    return {f"{SPLITS_DIR}/{name}.parquet": storage.read_bytes(storage.join(folder, f"{name}.parquet"))
+            for name in SPLITS}
 
 
 def write_splits(folder: str, splits: dict) -> None:

@@ -5,7 +5,7 @@ Two uses:
 - ``--linear-probe``: the whole training. The pretrained backbone's pooled features of
   the cached train and val splits are computed once, with the eval preprocessing that
   inference uses; a multinomial logistic regression is fitted to them with L-BFGS
-  (seconds), its L2 strength chosen by validation loss; the head is written into the
+  (seconds), its L2 strength chosen by cross-validation on the train split; the head is written into the
   model and saved as a normal checkpoint that predict, evaluate and export take.
 - LP-FT (Kumar et al. 2022, "Fine-Tuning can Distort Pretrained Features"): the fitted
   head initialises fine-tuning. Gradients through a random head would first distort the
@@ -99,7 +99,7 @@ def _scores(x, y, weight, bias) -> tuple[float, float]:
     return F.cross_entropy(logits, y).item(), (logits.argmax(1) == y).float().mean().item()
 
 
-def _folds(y: torch.Tensor, k: int) -> list[torch.Tensor]:
+def _folds(y: torch.Tensor, k: int) -> torch.Tensor:
     """Stratified fold index of each sample: the i-th image of each class goes to fold i % k."""
     fold = torch.empty_like(y)
     for c in y.unique():
@@ -155,11 +155,12 @@ def set_head(model: nn.Module, weight: torch.Tensor, bias: torch.Tensor) -> None
 
 
 def probe_job(job_dict: dict, classes: list[str], caches: dict[str, dict], class_weight: Optional[list[float]],
-              use_gpu: bool, threads: int = 1) -> dict:
+              use_gpu: bool, threads: int = 1, with_state: bool = False) -> dict:
     """Computes features of the cached train and val splits once and fits the probe.
 
-    Returns the head (``weight``, ``bias`` as numpy), the model's state dict with that head
-    (``state``, for ``--linear-probe``) and the figures of the fit.
+    Returns the head (``weight``, ``bias`` as numpy), with ``with_state`` the model's state
+    dict with that head (``state``, for ``--linear-probe``; LP-FT needs only the head), and
+    the figures of the fit.
     """
     from imgcls.config import JobConfig
 
@@ -177,10 +178,12 @@ def probe_job(job_dict: dict, classes: list[str], caches: dict[str, dict], class
     feature_seconds = time.perf_counter() - start
     weight = None if class_weight is None else torch.tensor(class_weight)
     probe = fit_probe(splits["train"], splits["val"], len(classes), weight)
-    set_head(model, probe.weight, probe.bias)
+    state = None
+    if with_state:
+        set_head(model, probe.weight, probe.bias)
+        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     return {
-        "weight": probe.weight.numpy(), "bias": probe.bias.numpy(),
-        "state": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "weight": probe.weight.numpy(), "bias": probe.bias.numpy(), "state": state,
         "metrics": {
             "epoch": 0, "train_accuracy": probe.train_accuracy,
             "val_accuracy": probe.val_accuracy if probe.val_accuracy is not None else math.nan,
@@ -193,7 +196,7 @@ def probe_job(job_dict: dict, classes: list[str], caches: dict[str, dict], class
 
 
 def run_probe(job, classes: list[str], caches: dict[str, ImageCache], class_weight: Optional[list[float]],
-              use_gpu: bool) -> dict:
+              use_gpu: bool, with_state: bool = False) -> dict:
     """``probe_job`` as a Ray task on the cluster: a GPU when training uses them, else the
     CPUs one training worker would take (all of a small machine's)."""
     import ray
@@ -207,4 +210,4 @@ def run_probe(job, classes: list[str], caches: dict[str, ImageCache], class_weig
     task = ray.remote(num_cpus=cpus, num_gpus=1 if use_gpu else 0,
                       scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None))(probe_job)
     return ray.get(task.remote(job.to_dict(), classes, {k: c.to_dict() for k, c in caches.items()},
-                               class_weight, use_gpu, cpus))
+                               class_weight, use_gpu, cpus, with_state))

@@ -32,7 +32,7 @@ from torch import nn
 from imgcls import storage
 from imgcls.augment import BatchAugment, BatchEval, mixup_cutmix, soft_cross_entropy, stored_geometry
 from imgcls.cache import ImageCache, build_cache, cache_dataset, load_indices, load_shard, worker_range
-from imgcls.checkpoint import SPLITS_DIR, load_train_state, save_checkpoint, save_config, split_file_names, write_splits
+from imgcls.checkpoint import SPLITS_DIR, load_train_state, read_split_files, save_checkpoint, save_config, write_splits
 from imgcls.config import JobConfig
 from imgcls.data import DataError, LabelledImages, balanced_resample, class_counts, list_labelled_images, split_stratified
 from imgcls.devices import choose_gpu
@@ -375,8 +375,7 @@ def train_loop_per_worker(config: dict) -> None:
     elif config.get("probe_head"):  # LP-FT: start from the linear probe's head
         head = torch.load(io.BytesIO(storage.read_bytes(config["probe_head"])), map_location="cpu", weights_only=True)
         set_head(model, head["weight"], head["bias"])
-    split_files = {f"{SPLITS_DIR}/{name}": storage.read_bytes(storage.join(config["splits"], name))
-                   for name in split_file_names()} if rank == 0 and config.get("splits") else {}
+    split_files = read_split_files(config["splits"]) if rank == 0 and config.get("splits") else {}
     frozen = m.freeze_backbone and (m.unfreeze_after is None or start_epoch < m.unfreeze_after)
     set_backbone_trainable(model, not frozen)
     if channels_last:
@@ -663,7 +662,7 @@ def probe(job: JobConfig, data: PreparedData, use_gpu: bool) -> dict:
     weights = None
     if job.train.class_balance == "loss":
         weights = inverse_frequency_weights(class_counts(data.splits["train"].labels, data.classes)).tolist()
-    result = run_probe(job, data.classes, data.caches, weights, use_gpu)
+    result = run_probe(job, data.classes, data.caches, weights, use_gpu, with_state=job.train.linear_probe)
     metrics = result["metrics"]
     _say(f"linear probe: val_acc {metrics['val_accuracy']:.4f}  train_acc {metrics['train_accuracy']:.4f}  "
          f"l2 {metrics['probe_l2']:g}  {metrics['num_features']} features of {metrics['train_samples']} images "
@@ -734,9 +733,8 @@ def fit_linear_probe(job: JobConfig, data: PreparedData) -> FitResult:
     model.load_state_dict(result["state"])
     history = [{k: v for k, v in result["metrics"].items() if k != "probe_grid"}]
     checkpoint = storage.join(data.run, PROBE_CHECKPOINT)
-    split_files = {f"{SPLITS_DIR}/{name}": storage.read_bytes(storage.join(data.run, SPLITS_DIR, name))
-                   for name in split_file_names()}
-    save_checkpoint(checkpoint, model, job, data.classes, history, files=split_files)
+    save_checkpoint(checkpoint, model, job, data.classes, history,
+                    files=read_split_files(storage.join(data.run, SPLITS_DIR)))
     storage.write_json(storage.join(checkpoint, "probe.json"), result["metrics"])
     best_link = storage.join(data.run, BEST_DIR)
     promote_best(checkpoint, best_link)
