@@ -29,7 +29,7 @@ import io
 import json
 import time
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import Iterator, TYPE_CHECKING, Optional, Sequence
 
 import numpy as np
 import ray
@@ -187,6 +187,15 @@ def load_shard(uri: str) -> tuple[np.ndarray, np.ndarray]:
     """(images (n, H, W, 3) uint8, labels (n,) int64) of one shard file."""
     with np.load(io.BytesIO(storage.read_bytes(uri))) as npz:
         return npz["images"], npz["labels"]
+
+
+def shard_batches(cache: ImageCache, rank: int, world: int, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """In-order batches of the cache's shards ``rank``, ``rank + world``, ...: every image
+    on exactly one worker, one shard in memory at a time."""
+    for uri in cache.shard_uris()[rank::world]:
+        images, labels = load_shard(uri)
+        for lo in range(0, len(labels), batch_size):
+            yield torch.from_numpy(images[lo:lo + batch_size]), torch.from_numpy(labels[lo:lo + batch_size])
 
 
 def worker_range(num_images: int, rank: int, world: int, equal: bool) -> np.ndarray:

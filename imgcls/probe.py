@@ -26,7 +26,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from imgcls.augment import BatchEval
-from imgcls.cache import ImageCache, load_shard
+from imgcls.cache import ImageCache, shard_batches
 from imgcls.models import WithFeatures, create_model, get_spec, head_name
 
 # L2 strengths tried, as the penalty 0.5 * l2 * |W|^2 added to the mean loss over
@@ -45,13 +45,10 @@ def extract_features(body: WithFeatures, cache: ImageCache, to_float: BatchEval,
     cache order, through the eval preprocessing (centre crop of larger stored images)."""
     body.eval()
     feats, labels = [], []
-    for uri in cache.shard_uris():
-        images, y = load_shard(uri)
-        x = torch.from_numpy(images)
-        for lo in range(0, len(x), batch_size):
-            _, f = body(to_float(x[lo:lo + batch_size].to(device)))
-            feats.append(f.float().flatten(1).cpu())
-        labels.append(torch.from_numpy(y).long())
+    for images, y in shard_batches(cache, 0, 1, batch_size):
+        _, f = body(to_float(images.to(device)))
+        feats.append(f.float().flatten(1).cpu())
+        labels.append(y.long())
     if not feats:
         return torch.zeros(0, 0), torch.zeros(0, dtype=torch.long)
     return torch.cat(feats), torch.cat(labels)

@@ -31,7 +31,7 @@ from torch import nn
 
 from imgcls import storage
 from imgcls.augment import BatchAugment, BatchEval, mixup_cutmix, soft_cross_entropy, stored_geometry
-from imgcls.cache import ImageCache, build_cache, cache_dataset, load_indices, load_shard, worker_range
+from imgcls.cache import ImageCache, build_cache, cache_dataset, load_indices, shard_batches, worker_range
 from imgcls.checkpoint import SPLITS_DIR, load_train_state, read_split_files, save_checkpoint, save_config, write_splits
 from imgcls.config import JobConfig
 from imgcls.data import DataError, LabelledImages, balanced_resample, class_counts, list_labelled_images, split_stratified
@@ -206,15 +206,6 @@ class ResidentSplit:
         for lo in range(0, n, batch_size):
             idx = order[lo:lo + batch_size]
             yield self.images[idx], self.labels[idx]
-
-
-def shard_batches(cache: ImageCache, rank: int, world: int, batch_size: int) -> Batches:
-    """In-order batches of the cache's shards ``rank``, ``rank + world``, ...: every image
-    on exactly one worker, one shard in memory at a time."""
-    for uri in cache.shard_uris()[rank::world]:
-        images, labels = load_shard(uri)
-        for lo in range(0, len(labels), batch_size):
-            yield torch.from_numpy(images[lo:lo + batch_size]), torch.from_numpy(labels[lo:lo + batch_size])
 
 
 def streamed_batches(shard, batch_size: int, seed: Optional[int] = None) -> Batches:
