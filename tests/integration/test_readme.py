@@ -13,6 +13,7 @@ folder, as ``ray start`` would: Ray's workers then run in that folder, not the
 command's, so every relative path a command takes must be resolved by the command.
 """
 
+import json
 import os
 import re
 import shutil
@@ -21,7 +22,9 @@ import sys
 import time
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
+import yaml
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -34,7 +37,7 @@ README = ROOT / "README.md"
 RUNS = {
     "walk-through": ["Walk-through: from training to bulk labelling to a report", "Bulk labelling",
                      "Evaluation, explanations, export, tuning"],
-    "training": ["Training"],
+    "training": ["Training", "Fine-tuning a small photo collection"],
 }
 # Headings whose bash blocks are not run here, and why; every other block must be in RUNS.
 SKIPPED_BLOCKS = {
@@ -209,4 +212,14 @@ def test_readme_blocks_run_as_written(tmp_path, ray_address):
     assert len(list((walk / "out/gradcam").glob("*.png"))) >= 2  # mistakes, and photo.jpg
     assert (walk / "out/export/model.onnx").is_file()
     assert (walk / "out/runs/fashion-mnist-tune/tune_best.yaml").is_file()
-    assert (done["training"] / "out/runs/fashion-mnist/best/model.pt").is_file()
+    # Ray Tune runs each trial in a folder of its own: the YAML's relative root was resolved
+    # against the command's folder before any trial started, and is saved absolute.
+    best = yaml.safe_load((walk / "out/runs/fashion-mnist-tune/tune_best.yaml").read_text())
+    assert best["data"]["root"] == str(walk / "out/data/fashion-mnist"), best["data"]
+    train = done["training"]
+    assert (train / "out/runs/fashion-mnist/best/model.pt").is_file()
+    assert (train / "out/runs/my-photos/best/model.pt").is_file()
+    assert (train / "out/runs/my-probe/checkpoint_linear_probe/model.pt").is_file()
+    metrics = json.loads((train / "out/eval-photos/metrics.json").read_text())
+    held_out = pq.read_table(train / "out/runs/my-photos/splits/test.parquet")
+    assert metrics["num_samples"] == held_out.num_rows > 0, metrics  # exactly the run's test split

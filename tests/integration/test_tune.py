@@ -1,6 +1,5 @@
 """Ray Tune over TorchTrainer trials with ASHA, on a real local cluster and real images."""
 
-import json
 import os
 import subprocess
 import sys
@@ -46,25 +45,6 @@ def imgcls(*args, cwd):
     env.pop("RAY_ADDRESS", None)
     return subprocess.run([str(Path(sys.executable).parent / "imgcls"), *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=900)
-
-
-def test_tune_command_with_a_relative_root(tmp_path):
-    """Ray Tune runs each trial in a folder of its own: the command resolves --root (and
-    every other path) against the folder it runs in before any trial starts."""
-    fetched = imgcls("fetch-data", "fashion-mnist", "data/fashion-mnist", "--per-class", "20", cwd=tmp_path)
-    assert fetched.returncode == 0, fetched.stderr[-3000:]
-    common = ["--arch", "small_cnn", "--image-size", "28", "--augment", "light", "--epochs", "1", "--num-workers", "1",
-              "--storage-path", "runs", "--num-cpus", "2"]
-    proc = imgcls("tune", "--root", "data/fashion-mnist", "--num-samples", "2", "--name", "cli", *common, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    summary = json.loads(proc.stdout[proc.stdout.rindex("\n{\n") + 1:])
-    assert len(summary["trials"]) == 2 and all(t["val_accuracy"] is not None and "error" not in t
-                                               for t in summary["trials"]), summary["trials"]
-    assert summary["best_config_file"] == str(tmp_path / "runs" / "cli-tune" / "tune_best.yaml")
-    best = yaml.safe_load(open(summary["best_config_file"]))
-    # Absolute, so that the best config works from any folder.
-    assert best["data"]["root"] == str(tmp_path / "data" / "fashion-mnist")
-    assert best["train"]["storage_path"] == str(tmp_path / "runs")
 
 
 def test_tune_command_with_a_bad_root_fails_before_any_trial(tmp_path):

@@ -228,3 +228,13 @@ def test_one_preprocessing_definition_gives_the_same_pixels_everywhere(tmp_path)
         explained = ClassificationPresetEval(size, (0.5,) * 3, (0.25,) * 3).decode(data)
         assert inference.shape == (3, size, size)
         assert torch.equal(inference, cached) and torch.equal(inference, explained)
+
+
+def test_fetch_dogs_cats_keeps_per_class_photos(tmp_path):
+    from imgcls.datasets import fetch_dogs_cats
+
+    dest = str(tmp_path / "dc")
+    fetch_dogs_cats(dest, per_class=4)
+    counts = {d: len(os.listdir(os.path.join(dest, d))) for d in os.listdir(dest) if not d.startswith(".")}
+    assert counts == {"cat": 4, "dog": 4}
+    assert Image.open(os.path.join(dest, "dog", sorted(os.listdir(os.path.join(dest, "dog")))[0])).size == (32, 32)
