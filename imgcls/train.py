@@ -351,7 +351,9 @@ def train_loop_per_worker(config: dict) -> None:
     # [1] Model, optionally resumed from the latest checkpoint.
     model = create_model(m.arch, len(classes), weights=m.weights, image_size=m.image_size, width=m.width)
     state, start_epoch, history = None, 0, []
-    checkpoint = ray.train.get_checkpoint()
+    # The run's own latest checkpoint (a restart after a failure), else --resume-from's
+    # (Train V2 dropped the trainer's resume_from_checkpoint: the loop loads it itself).
+    checkpoint = ray.train.get_checkpoint() or (ray.train.Checkpoint(t.resume_from) if t.resume_from else None)
     if checkpoint:
         with checkpoint.as_directory() as folder:
             state = load_train_state(folder)
@@ -710,7 +712,6 @@ def build_trainer(job: JobConfig, callbacks: Optional[list] = None, data: Option
             callbacks=callbacks,
         ),
         datasets=datasets,
-        resume_from_checkpoint=ray.train.Checkpoint(t.resume_from) if t.resume_from else None,
     )
     return trainer, data.splits, data.classes, data.storage_path
 

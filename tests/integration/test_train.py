@@ -20,13 +20,15 @@ pytestmark = pytest.mark.integration
 
 
 def small_job(root, tmp_path, data=None, **train):
+    """A short real run; the augment presets are spread over this file's runs (light here,
+    standard, trivialaugment, randaugment), each in one."""
     defaults = dict(epochs=2, batch_size=64, lr=3e-3, num_workers=2, storage_path=str(tmp_path / "runs"), name="t")
     return JobConfig(data=DataConfig(**{"root": root, "augment": "light", "max_per_class": 100, **(data or {})}),
                      model=ModelConfig(arch="small_cnn", image_size=28), train=TrainConfig(**{**defaults, **train}))
 
 
 def test_fit_checkpoints_every_epoch_and_resumes(ray_cluster, fmnist_root, tmp_path):
-    job = small_job(fmnist_root, tmp_path)
+    job = small_job(fmnist_root, tmp_path, data={"augment": "standard"})
     result = fit(job)
     assert [h["epoch"] for h in result.history] == [0, 1]
     # Validation covers the whole val split over both workers, not rank 0's half.
@@ -50,11 +52,11 @@ def test_fit_checkpoints_every_epoch_and_resumes(ray_cluster, fmnist_root, tmp_p
     # Rerun with the same name: refused without --resume (a new experiment must not
     # silently continue an old one), and --resume with other settings names them.
     with pytest.raises(RunFolderError, match="--resume to continue it, --overwrite to start it afresh"):
-        fit(small_job(fmnist_root, tmp_path, epochs=3))
+        fit(small_job(fmnist_root, tmp_path, data={"augment": "standard"}, epochs=3))
     with pytest.raises(RunFolderError, match=r"--lr 0\.003 -> 0\.01"):
-        fit(small_job(fmnist_root, tmp_path, epochs=3, lr=0.01, resume=True))
+        fit(small_job(fmnist_root, tmp_path, data={"augment": "standard"}, epochs=3, lr=0.01, resume=True))
     assert yaml.safe_load(open(run_dir / "config.yaml"))["train"]["lr"] == 3e-3  # not overwritten
-    longer = small_job(fmnist_root, tmp_path, epochs=3, resume=True)
+    longer = small_job(fmnist_root, tmp_path, data={"augment": "standard"}, epochs=3, resume=True)
     resumed = fit(longer)
     assert [h["epoch"] for h in resumed.history] == [0, 1, 2]
     assert resumed.history[:2] == result.history
@@ -134,7 +136,7 @@ def test_trains_from_s3_manifest_with_streamed_cache_on_s3(ray_cluster, s3_serve
     job = small_job("s3://imgcls/fm/manifest.csv", tmp_path, epochs=2, batch_size=16, name="s3", mixup_alpha=0.2,
                     cutmix_alpha=1.0,
                     ema_decay=0.99, data={"cache_path": "s3://imgcls/cache/s3-run", "in_memory": False,
-                                          "max_per_class": None})
+                                          "max_per_class": None, "augment": "trivialaugment"})
     result = fit(job)
     assert not result.resident and not result.caches["train"].reused
     assert fs.exists("imgcls/cache/s3-run/train/_cache.json") and fs.exists("imgcls/cache/s3-run/val/_cache.json")
@@ -147,3 +149,61 @@ def test_trains_from_s3_manifest_with_streamed_cache_on_s3(ray_cluster, s3_serve
     resumed = fit(dataclasses.replace(job, train=dataclasses.replace(job.train, epochs=3, resume=True)))
     assert [h["epoch"] for h in resumed.history] == [0, 1, 2] and resumed.history[2]["started_at_epoch"] == 2
     assert resumed.caches["train"].reused and resumed.caches["val"].reused
+
+
+def test_frozen_backbone_sgd_balanced_sampler_and_resume_from_through_the_cli(ray_cluster, fmnist_root, tmp_path):
+    """The README's training flags as a user gives them to ``imgcls train``, on real images
+    with imbalanced classes (60/20/10): the backbone stays as initialised for the frozen
+    first epoch and trains after --unfreeze-after, the balanced sampler draws every class
+    as often as the largest, and --resume-from continues another run's checkpoint (with
+    --class-balance loss)."""
+    from click.testing import CliRunner
+
+    from imgcls.cache import load_shard, read_manifest
+    from imgcls.cli import cli
+    from imgcls.models import create_model, head_name
+
+    data = tmp_path / "imbalanced"
+    for label, n in (("bag", 60), ("coat", 20), ("sneaker", 10)):
+        (data / label).mkdir(parents=True)
+        for name in sorted(os.listdir(os.path.join(fmnist_root, label)))[:n]:
+            os.link(os.path.join(fmnist_root, label, name), data / label / name)
+    runs = tmp_path / "runs"
+    flags = ["--root", str(data), "--arch", "small_cnn", "--image-size", "28", "--batch-size", "16",
+             "--num-workers", "2", "--optimizer", "sgd", "--lr", "0.05", "--freeze-backbone", "--unfreeze-after", "1",
+             "--class-balance", "sampler", "--augment", "randaugment", "--val-fraction", "0.2",
+             "--test-fraction", "0.1", "--storage-path", str(runs)]
+
+    def train(*extra):
+        result = CliRunner().invoke(cli, ["train", *flags, *extra], catch_exceptions=False)
+        assert result.exit_code == 0, result.output[-3000:]
+        return result.output
+
+    out = train("--name", "flags", "--epochs", "2")
+    assert "epoch 2/2" in out and '"accuracy"' in out  # epoch lines, then the test split's metrics
+    run = runs / "flags"
+    by_epoch = {json.loads((p / "meta.json").read_text())["epoch"]: p
+                for p in run.glob("checkpoint_*") if p.is_dir()}
+    assert sorted(by_epoch) == [0, 1]
+    torch.manual_seed(0)  # the worker's seed, then the same model: the initial weights
+    initial = create_model("small_cnn", 3, image_size=28)
+    head = head_name(initial) + "."
+    first, second = (load_checkpoint(str(by_epoch[e])).model for e in (0, 1))
+    for (name, p0), p1, p2 in zip(initial.named_parameters(), first.parameters(), second.parameters()):
+        if name.startswith(head):
+            assert not torch.equal(p0, p1), name  # the head trains from the first step
+        else:
+            assert torch.equal(p0, p1), name  # frozen for epoch 0
+    body = [(p0, p2) for (name, p0), p2 in zip(initial.named_parameters(), second.parameters())
+            if not name.startswith(head)]
+    assert any(not torch.equal(p0, p2) for p0, p2 in body)  # unfrozen from epoch 1
+    cache = read_manifest(str(run / "cache" / "train"))
+    labels = torch.cat([torch.as_tensor(load_shard(uri)[1]) for uri in cache.shard_uris()])
+    counts = torch.bincount(labels).tolist()
+    split = pd.read_parquet(run / "splits" / "train.parquet")["label"].value_counts()
+    assert split.tolist() != counts and counts == [split.max()] * 3, (split, counts)  # each as often as the largest
+
+    # Another run continues from that checkpoint, weighting the loss by class instead.
+    train("--name", "continued", "--epochs", "3", "--resume-from", str(by_epoch[1]), "--class-balance", "loss")
+    history = json.loads((runs / "continued" / "best" / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [0, 1, 2] and history[2]["started_at_epoch"] == 2, history
