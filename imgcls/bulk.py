@@ -39,6 +39,7 @@ from imgcls.devices import choose_gpu
 from imgcls.finished import COUNTS_KEY, JOB_FILE, PART_NAME, PART_TEMPLATE, STAGING_DIR
 from imgcls.inputs import OutputFolderError, plan_inputs
 from imgcls.predict import pool_plan, prepare_model
+from imgcls.progress import eta_text
 from imgcls.reader import (COL_PATH, COL_ROW, COL_SHARD, COL_SHARD_ROWS, COL_STATUS, MAX_FILE_BYTES, STATUS_OK,
                            Decoder, DecodeShards, output_schema, read_shard_list)
 
@@ -200,12 +201,10 @@ class Progress:
         self.last = self.start
 
     def line(self) -> str:
-        elapsed = max(1e-9, time.monotonic() - self.start)
-        rate = self.done / elapsed
-        eta = (self.total - self.done) / rate if rate > 0 else float("nan")
-        eta_text = "done" if self.done >= self.total else (f"ETA {int(eta // 60)}m{int(eta % 60):02d}s" if rate else "ETA ?")
+        rate = self.done / max(1e-9, time.monotonic() - self.start)
+        eta = eta_text(self.done, self.total, rate)
         return (f"labelled {self.done:,} / {self.total:,} files ({100 * self.done / max(1, self.total):.0f}%), "
-                f"{self.shards_done} / {self.shards} shards, {rate:.0f} files/s, {eta_text}")
+                f"{self.shards_done} / {self.shards} shards, {rate:.0f} files/s, {eta}")
 
     def shard_done(self, shard: int) -> None:
         self.done += self.files.get(shard, 0)

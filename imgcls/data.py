@@ -14,7 +14,6 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
-from torchvision.transforms import v2
 
 from imgcls import storage
 # Decoding and the eval geometry live in imaging.py, which imports no torchvision, so
@@ -212,6 +211,8 @@ class ClassificationPresetTrain:
 
     def __init__(self, image_size: int, mean: Sequence[float], std: Sequence[float],
                  augment: str = "standard", magnitude: int = 9):
+        from torchvision.transforms import v2  # here: importing torchvision costs seconds per process
+
         if augment in ("none", "light"):
             steps = [v2.Resize(resize_size(image_size), antialias=True), v2.CenterCrop(image_size)]
             if augment == "light":  # the classic small-image recipe: padded random crop and flip

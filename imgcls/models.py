@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import torch
-import torchvision
 from torch import nn
 
 log = logging.getLogger(__name__)
@@ -72,9 +71,18 @@ class ModelSpec:
     torchvision_name: Optional[str] = None
 
 
+def _torchvision_models():
+    """torchvision.models, imported on first use: importing torchvision pulls in
+    torch._dynamo and sympy (seconds per process), which a worker training the small CNN,
+    a cache task or a checkpoint reader does not need."""
+    import torchvision.models
+
+    return torchvision.models
+
+
 def _tv(name: str) -> ModelSpec:
     return ModelSpec(
-        build=lambda n, _size: torchvision.models.get_model(name, weights=None, num_classes=n),
+        build=lambda n, _size: _torchvision_models().get_model(name, weights=None, num_classes=n),
         torchvision_name=name,
     )
 
@@ -212,8 +220,9 @@ def create_model(
         weights = spec.packaged_weights()
     elif spec.torchvision_name and ("/" not in weights and "." not in weights):
         # A torchvision enum such as IMAGENET1K_V1 or DEFAULT.
-        enum = torchvision.models.get_model_weights(spec.torchvision_name)
-        model = torchvision.models.get_model(spec.torchvision_name, weights=enum[weights] if weights != "DEFAULT" else enum.DEFAULT)
+        tvm = _torchvision_models()
+        enum = tvm.get_model_weights(spec.torchvision_name)
+        model = tvm.get_model(spec.torchvision_name, weights=enum[weights] if weights != "DEFAULT" else enum.DEFAULT)
         return replace_head(model, num_classes)
     model = spec.build(num_classes, image_size)
     skipped = load_backbone_weights(model, load_state_dict_file(weights))

@@ -40,6 +40,7 @@ from imgcls.imaging import resize_size
 from imgcls.metrics import classification_report, confusion_matrix, inverse_frequency_weights
 from imgcls.models import create_model, get_spec, head_name, set_backbone_trainable
 from imgcls.probe import PROBE_CHECKPOINT, PROBE_HEAD_FILE, run_probe, set_head
+from imgcls.progress import EpochProgress
 
 log = logging.getLogger(__name__)
 
@@ -233,6 +234,7 @@ class StepOptions:
     freeze_batchnorm: bool = False
     generator: Optional[torch.Generator] = None
     on_first_step: Optional[Callable[[], None]] = field(default=None, repr=False)
+    progress: Optional[EpochProgress] = field(default=None, repr=False)  # rank 0's lines within the epoch
 
 
 def _layout(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
@@ -290,6 +292,8 @@ def train_one_epoch(model, optimizer, scheduler, batches: Batches, device: torch
         loss_sum += loss.detach() * len(labels)
         correct += (logits.detach().argmax(1) == labels).sum()
         seen += len(labels)
+        if opts.progress is not None:
+            opts.progress.step(len(labels))
     return {"loss_sum": loss_sum, "correct": correct, "seen": torch.tensor(seen, dtype=torch.int64, device=device)}
 
 
@@ -425,6 +429,7 @@ def train_loop_per_worker(config: dict) -> None:
         start = worker_start if epoch == start_epoch else time.perf_counter()
         seed = t.seed * 100_003 + epoch * 1_009 + rank
         opts.generator = torch.Generator(device=device).manual_seed(seed)
+        opts.progress = EpochProgress(epoch, t.epochs, caches["train"].num_images, world, _say) if rank == 0 else None
         batches = (train_data.batches(t.batch_size, torch.Generator(device=device).manual_seed(seed))
                    if config["resident"] else streamed_batches(train_shard, t.batch_size, seed))
         sums = train_one_epoch(forward, optimizer, scheduler, batches, device, opts)
