@@ -32,12 +32,12 @@ ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
 
 # Each run is a fresh copy of the checkout; its headings' blocks run there in this order.
-# The training block gets its own copy: it trains into the same run folder as the
-# walk-through, which refuses a second run there without --resume or --overwrite.
+# A line that, but for its comment and spacing, is a command already run (the Training
+# block repeats the walk-through's fetch and train) is not run again: it would only train
+# into the same run folder, which refuses a second run without --resume or --overwrite.
 RUNS = {
     "walk-through": ["Walk-through: from training to bulk labelling to a report", "Bulk labelling",
-                     "Evaluation, explanations, export, tuning"],
-    "training": ["Training", "Fine-tuning a small photo collection"],
+                     "Evaluation, explanations, export, tuning", "Training", "Fine-tuning a small photo collection"],
 }
 # Headings whose bash blocks are not run here, and why; every other block must be in RUNS.
 SKIPPED_BLOCKS = {
@@ -176,10 +176,21 @@ def checkout_copy(dest: Path) -> Path:
     return dest
 
 
+def command_key(command: str) -> str:
+    """A command without its trailing comment and extra spaces: what it does."""
+    return " ".join(re.sub(r"\s+#.*$", "", command).split())
+
+
+def test_command_key_ignores_comments_and_spacing():
+    assert command_key("imgcls train --config x.yaml --epochs 1            # prints epoch lines") == \
+        command_key("imgcls train --config x.yaml --epochs 1  # flags override the YAML")
+    assert command_key("imgcls train --config x.yaml") != command_key("imgcls train --config y.yaml")
+
+
 def test_readme_blocks_run_as_written(tmp_path, ray_address):
     blocks = readme_blocks(README.read_text())
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ADDRESS": ray_address}
-    done, log = {}, []
+    done, log, ran = {}, [], set()
     for run, headings in RUNS.items():
         copy = checkout_copy(tmp_path / run)
         env["PATH"] = f"{copy / '.venv' / 'bin'}:{os.environ['PATH']}"
@@ -189,6 +200,10 @@ def test_readme_blocks_run_as_written(tmp_path, ray_address):
                 if command is None:
                     log.append(f"SKIPPED  {line}\n         ({'; '.join(reasons)})")
                     continue
+                if command_key(command) in ran:
+                    log.append(f"RAN ABOVE {command}")
+                    continue
+                ran.add(command_key(command))
                 for name, make in PREPARED.items():
                     if re.search(rf"(^|\s){re.escape(name)}(\s|$)", command) and not (copy / name).exists():
                         make(copy)
@@ -212,14 +227,14 @@ def test_readme_blocks_run_as_written(tmp_path, ray_address):
     assert len(list((walk / "out/gradcam").glob("*.png"))) >= 2  # mistakes, and photo.jpg
     assert (walk / "out/export/model.onnx").is_file()
     assert (walk / "out/runs/fashion-mnist-tune/tune_best.yaml").is_file()
+    again = "RAN ABOVE imgcls train --config jobs/configs/fashion_mnist.yaml"
+    assert sum(entry.startswith(again) for entry in log) == 1  # the Training block's, as the walk-through's
     # Ray Tune runs each trial in a folder of its own: the YAML's relative root was resolved
     # against the command's folder before any trial started, and is saved absolute.
     best = yaml.safe_load((walk / "out/runs/fashion-mnist-tune/tune_best.yaml").read_text())
     assert best["data"]["root"] == str(walk / "out/data/fashion-mnist"), best["data"]
-    train = done["training"]
-    assert (train / "out/runs/fashion-mnist/best/model.pt").is_file()
-    assert (train / "out/runs/my-photos/best/model.pt").is_file()
-    assert (train / "out/runs/my-probe/checkpoint_linear_probe/model.pt").is_file()
-    metrics = json.loads((train / "out/eval-photos/metrics.json").read_text())
-    held_out = pq.read_table(train / "out/runs/my-photos/splits/test.parquet")
+    assert (walk / "out/runs/my-photos/best/model.pt").is_file()
+    assert (walk / "out/runs/my-probe/checkpoint_linear_probe/model.pt").is_file()
+    metrics = json.loads((walk / "out/eval-photos/metrics.json").read_text())
+    held_out = pq.read_table(walk / "out/runs/my-photos/splits/test.parquet")
     assert metrics["num_samples"] == held_out.num_rows > 0, metrics  # exactly the run's test split
