@@ -151,6 +151,7 @@ def test_trains_from_s3_manifest_with_streamed_cache_on_s3(ray_cluster, s3_serve
     assert resumed.caches["train"].reused and resumed.caches["val"].reused
 
 
+@pytest.mark.slow  # two CLI runs: in CI, not in the quick loop
 def test_frozen_backbone_sgd_balanced_sampler_and_resume_from_through_the_cli(ray_cluster, fmnist_root, tmp_path):
     """The README's training flags as a user gives them to ``imgcls train``, on real images
     with imbalanced classes (60/20/10): the backbone stays as initialised for the frozen
