@@ -1,7 +1,7 @@
 """Evaluation of a trained model on labelled images, through the inference pipeline.
 
 ``evaluate_images`` labels a LabelledImages set with exactly the batch-inference code
-path, then ``report_from_predictions`` turns predictions plus true labels into
+path (its actor pool, or for a few hundred images its stage in this process), then ``report_from_predictions`` turns predictions plus true labels into
 metrics. Plots live in ``imgcls.report``.
 """
 
@@ -12,20 +12,31 @@ from typing import Optional, Sequence
 import numpy as np
 import pandas as pd
 
+from imgcls.cache import IN_PROCESS_MAX_IMAGES
 from imgcls.checkpoint import read_model_info
 from imgcls.data import DataError, LabelledImages, encode_labels
 from imgcls.metrics import classification_report, confusion_matrix
-from imgcls.predict import input_rows, predict
+from imgcls.predict import input_rows, predict, predict_here
 from imgcls.reader import COL_LABEL, COL_PATH, COL_STATUS, COL_TOPK_LABELS, STATUS_OK
 
 COL_TRUE = "true_label"
 
 
 def predict_labelled(model: str, images: LabelledImages, batch_size: int = 64, runtime: str = "torch",
-                     num_actors: Optional[int] = None) -> pd.DataFrame:
-    """Predictions for ``images`` with a ``true_label`` column, one row per image."""
-    df = predict(input_rows(images.paths), model, batch_size=batch_size, runtime=runtime,
-                 num_actors=num_actors).to_pandas()
+                     num_actors: Optional[int] = None, in_process: Optional[bool] = None) -> pd.DataFrame:
+    """Predictions for ``images`` with a ``true_label`` column, one row per image.
+
+    ``in_process`` labels them in this process with the pipeline's own stages
+    (``predict.predict_here``) instead of an actor pool; None does so up to
+    ``cache.IN_PROCESS_MAX_IMAGES`` images, where starting the pool would take longer.
+    """
+    if in_process is None:
+        in_process = len(images) <= IN_PROCESS_MAX_IMAGES and num_actors is None
+    if in_process:
+        df = predict_here(images.paths, model, batch_size=batch_size, runtime=runtime).to_pandas()
+    else:
+        df = predict(input_rows(images.paths), model, batch_size=batch_size, runtime=runtime,
+                     num_actors=num_actors).to_pandas()
     truth = dict(zip(images.paths, images.labels))
     df[COL_TRUE] = df[COL_PATH].map(truth)
     return df.sort_values(COL_PATH).reset_index(drop=True)

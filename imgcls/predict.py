@@ -86,6 +86,19 @@ def input_rows(paths: Sequence[str], rows_per_block: int = ROWS_PER_BLOCK) -> ra
     return ray.data.from_arrow(input_blocks(paths, rows_per_block))
 
 
+def predict_here(paths: Sequence[str], model: str, *, batch_size: int = 64, top_k: int = 5,
+                 embeddings: bool = False, runtime: str = "torch", max_pixels: int = 64_000_000) -> pa.Table:
+    """``predict`` of a few files in this process, on its CPUs: the same model program
+    (``prepare_model``) and the same read, decode and classify stage
+    (``classifier.ReadAndClassify``) over the same input blocks, without starting an
+    actor pool. Returns the OUTPUT_SCHEMA rows, one per input file (per tar member)."""
+    payload = prepare_model(model, runtime)
+    stage = ReadAndClassify(payload, max_pixels=max_pixels, max_images=batch_size, top_k=top_k,
+                            embeddings=embeddings)
+    return pa.concat_tables([stage({COL_PATH: block.column(COL_PATH).to_numpy(zero_copy_only=False)})
+                             for block in input_blocks(paths)])
+
+
 def pool_plan(use_gpu: Optional[bool], num_actors: Optional[int], separate_decode: Optional[bool] = None) -> dict:
     """Sizes and per-actor resources of the actor pools, from the running cluster.
 

@@ -11,7 +11,8 @@ Two uses:
   head initialises fine-tuning. Gradients through a random head would first distort the
   pretrained features; starting from the probe's head they refine them instead.
 
-Both run as one Ray task (``run_probe``) on the cluster, on a GPU when training uses them.
+Both run as one Ray task (``run_probe``) on the cluster, on a GPU when training uses them
+(a few hundred images on CPUs: in the calling process).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from imgcls.augment import BatchEval
-from imgcls.cache import ImageCache, shard_batches
+from imgcls.cache import IN_PROCESS_MAX_IMAGES, ImageCache, shard_batches
 from imgcls.models import WithFeatures, create_model, get_spec, head_name
 
 # L2 strengths tried, as the penalty 0.5 * l2 * |W|^2 added to the mean loss over
@@ -195,16 +196,19 @@ def probe_job(job_dict: dict, classes: list[str], caches: dict[str, dict], class
 def run_probe(job, classes: list[str], caches: dict[str, ImageCache], class_weight: Optional[list[float]],
               use_gpu: bool, with_state: bool = False) -> dict:
     """``probe_job`` as a Ray task on the cluster: a GPU when training uses them, else the
-    CPUs one training worker would take (all of a small machine's)."""
+    CPUs one training worker would take (all of a small machine's); on CPUs, up to
+    ``cache.IN_PROCESS_MAX_IMAGES`` cached images, in this process."""
     import ray
 
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
+    args = ({k: c.to_dict() for k, c in caches.items()}, class_weight)
+    if not use_gpu and sum(c.num_images for c in caches.values()) <= IN_PROCESS_MAX_IMAGES:
+        # A few hundred images: the features take seconds here, a task's process longer to start.
+        return probe_job(job.to_dict(), classes, *args, use_gpu, torch.get_num_threads(), with_state)
     largest_node = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]), default=1)
     cpus = 1 if use_gpu else int(max(1, min(largest_node, 8)))
     # Outside any placement group of the caller: a Tune trial reserves only a sliver of a
     # CPU for its driver, in which this task could never be scheduled.
     task = ray.remote(num_cpus=cpus, num_gpus=1 if use_gpu else 0,
                       scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None))(probe_job)
-    return ray.get(task.remote(job.to_dict(), classes, {k: c.to_dict() for k, c in caches.items()},
-                               class_weight, use_gpu, cpus, with_state))
+    return ray.get(task.remote(job.to_dict(), classes, *args, use_gpu, cpus, with_state))
