@@ -11,6 +11,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 import pandas as pd
+import ray
 
 from imgcls.cache import IN_PROCESS_MAX_IMAGES
 from imgcls.checkpoint import read_model_info
@@ -33,7 +34,8 @@ def predict_labelled(model: str, images: LabelledImages, batch_size: int = 64, r
     if in_process is None:
         in_process = len(images) <= IN_PROCESS_MAX_IMAGES and num_actors is None
     if in_process:
-        df = predict_here(images.paths, model, batch_size=batch_size, runtime=runtime).to_pandas()
+        # Through Ray Data's own conversion, so that the columns have the pool's dtypes.
+        df = ray.data.from_arrow(predict_here(images.paths, model, batch_size=batch_size, runtime=runtime)).to_pandas()
     else:
         df = predict(input_rows(images.paths), model, batch_size=batch_size, runtime=runtime,
                      num_actors=num_actors).to_pandas()

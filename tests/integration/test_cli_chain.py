@@ -26,6 +26,7 @@ def run(*args):
     return result.output
 
 
+@pytest.mark.slow  # several commands: in CI, not in the quick loop
 def test_evaluate_predict_and_explain_as_the_readme_writes_them(ray_cluster, fmnist_root, tmp_path):
     classes = sorted(d for d in os.listdir(fmnist_root) if os.path.isdir(os.path.join(fmnist_root, d)))
     data = tmp_path / "fm"
@@ -61,6 +62,7 @@ def test_evaluate_predict_and_explain_as_the_readme_writes_them(ray_cluster, fmn
     assert all(os.path.dirname(e["overlay"]) == str(tmp_path / "gradcam") for e in explained)
 
 
+@pytest.mark.slow  # several commands: in CI, not in the quick loop
 def test_predict_output_is_imgcls_lines_only_unless_verbose(checkpoint_28, fmnist_root, tmp_path):
     """A user's terminal or job log shows the devices chosen, labelling progress and the
     summary once; Ray's own INFO logs and Ray Data's progress reports only with --verbose."""

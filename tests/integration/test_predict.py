@@ -101,6 +101,7 @@ def test_every_file_gets_exactly_one_row(ray_cluster, checkpoint, bad_corpus, tm
     assert not [n for n in names if n.startswith(".tmp")]
 
 
+@pytest.mark.slow  # several pipelines or processes: in CI, not in the quick loop
 def test_separate_decode_pool_gives_the_same_rows(ray_cluster, checkpoint, bad_corpus, tmp_path):
     """The GPU layout (decoding in its own CPU actor pool), run here on CPUs, labels
     exactly as the CPU layout, where each model actor decodes its own batches. There,
@@ -122,6 +123,7 @@ def test_separate_decode_pool_gives_the_same_rows(ray_cluster, checkpoint, bad_c
     assert np.allclose(fused["score"].fillna(-1), split["score"].fillna(-1), atol=1e-6)
 
 
+@pytest.mark.slow  # several pipelines or processes: in CI, not in the quick loop
 def test_manifest_rows_and_a_rerun_that_neither_lists_again_nor_mixes_models(ray_cluster, checkpoint, bad_corpus,
                                                                                tmp_path):
     """A CSV or Parquet manifest, read by Ray Data: relative paths resolve against its
@@ -164,6 +166,7 @@ def test_manifest_rows_and_a_rerun_that_neither_lists_again_nor_mixes_models(ray
                                    files_per_shard=2))
 
 
+@pytest.mark.slow  # several pipelines or processes: in CI, not in the quick loop
 def test_onnxruntime_after_export_labels_like_torch(ray_cluster, checkpoint, bad_corpus, tmp_path):
     """``export`` then ``predict --runtime onnxruntime`` (the CPU provider here), end to end
     over the real-photo corpus: the same rows as the torch runtime, scores within 1e-4."""
@@ -183,6 +186,7 @@ def test_onnxruntime_after_export_labels_like_torch(ray_cluster, checkpoint, bad
     assert np.allclose(torch_df.loc[ok, "score"], ort_df.loc[ok, "score"], atol=1e-4)
 
 
+@pytest.mark.slow  # the model stage's scores are checked per model in tests/unit/test_classifier.py
 def test_pipeline_scores_match_direct_model_call(ray_cluster, checkpoint, bad_corpus, tmp_path):
     label_images(PredictConfig(model=checkpoint, input=str(bad_corpus / "plain.png"), output=str(tmp_path / "o")))
     row = read_output(tmp_path / "o").iloc[0]
@@ -219,6 +223,7 @@ def test_tar_shards_yield_one_row_per_member(ray_cluster, checkpoint, dogs_cats_
     assert set(df.loc[df.status == "error", "error_type"]) == {"decode"}
 
 
+@pytest.mark.slow  # several pipelines or processes: in CI, not in the quick loop
 def test_two_runs_over_the_same_damaged_files_give_the_same_error_rows(ray_cluster, checkpoint, bad_corpus, tmp_path):
     """Error texts hold nothing that differs from run to run (PIL's 'cannot identify image
     file <_io.BytesIO object at 0x7f...>' did), so two jobs over the same files give the
@@ -251,6 +256,7 @@ def test_two_runs_over_the_same_damaged_files_give_the_same_error_rows(ray_clust
                                                              "too-large": 1, "unsupported": 1}
 
 
+@pytest.mark.slow  # several pipelines or processes: in CI, not in the quick loop
 def test_killed_job_resumes_without_redoing_or_duplicating(ray_cluster, checkpoint, dogs_cats_root, tmp_path):
     out = tmp_path / "out"
     args = ["--model", checkpoint, "--input", dogs_cats_root, "--output", str(out), "--files-per-shard", "100",
@@ -284,6 +290,7 @@ def test_killed_job_resumes_without_redoing_or_duplicating(ray_cluster, checkpoi
     assert len(df) == 2000 and df["path"].is_unique and (df.status == "ok").all()
 
 
+@pytest.mark.slow  # several pipelines or processes: in CI, not in the quick loop
 def test_reads_from_and_writes_to_s3(ray_cluster, s3_server, checkpoint, bad_corpus, tmp_path):
     """A prefix with sub-prefixes (listed in parallel), a tar and a manifest on the S3
     server; tar member paths read back from S3 (as evaluate and explain do)."""

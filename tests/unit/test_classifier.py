@@ -33,8 +33,13 @@ def photos(dogs_cats_root):
     return sorted(glob.glob(f"{dogs_cats_root}/*/*.png") + glob.glob(f"{dogs_cats_root}/*/*.jpg"))[:5]
 
 
-# vgg11_bn stands for its family; vgg11 and vgg16 would add 25 s of building large weights.
-@pytest.mark.parametrize("arch", [m for m in list_models() if m not in ("vgg11", "vgg16")])
+# vgg11_bn stands for its family, and runs with the slow tests with the other large models
+# (building vgg11_bn's 130M weights takes 20 s); vgg11 and vgg16 would add 25 s more.
+SLOW_ARCHS = {"vgg11_bn", "convnext_tiny", "efficientnet_b1"}
+
+
+@pytest.mark.parametrize("arch", [pytest.param(m, marks=pytest.mark.slow) if m in SLOW_ARCHS else m
+                                  for m in list_models() if m not in ("vgg11", "vgg16")])
 def test_prepared_model_labels_like_the_checkpoint(arch, photos, tmp_path):
     """Folded, channels_last and traced, every registry model gives the checkpoint's own
     probabilities, for batch sizes other than the one it was traced with, also when the

@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
@@ -18,6 +19,7 @@ def scene(rng, with_object, size=48, obj=12):
     return x + 0.02 * torch.from_numpy(rng.standard_normal((3, size, size)).astype(np.float32)), box
 
 
+@pytest.mark.slow  # trains a CNN for 60 steps: in CI, not in the quick loop
 def test_heatmap_concentrates_on_pasted_object():
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
