@@ -576,9 +576,10 @@ def config_differences(old: JobConfig, new: JobConfig) -> dict[str, tuple]:
     return out
 
 
-def prepare_run_folder(job: JobConfig) -> str:
+def prepare_run_folder(job: JobConfig) -> tuple[str, bool]:
     """Checks the run folder (storage_path/name) against ``--resume``/``--overwrite`` and
-    writes the run's config.yaml; returns the folder.
+    writes the run's config.yaml; returns the folder and whether the run continues from
+    checkpoints of its own that are there (listed once, here).
 
     A folder that holds checkpoints is continued only with ``--resume``, and only with
     the same settings (but for RESUME_MAY_CHANGE); ``--overwrite`` deletes them first.
@@ -594,16 +595,16 @@ def prepare_run_folder(job: JobConfig) -> str:
     fs.invalidate_cache(path)
     entries = fs.ls(path, detail=False) if fs.exists(path) else []
     names = {e.rstrip("/").rsplit("/", 1)[-1]: e for e in entries}
-    has_checkpoints = any(n.startswith("checkpoint_") for n in names)
+    holds_checkpoints = any(n.startswith("checkpoint_") for n in names)
     config_uri = storage.join(run, "config.yaml")
-    if has_checkpoints and t.overwrite:
+    if holds_checkpoints and t.overwrite:
         for name, entry in names.items():
             if name != "cache":  # the decoded cache is keyed by its data: still valid
                 fs.rm(entry, recursive=True)
-    elif has_checkpoints and not t.resume:
+    elif holds_checkpoints and not t.resume:
         raise RunFolderError(f"{run} already holds checkpoints of a run: pass --resume to continue it, "
                              "--overwrite to start it afresh, or another --name for a new run")
-    elif has_checkpoints and "config.yaml" in names:
+    elif holds_checkpoints and "config.yaml" in names:
         with storage.open_uri(config_uri, "r") as f:
             saved = JobConfig.from_dict(yaml.safe_load(f))
         changed = {k: v for k, v in config_differences(saved, job).items() if k not in RESUME_MAY_CHANGE}
@@ -613,7 +614,7 @@ def prepare_run_folder(job: JobConfig) -> str:
                                  "run's settings, or start a new run (--name, or --overwrite)")
     storage.makedirs(run)
     save_config(config_uri, job)
-    return run
+    return run, holds_checkpoints and not t.overwrite
 
 
 @dataclass
@@ -634,18 +635,11 @@ def prepare_data(job: JobConfig) -> PreparedData:
     splits, classes = prepare_splits(job)
     t = job.train
     storage_path = storage.absolute(t.storage_path)
-    resuming = bool(t.resume_from) or (t.resume and has_checkpoints(storage.join(storage_path, t.name)))
-    run = prepare_run_folder(job)
+    run, continues = prepare_run_folder(job)
+    resuming = bool(t.resume_from) or continues
     write_splits(storage.join(run, SPLITS_DIR), splits)
     caches = build_caches(job, training_images(job, splits), splits["val"], classes, storage_path)
     return PreparedData(splits, classes, caches, storage_path, run, resuming)
-
-
-def has_checkpoints(run: str) -> bool:
-    fs, path = storage.filesystem(run)
-    fs.invalidate_cache(path)
-    return fs.exists(path) and any(e.rstrip("/").rsplit("/", 1)[-1].startswith("checkpoint_")
-                                   for e in fs.ls(path, detail=False))
 
 
 def wants_probe_head(job: JobConfig, resuming: bool) -> bool:
