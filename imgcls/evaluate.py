@@ -1,8 +1,9 @@
 """Evaluation of a trained model on labelled images, through the inference pipeline.
 
 ``evaluate_images`` labels a LabelledImages set with exactly the batch-inference code
-path (its actor pool, or for a few hundred images its stage in this process), then ``report_from_predictions`` turns predictions plus true labels into
-metrics. Plots live in ``imgcls.report``.
+path (its actor pool, or for a few hundred images its stage in this process), then
+``report_from_predictions`` turns predictions plus true labels into metrics. Plots live
+in ``imgcls.report``.
 """
 
 from __future__ import annotations

@@ -201,14 +201,16 @@ def run_probe(job, classes: list[str], caches: dict[str, ImageCache], class_weig
     import ray
 
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-    args = ({k: c.to_dict() for k, c in caches.items()}, class_weight)
+
+    cache_dicts = {k: c.to_dict() for k, c in caches.items()}
     if not use_gpu and sum(c.num_images for c in caches.values()) <= IN_PROCESS_MAX_IMAGES:
         # A few hundred images: the features take seconds here, a task's process longer to start.
-        return probe_job(job.to_dict(), classes, *args, use_gpu, torch.get_num_threads(), with_state)
+        return probe_job(job.to_dict(), classes, cache_dicts, class_weight, use_gpu, torch.get_num_threads(),
+                         with_state)
     largest_node = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]), default=1)
     cpus = 1 if use_gpu else int(max(1, min(largest_node, 8)))
     # Outside any placement group of the caller: a Tune trial reserves only a sliver of a
     # CPU for its driver, in which this task could never be scheduled.
     task = ray.remote(num_cpus=cpus, num_gpus=1 if use_gpu else 0,
                       scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None))(probe_job)
-    return ray.get(task.remote(job.to_dict(), classes, *args, use_gpu, cpus, with_state))
+    return ray.get(task.remote(job.to_dict(), classes, cache_dicts, class_weight, use_gpu, cpus, with_state))

@@ -14,7 +14,7 @@ import yaml
 
 from imgcls.checkpoint import load_checkpoint
 from imgcls.config import DataConfig, JobConfig, ModelConfig, TrainConfig
-from imgcls.train import RunFolderError, fit, prepare_data, prepare_splits
+from imgcls.train import RunFolderError, fit, prepare_splits
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]  # each test trains: in CI, not in the quick loop
 
@@ -122,7 +122,7 @@ def test_killed_worker_does_not_lose_training(ray_cluster, fmnist_root, tmp_path
 
 def test_trains_from_s3_manifest_with_streamed_cache_on_s3(ray_cluster, s3_server, fmnist_root, tmp_path):
     """Source images and the decoded cache on the loopback S3 server; the cache streamed
-    through Ray Data rather than held; MixUp, CutMix and EMA on; a rerun finds the cache."""
+    through Ray Data rather than held; MixUp, CutMix and EMA on; a rerun resumes."""
     import s3fs
 
     fs = s3fs.S3FileSystem(endpoint_url=s3_server)
@@ -146,9 +146,10 @@ def test_trains_from_s3_manifest_with_streamed_cache_on_s3(ray_cluster, s3_serve
     state = torch.load(os.path.join(result.checkpoint, "train_state.pt"), weights_only=True)
     assert "raw_model" in state and state["ema_updates"] > 0  # the average is saved as the model
 
-    # A rerun finds both caches on S3 (resuming itself is test_fit_checkpoints_every_epoch_and_resumes's).
-    rerun = prepare_data(dataclasses.replace(job, train=dataclasses.replace(job.train, epochs=3, resume=True)))
-    assert rerun.resuming and rerun.caches["train"].reused and rerun.caches["val"].reused
+    # Streamed workers resume too (test_fit_checkpoints_every_epoch_and_resumes's are resident).
+    resumed = fit(dataclasses.replace(job, train=dataclasses.replace(job.train, epochs=3, resume=True)))
+    assert [h["epoch"] for h in resumed.history] == [0, 1, 2] and resumed.history[2]["started_at_epoch"] == 2
+    assert resumed.caches["train"].reused and resumed.caches["val"].reused
 
 
 def test_frozen_backbone_sgd_balanced_sampler_and_resume_from_through_the_cli(ray_cluster, fmnist_root, tmp_path):

@@ -10,7 +10,6 @@ import torch
 from click.testing import CliRunner
 
 import imgcls.probe
-
 from imgcls.checkpoint import SPLITS, load_checkpoint, split_manifest
 from imgcls.cli import cli
 from imgcls.config import DataConfig, JobConfig, ModelConfig, TrainConfig
