@@ -56,6 +56,12 @@ MIN_SHARD_IMAGES, MAX_SHARD_IMAGES = 64, 4096
 IN_PROCESS_MAX_IMAGES = 1000
 
 
+def runs_here(num_images: int) -> bool:
+    """Whether a one-off pass over ``num_images`` images runs in the calling process
+    (read at each call, so that one setting governs every such pass)."""
+    return num_images <= IN_PROCESS_MAX_IMAGES
+
+
 @dataclass
 class ImageCache:
     """A built (or found) cache of one split."""
@@ -187,7 +193,7 @@ def build_cache(images: "LabelledImages", classes: Sequence[str], uri: str, shor
         idx = order[lo:lo + per_shard]
         names.append(SHARD_TEMPLATE.format(i))
         tasks.append(([images.paths[j] for j in idx], labels[idx], storage.join(uri, names[-1]), short_side, side))
-    if len(images) <= IN_PROCESS_MAX_IMAGES:
+    if runs_here(len(images)):
         counts = [write_shard(*task) for task in tasks]
     else:
         counts = ray.get([_write_shard.options(num_cpus=1).remote(*task) for task in tasks])

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import ray
 
-from imgcls.cache import IN_PROCESS_MAX_IMAGES
+from imgcls.cache import runs_here
 from imgcls.checkpoint import read_model_info
 from imgcls.data import DataError, LabelledImages, encode_labels
 from imgcls.metrics import classification_report, confusion_matrix
@@ -33,7 +33,7 @@ def predict_labelled(model: str, images: LabelledImages, batch_size: int = 64, r
     ``cache.IN_PROCESS_MAX_IMAGES`` images, where starting the pool would take longer.
     """
     if in_process is None:
-        in_process = len(images) <= IN_PROCESS_MAX_IMAGES and num_actors is None
+        in_process = runs_here(len(images)) and num_actors is None
     if in_process:
         # Through Ray Data's own conversion, so that the columns have the pool's dtypes.
         df = ray.data.from_arrow(predict_here(images.paths, model, batch_size=batch_size, runtime=runtime)).to_pandas()

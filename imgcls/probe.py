@@ -27,7 +27,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from imgcls.augment import BatchEval
-from imgcls.cache import IN_PROCESS_MAX_IMAGES, ImageCache, shard_batches
+from imgcls.cache import ImageCache, runs_here, shard_batches
 from imgcls.models import WithFeatures, create_model, get_spec, head_name
 
 # L2 strengths tried, as the penalty 0.5 * l2 * |W|^2 added to the mean loss over
@@ -203,7 +203,7 @@ def run_probe(job, classes: list[str], caches: dict[str, ImageCache], class_weig
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     cache_dicts = {k: c.to_dict() for k, c in caches.items()}
-    if not use_gpu and sum(c.num_images for c in caches.values()) <= IN_PROCESS_MAX_IMAGES:
+    if not use_gpu and runs_here(sum(c.num_images for c in caches.values())):
         # A few hundred images: the features take seconds here, a task's process longer to start.
         return probe_job(job.to_dict(), classes, cache_dicts, class_weight, use_gpu, torch.get_num_threads(),
                          with_state)

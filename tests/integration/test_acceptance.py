@@ -14,11 +14,13 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 def test_main_job_reaches_85_percent_on_fashion_mnist(ray_cluster, tmp_path):
     """The README's main job: fetch, train with 2 CPU workers, test, label a folder to Parquet."""
-    summary = run_demo(str(tmp_path), per_class=1500)  # the main job's recipe, on 15,000 of the images
+    # The main job's recipe on 10,000 of the images for 4 of its 7 epochs: 0.877 in 153 s
+    # on 2 cores without bf16, where the demo's own 15,000 for 7 epochs take 430-530 s.
+    summary = run_demo(str(tmp_path), per_class=1000, epochs=4)
     assert summary["test"]["accuracy"] >= 0.85, summary["test"]
-    assert summary["test"]["num_samples"] == 1500
+    assert summary["test"]["num_samples"] == 1000
     labelled = summary["predict"]
-    assert labelled["rows"] == labelled["files"] == 1501 and labelled["errors"] == 1
+    assert labelled["rows"] == labelled["files"] == 1001 and labelled["errors"] == 1
     table = pq.read_table(labelled["output"]).to_pandas()
     assert table.loc[table.status == "error", "path"].map(os.path.basename).tolist() == ["corrupt.png"]
 

@@ -1,5 +1,6 @@
 """Bulk labelling on a real Ray cluster: nothing lost, resumable, tar shards, S3."""
 
+import dataclasses
 import io
 import os
 import re
@@ -9,16 +10,20 @@ import tarfile
 import time
 
 import numpy as np
+import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
 
-from imgcls.bulk import label_images
+import imgcls.cache
+from imgcls.bulk import label_images, labels_here
 from imgcls.checkpoint import load_checkpoint, save_checkpoint
 from imgcls.config import JobConfig, ModelConfig, PredictConfig
 from imgcls.data import ClassificationPresetEval, decode_image, to_chw_tensor
+from imgcls.inputs import plan_inputs
 from imgcls.models import create_model
+from imgcls.predict import pool_plan
 
 pytestmark = pytest.mark.integration
 
@@ -75,9 +80,10 @@ def read_output(folder):
     return pq.read_table(str(folder)).to_pandas()
 
 
-def test_every_file_gets_exactly_one_row(ray_cluster, checkpoint, bad_corpus, tmp_path, capsys):
-    summary = label_images(PredictConfig(model=checkpoint, input=str(bad_corpus), output=str(tmp_path / "out"),
-                                         files_per_shard=4, top_k=2, embeddings=True))
+def test_every_file_gets_exactly_one_row(ray_cluster, checkpoint, bad_corpus, tmp_path, capsys, monkeypatch):
+    cfg = PredictConfig(model=checkpoint, input=str(bad_corpus), output=str(tmp_path / "out"), files_per_shard=4,
+                        top_k=2, embeddings=True)
+    summary = label_images(cfg)
     # Progress a person can read: files done of the total, shards, rate; the last line at 100%.
     progress = [line for line in capsys.readouterr().err.splitlines() if line.startswith("labelled ")]
     n = summary.files
@@ -99,6 +105,22 @@ def test_every_file_gets_exactly_one_row(ray_cluster, checkpoint, bad_corpus, tm
     names = sorted(os.listdir(tmp_path / "out"))
     assert [n for n in names if n.startswith("part-")] == [f"part-{i:06d}.parquet" for i in range(4)]
     assert not [n for n in names if n.startswith(".tmp")]
+
+    # So few files were labelled in this process (bulk.labels_here); the actor pool
+    # writes the same parts with the same rows.
+    plan = plan_inputs(cfg.input, cfg.output, cfg.files_per_shard)
+    todo = plan.shard_table()
+    assert labels_here(plan, todo, cfg, pool_plan(False, None))
+    monkeypatch.setattr(imgcls.cache, "IN_PROCESS_MAX_IMAGES", 0)
+    assert not labels_here(plan, todo, cfg, pool_plan(False, None))
+    label_images(dataclasses.replace(cfg, output=str(tmp_path / "pool")))
+    assert sorted(n for n in os.listdir(tmp_path / "pool") if n.startswith("part-")) == \
+        [n for n in names if n.startswith("part-")]
+    pool = read_output(tmp_path / "pool")
+    exact = ["path", "status", "error_type", "error", "label", "model_id"]
+    pd.testing.assert_frame_equal(df[exact], pool[exact])
+    assert np.allclose(df["score"].fillna(-1), pool["score"].fillna(-1), atol=1e-6)
+    assert np.allclose(np.stack(ok["embedding"]), np.stack(pool.loc[pool.status == "ok", "embedding"]), atol=1e-5)
 
 
 @pytest.mark.slow  # several pipelines or processes: in CI, not in the quick loop
