@@ -19,6 +19,7 @@ model is refused rather than mixed into the same output.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -39,7 +40,7 @@ from imgcls.config import PredictConfig
 from imgcls.devices import choose_gpu
 from imgcls.finished import COUNTS_KEY, JOB_FILE, PART_NAME, PART_TEMPLATE, STAGING_DIR
 from imgcls.inputs import InputPlan, OutputFolderError, plan_inputs
-from imgcls.predict import pool_plan, prepare_model
+from imgcls.predict import model_batch_size, pool_plan, prepare_model
 from imgcls.progress import eta_text
 from imgcls.reader import (COL_PATH, COL_ROW, COL_SHARD, COL_SHARD_ROWS, COL_STATUS, MAX_FILE_BYTES, STATUS_OK,
                            Decoder, DecodeShards, is_tar, output_schema, read_shard_list)
@@ -231,7 +232,7 @@ def _run_here(todo: pa.Table, payload: ModelPayload, cfg: PredictConfig, plan: d
     """The CPU pool's own stage (``LabelShards``: read, decode, label, write each shard's
     part) run here over the shards to do, on this process's threads."""
     stage = LabelShards(payload, cfg.output, max_pixels=cfg.max_pixels, max_images=cfg.batch_size, top_k=cfg.top_k,
-                        embeddings=cfg.embeddings)
+                        embeddings=cfg.embeddings, precision=cfg.precision)
     progress, rows = Progress(todo), []
     for shard, list_uri in zip(todo[COL_SHARD].to_pylist(), todo["list"].to_pylist()):
         rows.append(stage.label_shard(shard, list_uri))
@@ -243,7 +244,8 @@ def _run_one_pool(todo: pa.Table, payload: ModelPayload, cfg: PredictConfig, pla
     ds = _shard_rows(todo).map_batches(
         LabelShards, fn_constructor_kwargs={
             "payload": payload, "output": cfg.output, "max_pixels": cfg.max_pixels, "max_images": cfg.batch_size,
-            "top_k": cfg.top_k, "embeddings": cfg.embeddings, "threads": plan["threads"], "use_gpu": plan["use_gpu"]},
+            "top_k": cfg.top_k, "embeddings": cfg.embeddings, "threads": plan["threads"], "use_gpu": plan["use_gpu"],
+            "precision": cfg.precision},
         batch_size=1, compute=ActorPoolStrategy(size=plan["size"]), num_cpus=plan["num_cpus"],
         num_gpus=plan["num_gpus"])
     progress, rows = Progress(todo), []
@@ -263,7 +265,7 @@ def _run_two_pools(todo: pa.Table, payload: ModelPayload, cfg: PredictConfig, pl
     staged = decoded.map_batches(
         LabelChunks, fn_constructor_kwargs={"payload": payload, "output": cfg.output, "top_k": cfg.top_k,
                                             "embeddings": cfg.embeddings, "threads": plan["threads"],
-                                            "use_gpu": plan["use_gpu"]},
+                                            "use_gpu": plan["use_gpu"], "precision": cfg.precision},
         batch_size=cfg.batch_size, compute=ActorPoolStrategy(size=plan["size"]), num_cpus=plan["num_cpus"],
         num_gpus=plan["num_gpus"], batch_format="numpy")
     staged.context.execution_options.resource_limits = ExecutionResources.for_limits(
@@ -337,6 +339,7 @@ def label_images(cfg: PredictConfig) -> LabelSummary:
         payload = payload.stored(storage.join(cfg.output, MODEL_DIR, f"{payload.model_id}.bin"))
         use_gpu = choose_gpu(cfg.use_gpu, gpus=cfg.num_actors or 1, what="labelling")
         pools = pool_plan(use_gpu, cfg.num_actors, cfg.separate_decode)
+        cfg = dataclasses.replace(cfg, batch_size=model_batch_size(cfg.batch_size, pools["use_gpu"]))
         if labels_here(plan, todo, cfg, pools):
             run = _run_here
         else:

@@ -9,7 +9,6 @@ alone, so a pool starts in about half the time and each actor holds less memory.
 from __future__ import annotations
 
 import io
-import math
 import warnings
 from dataclasses import dataclass
 from typing import Optional
@@ -18,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from imgcls.config import PRECISIONS
 from imgcls.imaging import ScaleNormalize
 from imgcls.reader import (COL_EMBEDDING, COL_ERROR, COL_ERROR_TYPE, COL_LABEL, COL_MODEL_ID, COL_PATH, COL_ROW,
                            COL_SCORE, COL_SHARD, COL_SHARD_ROWS, COL_STATUS, COL_TOPK_LABELS, COL_TOPK_SCORES,
@@ -75,16 +75,97 @@ def onnx_providers(use_gpu: bool, available: list[str]) -> list[str]:
     return ["CPUExecutionProvider"]
 
 
+# Images per model call on a GPU: a 256-image batch crosses in two chunks, the second
+# while the model runs on the first (not yet tuned on a GPU: bench/gpu.py measures it).
+GPU_CHUNK = 128
+_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def inference_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
+    """The dtype the model runs in (None: float32). 'auto' is bf16 on a GPU that has it
+    (fp16 on older ones) and float32 on CPUs, where most cores have no fast bf16."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return _DTYPES[precision]
+
+
+class DeviceFeed:
+    """uint8 (N, S, S, 3) host batches -> normalised float (n, 3, S, S) batches in
+    channels_last layout on the model's device, ``chunk`` images at a time.
+
+    On a GPU, uint8 is what crosses to the device (a quarter of float32's bytes) and the
+    normalisation runs there: each batch is staged once in pinned host memory, and every
+    chunk is copied by a non-blocking copy on a side stream, so that the next chunk
+    crosses while the model runs on the current one. On CPUs the chunks are normalised in
+    place of a copy (small chunks keep the activations in cache).
+    """
+
+    def __init__(self, device: torch.device, normalize: ScaleNormalize, chunk: int,
+                 dtype: Optional[torch.dtype] = None):
+        self.device, self.chunk, self.dtype = device, max(1, chunk), dtype
+        self.normalize = normalize.to(device)
+        self.cuda = device.type == "cuda"
+        self.stream = torch.cuda.Stream(device) if self.cuda else None
+        self.pinned: Optional[torch.Tensor] = None  # grown to the largest batch seen
+
+    def _finish(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.normalize.batch_hwc(x)
+        return x if self.dtype is None else x.to(self.dtype)  # a cast keeps the channels_last layout
+
+    def __call__(self, images: np.ndarray):
+        """Yields the batch's chunks, in order, ready for the model."""
+        host = torch.from_numpy(images)
+        n = len(host)
+        if not self.cuda:
+            for lo in range(0, n, self.chunk):
+                yield self._finish(host[lo:lo + self.chunk])
+            return
+        self.stream.synchronize()  # the previous batch's copies are done with the pinned buffer
+        if self.pinned is None or self.pinned.shape[0] < n or self.pinned.shape[1:] != host.shape[1:]:
+            self.pinned = torch.empty((max(n, self.chunk), *host.shape[1:]), dtype=torch.uint8, pin_memory=True)
+        staged = self.pinned[:n]
+        staged.copy_(host)
+
+        def copy(lo: int):
+            with torch.cuda.stream(self.stream):
+                on_device = staged[lo:lo + self.chunk].to(self.device, non_blocking=True)
+                done = torch.cuda.Event()
+                done.record(self.stream)
+            return on_device, done
+
+        pending = copy(0)
+        for lo in range(0, n, self.chunk):
+            on_device, done = pending
+            if lo + self.chunk < n:
+                pending = copy(lo + self.chunk)  # crosses while the model runs on this chunk
+            current = torch.cuda.current_stream(self.device)
+            current.wait_event(done)
+            on_device.record_stream(current)  # allocated on the side stream, used on this one
+            yield self._finish(on_device)
+
+
 class Classifier:
-    """Actor stage: loads the prepared model once, then labels batches under inference_mode."""
+    """Actor stage: loads the prepared model once, then labels batches under inference_mode.
+
+    ``precision`` ('auto', 'fp32', 'bf16', 'fp16'; see ``inference_dtype``) sets the dtype
+    the TorchScript model's weights and inputs are cast to; probabilities are computed in
+    float32 from its logits. ``chunk`` is how many images go through the model at a time
+    (default: ``cpu_chunk`` on CPUs, GPU_CHUNK on a GPU).
+    """
 
     def __init__(self, payload: ModelPayload, top_k: int = 5, embeddings: bool = False,
-                 threads: Optional[int] = None, use_gpu: bool = False, cpu_chunk: int = 16):
+                 threads: Optional[int] = None, use_gpu: bool = False, cpu_chunk: int = 16,
+                 precision: str = "auto", chunk: Optional[int] = None):
         if threads:
             torch.set_num_threads(threads)
         self.runtime = payload.runtime
         self.embeddings = embeddings
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        self.dtype = None if payload.runtime == "onnxruntime" else inference_dtype(precision, self.device)
         if payload.runtime == "onnxruntime":
             import onnxruntime as ort
 
@@ -97,37 +178,38 @@ class Classifier:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", FutureWarning)  # TorchScript's deprecation notice
                 self.model = torch.jit.load(io.BytesIO(payload.load_program()), map_location=self.device).eval()
+            if self.dtype is not None:
+                self.model = self.model.to(self.dtype)
         self.model_id = payload.model_id
         self.classes = np.array(payload.classes, dtype=object)
-        self.normalize = ScaleNormalize(payload.mean, payload.std)
         self.top_k = min(top_k, len(payload.classes))
         self.schema = output_schema(embeddings)
-        # On CPU the forward runs this many images at a time, whatever the batch size: a
+        # On CPU the forward runs cpu_chunk images at a time, whatever the batch size: a
         # small batch's activations stay in cache. MobileNetV3-Small at 224 px takes 1.8 ms
         # per image on one thread in chunks of 16, and 3.0 ms in batches of 64.
-        self.cpu_chunk = cpu_chunk
+        if chunk is None:
+            chunk = cpu_chunk if self.device.type == "cpu" else GPU_CHUNK
+        self.feed = DeviceFeed(self.device, ScaleNormalize(payload.mean, payload.std), chunk, self.dtype)
         # Batches arrive as read-only views of Ray's object store; they are only read.
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 
-    def _forward(self, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        """(B, 3, S, S) float -> probabilities (B, C), features (B, F)."""
+    def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(n, 3, S, S) on the model's device -> probabilities (n, C), features (n, F),
+        both float32 and still on the device."""
         if self.runtime == "onnxruntime":
             logits, feats = self.session.run(["logits", "features"], {"image": x.contiguous().numpy()})
             logits, feats = torch.from_numpy(logits), torch.from_numpy(feats)
         else:
             with torch.inference_mode():
-                x = x.to(self.device).contiguous(memory_format=torch.channels_last)
                 logits, feats = self.model(x)
-        return logits.float().softmax(1).cpu().numpy(), feats.float().cpu().numpy()
+        return logits.float().softmax(1), feats.float()
 
     def _forward_chunks(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(b, S, S, 3) uint8 -> probabilities, features; on CPU ``cpu_chunk`` images at a time."""
-        step = len(images) if self.device.type == "cuda" else self.cpu_chunk
-        outs = []
-        for i in range(0, len(images), step):
-            # (n, 3, S, S) in channels_last layout, which the model takes without a copy.
-            outs.append(self._forward(self.normalize.batch_hwc(torch.from_numpy(images[i:i + step]))))
-        return np.concatenate([p for p, _ in outs]), np.concatenate([f for _, f in outs])
+        """(b, S, S, 3) uint8 -> probabilities, features as numpy arrays; one copy back
+        from the device per batch."""
+        outs = [self._forward(x) for x in self.feed(images)]
+        probs, feats = (torch.cat([o[i] for o in outs]) if len(outs) > 1 else outs[0][i] for i in (0, 1))
+        return probs.cpu().numpy(), feats.cpu().numpy()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         """Decoded rows -> OUTPUT_SCHEMA rows, plus the internal columns the batch carries."""
@@ -141,31 +223,42 @@ class Classifier:
         """Decoded rows (``reader.Decoder``'s columns) -> rows of OUTPUT_SCHEMA."""
         n = len(batch[COL_PATH])
         ok = np.asarray(batch[COL_STATUS] == STATUS_OK)
-        labels, scores = np.full(n, None, dtype=object), np.full(n, np.nan, dtype=np.float32)
-        topk_labels, topk_scores, embedding = [[]] * n, [[]] * n, [None] * n
-        if ok.any():
+        idx = np.flatnonzero(ok)
+        k = self.top_k
+        labels = np.full(n, None, dtype=object)
+        if len(idx):
             images = batch["image"]  # (B, S, S, 3) uint8
             images = np.stack(images) if images.dtype == object else images
             images = images if ok.all() else images[ok]
             probs, feats = self._forward_chunks(np.ascontiguousarray(images))
-            top = np.argsort(-probs, axis=1)[:, : self.top_k]  # (b, k)
-            top_p = np.take_along_axis(probs, top, axis=1)
-            idx = np.flatnonzero(ok)
-            labels[idx], scores[idx] = self.classes[top[:, 0]], top_p[:, 0]
-            for j, i in enumerate(idx):
-                topk_labels[i], topk_scores[i] = self.classes[top[j]].tolist(), top_p[j].tolist()
-                embedding[i] = feats[j].tolist() if self.embeddings else None
+            top = np.argsort(-probs, axis=1)[:, :k]  # (b, k)
+            top_p = np.take_along_axis(probs, top, axis=1).astype(np.float32)
+            labels[idx] = self.classes[top[:, 0]]
+        else:
+            top, top_p, feats = np.zeros((0, k), np.int64), np.zeros((0, k), np.float32), np.zeros((0, 0), np.float32)
+        # List columns from one flat array each (no per-image Python lists): an error row
+        # is an empty top-k list and a null embedding.
+        per_row = np.zeros(n, np.int64)
+        per_row[idx] = k
+        offsets = pa.array(np.concatenate([[0], np.cumsum(per_row)]).astype(np.int32))
+        scores = np.full(n, np.nan, np.float32)
+        scores[idx] = top_p[:, 0] if len(idx) else []
         columns = {
-            COL_PATH: batch[COL_PATH].tolist(), COL_STATUS: batch[COL_STATUS].tolist(),
+            COL_PATH: pa.array(batch[COL_PATH], pa.string()), COL_STATUS: pa.array(batch[COL_STATUS], pa.string()),
             # Missing errors may arrive as None or NaN, depending on the block format.
-            COL_ERROR: [e if isinstance(e, str) else None for e in batch[COL_ERROR]],
-            COL_ERROR_TYPE: [e if isinstance(e, str) else None for e in batch[COL_ERROR_TYPE]],
-            COL_LABEL: labels.tolist(),
-            COL_SCORE: [None if math.isnan(s) else float(s) for s in scores],
-            COL_TOPK_LABELS: topk_labels, COL_TOPK_SCORES: topk_scores, COL_MODEL_ID: [self.model_id] * n,
+            COL_ERROR: pa.array([e if isinstance(e, str) else None for e in batch[COL_ERROR]], pa.string()),
+            COL_ERROR_TYPE: pa.array([e if isinstance(e, str) else None for e in batch[COL_ERROR_TYPE]], pa.string()),
+            COL_LABEL: pa.array(labels, pa.string()),
+            COL_SCORE: pa.array(scores, pa.float32(), mask=~ok),
+            COL_TOPK_LABELS: pa.ListArray.from_arrays(offsets, pa.array(self.classes[top].ravel(), pa.string())),
+            COL_TOPK_SCORES: pa.ListArray.from_arrays(offsets, pa.array(top_p.ravel(), pa.float32())),
+            COL_MODEL_ID: pa.array(np.full(n, self.model_id, dtype=object), pa.string()),
         }
         if self.embeddings:
-            columns[COL_EMBEDDING] = embedding
+            width = feats.shape[1] if len(idx) else 0
+            emb_offsets = pa.array(np.concatenate([[0], np.cumsum((per_row > 0) * width)]).astype(np.int32))
+            columns[COL_EMBEDDING] = pa.ListArray.from_arrays(emb_offsets, pa.array(feats.ravel(), pa.float32()),
+                                                              mask=pa.array(~ok))
         return pa.Table.from_pydict(columns, schema=self.schema)
 
 

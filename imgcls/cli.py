@@ -30,6 +30,7 @@ USER_ERRORS = (
     ("imgcls.inputs", "ManifestError"),  # a labelling manifest without a path column
     ("imgcls.inputs", "OutputFolderError"),  # an output folder that holds another job's output
     ("imgcls.tune", "TrialsFailedError"),  # every trial failed: the message shows the first one's error
+    ("imgcls.review", "ReviewError"),  # predictions that cannot be reviewed as asked
     ("builtins", "FileNotFoundError"),  # a path given that does not exist
 )
 
@@ -304,6 +305,26 @@ def explain(model, output, images, mistakes_from, split, top, layer):
     if not paths:
         raise click.UsageError("give --image, --split or --mistakes-from")
     echo_json(explain_images(model, paths, output, layer=layer))
+
+
+@cli.command()
+@click.option("--predictions", required=True, help="Predictions Parquet (file or folder) of imgcls predict.")
+@click.option("--output", required=True, type=click.Path(file_okay=False), help="Folder for review.csv and review.html.")
+@click.option("--strategy", type=click.Choice(["margin", "entropy", "least-confident", "random"]), default="margin",
+              show_default=True, help="What makes a prediction worth a look (see imgcls.review).")
+@click.option("--n", "n", type=click.IntRange(min=1), default=100, show_default=True, help="Predictions to pick.")
+@click.option("--per-class/--no-per-class", default=False, show_default=True,
+              help="Spread the picks over the predicted classes, which take turns.")
+@click.option("--dedup", type=click.FloatRange(-1, 1), default=None,
+              help="Skip a pick whose embedding's cosine similarity to an earlier pick is above this (e.g. 0.98); "
+                   "needs predictions labelled with --embeddings.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of --strategy random.")
+def review(predictions, output, strategy, n, per_class, dedup, seed):
+    """Pick the predictions a person should check: review.csv (fill in its label column,
+    then train on it) and a contact sheet, review.html."""
+    from imgcls.review import run_review
+
+    echo_json(run_review(local_path(predictions), local_path(output), strategy, n, per_class, dedup, seed))
 
 
 @cli.command("fetch-data")

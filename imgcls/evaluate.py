@@ -24,7 +24,7 @@ from imgcls.reader import COL_LABEL, COL_PATH, COL_STATUS, COL_TOPK_LABELS, STAT
 COL_TRUE = "true_label"
 
 
-def predict_labelled(model: str, images: LabelledImages, batch_size: int = 64, runtime: str = "torch",
+def predict_labelled(model: str, images: LabelledImages, batch_size: Optional[int] = None, runtime: str = "torch",
                      num_actors: Optional[int] = None, in_process: Optional[bool] = None) -> pd.DataFrame:
     """Predictions for ``images`` with a ``true_label`` column, one row per image.
 

@@ -221,6 +221,12 @@ class ScaleNormalize:
             raise TypeError(f"expected a uint8 image, got {image.dtype}")
         return image.to(torch.float32).sub_(self.shift).mul_(self.scale)  # a new tensor: uint8 -> float
 
+    def to(self, device: torch.device) -> "ScaleNormalize":
+        """The same normalisation with its constants on ``device`` (it then takes batches there)."""
+        moved = object.__new__(ScaleNormalize)
+        moved.shift, moved.scale = self.shift.to(device), self.scale.to(device)
+        return moved
+
     def batch_hwc(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (N, H, W, 3), contiguous -> float32 (N, 3, H, W) in channels_last layout.
 

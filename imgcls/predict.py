@@ -86,17 +86,24 @@ def input_rows(paths: Sequence[str], rows_per_block: int = ROWS_PER_BLOCK) -> ra
     return ray.data.from_arrow(input_blocks(paths, rows_per_block))
 
 
-def predict_here(paths: Sequence[str], model: str, *, batch_size: int = 64, top_k: int = 5,
+def predict_here(paths: Sequence[str], model: str, *, batch_size: Optional[int] = None, top_k: int = 5,
                  embeddings: bool = False, runtime: str = "torch", max_pixels: int = 64_000_000) -> pa.Table:
     """``predict`` of a few files in this process, on its CPUs: the same model program
     (``prepare_model``) and the same read, decode and classify stage
     (``classifier.ReadAndClassify``) over the same input blocks, without starting an
     actor pool. Returns the OUTPUT_SCHEMA rows, one per input file (per tar member)."""
     payload = prepare_model(model, runtime)
-    stage = ReadAndClassify(payload, max_pixels=max_pixels, max_images=batch_size, top_k=top_k,
+    stage = ReadAndClassify(payload, max_pixels=max_pixels, max_images=model_batch_size(batch_size, False), top_k=top_k,
                             embeddings=embeddings)
     return pa.concat_tables([stage({COL_PATH: block.column(COL_PATH).to_numpy(zero_copy_only=False)})
                              for block in input_blocks(paths)])
+
+
+CPU_BATCH, GPU_BATCH = 64, 256  # images per model batch when none is given
+
+
+def model_batch_size(batch_size: Optional[int], use_gpu: bool) -> int:
+    return batch_size or (GPU_BATCH if use_gpu else CPU_BATCH)
 
 
 def pool_plan(use_gpu: Optional[bool], num_actors: Optional[int], separate_decode: Optional[bool] = None) -> dict:
@@ -142,10 +149,10 @@ def pool_plan(use_gpu: Optional[bool], num_actors: Optional[int], separate_decod
     return plan
 
 
-def predict(rows: ray.data.Dataset, model: str, *, batch_size: int = 64, top_k: int = 5,
+def predict(rows: ray.data.Dataset, model: str, *, batch_size: Optional[int] = None, top_k: int = 5,
             embeddings: bool = False, runtime: str = "torch", use_gpu: Optional[bool] = None,
             num_actors: Optional[int] = None, max_pixels: int = 64_000_000, buffer_mb: int = 512,
-            separate_decode: Optional[bool] = None) -> ray.data.Dataset:
+            separate_decode: Optional[bool] = None, precision: str = "auto") -> ray.data.Dataset:
     """Labels ``rows`` (column path) and returns prediction rows.
 
     Args:
@@ -163,9 +170,10 @@ def predict(rows: ray.data.Dataset, model: str, *, batch_size: int = 64, top_k: 
         (per tar member for tars).
     """
     plan = pool_plan(use_gpu, num_actors, separate_decode)
+    batch_size = model_batch_size(batch_size, plan["use_gpu"])
     payload = prepare_model(model, runtime)
     classifier_kwargs = {"top_k": top_k, "embeddings": embeddings, "threads": plan["threads"],
-                         "use_gpu": plan["use_gpu"]}
+                         "use_gpu": plan["use_gpu"], "precision": precision}
     model_pool = dict(compute=ActorPoolStrategy(size=plan["size"]), num_cpus=plan["num_cpus"],
                       num_gpus=plan["num_gpus"], batch_format="numpy")
     if plan["decode"] is None:  # CPU only: each model actor reads and decodes its own batches

@@ -462,6 +462,7 @@ def train_loop_per_worker(config: dict) -> None:
             "worker_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "resident": bool(config["resident"]),
             "node_id": ray.get_runtime_context().get_node_id(),  # rank 0's node
+            "device": str(device), "amp": bool(amp), "channels_last": bool(channels_last),  # as chosen for rank 0
         }
         if epoch == start_epoch:
             metrics.update(load_seconds=load_seconds, first_step_time=first_step.get("time"))

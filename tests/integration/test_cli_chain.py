@@ -176,3 +176,61 @@ def test_evaluate_predictions_of_an_unlabelled_folder_fails_in_one_line(labelled
     line = error_line(result)
     assert line.startswith("imgcls evaluate: error: no row to score")
     assert "'images': 20" in line and "1 are error rows" in line
+
+
+def test_review_picks_uncertain_predictions_as_a_manifest_to_train_on(ray_cluster, checkpoint_28, fmnist_root,
+                                                                       tmp_path):
+    """`imgcls review` on a real labelling run (with embeddings): margin picks have lower
+    margins than random ones, --per-class spreads them, --dedup keeps one of two identical
+    files, the contact sheet shows every pick, and the manifest, once its label column is
+    filled in, is training input."""
+    import numpy as np
+    import pandas as pd
+
+    from imgcls.data import list_labelled_images
+
+    folder = tmp_path / "images"
+    for label in ("bag", "coat", "sneaker"):
+        (folder / label).mkdir(parents=True)
+        for name in sorted(os.listdir(os.path.join(fmnist_root, label)))[:30]:
+            shutil.copy(os.path.join(fmnist_root, label, name), folder / label / name)
+    first = sorted(os.listdir(folder / "bag"))[0]
+    shutil.copy(folder / "bag" / first, folder / "bag" / "copy-of-first.png")
+    labels = str(tmp_path / "labels")
+    run("predict", "--model", checkpoint_28, "--input", str(folder), "--output", labels, "--embeddings")
+    rows = pq.read_table(labels).to_pandas()
+    margin_of = dict(zip(rows["path"], rows["topk_scores"].map(lambda s: s[0] - s[1])))
+
+    def review(name, *flags):
+        out = run("review", "--predictions", labels, "--output", str(tmp_path / name), *flags)
+        summary = json.loads(out[out.index("{"):])
+        return summary, pd.read_csv(summary["manifest"], keep_default_na=False)
+
+    summary, by_margin = review("margin", "--n", "20")
+    _, at_random = review("random", "--strategy", "random", "--n", "20")
+    assert len(by_margin) == len(at_random) == 20 and summary["rows"] == 91
+    assert by_margin.columns.tolist() == ["path", "predicted_label", "score", "uncertainty", "label"]
+    assert (by_margin["label"] == "").all()
+    assert np.mean([margin_of[p] for p in by_margin["path"]]) < np.mean([margin_of[p] for p in at_random["path"]])
+    assert max(margin_of[p] for p in by_margin["path"]) <= sorted(margin_of.values())[19]
+    sheet = open(summary["contact_sheet"]).read()
+    assert sheet.count('<img src="data:image/jpeg;base64,') == 20
+
+    _, spread = review("spread", "--n", "6", "--per-class")
+    predicted = spread["predicted_label"].tolist()
+    assert len(set(predicted)) == min(6, rows["label"].nunique())
+    twins = {str(folder / "bag" / first), str(folder / "bag" / "copy-of-first.png")}
+    _, everything = review("all", "--n", "1000")
+    _, deduped = review("dedup", "--n", "1000", "--dedup", "0.9999")
+    assert twins <= set(everything["path"]) and len(twins & set(deduped["path"])) == 1
+
+    filled = by_margin.assign(label=by_margin["path"].map(lambda p: os.path.basename(os.path.dirname(p))))
+    filled.to_csv(tmp_path / "filled.csv", index=False)
+    images = list_labelled_images(str(tmp_path / "filled.csv"))
+    assert images.paths == by_margin["path"].tolist() and set(images.labels) <= {"bag", "coat", "sneaker"}
+
+    shutil.rmtree(tmp_path / "no-emb", ignore_errors=True)
+    run("predict", "--model", checkpoint_28, "--input", str(folder / "coat"), "--output", str(tmp_path / "no-emb"))
+    result = CliRunner().invoke(cli, ["review", "--predictions", str(tmp_path / "no-emb"), "--output",
+                                      str(tmp_path / "x"), "--dedup", "0.9"])
+    assert "has no embeddings: label with --embeddings" in error_line(result)

@@ -14,6 +14,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import requires_gpu
 from PIL import Image
 
 import imgcls.cache
@@ -347,3 +348,24 @@ def test_reads_from_and_writes_to_s3(ray_cluster, s3_server, checkpoint, bad_cor
                              "s3://imgcls/inbox/cmyk.jpg"])
     assert got[0] == (bad_corpus / "plain.jpg").read_bytes() and isinstance(got[1], FileNotFoundError)
     assert got[2] == (bad_corpus / "cmyk.jpg").read_bytes()
+
+
+@pytest.mark.gpu
+@requires_gpu
+def test_gpu_labelling_gives_every_file_one_row_and_the_cpu_scores(ray_cluster, checkpoint, bad_corpus, tmp_path):
+    """On a GPU (CPU decode pool, model actor on the device, bf16, uint8 staged through
+    pinned memory): one row per input, the same error rows, and the CPU path's scores
+    within bf16's error."""
+    common = dict(model=checkpoint, input=str(bad_corpus), files_per_shard=4, top_k=2, embeddings=True)
+    on_gpu = label_images(PredictConfig(**common, output=str(tmp_path / "gpu"), use_gpu=True))
+    label_images(PredictConfig(**common, output=str(tmp_path / "cpu"), use_gpu=False))
+    gpu, cpu = read_output(tmp_path / "gpu"), read_output(tmp_path / "cpu")
+    inputs = sorted(str(p) for p in bad_corpus.rglob("*") if p.is_file())
+    assert sorted(gpu["path"]) == inputs and on_gpu.rows == on_gpu.files == len(inputs)
+    errors = gpu[gpu.status == "error"]
+    assert dict(zip(errors["path"].map(os.path.basename), errors["error_type"])) == EXPECTED_ERRORS
+    gpu, cpu = gpu.sort_values("path").reset_index(drop=True), cpu.sort_values("path").reset_index(drop=True)
+    assert (gpu["status"] == cpu["status"]).all()
+    ok = gpu.status == "ok"
+    assert np.allclose(gpu.loc[ok, "score"], cpu.loc[ok, "score"], atol=0.03)
+    assert np.allclose(np.stack(gpu.loc[ok, "embedding"]), np.stack(cpu.loc[ok, "embedding"]), rtol=0.05, atol=0.05)

@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from conftest import requires_gpu
 
 from imgcls.cache import load_shard, read_manifest, write_shard
 from imgcls.checkpoint import load_checkpoint
@@ -224,3 +225,18 @@ def test_frozen_backbone_sgd_balanced_sampler_and_resume_from_through_the_cli(ra
     train("--name", "continued", "--epochs", "3", "--resume-from", str(by_epoch[1]), "--class-balance", "loss")
     history = json.loads((runs / "continued" / "best" / "history.json").read_text())
     assert [h["epoch"] for h in history] == [0, 1, 2] and history[2]["started_at_epoch"] == 2, history
+
+
+@pytest.mark.gpu
+@requires_gpu
+def test_trains_on_a_gpu_with_amp_and_resumes(ray_cluster, fmnist_root, tmp_path):
+    """One worker on the GPU: bf16 autocast, channels_last, the cache resident on the
+    device, batched augmentation there; a rerun with --resume continues at epoch 3."""
+    job = small_job(fmnist_root, tmp_path, data={"augment": "standard"}, epochs=2, num_workers=1, use_gpu=True,
+                    name="gpu")
+    result = fit(job)
+    assert [h["device"].split(":")[0] for h in result.history] == ["cuda", "cuda"]
+    assert all(h["amp"] and h["channels_last"] and h["resident"] for h in result.history)
+    assert result.metrics["val_accuracy"] >= 0.3  # 10 classes (chance 0.1), 100 validation images
+    resumed = fit(dataclasses.replace(job, train=dataclasses.replace(job.train, epochs=3, resume=True)))
+    assert [h["epoch"] for h in resumed.history] == [0, 1, 2] and resumed.history[2]["started_at_epoch"] == 2

@@ -133,3 +133,63 @@ def test_onnxruntime_uses_the_cuda_provider_only_with_a_gpu():
     assert onnx_providers(True, both) == both
     assert onnx_providers(False, both) == ["CPUExecutionProvider"]
     assert onnx_providers(True, ["CPUExecutionProvider"]) == ["CPUExecutionProvider"]  # CPU-only onnxruntime
+
+
+def test_device_feed_normalises_chunks_in_order_in_the_models_layout_and_dtype():
+    """The feed's CPU branch (the GPU one stages the same chunks through pinned memory):
+    chunks in order, covering the batch, normalised as ScaleNormalize does, channels_last,
+    cast to the inference dtype without losing the layout."""
+    from imgcls.classifier import DeviceFeed
+    from imgcls.imaging import ScaleNormalize
+
+    images = np.random.default_rng(0).integers(0, 256, (7, 5, 5, 3), dtype=np.uint8)
+    normalize = ScaleNormalize((0.5, 0.4, 0.3), (0.2, 0.25, 0.3))
+    expected = normalize(torch.from_numpy(images).permute(0, 3, 1, 2))
+    chunks = list(DeviceFeed(torch.device("cpu"), normalize, chunk=3)(images))
+    assert [len(c) for c in chunks] == [3, 3, 1]
+    assert all(c.is_contiguous(memory_format=torch.channels_last) for c in chunks)
+    assert torch.allclose(torch.cat(chunks), expected, atol=1e-5)
+    halves = list(DeviceFeed(torch.device("cpu"), normalize, chunk=4, dtype=torch.bfloat16)(images))
+    assert [c.dtype for c in halves] == [torch.bfloat16] * 2
+    assert halves[0].is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(torch.cat(halves).float(), expected, atol=0.02)
+
+
+def test_inference_dtype_is_float32_on_cpus_unless_asked_and_checked():
+    from imgcls.classifier import inference_dtype
+    from imgcls.config import PredictConfig
+    from imgcls.predict import model_batch_size
+
+    cpu = torch.device("cpu")
+    assert inference_dtype("auto", cpu) is None and inference_dtype("fp32", cpu) is None
+    assert inference_dtype("bf16", cpu) is torch.bfloat16 and inference_dtype("fp16", cpu) is torch.float16
+    with pytest.raises(ValueError, match="precision must be one of"):
+        inference_dtype("int8", cpu)
+    with pytest.raises(ValueError, match="precision must be one of"):
+        PredictConfig(precision="half")
+    assert PredictConfig().batch_size is None
+    assert model_batch_size(None, use_gpu=True) == 256 and model_batch_size(None, use_gpu=False) == 64
+    assert model_batch_size(32, use_gpu=True) == 32
+
+
+def test_bf16_inference_labels_like_float32_and_builds_rows_from_arrays(photos, tmp_path):
+    """The GPU's default precision, run on the CPU: the model's weights and inputs in bf16,
+    probabilities in float32 within bf16's error of float32's; error rows keep empty top-k
+    lists and a null embedding."""
+    torch.manual_seed(0)
+    model = create_model("resnet18", 3, image_size=SIZE).eval()
+    save_checkpoint(str(tmp_path), model, JobConfig(model=ModelConfig(arch="resnet18", image_size=SIZE)),
+                    ["a", "b", "c"], history=[])
+    payload = prepare_model(str(tmp_path))
+    batch = photo_batch(photos)
+    full = Classifier(payload, top_k=3, embeddings=True).label(batch).to_pylist()
+    half_classifier = Classifier(payload, top_k=3, embeddings=True, precision="bf16")
+    assert next(half_classifier.model.parameters()).dtype == torch.bfloat16
+    half = half_classifier.label(batch).to_pylist()
+    for f, h in zip(full[:-1], half[:-1]):
+        assert h["score"] == pytest.approx(f["score"], abs=0.03)
+        assert sorted(h["topk_labels"]) == ["a", "b", "c"] and sum(h["topk_scores"]) == pytest.approx(1, abs=1e-3)
+        assert np.allclose(h["embedding"], f["embedding"], rtol=0.05, atol=0.05)
+    assert [f["label"] for f in full] == [h["label"] for h in half]
+    assert half[-1]["topk_labels"] == [] and half[-1]["topk_scores"] == [] and half[-1]["embedding"] is None
+    assert half[-1]["score"] is None and half[-1]["label"] is None
