@@ -31,6 +31,7 @@ USER_ERRORS = (
     ("imgcls.inputs", "OutputFolderError"),  # an output folder that holds another job's output
     ("imgcls.tune", "TrialsFailedError"),  # every trial failed: the message shows the first one's error
     ("imgcls.review", "ReviewError"),  # predictions that cannot be reviewed as asked
+    ("imgcls.monitor", "MonitorError"),  # runs that cannot be compared
     ("builtins", "FileNotFoundError"),  # a path given that does not exist
 )
 
@@ -325,6 +326,35 @@ def review(predictions, output, strategy, n, per_class, dedup, seed):
     from imgcls.review import run_review
 
     echo_json(run_review(local_path(predictions), local_path(output), strategy, n, per_class, dedup, seed))
+
+
+@cli.command()
+@click.option("--reference", required=True, help="Predictions Parquet (file or folder) to compare with.")
+@click.option("--current", required=True, help="Predictions Parquet (file or folder) of the new run.")
+@click.option("--output", required=True, type=click.Path(file_okay=False), help="Folder for drift.json and drift.html.")
+@click.option("--alpha", type=click.FloatRange(0, 1, min_open=True), default=0.01, show_default=True,
+              help="A test whose p-value is below this reports drift.")
+@click.option("--sample", type=click.IntRange(min=10), default=10_000, show_default=True,
+              help="Confidence scores sampled from each run for the KS test.")
+@click.option("--embedding-sample", type=click.IntRange(min=0), default=500, show_default=True,
+              help="Embeddings sampled from each run for the MMD test (0: leave the embeddings out; they need "
+                   "predictions labelled with --embeddings).")
+@click.option("--permutations", type=click.IntRange(min=20), default=500, show_default=True,
+              help="Permutations of the MMD test's p-value.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the samples and permutations.")
+@click.option("--num-cpus", type=int, default=None, help="CPUs of a local Ray cluster started by this command.")
+def monitor(reference, current, output, alpha, sample, embedding_sample, permutations, seed, num_cpus):
+    """Drift of a labelling run against a reference: predicted classes, confidence, error
+    rows, embeddings. Writes drift.json and drift.html; exits with status 1 on drift."""
+    init_ray_while_importing(num_cpus, "imgcls.monitor")
+    from imgcls.monitor import run_monitor
+
+    result = run_monitor(local_path(reference), local_path(current), local_path(output), alpha, sample,
+                         embedding_sample, permutations, seed)
+    echo_json(result)
+    if result["drift"]:
+        click.echo(f"imgcls monitor: drift in {', '.join(result['drifted'])} (report {result['report']})", err=True)
+        sys.exit(1)
 
 
 @cli.command("fetch-data")

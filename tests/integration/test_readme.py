@@ -37,7 +37,8 @@ README = ROOT / "README.md"
 # into the same run folder, which refuses a second run without --resume or --overwrite.
 RUNS = {
     "walk-through": ["Walk-through: from training to bulk labelling to a report", "Bulk labelling",
-                     "Evaluation, explanations, export, tuning", "Reviewing uncertain predictions", "Training",
+                     "Evaluation, explanations, export, tuning", "Reviewing uncertain predictions",
+                     "Monitoring drift between labelling runs", "Training",
                      "Fine-tuning a small photo collection"],
 }
 # Headings whose bash blocks are not run here, and why; every other block must be in RUNS.
@@ -235,6 +236,8 @@ def test_readme_blocks_run_as_written(tmp_path, ray_address):
     best = yaml.safe_load((walk / "out/runs/fashion-mnist-tune/tune_best.yaml").read_text())
     assert best["data"]["root"] == str(walk / "out/data/fashion-mnist"), best["data"]
     assert len((walk / "out/review/review.csv").read_text().splitlines()) == 51  # a header and 50 picks
+    drift = json.loads((walk / "out/drift/drift.json").read_text())  # the same images, model and runtime
+    assert not drift["drift"] and drift["rows"]["current"] == drift["rows"]["reference"] > 0
     assert (walk / "out/runs/my-photos/best/model.pt").is_file()
     assert (walk / "out/runs/my-probe/checkpoint_linear_probe/model.pt").is_file()
     metrics = json.loads((walk / "out/eval-photos/metrics.json").read_text())

@@ -1,0 +1,128 @@
+"""imgcls monitor on real Fashion-MNIST predictions of a real (briefly trained) model:
+shifted sets are flagged, random halves of one set are not."""
+
+import json
+import os
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image, ImageOps
+
+from imgcls.bulk import label_images
+from imgcls.checkpoint import save_checkpoint
+from imgcls.cli import cli
+from imgcls.config import JobConfig, ModelConfig, PredictConfig
+from imgcls.models import SmallCNN, get_spec
+from imgcls.monitor import compare, frame_sample
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]  # trains a model and labels four sets first
+
+REMOVED = "trouser"
+
+
+@pytest.fixture(scope="module")
+def runs(ray_cluster, fmnist_root, tmp_path_factory):
+    """Predictions (with embeddings) of a small CNN trained here for 3 epochs on 100 images
+    a class, over held-out images: a reference set and a current set of 50 a class each,
+    the current set without one class, and the current set inverted."""
+    root = tmp_path_factory.mktemp("monitor")
+    classes = sorted(d for d in os.listdir(fmnist_root) if os.path.isdir(os.path.join(fmnist_root, d)))
+    files = {c: sorted(os.listdir(os.path.join(fmnist_root, c))) for c in classes}
+    spec = get_spec("small_cnn")
+    mean, std = torch.tensor(spec.mean).view(1, 3, 1, 1), torch.tensor(spec.std).view(1, 3, 1, 1)
+
+    def load(c, names):
+        return torch.stack([torch.from_numpy(np.asarray(Image.open(os.path.join(fmnist_root, c, n)).convert("RGB")))
+                            for n in names]).permute(0, 3, 1, 2).float().div(255).sub(mean).div(std)
+
+    x = torch.cat([load(c, files[c][:100]) for c in classes])
+    y = torch.arange(len(classes)).repeat_interleave(100)
+    torch.manual_seed(0)
+    model = SmallCNN(len(classes))
+    opt = torch.optim.AdamW(model.parameters(), 3e-3)
+    for _ in range(3):
+        for idx in torch.randperm(len(y)).split(64):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+            opt.step()
+    ckpt = str(root / "model")
+    save_checkpoint(ckpt, model.eval(), JobConfig(model=ModelConfig(arch="small_cnn", image_size=28)), classes, [])
+
+    sets = {"reference": {c: files[c][100:150] for c in classes}, "current": {c: files[c][150:200] for c in classes}}
+    sets["removed"] = {c: names for c, names in sets["current"].items() if c != REMOVED}
+    out = {}
+    for name, chosen in [*sets.items(), ("inverted", sets["current"])]:
+        folder = root / name
+        for c, names in chosen.items():
+            (folder / c).mkdir(parents=True)
+            for n in names:
+                image = Image.open(os.path.join(fmnist_root, c, n))
+                (ImageOps.invert(image.convert("L")) if name == "inverted" else image).save(folder / c / n)
+        out[name] = str(root / f"labels-{name}")
+        label_images(PredictConfig(model=ckpt, input=str(folder), output=out[name], embeddings=True))
+    return out
+
+
+def frame(uri):
+    return pq.read_table(uri).to_pandas().sort_values("path").reset_index(drop=True)
+
+
+def test_shifted_sets_drift_and_a_like_set_does_not(runs):
+    def check(name):
+        return compare(frame_sample(frame(runs["reference"]), embedding_sample=500),
+                       frame_sample(frame(runs[name]), embedding_sample=500, seed=1), permutations=200)
+
+    same = check("current")
+    assert not same["drift"], same["tests"]
+    removed = check("removed")
+    assert "classes" in removed["drifted"], removed["tests"]["classes"]
+    assert removed["tests"]["classes"]["psi"] > same["tests"]["classes"]["psi"]
+    inverted = check("inverted")
+    assert {"embeddings", "confidence"} <= set(inverted["drifted"]), inverted["tests"]
+
+
+def test_random_halves_of_one_set_rarely_drift(runs):
+    """20 seeded random splits of the reference and current sets pooled (one
+    distribution): at the default alpha, at most 2 report drift (10%)."""
+    pooled = pd.concat([frame(runs["reference"]), frame(runs["current"])], ignore_index=True)
+    alarms = []
+    for seed in range(20):
+        order = np.random.default_rng(seed).permutation(len(pooled))
+        a, b = pooled.iloc[order[:500]], pooled.iloc[order[500:]]
+        result = compare(frame_sample(a, embedding_sample=250, seed=seed),
+                         frame_sample(b, embedding_sample=250, seed=seed), permutations=200, seed=seed)
+        alarms.append(result["drifted"])
+    assert sum(bool(a) for a in alarms) <= 2, alarms
+
+
+def test_monitor_command_writes_the_report_and_exits_1_on_drift(runs, tmp_path):
+    ok = CliRunner().invoke(cli, ["monitor", "--reference", runs["reference"], "--current", runs["current"],
+                                  "--output", str(tmp_path / "same"), "--permutations", "100"])
+    assert ok.exit_code == 0, ok.output[-2000:]
+    report = json.loads((tmp_path / "same" / "drift.json").read_text())
+    assert not report["drift"] and set(report["tests"]) == {"classes", "confidence", "errors", "embeddings"}
+    assert report["rows"] == {"reference": 500, "current": 500}
+    drifted = CliRunner().invoke(cli, ["monitor", "--reference", runs["reference"], "--current", runs["inverted"],
+                                       "--output", str(tmp_path / "inv"), "--permutations", "100"])
+    assert drifted.exit_code == 1, drifted.output[-2000:]
+    assert "imgcls monitor: drift in" in drifted.stderr
+    html = (tmp_path / "inv" / "drift.html").read_text()
+    assert html.count("data:image/png;base64,") == 3 and "DRIFT" in html
+
+
+def test_large_runs_read_with_ray_data_count_the_same(runs, monkeypatch):
+    """The Ray Data reading (runs over IN_PROCESS_ROWS rows) gives the same counts, and
+    samples of the sizes asked, as the reading here."""
+    import imgcls.monitor as monitor
+
+    here = monitor.read_run(runs["removed"], sample=100, embedding_sample=50)
+    monkeypatch.setattr(monitor, "IN_PROCESS_ROWS", 0)
+    cluster = monitor.read_run(runs["removed"], sample=100, embedding_sample=50)
+    assert cluster.rows == here.rows == 450 and cluster.errors == here.errors == 0
+    assert cluster.class_counts == here.class_counts and REMOVED not in cluster.class_counts
+    assert len(cluster.scores) == len(here.scores) == 100 and set(cluster.scores) <= set(frame(runs["removed"]).score)
+    assert cluster.embeddings.shape == here.embeddings.shape == (50, 128)
