@@ -329,7 +329,9 @@ def review(predictions, output, strategy, n, per_class, dedup, seed):
 
 
 @cli.command()
-@click.option("--reference", required=True, help="Predictions Parquet (file or folder) to compare with.")
+@click.option("--reference", required=True,
+              help="Predictions Parquet (file or folder) to compare with, or a checkpoint of imgcls train, whose "
+                   "reference.parquet holds its validation split's predictions.")
 @click.option("--current", required=True, help="Predictions Parquet (file or folder) of the new run.")
 @click.option("--output", required=True, type=click.Path(file_okay=False), help="Folder for drift.json and drift.html.")
 @click.option("--alpha", type=click.FloatRange(0, 1, min_open=True), default=0.01, show_default=True,

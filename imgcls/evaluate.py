@@ -25,7 +25,8 @@ COL_TRUE = "true_label"
 
 
 def predict_labelled(model: str, images: LabelledImages, batch_size: Optional[int] = None, runtime: str = "torch",
-                     num_actors: Optional[int] = None, in_process: Optional[bool] = None) -> pd.DataFrame:
+                     num_actors: Optional[int] = None, in_process: Optional[bool] = None,
+                     embeddings: bool = False) -> pd.DataFrame:
     """Predictions for ``images`` with a ``true_label`` column, one row per image.
 
     ``in_process`` labels them in this process with the pipeline's own stages
@@ -36,10 +37,11 @@ def predict_labelled(model: str, images: LabelledImages, batch_size: Optional[in
         in_process = runs_here(len(images)) and num_actors is None
     if in_process:
         # Through Ray Data's own conversion, so that the columns have the pool's dtypes.
-        df = ray.data.from_arrow(predict_here(images.paths, model, batch_size=batch_size, runtime=runtime)).to_pandas()
+        df = ray.data.from_arrow(predict_here(images.paths, model, batch_size=batch_size, runtime=runtime,
+                                              embeddings=embeddings)).to_pandas()
     else:
         df = predict(input_rows(images.paths), model, batch_size=batch_size, runtime=runtime,
-                     num_actors=num_actors).to_pandas()
+                     num_actors=num_actors, embeddings=embeddings).to_pandas()
     truth = dict(zip(images.paths, images.labels))
     df[COL_TRUE] = df[COL_PATH].map(truth)
     return df.sort_values(COL_PATH).reset_index(drop=True)

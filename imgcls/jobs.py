@@ -12,7 +12,7 @@ from imgcls import storage
 from imgcls.bulk import label_images
 from imgcls.config import DataConfig, JobConfig, ModelConfig, PredictConfig, TrainConfig
 from imgcls.checkpoint import load_checkpoint, read_model_info
-from imgcls.data import list_labelled_images
+from imgcls.data import LabelledImages, list_labelled_images
 from imgcls.evaluate import COL_TRUE, evaluate_images, report_from_predictions, scorable_rows, topk_key
 from imgcls.reader import source_file
 from imgcls.train import fit
@@ -36,7 +36,28 @@ def run_training(job: JobConfig) -> dict:
         storage.write_json(storage.join(result.best_checkpoint, TEST_METRICS_FILE), report)
         print(f"test accuracy {report['accuracy']:.4f}  macro F1 {report['macro_f1']:.4f}  "
               f"on {report['num_samples']} images", flush=True)
+    summary["reference"] = write_reference(result.best_checkpoint, result.splits["val"])
     return summary
+
+
+REFERENCE_FILE = "reference.parquet"
+
+
+def write_reference(checkpoint: str, images: LabelledImages) -> str:
+    """The checkpoint's own predictions (with embeddings) of ``images``, its validation
+    split, saved as ``reference.parquet`` in the checkpoint: the reference that
+    ``imgcls monitor --reference CHECKPOINT`` compares later labelling runs with."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from imgcls.evaluate import predict_labelled
+
+    df = predict_labelled(checkpoint, images, embeddings=True)
+    uri = storage.join(checkpoint, REFERENCE_FILE)
+    with storage.open_uri(uri, "wb") as f:
+        # Without pandas' metadata, whose Arrow-backed list dtypes pandas cannot read back.
+        pq.write_table(pa.Table.from_pandas(df, preserve_index=False).replace_schema_metadata(None), f)
+    return uri
 
 
 def demo_job(data_root: str, runs: str, epochs: Optional[int] = None) -> JobConfig:
@@ -104,7 +125,7 @@ def run_evaluation(model: str, output: str, data: str | None = None, predictions
     if data:
         images = list_labelled_images(data)
         overlap = {"training_overlap": training_overlap(model, images.paths)}
-        report, df = evaluate_images(model, images)
+        report, df = evaluate_images(model, images, embeddings=True)  # for the report's embedding map
     else:
         fs, path = storage.filesystem(predictions)
         df = pq.read_table(path, filesystem=fs).to_pandas()

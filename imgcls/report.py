@@ -90,6 +90,37 @@ def plot_confident_mistakes(df: pd.DataFrame, true_col: str, path: str, n: int =
     return _save(fig, path)
 
 
+def pca_2d(embeddings: np.ndarray) -> np.ndarray:
+    """(n, F) -> (n, 2): the embeddings on their first two principal components."""
+    centred = embeddings - embeddings.mean(0)
+    _, _, vt = np.linalg.svd(centred, full_matrices=False)
+    return centred @ vt[:2].T
+
+
+def plot_embedding_map(df: pd.DataFrame, true_col: str, path: str, max_points: int = 5000) -> Optional[str]:
+    """The embeddings' 2-D PCA projection, coloured by true class, mistakes marked with x."""
+    if "embedding" not in df.columns:
+        return None
+    ok = df[(df[COL_STATUS] == STATUS_OK) & df["embedding"].notna()]
+    if len(ok) < 3:
+        return None
+    if len(ok) > max_points:
+        ok = ok.sample(max_points, random_state=0)
+    xy = pca_2d(np.stack(ok["embedding"].to_numpy()).astype(np.float64))
+    wrong = (ok[COL_LABEL] != ok[true_col]).to_numpy()
+    fig, ax = plt.subplots(figsize=(7, 5.5))
+    for i, c in enumerate(sorted(ok[true_col].unique())):
+        right = ((ok[true_col] == c).to_numpy()) & ~wrong
+        ax.scatter(xy[right, 0], xy[right, 1], s=6, alpha=0.6, color=plt.cm.tab20(i % 20), label=str(c))
+        miss = ((ok[true_col] == c).to_numpy()) & wrong
+        ax.scatter(xy[miss, 0], xy[miss, 1], s=24, marker="x", color=plt.cm.tab20(i % 20))
+    ax.set_xlabel("PC 1")
+    ax.set_ylabel("PC 2")
+    ax.set_title(f"Embeddings by true class (x: mistakes, {int(wrong.sum())} of {len(ok)})")
+    ax.legend(fontsize=7, markerscale=2, loc="best")
+    return _save(fig, path)
+
+
 def _save(fig, path: str) -> str:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -111,6 +142,7 @@ def write_report(output: str, report: dict, predictions: pd.DataFrame, true_col:
         "class_distribution": plot_class_distribution(counts, os.path.join(output, "class_distribution.png")),
         "training_curves": plot_training_curves(history or [], os.path.join(output, "training_curves.png")),
         "confident_mistakes": plot_confident_mistakes(predictions, true_col, os.path.join(output, "mistakes.png")),
+        "embedding_map": plot_embedding_map(predictions, true_col, os.path.join(output, "embedding_map.png")),
     }
     plots = {k: v for k, v in plots.items() if v}
     with open(os.path.join(output, REPORT_FILE), "w") as f:

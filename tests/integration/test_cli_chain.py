@@ -43,8 +43,9 @@ def test_evaluate_predict_and_explain_as_the_readme_writes_them(ray_cluster, fmn
     metrics = json.load(open(tmp_path / "eval" / "metrics.json"))
     assert metrics["num_samples"] == 50 and 0 <= metrics["accuracy"] <= 1 and "top5_accuracy" in metrics
     assert sum(map(sum, metrics["confusion_matrix"])) == 50 and "accuracy" in out
-    for name in ("report.html", "confusion_matrix.png", "predictions.parquet"):
+    for name in ("report.html", "confusion_matrix.png", "predictions.parquet", "embedding_map.png"):
         assert os.path.getsize(tmp_path / "eval" / name) > 0
+    assert "embedding_map.png" in open(tmp_path / "eval" / "report.html").read()
 
     run("predict", "--model", model, "--input", f"{data}/*/*.png", "--output", str(tmp_path / "labels"))
     labels = pq.read_table(str(tmp_path / "labels")).to_pandas()
@@ -54,6 +55,7 @@ def test_evaluate_predict_and_explain_as_the_readme_writes_them(ray_cluster, fmn
     again = json.load(open(tmp_path / "eval2" / "metrics.json"))
     # True labels from each file's parent folder: the same metrics as evaluate --data.
     assert again["num_samples"] == 50 and again["confusion_matrix"] == metrics["confusion_matrix"]
+    assert not os.path.exists(tmp_path / "eval2" / "embedding_map.png")  # labelled without --embeddings
 
     out = run("explain", "--model", model, "--mistakes-from", str(tmp_path / "eval"), "--top", "3",
               "--output", str(tmp_path / "gradcam"))

@@ -16,6 +16,8 @@ from imgcls.bulk import label_images
 from imgcls.checkpoint import save_checkpoint
 from imgcls.cli import cli
 from imgcls.config import JobConfig, ModelConfig, PredictConfig
+from imgcls.data import LabelledImages
+from imgcls.jobs import REFERENCE_FILE, write_reference
 from imgcls.models import SmallCNN, get_spec
 from imgcls.monitor import compare, frame_sample
 
@@ -64,6 +66,11 @@ def runs(ray_cluster, fmnist_root, tmp_path_factory):
                 (ImageOps.invert(image.convert("L")) if name == "inverted" else image).save(folder / c / n)
         out[name] = str(root / f"labels-{name}")
         label_images(PredictConfig(model=ckpt, input=str(folder), output=out[name], embeddings=True))
+    # What imgcls train saves in its best checkpoint: the model's predictions of its
+    # validation split, here the reference set's images.
+    reference = [(os.path.join(fmnist_root, c, n), c) for c, names in sets["reference"].items() for n in names]
+    write_reference(ckpt, LabelledImages([p for p, _ in reference], [c for _, c in reference]))
+    out["checkpoint"] = ckpt
     return out
 
 
@@ -126,3 +133,16 @@ def test_large_runs_read_with_ray_data_count_the_same(runs, monkeypatch):
     assert cluster.class_counts == here.class_counts and REMOVED not in cluster.class_counts
     assert len(cluster.scores) == len(here.scores) == 100 and set(cluster.scores) <= set(frame(runs["removed"]).score)
     assert cluster.embeddings.shape == here.embeddings.shape == (50, 128)
+
+
+def test_a_checkpoint_is_its_own_reference(runs, tmp_path):
+    """--reference CHECKPOINT compares with the validation predictions it holds."""
+    from imgcls.monitor import run_monitor
+
+    saved = pq.read_table(os.path.join(runs["checkpoint"], REFERENCE_FILE)).to_pandas()
+    assert len(saved) == 500 and saved["embedding"].map(len).eq(128).all() and saved["true_label"].notna().all()
+    assert sorted(saved["path"].map(os.path.basename)) == sorted(frame(runs["reference"])["path"].map(os.path.basename))
+    same = run_monitor(runs["checkpoint"], runs["current"], str(tmp_path / "same"), permutations=100)
+    assert same["reference"].endswith(REFERENCE_FILE) and not same["drift"], same["tests"]
+    inverted = run_monitor(runs["checkpoint"], runs["inverted"], str(tmp_path / "inv"), permutations=100)
+    assert inverted["drift"] and "embeddings" in inverted["drifted"]

@@ -223,6 +223,10 @@ def test_readme_blocks_run_as_written(tmp_path, ray_address):
 
     walk = done["walk-through"]
     assert (walk / "out/runs/fashion-mnist/best/model.pt").is_file()
+    # imgcls train leaves its validation predictions in the best checkpoint, monitor's reference
+    reference = pq.read_table(walk / "out/runs/fashion-mnist/best/reference.parquet").to_pandas()
+    val = pq.read_table(walk / "out/runs/fashion-mnist/splits/val.parquet")
+    assert len(reference) == val.num_rows > 0 and reference["embedding"].notna().all()
     for labels in ("labels", "labels-bulk", "labels-onnx"):
         assert list((walk / "out" / labels).glob("part-*.parquet")), labels
     assert (walk / "out/eval/report.html").is_file() and (walk / "out/eval/metrics.json").is_file()

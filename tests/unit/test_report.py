@@ -35,3 +35,24 @@ def test_report_writes_metrics_plots_and_html(tmp_path):
         assert os.path.getsize(files[key]) > 1000
         assert os.path.basename(files[key]) in open(files["report"]).read()
     assert json.load(open(files["metrics"]))["macro_f1"] == report["macro_f1"]
+    assert "embedding_map" not in files  # these predictions carry no embeddings
+
+
+def test_embedding_map_projects_on_principal_components_and_marks_mistakes(tmp_path):
+    from imgcls.report import pca_2d, plot_embedding_map
+
+    rng = np.random.default_rng(0)
+    # Points spread along (1, 1, 0) and a little along (0, 0, 1): the first component is
+    # the long axis, up to sign.
+    t, u = rng.normal(size=200) * 5, rng.normal(size=200) * 0.5
+    points = np.stack([t, t, u], axis=1) + rng.normal(size=(200, 3)) * 0.01
+    xy = pca_2d(points)
+    assert abs(np.corrcoef(xy[:, 0], t)[0, 1]) > 0.99 and abs(np.corrcoef(xy[:, 1], u)[0, 1]) > 0.99
+    df = pd.DataFrame({"path": [f"{i}.png" for i in range(200)], "status": "ok",
+                       "label": np.where(t > 0, "b", "a"), COL_TRUE: np.where(t > 1, "b", "a"),
+                       "embedding": list(points.astype(np.float32))})
+    path = plot_embedding_map(df, COL_TRUE, str(tmp_path / "map.png"))
+    assert os.path.getsize(path) > 5000
+    report = report_from_predictions(df.assign(score=0.9, topk_labels=[["a", "b"]] * 200), ["a", "b"])
+    files = write_report(str(tmp_path / "out"), report, df.assign(score=0.9), COL_TRUE)
+    assert "embedding_map.png" in open(files["report"]).read()
