@@ -167,6 +167,10 @@ class TrainConfig:
     decoded cache is kept)."""
     resume_from: Optional[str] = None
     """Explicit checkpoint folder to resume from."""
+    init_from: Optional[str] = None
+    """Warm-start a new run from this checkpoint's weights (a retrain with new data): every
+    class it knows must be in the data and keeps its head row; new classes get new rows.
+    The run then reports the old and the new model on the same test split."""
     max_failures: int = 2
     """Worker failures tolerated; training restarts from the latest checkpoint."""
     num_to_keep: Optional[int] = 3

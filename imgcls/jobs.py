@@ -36,6 +36,15 @@ def run_training(job: JobConfig) -> dict:
         storage.write_json(storage.join(result.best_checkpoint, TEST_METRICS_FILE), report)
         print(f"test accuracy {report['accuracy']:.4f}  macro F1 {report['macro_f1']:.4f}  "
               f"on {report['num_samples']} images", flush=True)
+        if job.train.init_from:  # the model it started from, on the same test split
+            known = set(read_model_info(job.train.init_from).classes)  # new classes: the old model cannot say them
+            keep = [i for i, c in enumerate(test.labels) if c in known]
+            old, _ = evaluate_images(job.train.init_from, LabelledImages([test.paths[i] for i in keep],
+                                                                         [test.labels[i] for i in keep]))
+            summary["init_from_test"] = {k: old[k] for k in ("accuracy", "macro_f1", "num_samples")}
+            print(f"test accuracy {old['accuracy']:.4f}  macro F1 {old['macro_f1']:.4f}  on "
+                  f"{old['num_samples']} images for --init-from {job.train.init_from} (new: {report['accuracy']:.4f})",
+                  flush=True)
     summary["reference"] = write_reference(result.best_checkpoint, result.splits["val"])
     return summary
 

@@ -369,6 +369,8 @@ def train_loop_per_worker(config: dict) -> None:
         start_epoch, history = state["epoch"] + 1, state["history"]
         if rank == 0:
             _say(f"resuming from epoch {state['epoch'] + 1} checkpoint")
+    elif config.get("init_from"):  # a warm start: the old model's weights, its head rows by class
+        warm_start(model, config["init_from"], classes)
     elif config.get("probe_head"):  # LP-FT: start from the linear probe's head
         head = torch.load(io.BytesIO(storage.read_bytes(config["probe_head"])), map_location="cpu", weights_only=True)
         set_head(model, head["weight"], head["bias"])
@@ -635,6 +637,8 @@ def prepare_data(job: JobConfig) -> PreparedData:
     and decodes the train and val splits once (or finds them decoded)."""
     splits, classes = prepare_splits(job)
     t = job.train
+    if t.init_from:
+        check_init_from(job, classes)
     storage_path = storage.absolute(t.storage_path)
     run, continues = prepare_run_folder(job)
     resuming = bool(t.resume_from) or continues
@@ -643,9 +647,48 @@ def prepare_data(job: JobConfig) -> PreparedData:
     return PreparedData(splits, classes, caches, storage_path, run, resuming)
 
 
+def check_init_from(job: JobConfig, classes: list[str]) -> list[str]:
+    """The classes of ``--init-from``'s checkpoint, checked against this run's: the same
+    architecture and image size, and no class of the checkpoint missing from the data.
+
+    Raises:
+        DataError: a class the checkpoint knows has no images here, or another model.
+    """
+    from imgcls.checkpoint import read_model_info
+
+    info = read_model_info(job.train.init_from)
+    missing = sorted(set(info.classes) - set(classes))
+    if missing:
+        raise DataError(f"--init-from {job.train.init_from} knows class(es) {missing} that the data lacks; a warm "
+                        f"start keeps every class of the model (the data has {classes})")
+    if info.arch != job.model.arch or info.image_size != job.model.image_size:
+        raise DataError(f"--init-from {job.train.init_from} is {info.arch} at {info.image_size} px; this run trains "
+                        f"{job.model.arch} at {job.model.image_size} px (give --arch and --image-size to match)")
+    return info.classes
+
+
+def warm_start(model: nn.Module, checkpoint: str, classes: list[str]) -> list[str]:
+    """Loads ``checkpoint``'s weights into ``model``; the head's rows follow the class
+    names (a class new to this run keeps its fresh row). Returns the new classes."""
+    from imgcls.checkpoint import load_checkpoint
+
+    old = load_checkpoint(checkpoint)
+    head = head_name(model)
+    state = {k: v for k, v in old.model.state_dict().items() if not k.startswith(head + ".")}
+    model.load_state_dict(state, strict=False)
+    old_head, new_head = old.model.get_submodule(head), model.get_submodule(head)
+    index = {c: i for i, c in enumerate(old.classes)}
+    with torch.no_grad():
+        for i, c in enumerate(classes):
+            if c in index:
+                new_head.weight[i] = old_head.weight[index[c]]
+                new_head.bias[i] = old_head.bias[index[c]]
+    return [c for c in classes if c not in index]
+
+
 def wants_probe_head(job: JobConfig, resuming: bool) -> bool:
     """LP-FT's probe before fine-tuning: by default whenever training starts from pretrained weights."""
-    if resuming or job.train.linear_probe:
+    if resuming or job.train.linear_probe or job.train.init_from:
         return False
     return bool(job.model.weights) if job.train.probe_head is None else job.train.probe_head
 
@@ -695,6 +738,7 @@ def build_trainer(job: JobConfig, callbacks: Optional[list] = None, data: Option
             "class_counts": class_counts(data.splits["train"].labels, data.classes),
             "caches": {name: c.to_dict() for name, c in caches.items()}, "resident": resident,
             "splits": storage.join(data.run, SPLITS_DIR), "probe_head": probe_head,
+            "init_from": job.train.init_from if job.train.init_from and not data.resuming else None,
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=t.num_workers, use_gpu=use_gpu,

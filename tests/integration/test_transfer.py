@@ -116,3 +116,47 @@ def test_every_val_and_test_image_counts_once_with_two_streamed_workers(ray_clus
     assert not summary["val"]["resident"]
     assert summary["val"]["val_samples"] == n_val
     assert summary["test"]["num_samples"] == n_test
+
+
+def test_warm_started_retrain_on_more_labelled_data_beats_the_model_it_started_from(ray_cluster, fmnist_root,
+                                                                                     tmp_path):
+    """The first model saw 10 real images a class of 4 classes; `imgcls train --init-from`
+    retrains from it on 120 a class of those and a fifth class, and its report puts both
+    models on the same held-out test split (the old one on the classes it knows)."""
+    import numpy as np
+    from PIL import Image
+
+    from imgcls.checkpoint import save_checkpoint
+    from imgcls.models import SmallCNN, get_spec
+
+    old_classes, new_class = ["bag", "coat", "sneaker", "trouser"], "sandal"
+    spec = get_spec("small_cnn")
+    mean, std = torch.tensor(spec.mean).view(1, 3, 1, 1), torch.tensor(spec.std).view(1, 3, 1, 1)
+    names = {c: sorted(os.listdir(os.path.join(fmnist_root, c))) for c in [*old_classes, new_class]}
+    x = torch.stack([torch.from_numpy(np.asarray(Image.open(os.path.join(fmnist_root, c, n)).convert("RGB")))
+                     for c in old_classes for n in names[c][-10:]]).permute(0, 3, 1, 2).float().div(255)
+    y = torch.arange(4).repeat_interleave(10)
+    torch.manual_seed(0)
+    first = SmallCNN(4)
+    opt = torch.optim.AdamW(first.parameters(), 3e-3)
+    for _ in range(5):  # 40 images: a weak first model
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(first(x.sub(mean).div(std)), y).backward()
+        opt.step()
+    old = str(tmp_path / "first")
+    save_checkpoint(old, first.eval(), JobConfig(model=ModelConfig(arch="small_cnn", image_size=28)), old_classes, [])
+
+    data = tmp_path / "more"
+    for c in [*old_classes, new_class]:
+        (data / c).mkdir(parents=True)
+        for n in names[c][:120]:
+            os.link(os.path.join(fmnist_root, c, n), data / c / n)
+    job = JobConfig(data=DataConfig(root=str(data), augment="light", val_fraction=0.1, test_fraction=0.25),
+                    model=ModelConfig(arch="small_cnn", image_size=28),
+                    train=TrainConfig(epochs=2, batch_size=32, lr=3e-3, num_workers=2, init_from=old,
+                                      storage_path=str(tmp_path / "runs"), name="retrain"))
+    summary = run_training(job)
+    test, before = summary["test"], summary["init_from_test"]
+    assert test["num_samples"] == 150 and before["num_samples"] == 120  # the old model's 4 classes only
+    assert test["accuracy"] > before["accuracy"] + 0.1, (before, test)
+    assert load_checkpoint(summary["checkpoint"]).classes == sorted([*old_classes, new_class])
