@@ -32,6 +32,7 @@ USER_ERRORS = (
     ("imgcls.tune", "TrialsFailedError"),  # every trial failed: the message shows the first one's error
     ("imgcls.review", "ReviewError"),  # predictions that cannot be reviewed as asked
     ("imgcls.monitor", "MonitorError"),  # runs that cannot be compared
+    ("imgcls.predict", "EnsembleError"),  # checkpoints that cannot label as one ensemble
     ("builtins", "FileNotFoundError"),  # a path given that does not exist
 )
 
@@ -235,7 +236,10 @@ def tune(config_path, num_cpus, num_samples, grace_period, max_concurrent, **fla
 
 
 @cli.command()
-@click.option("--model", "model", required=True, help="Checkpoint folder (local or fsspec URI).")
+@click.option("--model", "models", required=True, multiple=True,
+              help="Checkpoint folder (local or fsspec URI); give it more than once to evaluate an ensemble.")
+@click.option("--tta", type=click.Choice(["none", "flip"]), default="none", show_default=True,
+              help="Test-time augmentation: 'flip' averages each image's probabilities with its mirror's.")
 @click.option("--data", default=None, help="Labelled images: ImageFolder tree or path,label manifest.")
 @click.option("--predictions", default=None,
               help="Predictions Parquet (file or folder) instead of --data; true labels come from a "
@@ -244,21 +248,25 @@ def tune(config_path, num_cpus, num_samples, grace_period, max_concurrent, **fla
               help="Instead of --data: the checkpoint's own held-out split, as saved by imgcls train.")
 @click.option("--output", required=True, type=click.Path(file_okay=False), help="Folder for metrics.json, PNGs, report.html.")
 @click.option("--num-cpus", type=int, default=None, help="CPUs of a local Ray cluster started by this command.")
-def evaluate(model, data, predictions, split, output, num_cpus):
-    """Metrics, confusion matrix, plots and report.html for a labelled set."""
-    model, data, predictions, output = (local_path(p) for p in (model, data, predictions, output))
+def evaluate(models, tta, data, predictions, split, output, num_cpus):
+    """Metrics, confusion matrix, plots and report.html for a labelled set (of one model,
+    or of an ensemble: its members' probabilities averaged)."""
+    model = ",".join(local_path(m) for m in models)
+    data, predictions, output = (local_path(p) for p in (data, predictions, output))
+    if predictions and (len(models) > 1 or tta != "none"):
+        raise click.UsageError("--predictions scores predictions already made: give one --model and no --tta")
     if sum(map(bool, (data, predictions, split))) != 1:
         raise click.UsageError("give exactly one of --data, --split and --predictions")
     if split:
         from imgcls.checkpoint import split_manifest
 
-        data = split_manifest(model, split)
+        data = split_manifest(local_path(models[0]), split)  # an ensemble: its first member's split
     if data:
         init_ray_while_importing(num_cpus, "imgcls.jobs")
     from imgcls.evaluate import left_out_line
     from imgcls.jobs import run_evaluation
 
-    result = run_evaluation(model, output, data=data, predictions=predictions)
+    result = run_evaluation(model, output, data=data, predictions=predictions, tta=tta)
     note = left_out_line(result)
     if note:
         click.echo(f"imgcls evaluate: {note}", err=True)

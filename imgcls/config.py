@@ -16,7 +16,8 @@ OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "onecycle")
 CLASS_BALANCE = ("none", "loss", "sampler")
 RUNTIMES = ("torch", "onnxruntime")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # of inference (classifier.inference_dtype)
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+TTAS = ("none", "flip")  # test-time augmentation of inference  # of inference (classifier.inference_dtype)
 # The architectures of imgcls.models' registry, named here so that the CLI can list them
 # without importing torchvision (a unit test checks them against the registry).
 TORCHVISION_MODELS = ("convnext_tiny", "efficientnet_b0", "efficientnet_b1", "mobilenet_v3_large",
@@ -208,7 +209,9 @@ class TrainConfig:
 @dataclass(frozen=True)
 class PredictConfig:
     model: str = ""
-    """Checkpoint folder (or exported .onnx file) to label with."""
+    """Checkpoint folder (or export folder, for --runtime onnxruntime) to label with;
+    several checkpoints, comma-separated, label as one ensemble (same classes and image
+    size; their probabilities averaged, their features concatenated)."""
     input: str = ""
     """Images to label: a folder, a glob, a manifest (.csv/.parquet), or .tar shards;
     local or any fsspec URI."""
@@ -226,6 +229,9 @@ class PredictConfig:
     """Labels and scores kept per image."""
     embeddings: bool = False
     """Also write the penultimate-layer features."""
+    tta: str = field(default="none", metadata=choices(TTAS))
+    """Test-time augmentation: 'flip' averages each image's probabilities with its
+    horizontal mirror's."""
     runtime: str = field(default="torch", metadata=choices(RUNTIMES))
     """Inference runtime: 'torch' for a checkpoint folder, 'onnxruntime' for an export folder
     holding model.onnx."""
@@ -249,6 +255,8 @@ class PredictConfig:
         if (self.batch_size is not None and self.batch_size < 1) or self.top_k < 1 or self.files_per_shard < 1 \
                 or self.buffer_mb < 1:
             raise ValueError("batch_size, top_k, files_per_shard and buffer_mb must be positive")
+        if self.tta not in TTAS:
+            raise ValueError(f"tta must be one of {TTAS}, got {self.tta!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.runtime not in RUNTIMES:

@@ -26,7 +26,7 @@ COL_TRUE = "true_label"
 
 def predict_labelled(model: str, images: LabelledImages, batch_size: Optional[int] = None, runtime: str = "torch",
                      num_actors: Optional[int] = None, in_process: Optional[bool] = None,
-                     embeddings: bool = False) -> pd.DataFrame:
+                     embeddings: bool = False, tta: str = "none") -> pd.DataFrame:
     """Predictions for ``images`` with a ``true_label`` column, one row per image.
 
     ``in_process`` labels them in this process with the pipeline's own stages
@@ -38,10 +38,10 @@ def predict_labelled(model: str, images: LabelledImages, batch_size: Optional[in
     if in_process:
         # Through Ray Data's own conversion, so that the columns have the pool's dtypes.
         df = ray.data.from_arrow(predict_here(images.paths, model, batch_size=batch_size, runtime=runtime,
-                                              embeddings=embeddings)).to_pandas()
+                                              embeddings=embeddings, tta=tta)).to_pandas()
     else:
         df = predict(input_rows(images.paths), model, batch_size=batch_size, runtime=runtime,
-                     num_actors=num_actors, embeddings=embeddings).to_pandas()
+                     num_actors=num_actors, embeddings=embeddings, tta=tta).to_pandas()
     truth = dict(zip(images.paths, images.labels))
     df[COL_TRUE] = df[COL_PATH].map(truth)
     return df.sort_values(COL_PATH).reset_index(drop=True)
@@ -113,8 +113,11 @@ def report_from_predictions(df: pd.DataFrame, classes: Sequence[str]) -> dict:
 
 
 def evaluate_images(model: str, images: LabelledImages, **kwargs) -> tuple[dict, pd.DataFrame]:
-    """Runs the model over ``images`` and returns (metrics report, predictions)."""
-    classes = read_model_info(model).classes
+    """Runs the model (or comma-separated ensemble) over ``images`` and returns (metrics
+    report, predictions)."""
+    from imgcls.finished import members
+
+    classes = read_model_info(members(model)[0]).classes
     encode_labels(images.labels, classes)  # fail fast on unknown labels, before any inference
     df = predict_labelled(model, images, **kwargs)
     return report_from_predictions(df, classes), df

@@ -52,9 +52,23 @@ def source_stat(uri: str) -> Optional[dict]:
     return {k: str(info[k]) for k in keep if k in info}
 
 
-def model_id(model: str, runtime: str) -> str:
-    """The id ``predict.prepare_model`` gives ``model``: the hash of its weights' file."""
-    return hashlib.sha256(storage.read_bytes(storage.join(model, MODEL_FILES[runtime]))).hexdigest()[:16]
+def members(model: str) -> list[str]:
+    """The checkpoints of a ``--model`` value: one folder, or an ensemble's, comma-separated."""
+    return [m.strip() for m in model.split(",") if m.strip()]
+
+
+def combined_id(ids: list[str], tta: str) -> str:
+    """An ensemble's (or a test-time-augmented model's) id, from its members' ids."""
+    if len(ids) == 1 and tta == "none":
+        return ids[0]
+    return "ens-" + hashlib.sha256(f"{','.join(ids)} tta={tta}".encode()).hexdigest()[:12]
+
+
+def model_id(model: str, runtime: str, tta: str = "none") -> str:
+    """The id ``predict.prepare_model`` gives ``model``: the hash of its weights' file
+    (of each member's, combined, for an ensemble or with test-time augmentation)."""
+    return combined_id([hashlib.sha256(storage.read_bytes(storage.join(m, MODEL_FILES[runtime]))).hexdigest()[:16]
+                        for m in members(model)], tta)
 
 
 def fingerprint(plan: dict, model_id: str, cfg: PredictConfig) -> dict:
@@ -86,7 +100,7 @@ def _finished(cfg: PredictConfig, start: float) -> Optional[dict]:
     if (plan["input"], plan["files_per_shard"], plan.get("source_stat")) != \
             (cfg.input, cfg.files_per_shard, source_stat(cfg.input)):
         return None
-    if job != fingerprint(plan, model_id(cfg.model, cfg.runtime), cfg):
+    if job != fingerprint(plan, model_id(cfg.model, cfg.runtime, cfg.tta), cfg):
         return None
     fs, folder = storage.filesystem(cfg.output)
     fs.invalidate_cache(folder)

@@ -13,6 +13,7 @@ from imgcls.bulk import label_images
 from imgcls.config import DataConfig, JobConfig, ModelConfig, PredictConfig, TrainConfig
 from imgcls.checkpoint import load_checkpoint, read_model_info
 from imgcls.data import LabelledImages, list_labelled_images
+from imgcls.finished import members
 from imgcls.evaluate import COL_TRUE, evaluate_images, report_from_predictions, scorable_rows, topk_key
 from imgcls.reader import source_file
 from imgcls.train import fit
@@ -116,8 +117,12 @@ def run_demo(workdir: str, per_class: int = 1500, epochs: Optional[int] = None) 
 PREDICTIONS_FILE = "predictions.parquet"
 
 
-def run_evaluation(model: str, output: str, data: str | None = None, predictions: str | None = None) -> dict:
+def run_evaluation(model: str, output: str, data: str | None = None, predictions: str | None = None,
+                   tta: str = "none") -> dict:
     """Evaluates ``model`` on labelled ``data`` (runs inference) or on existing ``predictions``.
+
+    ``model`` may be an ensemble (comma-separated checkpoints; ``tta`` 'flip' adds the
+    mirrored view): the curves and the training-overlap count come from its first member.
 
     Writes metrics.json, the PNG plots, report.html and predictions.parquet to ``output``.
     Predictions whose true label the model does not know are left out (counted in
@@ -129,12 +134,13 @@ def run_evaluation(model: str, output: str, data: str | None = None, predictions
 
     from imgcls.report import write_report
 
-    classes = read_model_info(model).classes
+    first = members(model)[0]
+    classes = read_model_info(first).classes
     overlap = {}
     if data:
         images = list_labelled_images(data)
-        overlap = {"training_overlap": training_overlap(model, images.paths)}
-        report, df = evaluate_images(model, images, embeddings=True)  # for the report's embedding map
+        overlap = {"training_overlap": max(training_overlap(m, images.paths) for m in members(model))}
+        report, df = evaluate_images(model, images, embeddings=True, tta=tta)  # for the report's embedding map
     else:
         fs, path = storage.filesystem(predictions)
         df = pq.read_table(path, filesystem=fs).to_pandas()
@@ -145,7 +151,7 @@ def run_evaluation(model: str, output: str, data: str | None = None, predictions
         report = {**report_from_predictions(df, classes), **left_out}
     os.makedirs(output, exist_ok=True)
     df.to_parquet(os.path.join(output, PREDICTIONS_FILE))
-    history = load_checkpoint(model).history
+    history = load_checkpoint(first).history
     files = write_report(output, report, df, COL_TRUE, history=history)
     counts = {k: report[k] for k in ("num_samples", "errors", "unknown_true_label", "unknown_true_labels")
               if k in report}

@@ -261,6 +261,30 @@ class WithFeatures(nn.Module):
         return self.head(features), features
 
 
+class Ensemble(nn.Module):
+    """Several (logits, features) models, optionally each on the image and its mirror, as
+    one: the returned "logits" are the log of the mean probability (so that a softmax
+    gives the averaged probabilities back), the features the members' concatenated,
+    each averaged over the views. Traces to one TorchScript program like a single model."""
+
+    def __init__(self, members: Sequence[nn.Module], flip: bool = False):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+        self.flip = flip
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        views = [x, torch.flip(x, dims=[3])] if self.flip else [x]
+        probs, feats = [], []
+        for member in self.members:
+            member_feats = []
+            for view in views:
+                logits, f = member(view)
+                probs.append(logits.float().softmax(1))
+                member_feats.append(f)
+            feats.append(torch.stack(member_feats).mean(0))
+        return torch.stack(probs).mean(0).clamp_min(1e-12).log(), torch.cat(feats, dim=1)
+
+
 class _ConvLeafTracer(torch.fx.Tracer):
     """Keeps every Conv2d, subclasses included (e.g. "same"-padding convs), as one node."""
 

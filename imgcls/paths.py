@@ -18,6 +18,7 @@ import re
 from typing import Optional, TypeVar
 
 from imgcls.config import JobConfig, PredictConfig
+from imgcls.finished import members
 
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
 
@@ -57,7 +58,8 @@ def resolve_paths(cfg: Config, base: Optional[str] = None) -> Config:
     before anything is sent to Ray."""
     base = base or os.getcwd()
     if isinstance(cfg, PredictConfig):
-        return dataclasses.replace(cfg, model=local_path(cfg.model, base), input=local_path(cfg.input, base),
+        model = ",".join(local_path(m, base) for m in members(cfg.model)) if cfg.model else cfg.model
+        return dataclasses.replace(cfg, model=model, input=local_path(cfg.input, base),
                                    output=local_path(cfg.output, base))
     if isinstance(cfg, JobConfig):
         d, m, t = cfg.data, cfg.model, cfg.train

@@ -26,25 +26,45 @@ from imgcls.classifier import Classifier, ModelPayload, ReadAndClassify
 from imgcls.inputs import cut_runs
 from imgcls.reader import COL_PATH, ReadDecodeBatch, is_tar
 
-def prepare_model(model: str, runtime: str = "torch") -> ModelPayload:
+class EnsembleError(ValueError):
+    """Checkpoints that cannot label as one ensemble (other classes, image sizes or normalisation)."""
+
+
+def prepare_model(model: str, runtime: str = "torch", tta: str = "none") -> ModelPayload:
     """Loads ``model`` once, in the driver, into what every Classifier actor loads.
 
     For runtime 'torch', ``model`` is a checkpoint folder: its network goes through
     ``models.inference_model`` (BatchNorm folded, channels_last) and is traced to
     TorchScript, which the actors load without importing torchvision. The traced
-    program is checked against the network on a batch of another size. For
-    'onnxruntime', ``model`` is an export folder holding ``model.onnx``.
+    program is checked against the network on a batch of another size. Several
+    checkpoints (comma-separated), or ``tta`` 'flip', make one ``models.Ensemble``
+    program, so the pipeline runs it like a single model. For 'onnxruntime', ``model``
+    is an export folder holding ``model.onnx``.
     """
     from imgcls.checkpoint import load_checkpoint, read_model_info
-    from imgcls.models import check_same_outputs, inference_model
+    from imgcls.finished import combined_id, members
+    from imgcls.models import Ensemble, check_same_outputs, inference_model
 
+    names = members(model)
     if runtime == "onnxruntime":
+        if len(names) > 1 or tta != "none":
+            raise EnsembleError("ensembles and --tta run with --runtime torch (checkpoint folders)")
         info = read_model_info(model)
         raw = storage.read_bytes(storage.join(model, "model.onnx"))
         return ModelPayload("onnxruntime", raw, tuple(info.classes), info.image_size, tuple(info.mean),
                             tuple(info.std), hashlib.sha256(raw).hexdigest()[:16])
-    loaded = load_checkpoint(model)
-    fast = inference_model(loaded.model, loaded.image_size)
+    loaded_all = [load_checkpoint(name) for name in names]
+    loaded = loaded_all[0]
+    for name, other in zip(names[1:], loaded_all[1:]):
+        if (other.classes, other.image_size, tuple(other.mean), tuple(other.std)) != \
+                (loaded.classes, loaded.image_size, tuple(loaded.mean), tuple(loaded.std)):
+            raise EnsembleError(f"{name} cannot join {names[0]} in an ensemble: classes {other.classes} at "
+                                f"{other.image_size} px (mean {other.mean}) against {loaded.classes} at "
+                                f"{loaded.image_size} px (mean {loaded.mean})")
+    if len(names) == 1 and tta == "none":
+        fast = inference_model(loaded.model, loaded.image_size)
+    else:
+        fast = Ensemble([inference_model(m.model, m.image_size) for m in loaded_all], flip=tta == "flip").eval()
     size = loaded.image_size
     probe = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(0))
     probe = probe.contiguous(memory_format=torch.channels_last)
@@ -58,7 +78,7 @@ def prepare_model(model: str, runtime: str = "torch") -> ModelPayload:
             raise RuntimeError(f"the traced model of {model} does not reproduce the network: {e}") from None
         torch.jit.save(traced, buf)
     return ModelPayload("torch", buf.getvalue(), tuple(loaded.classes), size, tuple(loaded.mean), tuple(loaded.std),
-                        loaded.model_id)
+                        combined_id([m.model_id for m in loaded_all], tta))
 
 
 ROWS_PER_BLOCK = 256
@@ -87,12 +107,13 @@ def input_rows(paths: Sequence[str], rows_per_block: int = ROWS_PER_BLOCK) -> ra
 
 
 def predict_here(paths: Sequence[str], model: str, *, batch_size: Optional[int] = None, top_k: int = 5,
-                 embeddings: bool = False, runtime: str = "torch", max_pixels: int = 64_000_000) -> pa.Table:
+                 embeddings: bool = False, runtime: str = "torch", max_pixels: int = 64_000_000,
+                 tta: str = "none") -> pa.Table:
     """``predict`` of a few files in this process, on its CPUs: the same model program
     (``prepare_model``) and the same read, decode and classify stage
     (``classifier.ReadAndClassify``) over the same input blocks, without starting an
     actor pool. Returns the OUTPUT_SCHEMA rows, one per input file (per tar member)."""
-    payload = prepare_model(model, runtime)
+    payload = prepare_model(model, runtime, tta)
     stage = ReadAndClassify(payload, max_pixels=max_pixels, max_images=model_batch_size(batch_size, False), top_k=top_k,
                             embeddings=embeddings)
     return pa.concat_tables([stage({COL_PATH: block.column(COL_PATH).to_numpy(zero_copy_only=False)})
@@ -152,7 +173,7 @@ def pool_plan(use_gpu: Optional[bool], num_actors: Optional[int], separate_decod
 def predict(rows: ray.data.Dataset, model: str, *, batch_size: Optional[int] = None, top_k: int = 5,
             embeddings: bool = False, runtime: str = "torch", use_gpu: Optional[bool] = None,
             num_actors: Optional[int] = None, max_pixels: int = 64_000_000, buffer_mb: int = 512,
-            separate_decode: Optional[bool] = None, precision: str = "auto") -> ray.data.Dataset:
+            separate_decode: Optional[bool] = None, precision: str = "auto", tta: str = "none") -> ray.data.Dataset:
     """Labels ``rows`` (column path) and returns prediction rows.
 
     Args:
@@ -171,7 +192,7 @@ def predict(rows: ray.data.Dataset, model: str, *, batch_size: Optional[int] = N
     """
     plan = pool_plan(use_gpu, num_actors, separate_decode)
     batch_size = model_batch_size(batch_size, plan["use_gpu"])
-    payload = prepare_model(model, runtime)
+    payload = prepare_model(model, runtime, tta)
     classifier_kwargs = {"top_k": top_k, "embeddings": embeddings, "threads": plan["threads"],
                          "use_gpu": plan["use_gpu"], "precision": precision}
     model_pool = dict(compute=ActorPoolStrategy(size=plan["size"]), num_cpus=plan["num_cpus"],

@@ -193,3 +193,40 @@ def test_bf16_inference_labels_like_float32_and_builds_rows_from_arrays(photos, 
     assert [f["label"] for f in full] == [h["label"] for h in half]
     assert half[-1]["topk_labels"] == [] and half[-1]["topk_scores"] == [] and half[-1]["embedding"] is None
     assert half[-1]["score"] is None and half[-1]["label"] is None
+
+
+def test_an_ensemble_averages_its_members_probabilities_and_flip_adds_the_mirror(photos, tmp_path):
+    from imgcls.finished import model_id
+    from imgcls.predict import EnsembleError
+
+    folders = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        folder = str(tmp_path / f"m{seed}")
+        save_checkpoint(folder, create_model("small_cnn", 3, image_size=SIZE).eval(),
+                        JobConfig(model=ModelConfig(arch="small_cnn", image_size=SIZE)), ["a", "b", "c"], history=[])
+        folders.append(folder)
+    batch = photo_batch(photos)
+    loaded = [load_checkpoint(f) for f in folders]
+    preset = ClassificationPresetEval(SIZE, loaded[0].mean, loaded[0].std)
+    x = preset.normalize(torch.from_numpy(batch["image"][:-1]).permute(0, 3, 1, 2))
+    with torch.no_grad():
+        expected = torch.stack([m.model(x).softmax(1) for m in loaded]).mean(0)
+        mirrored = torch.stack([m.model(v).softmax(1) for m in loaded for v in (x, x.flip(3))]).mean(0)
+
+    ensemble = prepare_model(",".join(folders))
+    assert ensemble.model_id.startswith("ens-") and ensemble.model_id == model_id(",".join(folders), "torch")
+    rows = Classifier(ensemble, top_k=3, embeddings=True).label(batch).to_pylist()
+    for r, p in zip(rows, expected):
+        assert r["label"] == ["a", "b", "c"][int(p.argmax())] and r["score"] == pytest.approx(float(p.max()), abs=1e-4)
+        assert len(r["embedding"]) == 2 * 128  # the members' features side by side
+    flipped = prepare_model(",".join(folders), tta="flip")
+    assert flipped.model_id not in (ensemble.model_id, loaded[0].model_id)
+    for r, p in zip(Classifier(flipped).label(batch).to_pylist(), mirrored):
+        assert r["score"] == pytest.approx(float(p.max()), abs=1e-4)
+
+    other = str(tmp_path / "other")
+    save_checkpoint(other, create_model("small_cnn", 2, image_size=SIZE), JobConfig(model=ModelConfig(
+        arch="small_cnn", image_size=SIZE)), ["a", "b"], history=[])
+    with pytest.raises(EnsembleError, match="cannot join"):
+        prepare_model(f"{folders[0]},{other}")
