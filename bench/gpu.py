@@ -22,8 +22,10 @@ once to one uint8 tensor on the device, the same batched augmentation) and
 ``ratios``: ``resnet50_end_to_end_vs_model_only`` (imgcls's steady rate over the bound,
 same precision) and ``resnet50_end_to_end_images_per_s``, and the same for the others.
 
-Run on the GPU machine, alone (``--smoke`` runs every part at toy sizes on whatever
-device there is, to check the script):
+The photos are built from 8 source photos (``bench/photos.py``); on a machine without
+network, carry the folder that a run with network leaves in ``out/bench/photo-sources``
+(3 MB; or point IMGCLS_PHOTO_SOURCES at a copy). Run on the GPU machine, alone
+(``--smoke`` runs every part at toy sizes on whatever device there is, to check the script):
     .venv/bin/python bench/gpu.py [--files 20000] [--workdir out/bench/gpu] [--out bench/results/gpu.json]
 """
 

@@ -45,11 +45,22 @@ MIN_CROP, MAX_CROP = 0.35, 0.9  # crop side as a fraction of the photo's shorter
 MIN_ASPECT, MAX_ASPECT = 3 / 4, 4 / 3
 
 
+# The source photos are kept here once fetched (git-ignored under out/, a few MB), so a
+# machine without network (the GPU machine) builds the set from this folder carried over.
+SOURCES_CACHE = os.environ.get("IMGCLS_PHOTO_SOURCES", os.path.join("out", "bench", "photo-sources"))
+
+
 def _skimage_photos(names: list[str]) -> dict[str, bytes]:
-    """The files ``names`` of ``skimage/data``, from the installed package or its wheel."""
+    """The files ``names`` of ``skimage/data``, from SOURCES_CACHE, the installed package
+    or its wheel (whatever was fetched is kept in SOURCES_CACHE)."""
     found = {}
+    for name in names:
+        path = os.path.join(SOURCES_CACHE, name)
+        if os.path.exists(path):
+            with open(path, "rb") as f:
+                found[name] = f.read()
     spec = importlib.util.find_spec("skimage")  # locates the package without importing it
-    if spec and spec.submodule_search_locations:
+    if len(found) < len(names) and spec and spec.submodule_search_locations:
         folder = os.path.join(spec.submodule_search_locations[0], "data")
         for name in names:
             path = os.path.join(folder, name)
@@ -65,6 +76,12 @@ def _skimage_photos(names: list[str]) -> dict[str, bytes]:
             with zipfile.ZipFile(glob.glob(os.path.join(work, "*.whl"))[0]) as wheel:
                 for name in missing:
                     found[name] = wheel.read(f"skimage/data/{name}")
+    os.makedirs(SOURCES_CACHE, exist_ok=True)
+    for name, data in found.items():
+        path = os.path.join(SOURCES_CACHE, name)
+        if not os.path.exists(path):
+            with open(path, "wb") as f:
+                f.write(data)
     return found
 
 
