@@ -34,9 +34,11 @@ def choices(values: tuple[str, ...]) -> dict:
 
 @dataclass(frozen=True)
 class DataConfig:
-    root: str = ""
+    root: str = field(default="", metadata={"multiple": True})
     """Labelled data: an ImageFolder tree (one subfolder per class) or a CSV/Parquet
-    manifest with ``path,label`` columns, on local disk or any fsspec URI."""
+    manifest with ``path,label`` columns, on local disk or any fsspec URI; several
+    (--root given more than once, or comma-separated) are listed together, e.g. a
+    model's old training data and newly labelled rows."""
     val_fraction: float = 0.1
     """Share of each class held out for validation (stratified)."""
     test_fraction: float = 0.1

@@ -51,7 +51,8 @@ def list_labelled_images(root: str, check_paths: bool = True) -> LabelledImages:
     Args:
         root: A folder whose subfolders name the classes, or a ``.csv``/``.parquet``
             manifest with ``path`` and ``label`` columns. Relative manifest paths are
-            taken relative to the manifest's folder.
+            taken relative to the manifest's folder. Several, comma-separated, are
+            listed together; a file in two takes its label from the later one.
         check_paths: Whether to check that every manifest path exists.
 
     Raises:
@@ -60,6 +61,22 @@ def list_labelled_images(root: str, check_paths: bool = True) -> LabelledImages:
     if not root:
         raise DataError("no data given: set --root (or root in the YAML file's data section) to an ImageFolder "
                         "tree or a manifest")
+    roots = [r.strip() for r in root.split(",") if r.strip()]
+    if len(roots) > 1:  # listed one by one, then checked together
+        # A file in two of them takes its label from the later one (a corrected row).
+        labels: dict[str, str] = {}
+        for part in (_list_one(r, check_paths) for r in roots):
+            labels.update(zip(part.paths, part.labels))
+        images = LabelledImages(list(labels), list(labels.values()))
+    else:
+        images = _list_one(roots[0], check_paths)
+    classes = sorted(set(images.labels))
+    if len(classes) < 2:
+        raise DataError(f"{root} has a single class {classes}; classification needs at least two")
+    return images
+
+
+def _list_one(root: str, check_paths: bool) -> LabelledImages:
     fs, path = storage.filesystem(root)
     if root.lower().endswith(MANIFEST_EXTENSIONS):
         images = _read_manifest(root, check_paths)
@@ -75,9 +92,6 @@ def list_labelled_images(root: str, check_paths: bool = True) -> LabelledImages:
             paths=[storage.unstrip(root, f) for f in nested],
             labels=[f[len(base):].split("/", 1)[0] for f in nested],
         )
-    classes = sorted(set(images.labels))
-    if len(classes) < 2:
-        raise DataError(f"{root} has a single class {classes}; classification needs at least two")
     return images
 
 

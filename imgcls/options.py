@@ -98,6 +98,9 @@ def config_options(*classes):
                 name = flag_name(f.name)
                 if is_flag:
                     opt = click.option(f"{name}/--no-{name[2:]}", f.name, default=None, help=help_text)
+                elif f.metadata.get("multiple"):  # repeatable; the values joined by commas
+                    opt = click.option(name, f.name, multiple=True, help=help_text,
+                                       callback=lambda ctx, param, values: ",".join(values) if values else None)
                 else:
                     opt = click.option(name, f.name, type=click_type, default=None, help=help_text)
                 fn = opt(fn)

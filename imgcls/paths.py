@@ -65,7 +65,8 @@ def resolve_paths(cfg: Config, base: Optional[str] = None) -> Config:
         d, m, t = cfg.data, cfg.model, cfg.train
         return dataclasses.replace(
             cfg,
-            data=dataclasses.replace(d, root=local_path(d.root, base), cache_path=local_path(d.cache_path, base)),
+            data=dataclasses.replace(d, root=",".join(local_path(r, base) for r in members(d.root)) if d.root else d.root,
+                                     cache_path=local_path(d.cache_path, base)),
             model=dataclasses.replace(m, weights=weights_path(m.weights, base)),
             train=dataclasses.replace(t, storage_path=local_path(t.storage_path, base),
                                       resume_from=local_path(t.resume_from, base)),

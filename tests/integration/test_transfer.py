@@ -121,8 +121,9 @@ def test_every_val_and_test_image_counts_once_with_two_streamed_workers(ray_clus
 def test_warm_started_retrain_on_more_labelled_data_beats_the_model_it_started_from(ray_cluster, fmnist_root,
                                                                                      tmp_path):
     """The first model saw 10 real images a class of 4 classes; `imgcls train --init-from`
-    retrains from it on 120 a class of those and a fifth class, and its report puts both
-    models on the same held-out test split (the old one on the classes it knows)."""
+    retrains from it on 120 a class of those and a fifth class, from two roots (old data,
+    new rows), and its report puts both models on the same held-out test split (the old
+    one on the classes it knows)."""
     import numpy as np
     from PIL import Image
 
@@ -146,12 +147,15 @@ def test_warm_started_retrain_on_more_labelled_data_beats_the_model_it_started_f
     old = str(tmp_path / "first")
     save_checkpoint(old, first.eval(), JobConfig(model=ModelConfig(arch="small_cnn", image_size=28)), old_classes, [])
 
-    data = tmp_path / "more"
-    for c in [*old_classes, new_class]:
-        (data / c).mkdir(parents=True)
-        for n in names[c][:120]:
-            os.link(os.path.join(fmnist_root, c, n), data / c / n)
-    job = JobConfig(data=DataConfig(root=str(data), augment="light", val_fraction=0.1, test_fraction=0.25),
+    # The old data and the newly labelled rows (the new class among them) in two folders,
+    # given as two roots.
+    for part, (lo, hi) in (("old", (0, 60)), ("new", (60, 120))):
+        for c in [*old_classes, new_class] if part == "new" else old_classes:
+            (tmp_path / part / c).mkdir(parents=True)
+            for n in names[c][lo:hi] if c != new_class else names[c][:120]:
+                os.link(os.path.join(fmnist_root, c, n), tmp_path / part / c / n)
+    roots = f"{tmp_path / 'old'},{tmp_path / 'new'}"
+    job = JobConfig(data=DataConfig(root=roots, augment="light", val_fraction=0.1, test_fraction=0.25),
                     model=ModelConfig(arch="small_cnn", image_size=28),
                     train=TrainConfig(epochs=2, batch_size=32, lr=3e-3, num_workers=2, init_from=old,
                                       storage_path=str(tmp_path / "runs"), name="retrain"))

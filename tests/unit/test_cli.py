@@ -316,3 +316,13 @@ def test_finished_check_expects_the_fingerprint_bulk_writes(embeddings):
     record = {"input": "in", "files": 21, "shards": 2, "files_per_shard": 500, "sha256": "abc", "source_stat": None}
     expected = json.loads(json.dumps(bulk._fingerprint(plan, payload, cfg), default=str))  # as _job.json holds it
     assert finished.fingerprint(record, payload.model_id, cfg) == expected
+
+
+def test_root_given_more_than_once_lists_them_all(tmp_path, monkeypatch):
+    from imgcls.cli import resolve_job
+
+    monkeypatch.chdir(tmp_path)
+    job = resolve_job(None, parse("train", ["--root", "old", "--root", "s3://b/new.csv"]))
+    assert job.data.root == f"{tmp_path / 'old'},s3://b/new.csv"  # each made absolute or kept as a URI
+    assert resolve_job(None, parse("train", ["--root", "one"])).data.root == str(tmp_path / "one")
+    assert resolve_job(None, parse("train", [])).data.root == ""

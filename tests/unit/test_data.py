@@ -238,3 +238,24 @@ def test_fetch_dogs_cats_keeps_per_class_photos(tmp_path):
     counts = {d: len(os.listdir(os.path.join(dest, d))) for d in os.listdir(dest) if not d.startswith(".")}
     assert counts == {"cat": 4, "dog": 4}
     assert Image.open(os.path.join(dest, "dog", sorted(os.listdir(os.path.join(dest, "dog")))[0])).size == (32, 32)
+
+
+def test_several_roots_are_listed_together_and_a_later_label_wins(tmp_path):
+    import pandas as pd
+    from PIL import Image
+
+    from imgcls.data import list_labelled_images
+
+    for c in ("bag", "coat"):
+        (tmp_path / "old" / c).mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (8, 8)).save(tmp_path / "old" / c / f"{i}.png")
+    (tmp_path / "new" / "sandal").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "new" / "sandal" / "0.png")
+    corrected = str(tmp_path / "old" / "bag" / "1.png")
+    pd.DataFrame({"path": [corrected], "label": ["coat"]}).to_csv(tmp_path / "fixes.csv", index=False)
+    images = list_labelled_images(f"{tmp_path / 'old'},{tmp_path / 'new'},{tmp_path / 'fixes.csv'}")
+    assert len(images) == 5 and len(set(images.paths)) == 5
+    labels = dict(zip(images.paths, images.labels))
+    assert labels[corrected] == "coat" and labels[str(tmp_path / "new" / "sandal" / "0.png")] == "sandal"
+    assert sorted(set(images.labels)) == ["bag", "coat", "sandal"]
