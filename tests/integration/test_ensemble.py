@@ -3,17 +3,12 @@
 import json
 import os
 
-import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import torch
 from click.testing import CliRunner
-from PIL import Image
+from conftest import train_small_cnn
 
-from imgcls.checkpoint import save_checkpoint
 from imgcls.cli import cli
-from imgcls.config import JobConfig, ModelConfig
-from imgcls.models import SmallCNN, get_spec
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]  # trains two models, evaluates four ways
 
@@ -31,24 +26,8 @@ def models(ray_cluster, fmnist_root, tmp_path_factory):
     root = tmp_path_factory.mktemp("ensemble")
     classes = sorted(d for d in os.listdir(fmnist_root) if os.path.isdir(os.path.join(fmnist_root, d)))
     names = {c: sorted(os.listdir(os.path.join(fmnist_root, c))) for c in classes}
-    spec = get_spec("small_cnn")
-    mean, std = torch.tensor(spec.mean).view(1, 3, 1, 1), torch.tensor(spec.std).view(1, 3, 1, 1)
-    x = torch.stack([torch.from_numpy(np.asarray(Image.open(os.path.join(fmnist_root, c, n)).convert("RGB")))
-                     for c in classes for n in names[c][:100]]).permute(0, 3, 1, 2).float().div(255).sub(mean).div(std)
-    y = torch.arange(len(classes)).repeat_interleave(100)
-    folders = []
-    for seed in (0, 1):
-        torch.manual_seed(seed)
-        model = SmallCNN(len(classes))
-        opt = torch.optim.AdamW(model.parameters(), 3e-3)
-        for _ in range(4):
-            for idx in torch.randperm(len(y)).split(64):
-                opt.zero_grad()
-                torch.nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
-                opt.step()
-        folders.append(str(root / f"model-{seed}"))
-        save_checkpoint(folders[-1], model.eval(), JobConfig(model=ModelConfig(arch="small_cnn", image_size=28)),
-                        classes, history=[])
+    folders = [train_small_cnn(fmnist_root, {c: names[c][:100] for c in classes}, str(root / f"model-{seed}"),
+                               epochs=4, seed=seed) for seed in (0, 1)]
     test = root / "test"
     for c in classes:
         (test / c).mkdir(parents=True)

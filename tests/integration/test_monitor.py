@@ -8,17 +8,15 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-import torch
 from click.testing import CliRunner
+from conftest import train_small_cnn
 from PIL import Image, ImageOps
 
 from imgcls.bulk import label_images
-from imgcls.checkpoint import save_checkpoint
 from imgcls.cli import cli
-from imgcls.config import JobConfig, ModelConfig, PredictConfig
+from imgcls.config import PredictConfig
 from imgcls.data import LabelledImages
 from imgcls.jobs import REFERENCE_FILE, write_reference
-from imgcls.models import SmallCNN, get_spec
 from imgcls.monitor import compare, frame_sample
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]  # trains a model and labels four sets first
@@ -34,25 +32,7 @@ def runs(ray_cluster, fmnist_root, tmp_path_factory):
     root = tmp_path_factory.mktemp("monitor")
     classes = sorted(d for d in os.listdir(fmnist_root) if os.path.isdir(os.path.join(fmnist_root, d)))
     files = {c: sorted(os.listdir(os.path.join(fmnist_root, c))) for c in classes}
-    spec = get_spec("small_cnn")
-    mean, std = torch.tensor(spec.mean).view(1, 3, 1, 1), torch.tensor(spec.std).view(1, 3, 1, 1)
-
-    def load(c, names):
-        return torch.stack([torch.from_numpy(np.asarray(Image.open(os.path.join(fmnist_root, c, n)).convert("RGB")))
-                            for n in names]).permute(0, 3, 1, 2).float().div(255).sub(mean).div(std)
-
-    x = torch.cat([load(c, files[c][:100]) for c in classes])
-    y = torch.arange(len(classes)).repeat_interleave(100)
-    torch.manual_seed(0)
-    model = SmallCNN(len(classes))
-    opt = torch.optim.AdamW(model.parameters(), 3e-3)
-    for _ in range(3):
-        for idx in torch.randperm(len(y)).split(64):
-            opt.zero_grad()
-            torch.nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
-            opt.step()
-    ckpt = str(root / "model")
-    save_checkpoint(ckpt, model.eval(), JobConfig(model=ModelConfig(arch="small_cnn", image_size=28)), classes, [])
+    ckpt = train_small_cnn(fmnist_root, {c: files[c][:100] for c in classes}, str(root / "model"), epochs=3)
 
     sets = {"reference": {c: files[c][100:150] for c in classes}, "current": {c: files[c][150:200] for c in classes}}
     sets["removed"] = {c: names for c, names in sets["current"].items() if c != REMOVED}
