@@ -145,6 +145,21 @@ def resolve_job(config_path, flags) -> JobConfig:
                                    train=resolve(TrainConfig, raw.get("train", {}), flags)))
 
 
+def check_local_roots(root: str) -> None:
+    """Refuses, before a cluster starts, a --root on local disk that names nothing usable:
+    each must be a folder or a manifest file. Store URIs are checked when listed."""
+    import os
+
+    from imgcls import storage
+
+    for one in (r.strip() for r in (root or "").split(",") if r.strip()):
+        if storage.protocol(one) != "file":
+            continue
+        path = storage.filesystem(one)[1]
+        if not (os.path.isdir(path) or (one.lower().endswith(storage.MANIFEST_EXTENSIONS) and os.path.isfile(path))):
+            raise click.BadParameter(f"{one} is neither a folder nor a .csv/.parquet manifest", param_hint="'--root'")
+
+
 def check_weights(model: ModelConfig) -> None:
     """Refuses, before any work starts, ``--weights`` that cannot load: 'packaged' for an
     architecture without packaged weights, or a path or URI where nothing is. A
@@ -189,6 +204,7 @@ def train(config_path, num_cpus, **flags):
     """Train a model with Ray Train, then report metrics on the held-out test split."""
     job = resolve_job(config_path, flags)
     check_weights(job.model)
+    check_local_roots(job.data.root)
     init_ray_while_importing(num_cpus, "imgcls.jobs", warm=("imgcls.cache",))
     from imgcls.jobs import run_training
 
@@ -229,6 +245,7 @@ def tune(config_path, num_cpus, num_samples, grace_period, max_concurrent, **fla
     """Search lr, weight decay, batch size and augmentation strength with Ray Tune and ASHA."""
     job = resolve_job(config_path, flags)
     check_weights(job.model)
+    check_local_roots(job.data.root)
     from imgcls.tune import run_tune
 
     init_ray(num_cpus)

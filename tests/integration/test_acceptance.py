@@ -27,9 +27,9 @@ def test_main_job_reaches_85_percent_on_fashion_mnist(ray_cluster, tmp_path):
 
 def transfer_job(root, tmp_path, weights, name):
     return JobConfig(
-        data=DataConfig(root=root, augment="light", max_per_class=250, val_fraction=0.2, test_fraction=0.0),
+        data=DataConfig(root=root, augment="light", max_per_class=200, val_fraction=0.2, test_fraction=0.0),
         model=ModelConfig(arch="efficientnet_lite0", weights=weights, image_size=96),
-        train=TrainConfig(epochs=4, batch_size=32, lr=1e-3, weight_decay=0.01, warmup_epochs=0.3,
+        train=TrainConfig(epochs=3, batch_size=32, lr=1e-3, weight_decay=0.01, warmup_epochs=0.3,
                           num_workers=2, storage_path=str(tmp_path), name=name),
     )
 
@@ -37,10 +37,11 @@ def transfer_job(root, tmp_path, weights, name):
 def test_finetuning_pretrained_backbone_beats_random_init(ray_cluster, dogs_cats_root, tmp_path):
     """Same real photos, same recipe: only the initial weights differ.
 
-    On 250 photos a class (at 400 the test took 70% longer), the pretrained run of this
-    recipe reached 0.77 validation accuracy (100 images; 0.75-0.79 on 160 at 400 a class);
-    from scratch it stays at chance (0.5).
+    A short recipe, for the suite's time: on 200 photos a class for 3 epochs the pretrained
+    run reached 0.675 validation accuracy (80 images) in 57 s, and from scratch it stays
+    at chance (0.5). At 250 a class for 4 epochs it reached 0.77 (0.75-0.79 at 400 a class)
+    in 30% more time; the full recipe's figures are in bench/results/finetune.json.
     """
     pretrained = fit(transfer_job(dogs_cats_root, tmp_path, "packaged", "pretrained")).metrics["val_accuracy"]
     scratch = fit(transfer_job(dogs_cats_root, tmp_path, None, "scratch")).metrics["val_accuracy"]
-    assert pretrained >= 0.7 and pretrained > scratch + 0.1, (pretrained, scratch)
+    assert pretrained >= 0.625 and pretrained >= scratch + 0.1, (pretrained, scratch)

@@ -20,12 +20,14 @@ from imgcls.train import fit
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
-@pytest.fixture()
+@pytest.fixture(scope="module")
 def cluster(ray_cluster):
-    """A head with no CPUs (so work runs on the workers) and two 1-CPU worker nodes.
+    """A head with no CPUs (so work runs on the workers) and two 1-CPU worker nodes,
+    shared by this file's tests: ``workers`` is the list of live worker nodes, which a
+    test that removes a node and adds a replacement updates.
 
-    Takes the place of the session's local cluster for the test, which is started again
-    afterwards for the tests that follow."""
+    Takes the place of the session's local cluster for the module, which is started
+    again afterwards for the tests that follow."""
     from ray.cluster_utils import Cluster
 
     ray.shutdown()
@@ -86,6 +88,7 @@ def test_labelling_spreads_over_nodes_and_survives_losing_one(cluster, fmnist_ro
     wait_for(lambda: out.exists() and len(list(out.glob("part-*.parquet"))) >= 3, what="first parts")
     c.remove_node(workers[0])
     replacement = c.add_node(num_cpus=1)
+    workers[:] = [workers[1], replacement]
     job.join(timeout=600)
     assert not job.is_alive(), "the job did not finish after losing a node"
     if "error" in result:  # a job that failed with its node is finished by a rerun
@@ -96,11 +99,11 @@ def test_labelling_spreads_over_nodes_and_survives_losing_one(cluster, fmnist_ro
     assert len(df) == len(inputs) and df["path"].is_unique and sorted(df["path"]) == inputs
     assert summary.rows == len(inputs) and (df["status"] == "ok").all()
     assert not [p for p in os.listdir(out) if p.startswith(".tmp")]
-    del replacement
 
 
 def test_training_resumes_on_the_surviving_node(cluster, fmnist_root, tmp_path):
     c, workers = cluster
+    c.wait_for_nodes()
     job = JobConfig(data=DataConfig(root=fmnist_root, augment="light", max_per_class=100),
                     model=ModelConfig(arch="small_cnn", image_size=28),
                     train=TrainConfig(epochs=4, batch_size=64, lr=3e-3, num_workers=1, max_failures=2,

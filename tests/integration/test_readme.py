@@ -59,6 +59,8 @@ SUBSTITUTIONS = [  # (pattern, replacement, why), applied in order
      "small data: 30 images per class"),
     (r"--epochs \d+", "--epochs 1", "one epoch"),
     (r"^(imgcls (?:train|tune)\b(?!.*--epochs).*?)(\s+#.*)?$", r"\1 --epochs 1\2", "one epoch"),
+    (r"^(imgcls train --config jobs/configs/dogs_cats_finetune\.yaml\b(?!.*--image-size).*?)(\s+#.*)?$",
+     r"\1 --image-size 96\2", "small images: 96 px, not the recipe's 224 (a third of the time)"),
     (r"--num-samples \d+", "--num-samples 1", "one trial (tests/integration/test_tune.py runs several)"),
     (r"\bCKPT\b", "out/runs/fashion-mnist/best", "a checkpoint: the walk-through's best"),
     (r"\bout/demo/", "out/", "the demo's data and run: the walk-through made the same recipe's under out/"),

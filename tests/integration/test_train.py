@@ -23,48 +23,11 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]  # each test trains: in
 
 
 def small_job(root, tmp_path, data=None, **train):
-    """A short real run; the augment presets are spread over this file's runs (light here,
-    standard, trivialaugment, randaugment), each in one."""
+    """A short real run; the augment presets are spread over the training tests' runs
+    (standard, trivialaugment and randaugment here, light in test_multinode), each in one."""
     defaults = dict(epochs=2, batch_size=64, lr=3e-3, num_workers=2, storage_path=str(tmp_path / "runs"), name="t")
     return JobConfig(data=DataConfig(**{"root": root, "augment": "light", "max_per_class": 100, **(data or {})}),
                      model=ModelConfig(arch="small_cnn", image_size=28), train=TrainConfig(**{**defaults, **train}))
-
-
-def test_fit_checkpoints_every_epoch_and_resumes(ray_cluster, fmnist_root, tmp_path):
-    job = small_job(fmnist_root, tmp_path, data={"augment": "standard"})
-    result = fit(job)
-    assert [h["epoch"] for h in result.history] == [0, 1]
-    # Validation covers the whole val split over both workers, not rank 0's half.
-    n_val = len(prepare_splits(job)[0]["val"])
-    assert result.metrics["val_samples"] == n_val
-    run_dir = tmp_path / "runs" / "t"
-    assert len([p for p in run_dir.glob("checkpoint_*") if p.is_dir()]) == 2
-    assert result.best_checkpoint == str(run_dir / "best") and load_checkpoint(result.best_checkpoint).classes
-    loaded = load_checkpoint(result.checkpoint)
-    assert loaded.classes == result.classes and len(loaded.classes) == 10
-    assert loaded.job == job  # resolved config saved beside the checkpoint
-    assert os.path.exists(tmp_path / "runs" / "t" / "config.yaml")
-
-    # Decoded once into the run's cache; small enough that each worker holds its part.
-    assert result.resident and not result.caches["train"].reused
-    assert result.caches["train"].num_images == len(prepare_splits(job)[0]["train"])
-    assert result.caches["val"].num_images == n_val and os.path.isdir(run_dir / "cache" / "train")
-
-    # A rerun with the same name and storage resumes from the latest checkpoint, and
-    # finds the decoded cache instead of decoding again.
-    # Rerun with the same name: refused without --resume (a new experiment must not
-    # silently continue an old one), and --resume with other settings names them.
-    with pytest.raises(RunFolderError, match="--resume to continue it, --overwrite to start it afresh"):
-        fit(small_job(fmnist_root, tmp_path, data={"augment": "standard"}, epochs=3))
-    with pytest.raises(RunFolderError, match=r"--lr 0\.003 -> 0\.01"):
-        fit(small_job(fmnist_root, tmp_path, data={"augment": "standard"}, epochs=3, lr=0.01, resume=True))
-    assert yaml.safe_load(open(run_dir / "config.yaml"))["train"]["lr"] == 3e-3  # not overwritten
-    longer = small_job(fmnist_root, tmp_path, data={"augment": "standard"}, epochs=3, resume=True)
-    resumed = fit(longer)
-    assert [h["epoch"] for h in resumed.history] == [0, 1, 2]
-    assert resumed.history[:2] == result.history
-    assert resumed.history[2]["started_at_epoch"] == 2
-    assert resumed.caches["train"].reused and resumed.caches["val"].reused
 
 
 def _train_worker_pids():
@@ -79,15 +42,17 @@ def _train_worker_pids():
     return pids
 
 
-def test_killed_worker_does_not_lose_training(ray_cluster, fmnist_root, tmp_path):
-    """A worker killed mid-run: training resumes from the checkpoint and its cache.
+def test_fit_checkpoints_every_epoch_survives_a_killed_worker_and_resumes(ray_cluster, fmnist_root, tmp_path):
+    """One run of the whole checkpoint life: a worker killed mid-run, training resumed
+    from the checkpoint and its cache, the best checkpoint kept, then a rerun refused
+    without --resume and continued with it.
 
     Only one checkpoint is kept besides the latest, and a high learning rate makes
     validation accuracy move up and down: ``best`` must still be the best of the run.
     """
-    job = small_job(fmnist_root, tmp_path, epochs=4, max_failures=2, name="ft", lr=0.01, warmup_epochs=0,
-                    num_to_keep=1)
-    run_dir = tmp_path / "runs" / "ft"
+    job = small_job(fmnist_root, tmp_path, data={"augment": "standard"}, epochs=3, max_failures=2, lr=0.01,
+                    warmup_epochs=0, num_to_keep=1)
+    run_dir = tmp_path / "runs" / "t"
     killed = []
 
     def kill_after_first_checkpoint():
@@ -108,7 +73,7 @@ def test_killed_worker_does_not_lose_training(ray_cluster, fmnist_root, tmp_path
     result = fit(job)
     killer.join(timeout=5)
     assert killed, "no training worker was found to kill"
-    assert [h["epoch"] for h in result.history] == [0, 1, 2, 3]
+    assert [h["epoch"] for h in result.history] == [0, 1, 2]
     # Resumed, not restarted: the workers after the kill began from a checkpoint, not epoch 0.
     assert result.history[0]["started_at_epoch"] == 0
     assert result.history[-1]["started_at_epoch"] >= 1, [h["started_at_epoch"] for h in result.history]
@@ -121,6 +86,34 @@ def test_killed_worker_does_not_lose_training(ray_cluster, fmnist_root, tmp_path
     meta = json.loads(open(os.path.join(result.best_checkpoint, "meta.json")).read())
     assert meta["epoch"] == accuracies.index(max(accuracies)), accuracies
     assert len([p for p in run_dir.glob("checkpoint_*") if p.is_dir()]) <= 2  # the best and the latest
+
+    # Validation covers the whole val split over both workers, not rank 0's half.
+    n_val = len(prepare_splits(job)[0]["val"])
+    assert result.metrics["val_samples"] == n_val
+    assert result.best_checkpoint == str(run_dir / "best") and load_checkpoint(result.best_checkpoint).classes
+    loaded = load_checkpoint(result.checkpoint)
+    assert loaded.classes == result.classes and len(loaded.classes) == 10
+    assert loaded.job == job  # resolved config saved beside the checkpoint
+    assert os.path.exists(run_dir / "config.yaml")
+    # Decoded once into the run's cache; small enough that each worker holds its part.
+    assert result.resident and not result.caches["train"].reused
+    assert result.caches["train"].num_images == len(prepare_splits(job)[0]["train"])
+    assert result.caches["val"].num_images == n_val and os.path.isdir(run_dir / "cache" / "train")
+
+    # Rerun with the same name: refused without --resume (a new experiment must not
+    # silently continue an old one), and --resume with other settings names them.
+    longer = dataclasses.replace(job, train=dataclasses.replace(job.train, epochs=4))
+    with pytest.raises(RunFolderError, match="--resume to continue it, --overwrite to start it afresh"):
+        fit(longer)
+    with pytest.raises(RunFolderError, match=r"--lr 0\.01 -> 0\.02"):
+        fit(dataclasses.replace(longer, train=dataclasses.replace(longer.train, lr=0.02, resume=True)))
+    assert yaml.safe_load(open(run_dir / "config.yaml"))["train"]["lr"] == 0.01  # not overwritten
+    # With --resume it continues from the latest checkpoint and finds the decoded cache.
+    resumed = fit(dataclasses.replace(longer, train=dataclasses.replace(longer.train, resume=True)))
+    assert [h["epoch"] for h in resumed.history] == [0, 1, 2, 3]
+    assert resumed.history[:3] == result.history
+    assert resumed.history[3]["started_at_epoch"] == 3
+    assert resumed.caches["train"].reused and resumed.caches["val"].reused
 
 
 def test_trains_from_s3_manifest_with_streamed_cache_on_s3(ray_cluster, s3_server, fmnist_root, tmp_path):
