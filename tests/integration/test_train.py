@@ -129,7 +129,7 @@ def test_trains_from_s3_manifest_with_streamed_cache_on_s3(ray_cluster, s3_serve
             rows.append({"path": f"{label}/{name}", "label": label})
     with fs.open("imgcls/fm/manifest.csv", "w") as f:
         pd.DataFrame(rows).to_csv(f, index=False)
-    job = small_job("s3://imgcls/fm/manifest.csv", tmp_path, epochs=2, batch_size=16, name="s3", mixup_alpha=0.2,
+    job = small_job("s3://imgcls/fm/manifest.csv", tmp_path, epochs=1, batch_size=16, name="s3", mixup_alpha=0.2,
                     cutmix_alpha=1.0,
                     ema_decay=0.99, data={"cache_path": "s3://imgcls/cache/s3-run", "in_memory": False,
                                           "max_per_class": None, "augment": "trivialaugment",
@@ -137,14 +137,14 @@ def test_trains_from_s3_manifest_with_streamed_cache_on_s3(ray_cluster, s3_serve
     result = fit(job)
     assert not result.resident and not result.caches["train"].reused
     assert fs.exists("imgcls/cache/s3-run/train/_cache.json") and fs.exists("imgcls/cache/s3-run/val/_cache.json")
-    assert [h["resident"] for h in result.history] == [False, False]
+    assert [h["resident"] for h in result.history] == [False]
     assert result.history[-1]["val_samples"] == len(prepare_splits(job)[0]["val"])
     state = torch.load(os.path.join(result.checkpoint, "train_state.pt"), weights_only=True)
     assert "raw_model" in state and state["ema_updates"] > 0  # the average is saved as the model
 
     # Streamed workers resume too (test_fit_checkpoints_every_epoch_and_resumes's are resident).
-    resumed = fit(dataclasses.replace(job, train=dataclasses.replace(job.train, epochs=3, resume=True)))
-    assert [h["epoch"] for h in resumed.history] == [0, 1, 2] and resumed.history[2]["started_at_epoch"] == 2
+    resumed = fit(dataclasses.replace(job, train=dataclasses.replace(job.train, epochs=2, resume=True)))
+    assert [h["epoch"] for h in resumed.history] == [0, 1] and resumed.history[1]["started_at_epoch"] == 1
     assert resumed.caches["train"].reused and resumed.caches["val"].reused
 
     # What the workers streamed is the split's images with their labels: the validation

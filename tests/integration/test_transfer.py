@@ -26,7 +26,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]  # each test trains: in
 def lite0_job(root, tmp_path, name, per_class=40, **train):
     return JobConfig(
         data=DataConfig(root=root, augment="light", max_per_class=per_class, val_fraction=0.15, test_fraction=0.25),
-        model=ModelConfig(arch="efficientnet_lite0", weights="packaged", image_size=224),
+        model=ModelConfig(arch="efficientnet_lite0", weights="packaged", image_size=128),
         train=TrainConfig(**{"epochs": 1, "batch_size": 16, "num_workers": 2, "storage_path": str(tmp_path / "runs"),
                              "name": name, **train}))
 
@@ -93,7 +93,7 @@ def test_lp_ft_starts_fine_tuning_from_the_probe_head(ray_cluster, dogs_cats_roo
     head = model.get_submodule(head_name(model))
     torch.testing.assert_close(head.weight.detach(), probe["weight"], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(head.bias.detach(), probe["bias"], atol=1e-4, rtol=1e-4)
-    fresh = create_model("efficientnet_lite0", 2, weights="packaged", image_size=224)
+    fresh = create_model("efficientnet_lite0", 2, weights="packaged", image_size=128)
     assert not torch.allclose(fresh.get_submodule(head_name(fresh)).weight, probe["weight"], atol=1e-3)
 
 
