@@ -44,6 +44,7 @@ if TYPE_CHECKING:  # imgcls.data imports torchvision (seconds of CPU), which the
 
 CACHE_VERSION = 2  # of the decode and resize below; part of every cache key (2: float and 16-bit images scaled by their range)
 MANIFEST_FILE = "_cache.json"
+FAILED_FILE = "_failed.json"  # written instead of the manifest when building the cache failed
 SHARD_TEMPLATE = "shard-{:05d}.npz"
 SHARD_BYTES = 64 * 2**20  # uint8 bytes per shard at most: a task's memory and the unit of reading
 MIN_SHARD_IMAGES, MAX_SHARD_IMAGES = 64, 4096
@@ -156,6 +157,62 @@ def _write_shard(*args) -> int:
     return write_shard(*args)
 
 
+@dataclass
+class CachePlan:
+    """A cache to build: its manifest-to-be (shard names and counts are known before any
+    image is decoded) and one task per shard. ``build`` decodes and writes it."""
+
+    cache: ImageCache
+    tasks: list[tuple] = field(default_factory=list)
+
+    def build(self, task_cpus: float = 1.0) -> ImageCache:
+        """Decodes every shard (Ray tasks of ``task_cpus`` CPUs each; a small split in this
+        process) and writes the manifest last, which makes the cache valid."""
+        start = time.perf_counter()
+        if runs_here(self.cache.num_images):
+            for task in self.tasks:
+                write_shard(*task)
+        else:
+            ray.get([_write_shard.options(num_cpus=task_cpus).remote(*task) for task in self.tasks])
+        self.cache.seconds += time.perf_counter() - start
+        storage.write_json(storage.join(self.cache.uri, MANIFEST_FILE), self.cache.to_dict())
+        return self.cache
+
+    def fail(self, error: BaseException) -> None:
+        """Marks the cache as failed, so that workers waiting for it (``wait_for_cache``) stop."""
+        storage.write_json(storage.join(self.cache.uri, FAILED_FILE), {"error": f"{type(error).__name__}: {error}"})
+
+
+def plan_cache(images: "LabelledImages", classes: Sequence[str], uri: str, short_side: int, side: int,
+               seed: int = 0) -> CachePlan:
+    """The cache of ``images`` at ``uri``: found valid (a plan with no tasks, ``reused``), or
+    planned afresh, the folder cleared of any stale or half-built cache. See ``build_cache``."""
+    from imgcls.data import encode_labels
+
+    start = time.perf_counter()
+    key = cache_key(images, classes, short_side, side, seed)
+    found = read_manifest(uri)
+    if found is not None and found.key == key:
+        found.reused, found.seconds = True, time.perf_counter() - start
+        return CachePlan(found)
+    fs, folder = storage.filesystem(uri)
+    if fs.exists(folder):  # stale or half-built: its manifest is absent or names other data
+        fs.rm(folder, recursive=True)
+    storage.makedirs(uri)
+    labels = encode_labels(images.labels, classes)
+    order = np.random.default_rng(seed).permutation(len(images))
+    per_shard = images_per_shard(side, len(images), float(ray.cluster_resources().get("CPU", 1)))
+    shards, tasks = [], []
+    for i, lo in enumerate(range(0, len(order), per_shard)):
+        idx = order[lo:lo + per_shard]
+        shards.append({"file": SHARD_TEMPLATE.format(i), "count": len(idx)})
+        tasks.append(([images.paths[j] for j in idx], labels[idx], storage.join(uri, shards[-1]["file"]), short_side,
+                      side))
+    cache = ImageCache(uri=uri, key=key, short_side=short_side, side=side, shards=shards,
+                       seconds=time.perf_counter() - start)
+    return CachePlan(cache, tasks)
+
+
 def build_cache(images: "LabelledImages", classes: Sequence[str], uri: str, short_side: int, side: int,
                 seed: int = 0) -> ImageCache:
     """Decodes ``images`` once into uint8 shards under ``uri``, or reuses a valid cache there.
@@ -173,35 +230,24 @@ def build_cache(images: "LabelledImages", classes: Sequence[str], uri: str, shor
     Raises:
         DataError: an image cannot be read or decoded (training data must be clean).
     """
-    from imgcls.data import encode_labels
+    plan = plan_cache(images, classes, uri, short_side, side, seed)
+    return plan.cache if plan.cache.reused else plan.build()
 
+
+def wait_for_cache(cache: ImageCache, timeout: float = 24 * 3600, poll: float = 0.1) -> float:
+    """Waits until the cache being built elsewhere (``CachePlan.build`` on the driver) is
+    valid; returns the seconds waited. Raises if its build failed or ``timeout`` passed."""
     start = time.perf_counter()
-    key = cache_key(images, classes, short_side, side, seed)
-    found = read_manifest(uri)
-    if found is not None and found.key == key:
-        found.reused, found.seconds = True, time.perf_counter() - start
-        return found
-    fs, folder = storage.filesystem(uri)
-    if fs.exists(folder):  # stale or half-built: its manifest is absent or names other data
-        fs.rm(folder, recursive=True)
-    storage.makedirs(uri)
-    labels = encode_labels(images.labels, classes)
-    order = np.random.default_rng(seed).permutation(len(images))
-    per_shard = images_per_shard(side, len(images), float(ray.cluster_resources().get("CPU", 1)))
-    names, tasks = [], []
-    for i, lo in enumerate(range(0, len(order), per_shard)):
-        idx = order[lo:lo + per_shard]
-        names.append(SHARD_TEMPLATE.format(i))
-        tasks.append(([images.paths[j] for j in idx], labels[idx], storage.join(uri, names[-1]), short_side, side))
-    if runs_here(len(images)):
-        counts = [write_shard(*task) for task in tasks]
-    else:
-        counts = ray.get([_write_shard.options(num_cpus=1).remote(*task) for task in tasks])
-    cache = ImageCache(uri=uri, key=key, short_side=short_side, side=side,
-                       shards=[{"file": n, "count": c} for n, c in zip(names, counts)])
-    cache.seconds = time.perf_counter() - start
-    storage.write_json(storage.join(uri, MANIFEST_FILE), cache.to_dict())
-    return cache
+    while True:
+        found = read_manifest(cache.uri)
+        if found is not None and found.key == cache.key:
+            return time.perf_counter() - start
+        failed = storage.join(cache.uri, FAILED_FILE)
+        if storage.exists(failed):
+            raise RuntimeError(f"decoding the cache {cache.uri} failed: {storage.read_json(failed)['error']}")
+        if time.perf_counter() - start > timeout:
+            raise TimeoutError(f"the cache {cache.uri} was not built within {timeout:.0f} s")
+        time.sleep(poll)
 
 
 def load_shard(uri: str) -> tuple[np.ndarray, np.ndarray]:

@@ -17,6 +17,7 @@ import math
 import os
 import resource
 import tempfile
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -31,7 +32,8 @@ from torch import nn
 
 from imgcls import storage
 from imgcls.augment import BatchAugment, BatchEval, mixup_cutmix, soft_cross_entropy, stored_geometry
-from imgcls.cache import ImageCache, build_cache, cache_dataset, load_indices, shard_batches, worker_range
+from imgcls.cache import (CachePlan, ImageCache, cache_dataset, load_indices, plan_cache, shard_batches, wait_for_cache,
+                          worker_range)
 from imgcls.checkpoint import SPLITS_DIR, load_train_state, read_split_files, save_checkpoint, save_config, write_splits
 from imgcls.config import JobConfig
 from imgcls.data import DataError, LabelledImages, balanced_resample, class_counts, list_labelled_images, split_stratified
@@ -389,6 +391,8 @@ def train_loop_per_worker(config: dict) -> None:
     # [2] Data: this worker's part of the cached splits, resident or streamed.
     caches = {name: ImageCache.from_dict(c) for name, c in config["caches"].items()}
     load_start = time.perf_counter()
+    # Decoded on the driver while this worker started: wait for it (``CacheDecode``).
+    cache_wait = sum(wait_for_cache(c) for c in caches.values()) if config.get("decoding") else 0.0
     if config["resident"]:
         train_data = ResidentSplit.load(caches["train"], rank, world, equal=True, device=device)
         val_data = ResidentSplit.load(caches["val"], rank, world, equal=False, device=device)
@@ -467,7 +471,8 @@ def train_loop_per_worker(config: dict) -> None:
             "device": str(device), "amp": bool(amp), "channels_last": bool(channels_last),  # as chosen for rank 0
         }
         if epoch == start_epoch:
-            metrics.update(load_seconds=load_seconds, first_step_time=first_step.get("time"))
+            metrics.update(load_seconds=load_seconds, first_step_time=first_step.get("time"),
+                           cache_wait_seconds=cache_wait, decode_overlapped=bool(config.get("decoding")))
         history.append(metrics)
         if rank == 0:
             _say(f"epoch {epoch + 1}/{t.epochs}  train_loss {metrics['train_loss']:.4f}  "
@@ -528,9 +533,9 @@ def cache_uri(job: JobConfig, storage_path: str) -> str:
     return job.data.cache_path or storage.join(storage_path, job.train.name, CACHE_DIR)
 
 
-def build_caches(job: JobConfig, train_images: LabelledImages, val_images: LabelledImages, classes: list[str],
-                 storage_path: str) -> dict[str, ImageCache]:
-    """Decodes the train and val splits once (or finds them decoded) at the training geometry.
+def plan_caches(job: JobConfig, train_images: LabelledImages, val_images: LabelledImages, classes: list[str],
+                storage_path: str) -> dict[str, CachePlan]:
+    """The train and val splits' caches at the training geometry: found decoded, or planned.
 
     Training images keep what the augmentation needs (``augment.stored_geometry``);
     validation images are exactly the eval preset's, as inference sees them.
@@ -538,14 +543,68 @@ def build_caches(job: JobConfig, train_images: LabelledImages, val_images: Label
     m = job.model
     root = cache_uri(job, storage_path)
     geometry = {"train": stored_geometry(m.image_size, job.data.augment), "val": (resize_size(m.image_size), m.image_size)}
+    return {name: plan_cache(images, classes, storage.join(root, name), *geometry[name], seed=job.train.seed)
+            for name, images in (("train", train_images), ("val", val_images))}
+
+
+def say_cache(name: str, cache: ImageCache) -> None:
+    verb = "found" if cache.reused else "decoded"
+    print(f"{name} cache: {verb} {cache.num_images} images at {cache.side}x{cache.side} "
+          f"({cache.nbytes / 2**20:.0f} MB) in {cache.seconds:.1f} s", flush=True)
+
+
+def build_caches(job: JobConfig, train_images: LabelledImages, val_images: LabelledImages, classes: list[str],
+                 storage_path: str) -> dict[str, ImageCache]:
+    """Decodes the train and val splits once (or finds them decoded); see ``plan_caches``."""
     caches = {}
-    for name, images in (("train", train_images), ("val", val_images)):
-        short_side, side = geometry[name]
-        caches[name] = build_cache(images, classes, storage.join(root, name), short_side, side, seed=job.train.seed)
-        verb = "found" if caches[name].reused else "decoded"
-        print(f"{name} cache: {verb} {caches[name].num_images} images at {side}x{side} "
-              f"({caches[name].nbytes / 2**20:.0f} MB) in {caches[name].seconds:.1f} s", flush=True)
+    for name, plan in plan_caches(job, train_images, val_images, classes, storage_path).items():
+        caches[name] = plan.cache if plan.cache.reused else plan.build()
+        say_cache(name, caches[name])
     return caches
+
+
+class CacheDecode:
+    """The caches still to decode, built in order, here or on a driver thread.
+
+    In the background (``fit``, when the workers will hold their data in memory) the
+    decode runs while Ray Train starts its workers, which takes seconds of process
+    start-up and imports; each worker then waits for its caches' manifests
+    (``cache.wait_for_cache``) before loading them. A failed decode marks the caches it
+    did not finish as failed, which stops the waiting workers, and ``wait`` raises its
+    error (an unreadable training image, say).
+    """
+
+    def __init__(self, plans: dict[str, CachePlan], task_cpus: float = 1.0, background: bool = False):
+        self.plans = {name: plan for name, plan in plans.items() if not plan.cache.reused}
+        self.task_cpus, self.error = task_cpus, None
+        background = background and bool(self.plans)  # nothing to decode: nothing to wait for
+        self.thread = threading.Thread(target=self._run, name="imgcls-decode", daemon=True) if background else None
+        if self.thread is not None:
+            self.thread.start()
+        else:
+            self._run()
+
+    @property
+    def background(self) -> bool:
+        return self.thread is not None
+
+    def _run(self) -> None:
+        names = list(self.plans)
+        for i, name in enumerate(names):
+            try:
+                self.plans[name].build(self.task_cpus)
+            except BaseException as e:  # noqa: BLE001 - re-raised by wait()
+                self.error = e
+                for rest in names[i:]:  # this cache and the ones after it
+                    self.plans[rest].fail(e)
+                return
+            say_cache(name, self.plans[name].cache)
+
+    def wait(self) -> None:
+        if self.thread is not None:
+            self.thread.join()
+        if self.error is not None:
+            raise self.error
 
 
 def fits_in_memory(caches: dict[str, ImageCache], num_workers: int) -> bool:
@@ -622,7 +681,10 @@ def prepare_run_folder(job: JobConfig) -> tuple[str, bool]:
 
 @dataclass
 class PreparedData:
-    """What the driver prepares before any training: splits, caches, the run folder."""
+    """What the driver prepares before any training: splits, caches, the run folder.
+
+    The caches are found decoded or planned; ``decode`` builds the planned ones, now or
+    in the background, and ``wait_decoded`` returns once they are built."""
 
     splits: dict[str, LabelledImages]
     classes: list[str]
@@ -630,11 +692,22 @@ class PreparedData:
     storage_path: str
     run: str
     resuming: bool  # training continues from a checkpoint of this run (or --resume-from)
+    plans: dict[str, CachePlan] = field(default_factory=dict)
+    decoding: Optional[CacheDecode] = None
+
+    def decode(self, background: bool = False, task_cpus: float = 1.0) -> None:
+        if self.decoding is None:
+            self.decoding = CacheDecode(self.plans, task_cpus, background)
+
+    def wait_decoded(self) -> None:
+        self.decode()
+        self.decoding.wait()
 
 
 def prepare_data(job: JobConfig) -> PreparedData:
     """Lists and splits the data, checks the run folder, saves the split manifests there
-    and decodes the train and val splits once (or finds them decoded)."""
+    and plans the train and val splits' caches (or finds them decoded): ``decode`` or
+    ``wait_decoded`` builds them."""
     splits, classes = prepare_splits(job)
     t = job.train
     if t.init_from:
@@ -643,8 +716,12 @@ def prepare_data(job: JobConfig) -> PreparedData:
     run, continues = prepare_run_folder(job)
     resuming = bool(t.resume_from) or continues
     write_splits(storage.join(run, SPLITS_DIR), splits)
-    caches = build_caches(job, training_images(job, splits), splits["val"], classes, storage_path)
-    return PreparedData(splits, classes, caches, storage_path, run, resuming)
+    plans = plan_caches(job, training_images(job, splits), splits["val"], classes, storage_path)
+    for name, plan in plans.items():
+        if plan.cache.reused:
+            say_cache(name, plan.cache)
+    return PreparedData(splits, classes, {name: plan.cache for name, plan in plans.items()}, storage_path, run,
+                        resuming, plans)
 
 
 def check_init_from(job: JobConfig, classes: list[str]) -> list[str]:
@@ -698,6 +775,7 @@ def probe(job: JobConfig, data: PreparedData, use_gpu: bool) -> dict:
     weights = None
     if job.train.class_balance == "loss":
         weights = inverse_frequency_weights(class_counts(data.splits["train"].labels, data.classes)).tolist()
+    data.wait_decoded()
     result = run_probe(job, data.classes, data.caches, weights, use_gpu, with_state=job.train.linear_probe)
     metrics = result["metrics"]
     _say(f"linear probe: val_acc {metrics['val_accuracy']:.4f}  train_acc {metrics['train_accuracy']:.4f}  "
@@ -706,23 +784,23 @@ def probe(job: JobConfig, data: PreparedData, use_gpu: bool) -> dict:
     return result
 
 
-def build_trainer(job: JobConfig, callbacks: Optional[list] = None, data: Optional[PreparedData] = None
-                  ) -> tuple[ray.train.torch.TorchTrainer, dict[str, LabelledImages], list[str], str]:
+def build_trainer(job: JobConfig, callbacks: Optional[list] = None, data: Optional[PreparedData] = None,
+                  overlap_decode: bool = False) -> tuple[ray.train.torch.TorchTrainer, dict[str, LabelledImages], list[str], str]:
     """Prepares data and the TorchTrainer for ``job``; returns (trainer, splits, classes, storage_path).
 
     The trainer's ``train_loop_config`` carries the caches (``caches``), whether the
-    workers hold them in memory (``resident``), the split manifests to save with every
-    checkpoint (``splits``) and, for LP-FT, the linear probe's head (``probe_head``).
+    workers hold them in memory (``resident``) and must wait for them to be decoded
+    (``decoding``), the split manifests to save with every checkpoint (``splits``) and,
+    for LP-FT, the linear probe's head (``probe_head``).
+
+    With ``overlap_decode``, caches still to decode for resident workers are decoded on a
+    driver thread while the workers start (``data.wait_decoded`` after the run); otherwise
+    they are decoded here, first.
     """
     data = data or prepare_data(job)
     t = job.train
     caches = data.caches
     resident = fits_in_memory(caches, t.num_workers) if job.data.in_memory is None else job.data.in_memory
-    # Only the training split goes through Ray Data (split equally, so that every worker
-    # takes the same number of steps); streamed workers read their share of the val
-    # shards themselves (``shard_batches``): Ray's equal split would drop the remainder,
-    # so 19 validation images on 2 workers would count as 18.
-    datasets = {} if resident else {"train": cache_dataset(caches["train"])}
     use_gpu = choose_gpu(t.use_gpu, gpus=t.num_workers, what="training")
     probe_head = None
     if wants_probe_head(job, data.resuming):
@@ -730,6 +808,17 @@ def build_trainer(job: JobConfig, callbacks: Optional[list] = None, data: Option
         probe_head = storage.join(data.run, PROBE_HEAD_FILE)
         with storage.open_uri(probe_head, "wb") as f:
             torch.save({"weight": torch.from_numpy(result["weight"]), "bias": torch.from_numpy(result["bias"])}, f)
+    # CPUs the workers leave free: decode tasks must not wait for CPUs that workers
+    # waiting for the decode hold.
+    spare = cluster_cpus() - t.num_workers * cpus_per_worker(t.num_workers, t.cpus_per_worker, use_gpu)
+    data.decode(background=overlap_decode and resident and spare >= 0.25, task_cpus=min(1.0, max(spare / 2, 0.25)))
+    if not data.decoding.background:
+        data.wait_decoded()
+    # Only the training split goes through Ray Data (split equally, so that every worker
+    # takes the same number of steps); streamed workers read their share of the val
+    # shards themselves (``shard_batches``): Ray's equal split would drop the remainder,
+    # so 19 validation images on 2 workers would count as 18.
+    datasets = {} if resident else {"train": cache_dataset(caches["train"])}
 
     trainer = ray.train.torch.TorchTrainer(
         train_loop_per_worker,
@@ -737,6 +826,7 @@ def build_trainer(job: JobConfig, callbacks: Optional[list] = None, data: Option
             "job": job.to_dict(), "classes": data.classes,
             "class_counts": class_counts(data.splits["train"].labels, data.classes),
             "caches": {name: c.to_dict() for name, c in caches.items()}, "resident": resident,
+            "decoding": data.decoding.background,
             "splits": storage.join(data.run, SPLITS_DIR), "probe_head": probe_head,
             "init_from": job.train.init_from if job.train.init_from and not data.resuming else None,
         },
@@ -832,9 +922,14 @@ def fit(job: JobConfig) -> FitResult:
     data = prepare_data(job)
     if job.train.linear_probe:
         return fit_linear_probe(job, data)
-    trainer, splits, classes, storage_path = build_trainer(job, data=data)
+    trainer, splits, classes, storage_path = build_trainer(job, data=data, overlap_decode=True)
     t = job.train
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except Exception:
+        data.wait_decoded()  # the decode's own error, when that is why training failed
+        raise
+    data.wait_decoded()
     if result.checkpoint is None:
         raise RuntimeError(f"training produced no checkpoint: {result.error}")
     latest = storage.unstrip(storage_path, result.checkpoint.path)
@@ -844,6 +939,5 @@ def fit(job: JobConfig) -> FitResult:
     promote_best(best, best_link)
     history = storage.read_json(storage.join(latest, "history.json"))
     config = trainer.train_loop_config
-    caches = {k: ImageCache.from_dict(v) for k, v in config["caches"].items()}
     return FitResult(checkpoint=latest, best_checkpoint=best_link, metrics=result.metrics, history=history,
-                     classes=classes, splits=splits, caches=caches, resident=config["resident"])
+                     classes=classes, splits=splits, caches=data.caches, resident=config["resident"])

@@ -55,3 +55,48 @@ def test_evaluation_here_labels_like_the_actor_pool(ray_cluster, fmnist_root, tm
     pd.testing.assert_frame_equal(here[columns], pool[columns])
     assert np.allclose(here["score"].fillna(-1), pool["score"].fillna(-1), atol=1e-6)
     assert here["topk_labels"].map(list).tolist() == pool["topk_labels"].map(list).tolist()
+
+
+def test_background_decode_is_waited_for_and_its_failure_stops_the_waiters(ray_cluster, fmnist_root, tmp_path):
+    """``fit`` decodes on a driver thread while the workers start: the manifest planned up
+    front is the one written, a waiter returns once it is; a broken training image fails
+    the decode with the image named, and a worker waiting on a later cache is stopped
+    rather than left waiting."""
+    import threading
+    import time
+
+    from imgcls.cache import FAILED_FILE, plan_cache, read_manifest, wait_for_cache
+    from imgcls.data import DataError
+    from imgcls.train import CacheDecode
+
+    images = list_labelled_images(fmnist_root)
+    images = LabelledImages(images.paths[::20], images.labels[::20])
+    classes = sorted(set(images.labels))
+    plans = {"train": plan_cache(images, classes, str(tmp_path / "ok" / "train"), 32, 28),
+             "val": plan_cache(images, classes, str(tmp_path / "ok" / "val"), 28, 28)}
+    planned = {name: plan.cache.to_dict() for name, plan in plans.items()}
+    assert read_manifest(plans["train"].cache.uri) is None  # nothing decoded yet
+    waited = {}
+    waiter = threading.Thread(target=lambda: waited.update(s=wait_for_cache(plans["val"].cache)))
+    waiter.start()
+    time.sleep(0.3)
+    decode = CacheDecode(plans, background=True)
+    decode.wait()
+    waiter.join(timeout=30)
+    assert waited["s"] >= 0.3
+    for name, plan in plans.items():
+        written = read_manifest(plan.cache.uri)
+        assert written.key == planned[name]["key"] and written.shards == planned[name]["shards"]
+
+    broken = tmp_path / "data" / "bag" / "broken.png"
+    broken.parent.mkdir(parents=True)
+    broken.write_bytes(b"not a png")
+    bad = LabelledImages(images.paths + [str(broken)], images.labels + ["bag"])
+    plans = {"train": plan_cache(bad, classes, str(tmp_path / "bad" / "train"), 32, 28),
+             "val": plan_cache(images, classes, str(tmp_path / "bad" / "val"), 28, 28)}
+    decode = CacheDecode(plans, background=True)
+    with pytest.raises(RuntimeError, match="decoding the cache .* failed: DataError: cannot read training image"):
+        wait_for_cache(plans["val"].cache, timeout=60)
+    with pytest.raises(DataError, match="broken.png"):
+        decode.wait()
+    assert (tmp_path / "bad" / "train" / FAILED_FILE).exists() and read_manifest(plans["train"].cache.uri) is None

@@ -95,8 +95,10 @@ def test_fit_checkpoints_every_epoch_survives_a_killed_worker_and_resumes(ray_cl
     assert loaded.classes == result.classes and len(loaded.classes) == 10
     assert loaded.job == job  # resolved config saved beside the checkpoint
     assert os.path.exists(run_dir / "config.yaml")
-    # Decoded once into the run's cache; small enough that each worker holds its part.
+    # Decoded once into the run's cache, on the driver while the workers started; small
+    # enough that each worker holds its part.
     assert result.resident and not result.caches["train"].reused
+    assert result.history[0]["decode_overlapped"] and result.history[0]["cache_wait_seconds"] >= 0
     assert result.caches["train"].num_images == len(prepare_splits(job)[0]["train"])
     assert result.caches["val"].num_images == n_val and os.path.isdir(run_dir / "cache" / "train")
 
@@ -114,6 +116,24 @@ def test_fit_checkpoints_every_epoch_survives_a_killed_worker_and_resumes(ray_cl
     assert resumed.history[:3] == result.history
     assert resumed.history[3]["started_at_epoch"] == 3
     assert resumed.caches["train"].reused and resumed.caches["val"].reused
+    assert not resumed.history[3]["decode_overlapped"]  # found decoded: nothing to wait for
+
+
+def test_a_broken_training_image_fails_the_run_with_its_name(ray_cluster, fmnist_root, tmp_path):
+    """The decode runs while the workers start: its error, naming the file, is the run's
+    error, and the workers waiting for the cache stop instead of waiting on."""
+    from imgcls.data import DataError
+
+    data = tmp_path / "data"
+    for label in ("bag", "coat"):
+        (data / label).mkdir(parents=True)
+        for name in sorted(os.listdir(os.path.join(fmnist_root, label)))[:30]:
+            os.link(os.path.join(fmnist_root, label, name), data / label / name)
+    (data / "coat" / "zz-broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    job = small_job(str(data), tmp_path, epochs=1, num_workers=1, name="broken",
+                    data={"val_fraction": 0.2, "test_fraction": 0.0, "max_per_class": None})
+    with pytest.raises(DataError, match="cannot read training image .*zz-broken.png"):
+        fit(job)
 
 
 def test_trains_from_s3_manifest_with_streamed_cache_on_s3(ray_cluster, s3_server, fmnist_root, tmp_path):
