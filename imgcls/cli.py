@@ -240,8 +240,10 @@ def predict(config_path, num_cpus, **flags):
 @click.option("--num-samples", type=int, default=4, show_default=True, help="Trials to run.")
 @click.option("--grace-period", type=int, default=1, show_default=True, help="Epochs before a trial may be stopped early.")
 @click.option("--max-concurrent", type=int, default=1, show_default=True, help="Trials running at once.")
+@click.option("--search", type=click.Choice(["random", "optuna"]), default="random", show_default=True,
+              help="How trials are proposed: at random, or by Optuna's TPE from the results so far (needs imgcls[tune]).")
 @config_options(DataConfig, ModelConfig, TrainConfig)
-def tune(config_path, num_cpus, num_samples, grace_period, max_concurrent, **flags):
+def tune(config_path, num_cpus, num_samples, grace_period, max_concurrent, search, **flags):
     """Search lr, weight decay, batch size and augmentation strength with Ray Tune and ASHA."""
     job = resolve_job(config_path, flags)
     check_weights(job.model)
@@ -249,7 +251,8 @@ def tune(config_path, num_cpus, num_samples, grace_period, max_concurrent, **fla
     from imgcls.tune import run_tune
 
     init_ray(num_cpus)
-    echo_json(asdict(run_tune(job, num_samples=num_samples, grace_period=grace_period, max_concurrent=max_concurrent)))
+    echo_json(asdict(run_tune(job, num_samples=num_samples, grace_period=grace_period, max_concurrent=max_concurrent,
+                              search=search)))
 
 
 @cli.command()

@@ -19,8 +19,11 @@ def test_tune_reports_best_config(ray_cluster, fmnist_root, tmp_path):
     job = JobConfig(data=DataConfig(root=fmnist_root, augment="light", max_per_class=20),
                     model=ModelConfig(arch="small_cnn", image_size=28),
                     train=TrainConfig(epochs=2, num_workers=1, storage_path=str(tmp_path), name="tt"))
-    summary = run_tune(job, num_samples=2, grace_period=1)
-    assert len(summary.trials) == 2
+    # Optuna's TPE: two random start-up trials, then one it proposes from their results
+    # (the random search runs in the README test's `imgcls tune`).
+    summary = run_tune(job, num_samples=3, grace_period=1, search="optuna")
+    assert len(summary.trials) == 3 and summary.search == "optuna"
+    assert len({t["params"]["lr"] for t in summary.trials}) == 3
     assert all(t["val_accuracy"] is not None and 1 <= t["epochs"] <= 2 for t in summary.trials)
     assert summary.best_val_accuracy == max(t["val_accuracy"] for t in summary.trials)
     best = JobConfig.from_dict(yaml.safe_load(open(summary.best_config_file)))

@@ -326,3 +326,18 @@ def test_root_given_more_than_once_lists_them_all(tmp_path, monkeypatch):
     assert job.data.root == f"{tmp_path / 'old'},s3://b/new.csv"  # each made absolute or kept as a URI
     assert resolve_job(None, parse("train", ["--root", "one"])).data.root == str(tmp_path / "one")
     assert resolve_job(None, parse("train", [])).data.root == ""
+
+
+def test_tune_search_is_random_or_optunas_tpe():
+    from ray.tune.search.optuna import OptunaSearch
+
+    from imgcls.tune import searcher
+
+    assert searcher("random", 8, seed=0) is None
+    tpe = searcher("optuna", 12, seed=0)
+    assert isinstance(tpe, OptunaSearch) and tpe._sampler._n_startup_trials == 4  # a third of 12
+    assert searcher("optuna", 3, seed=0)._sampler._n_startup_trials == 2
+    with pytest.raises(ValueError, match="unknown search 'grid'"):
+        searcher("grid", 4, seed=0)
+    result = CliRunner().invoke(cli, ["tune", "--search", "bayes"])
+    assert result.exit_code == 2 and "'bayes' is not one of 'random', 'optuna'" in result.output
