@@ -176,7 +176,8 @@ def million_rows(plain, workdir: str, rows: int) -> dict:
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", default="out/bench/monitor")
-    p.add_argument("--per-class", type=int, default=2300, help="Fashion-MNIST images a class (2300: 23,000)")
+    p.add_argument("--per-class", type=int, default=3700,
+                   help="Fashion-MNIST images a class (3,700: 37,000, enough for sets of 10,000)")
     p.add_argument("--train-per-class", type=int, default=300)
     p.add_argument("--repeats", type=int, default=20, help="pairs drawn per condition and size")
     p.add_argument("--embedding-sample", type=int, default=500)
@@ -203,7 +204,10 @@ def main():
     accuracy = {name: float((f["label"] == f["true_label"]).mean()) for name, f in (("pool", plain),
                                                                                     ("blurred", blurred))}
     print(f"accuracy on the pool {accuracy}", flush=True)
-    sizes = [1000, 10_000] if len(plain) // 2 >= 12_000 else [1000]
+    # A size is run when each half holds enough of every class for the 30% shift's
+    # largest share (0.16 of 10 classes): 10,000 needs --per-class 3,600 or so.
+    per_class_half = plain["true_label"].value_counts().min() // 2
+    sizes = [n for n in (1000, 10_000) if n * shifted_shares(10, 0.30).max() <= 0.9 * per_class_half]
     power = power_study(plain, blurred, sizes, args.repeats, args.embedding_sample, args.permutations, args.seed)
     ray.shutdown()
     big = million_rows(plain, args.workdir, args.rows)
