@@ -64,7 +64,7 @@ def train_model(root: str, workdir: str, per_class: int) -> tuple[str, set]:
                                       storage_path=os.path.join(workdir, "runs"), name="monitor", overwrite=True))
     result = fit(job)
     print(f"model: val_accuracy {result.metrics['val_accuracy']:.3f}", flush=True)
-    return result.best_checkpoint, {p for split in result.splits.values() for p in split.paths}
+    return result.best_checkpoint, {os.path.abspath(p) for split in result.splits.values() for p in split.paths}
 
 
 def label(model: str, folder: str, output: str) -> "object":
@@ -93,7 +93,7 @@ def build_pools(root: str, used: set, workdir: str) -> tuple[str, str]:
             os.makedirs(os.path.join(folder, label_name))
         for name in sorted(os.listdir(os.path.join(root, label_name))):
             path = os.path.join(root, label_name, name)
-            if path in used:
+            if os.path.abspath(path) in used:
                 continue
             os.link(path, os.path.join(plain, label_name, name))
             Image.open(path).filter(ImageFilter.GaussianBlur(1)).save(os.path.join(blurred, label_name, name))
