@@ -176,8 +176,8 @@ def million_rows(plain, workdir: str, rows: int) -> dict:
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", default="out/bench/monitor")
-    p.add_argument("--per-class", type=int, default=3700,
-                   help="Fashion-MNIST images a class (3,700: 37,000, enough for sets of 10,000)")
+    p.add_argument("--per-class", type=int, default=4000,
+                   help="Fashion-MNIST images a class (4,000: 40,000, enough for sets of 10,000)")
     p.add_argument("--train-per-class", type=int, default=300)
     p.add_argument("--repeats", type=int, default=20, help="pairs drawn per condition and size")
     p.add_argument("--embedding-sample", type=int, default=500)
@@ -205,7 +205,7 @@ def main():
                                                                                     ("blurred", blurred))}
     print(f"accuracy on the pool {accuracy}", flush=True)
     # A size is run when each half holds enough of every class for the 30% shift's
-    # largest share (0.16 of 10 classes): 10,000 needs --per-class 3,600 or so.
+    # largest share (0.16 of 10 classes): 10,000 needs --per-class 4,000 or so.
     per_class_half = plain["true_label"].value_counts().min() // 2
     sizes = [n for n in (1000, 10_000) if n * shifted_shares(10, 0.30).max() <= 0.9 * per_class_half]
     power = power_study(plain, blurred, sizes, args.repeats, args.embedding_sample, args.permutations, args.seed)
