@@ -151,8 +151,9 @@ def check_local_roots(root: str) -> None:
     import os
 
     from imgcls import storage
+    from imgcls.finished import members
 
-    for one in (r.strip() for r in (root or "").split(",") if r.strip()):
+    for one in members(root or ""):
         if storage.protocol(one) != "file":
             continue
         path = storage.filesystem(one)[1]

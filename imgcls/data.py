@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from imgcls import storage
+from imgcls.finished import members
 # Decoding and the eval geometry live in imaging.py, which imports no torchvision, so
 # that Ray workers decoding for inference start quickly; they are part of this API.
 from imgcls.imaging import (ImageDecodeError, ScaleNormalize, decode_image, decode_resized, eval_geometry, resize_size,  # noqa: F401
@@ -61,7 +62,7 @@ def list_labelled_images(root: str, check_paths: bool = True) -> LabelledImages:
     if not root:
         raise DataError("no data given: set --root (or root in the YAML file's data section) to an ImageFolder "
                         "tree or a manifest")
-    roots = [r.strip() for r in root.split(",") if r.strip()]
+    roots = members(root)
     if len(roots) > 1:  # listed one by one, then checked together
         # A file in two of them takes its label from the later one (a corrected row).
         labels: dict[str, str] = {}
@@ -178,9 +179,9 @@ def balanced_resample(images: LabelledImages, seed: int = 0) -> LabelledImages:
     target = max(len(v) for v in by_class.values())
     paths, labels = [], []
     for label in sorted(by_class):
-        members = by_class[label]
-        extra = [rng.choice(members) for _ in range(target - len(members))]
-        paths.extend(members + extra)
+        of_class = by_class[label]
+        extra = [rng.choice(of_class) for _ in range(target - len(of_class))]
+        paths.extend(of_class + extra)
         labels.extend([label] * target)
     order = list(range(len(paths)))
     rng.shuffle(order)

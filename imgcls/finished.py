@@ -52,9 +52,10 @@ def source_stat(uri: str) -> Optional[dict]:
     return {k: str(info[k]) for k in keep if k in info}
 
 
-def members(model: str) -> list[str]:
-    """The checkpoints of a ``--model`` value: one folder, or an ensemble's, comma-separated."""
-    return [m.strip() for m in model.split(",") if m.strip()]
+def members(value: str) -> list[str]:
+    """The parts of a comma-separated value: an ensemble's checkpoints (``--model``), or
+    the data roots listed together (``--root``)."""
+    return [m.strip() for m in value.split(",") if m.strip()]
 
 
 def combined_id(ids: list[str], tta: str) -> str:

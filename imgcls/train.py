@@ -688,12 +688,15 @@ class PreparedData:
 
     splits: dict[str, LabelledImages]
     classes: list[str]
-    caches: dict[str, ImageCache]
+    plans: dict[str, CachePlan]  # every split's cache, found or planned
     storage_path: str
     run: str
     resuming: bool  # training continues from a checkpoint of this run (or --resume-from)
-    plans: dict[str, CachePlan] = field(default_factory=dict)
     decoding: Optional[CacheDecode] = None
+
+    @property
+    def caches(self) -> dict[str, ImageCache]:
+        return {name: plan.cache for name, plan in self.plans.items()}
 
     def decode(self, background: bool = False, task_cpus: float = 1.0) -> None:
         if self.decoding is None:
@@ -720,8 +723,7 @@ def prepare_data(job: JobConfig) -> PreparedData:
     for name, plan in plans.items():
         if plan.cache.reused:
             say_cache(name, plan.cache)
-    return PreparedData(splits, classes, {name: plan.cache for name, plan in plans.items()}, storage_path, run,
-                        resuming, plans)
+    return PreparedData(splits, classes, plans, storage_path, run, resuming)
 
 
 def check_init_from(job: JobConfig, classes: list[str]) -> list[str]:
