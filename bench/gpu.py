@@ -13,7 +13,9 @@ On real photos written as JPEGs of realistic size (``bench/photos.py``: sides 40
 - ``imgcls``: ``imgcls predict --use-gpu`` end to end on a fresh local Ray cluster, over
   half the files and over all of them: ``seconds`` (the job's own timer),
   ``process_seconds`` (interpreter start to exit) and the steady rate,
-  (extra files) / (extra seconds), free of the fixed start-up.
+  (extra files) / (extra seconds), free of the fixed start-up;
+- ``imgcls_gpu_decode``: the same with ``--gpu-decode`` (the decode pool only reads; the
+  model actor decodes JPEGs with nvjpeg), for ResNet-50: whether it should be the default.
 Then training, ResNet-18 and ResNet-50 at 224 px (``standard`` augmentation, bf16
 autocast, channels_last): the in-memory bound (``bench/train_baselines.py``: decoded
 once to one uint8 tensor on the device, the same batched augmentation) and
@@ -156,10 +158,10 @@ def save_random_checkpoint(arch: str, folder: str) -> str:
     return folder
 
 
-def imgcls_predict(model: str, manifest: str, output: str, use_gpu: bool) -> dict:
+def imgcls_predict(model: str, manifest: str, output: str, use_gpu: bool, flags: tuple = ()) -> dict:
     shutil.rmtree(output, ignore_errors=True)
     cmd = [sys.executable, "-m", "imgcls.cli", "predict", "--model", model, "--input", manifest, "--output", output,
-           "--use-gpu" if use_gpu else "--no-use-gpu", "--num-cpus", str(os.cpu_count())]
+           "--use-gpu" if use_gpu else "--no-use-gpu", "--num-cpus", str(os.cpu_count()), *flags]
     began = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     process_seconds = time.perf_counter() - began
@@ -178,12 +180,13 @@ def write_manifest(files: list[str], path: str) -> str:
     return path
 
 
-def imgcls_end_to_end(arch: str, files: list[str], workdir: str, use_gpu: bool) -> dict:
+def imgcls_end_to_end(arch: str, files: list[str], workdir: str, use_gpu: bool, flags: tuple = ()) -> dict:
     model = save_random_checkpoint(arch, os.path.join(workdir, f"ckpt-{arch}"))
+    tag = "".join(flags).replace("-", "")
     half = imgcls_predict(model, write_manifest(files[: len(files) // 2], os.path.join(workdir, "half.csv")),
-                          os.path.join(workdir, f"labels-half-{arch}"), use_gpu)
+                          os.path.join(workdir, f"labels-half-{arch}{tag}"), use_gpu, flags)
     full = imgcls_predict(model, write_manifest(files, os.path.join(workdir, "all.csv")),
-                          os.path.join(workdir, f"labels-{arch}"), use_gpu)
+                          os.path.join(workdir, f"labels-{arch}{tag}"), use_gpu, flags)
     steady = (full["files"] - half["files"]) / max(1e-9, full["seconds"] - half["seconds"])
     return {"half": half, "all": full, "steady_images_per_s": steady}
 
@@ -239,6 +242,9 @@ def main():
     print(json.dumps({k: out[k] for k in ("gpu_decode_only", "cpu_decode_only") if k in out}), flush=True)
     out["imgcls"] = {a: imgcls_end_to_end(a, files, args.workdir, device.type == "cuda") for a in ARCHS}
     print(json.dumps(out["imgcls"]), flush=True)
+    out["imgcls_gpu_decode"] = {"resnet50": imgcls_end_to_end("resnet50", files, args.workdir, device.type == "cuda",
+                                                              ("--gpu-decode", "--separate-decode"))}
+    print(json.dumps(out["imgcls_gpu_decode"]), flush=True)
     epochs = 2 if args.smoke else 3
     out["training"] = {}
     for arch in (("resnet18",) if args.smoke else TRAIN_ARCHS):
@@ -255,6 +261,8 @@ def main():
         e2e = out["imgcls"][arch]["steady_images_per_s"]
         ratios[f"{arch}_end_to_end_vs_model_only"] = e2e / out["model_only"][arch]["images_per_s"]
         ratios[f"{arch}_end_to_end_images_per_s"] = e2e
+    ratios["resnet50_gpu_decode_vs_cpu_decode_end_to_end"] = (
+        out["imgcls_gpu_decode"]["resnet50"]["steady_images_per_s"] / out["imgcls"]["resnet50"]["steady_images_per_s"])
     for arch, t in out["training"].items():
         if t["imgcls_1_worker"]:
             ratios[f"{arch}_training_vs_in_memory"] = (t["imgcls_1_worker"]["steady_images_per_s"]

@@ -260,12 +260,13 @@ def _run_two_pools(todo: pa.Table, payload: ModelPayload, cfg: PredictConfig, pl
     decode = plan["decode"]
     decoded = _shard_rows(todo).map_batches(
         DecodeShards, fn_constructor_kwargs={"image_size": payload.image_size, "max_pixels": cfg.max_pixels,
-                                             "max_images": cfg.batch_size},
+                                             "max_images": cfg.batch_size, "defer_jpeg": cfg.gpu_decode},
         batch_size=1, compute=ActorPoolStrategy(min_size=1, max_size=decode["max_size"]), num_cpus=decode["num_cpus"])
     staged = decoded.map_batches(
         LabelChunks, fn_constructor_kwargs={"payload": payload, "output": cfg.output, "top_k": cfg.top_k,
                                             "embeddings": cfg.embeddings, "threads": plan["threads"],
-                                            "use_gpu": plan["use_gpu"], "precision": cfg.precision},
+                                            "use_gpu": plan["use_gpu"], "precision": cfg.precision,
+                                            "max_pixels": cfg.max_pixels},
         batch_size=cfg.batch_size, compute=ActorPoolStrategy(size=plan["size"]), num_cpus=plan["num_cpus"],
         num_gpus=plan["num_gpus"], batch_format="numpy")
     staged.context.execution_options.resource_limits = ExecutionResources.for_limits(
@@ -340,6 +341,9 @@ def label_images(cfg: PredictConfig) -> LabelSummary:
         use_gpu = choose_gpu(cfg.use_gpu, gpus=cfg.num_actors or 1, what="labelling")
         pools = pool_plan(use_gpu, cfg.num_actors, cfg.separate_decode)
         cfg = dataclasses.replace(cfg, batch_size=model_batch_size(cfg.batch_size, pools["use_gpu"]))
+        if cfg.gpu_decode and pools["decode"] is None:
+            print("--gpu-decode does nothing here: without a separate decode pool (GPUs, or --separate-decode) "
+                  "each model actor decodes its own files", file=sys.stderr, flush=True)
         if labels_here(plan, todo, cfg, pools):
             run = _run_here
         else:

@@ -19,9 +19,10 @@ import torch
 
 from imgcls.config import PRECISIONS
 from imgcls.imaging import ScaleNormalize
-from imgcls.reader import (COL_EMBEDDING, COL_ERROR, COL_ERROR_TYPE, COL_LABEL, COL_MODEL_ID, COL_PATH, COL_ROW,
-                           COL_SCORE, COL_SHARD, COL_SHARD_ROWS, COL_STATUS, COL_TOPK_LABELS, COL_TOPK_SCORES,
-                           STATUS_OK, ReadDecodeBatch, output_schema)
+from imgcls.reader import (COL_EMBEDDING, COL_ERROR, COL_ERROR_TYPE, COL_JPEG, COL_LABEL, COL_MODEL_ID, COL_PATH,
+                           COL_ROW, COL_SCORE, COL_SHARD, COL_SHARD_ROWS, COL_STATUS, COL_TOPK_LABELS, COL_TOPK_SCORES,
+                           ERROR_DECODE, STATUS_ERROR, STATUS_OK, ReadDecodeBatch, error_text, error_type,
+                           output_schema)
 
 PASS_THROUGH = (COL_SHARD, COL_ROW, COL_SHARD_ROWS)  # internal int64 columns a batch may carry
 
@@ -155,11 +156,17 @@ class Classifier:
     the TorchScript model's weights and inputs are cast to; probabilities are computed in
     float32 from its logits. ``chunk`` is how many images go through the model at a time
     (default: ``cpu_chunk`` on CPUs, GPU_CHUNK on a GPU).
+
+    Rows that carry a JPEG's bytes (``reader.COL_JPEG``, from a ``Decoder`` with
+    ``defer_jpeg``) are decoded here, on the model's device, in one call per batch
+    (``imaging.DeviceJpegDecoder``); one the device cannot decode is decoded by
+    ``imaging.decode_resized`` here instead, and one that fails there too becomes an error
+    row like any other (its text and type from that decoder; ``max_pixels`` as the reader's).
     """
 
     def __init__(self, payload: ModelPayload, top_k: int = 5, embeddings: bool = False,
                  threads: Optional[int] = None, use_gpu: bool = False, cpu_chunk: int = 16,
-                 precision: str = "auto", chunk: Optional[int] = None):
+                 precision: str = "auto", chunk: Optional[int] = None, max_pixels: int = 64_000_000):
         if threads:
             torch.set_num_threads(threads)
         self.runtime = payload.runtime
@@ -192,6 +199,8 @@ class Classifier:
         if chunk is None:
             chunk = cpu_chunk if self.device.type == "cpu" else GPU_CHUNK
         self.feed = DeviceFeed(feed_device, ScaleNormalize(payload.mean, payload.std), chunk, self.dtype)
+        self.image_size, self.max_pixels = payload.image_size, max_pixels
+        self.jpeg_decoder = None  # built on the first batch that carries JPEG bytes
         # Batches arrive as read-only views of Ray's object store; they are only read.
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
 
@@ -213,6 +222,50 @@ class Classifier:
         probs, feats = (torch.cat([o[i] for o in outs]) if len(outs) > 1 else outs[0][i] for i in (0, 1))
         return probs.cpu().numpy(), feats.cpu().numpy()
 
+    def _forward_on_device(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """(b, 3, S, S) uint8 already on the feed's device -> probabilities, features as
+        numpy arrays; normalised there, ``chunk`` images at a time."""
+        outs = []
+        for lo in range(0, len(images), self.feed.chunk):
+            x = self.feed.normalize(images[lo:lo + self.feed.chunk]).contiguous(memory_format=torch.channels_last)
+            outs.append(self._forward(x if self.dtype is None else x.to(self.dtype)))
+        probs, feats = (torch.cat([o[i] for o in outs]) if len(outs) > 1 else outs[0][i] for i in (0, 1))
+        return probs.cpu().numpy(), feats.cpu().numpy()
+
+    def _decode_deferred(self, batch: dict[str, np.ndarray]) -> tuple[dict, torch.Tensor]:
+        """Decodes the batch's JPEG bytes on the feed's device. Returns the batch with the
+        status and error columns of the rows that failed, and the uint8 images
+        (b, 3, S, S) of its ok rows, in order, on that device."""
+        from imgcls.imaging import DeviceJpegDecoder, decode_resized, resize_size
+
+        device, size = self.feed.device, self.image_size
+        if self.jpeg_decoder is None:
+            self.jpeg_decoder = DeviceJpegDecoder(size, device)
+        jpeg, status = batch[COL_JPEG], np.array(batch[COL_STATUS], dtype=object)
+        errors, types = np.array(batch[COL_ERROR], dtype=object), np.array(batch[COL_ERROR_TYPE], dtype=object)
+        todo = [i for i, data in enumerate(jpeg) if data is not None and status[i] == STATUS_OK]
+        decoded = {}
+        for i, image in zip(todo, self.jpeg_decoder([bytes(jpeg[i]) for i in todo])):
+            if image is None:  # the device decoder refused it: the CPU decoder's pixels, or its error
+                try:
+                    image = torch.from_numpy(decode_resized(bytes(jpeg[i]), resize_size(size), size, self.max_pixels))
+                    image = image.permute(2, 0, 1).to(device)
+                except Exception as e:  # noqa: BLE001 - ImageDecodeError carries its type
+                    status[i], errors[i], types[i] = STATUS_ERROR, error_text(e), error_type(e, ERROR_DECODE)
+                    continue
+            decoded[i] = image
+        ok = np.flatnonzero(status == STATUS_OK)
+        out = torch.empty((len(ok), 3, size, size), dtype=torch.uint8, device=device)
+        host = [j for j, i in enumerate(ok) if i not in decoded]  # decoded by the reader
+        if host:
+            images = batch["image"]
+            images = np.stack(images) if images.dtype == object else images
+            out[host] = torch.from_numpy(np.ascontiguousarray(images[ok[host]])).permute(0, 3, 1, 2).to(device)
+        for j, i in enumerate(ok):
+            if i in decoded:
+                out[j] = decoded[i]
+        return {**batch, COL_STATUS: status, COL_ERROR: errors, COL_ERROR_TYPE: types}, out
+
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         """Decoded rows -> OUTPUT_SCHEMA rows, plus the internal columns the batch carries."""
         table = self.label(batch)
@@ -223,16 +276,22 @@ class Classifier:
 
     def label(self, batch: dict[str, np.ndarray]) -> pa.Table:
         """Decoded rows (``reader.Decoder``'s columns) -> rows of OUTPUT_SCHEMA."""
+        on_device = None
+        if COL_JPEG in batch and any(data is not None for data in batch[COL_JPEG]):
+            batch, on_device = self._decode_deferred(batch)
         n = len(batch[COL_PATH])
         ok = np.asarray(batch[COL_STATUS] == STATUS_OK)
         idx = np.flatnonzero(ok)
         k = self.top_k
         labels = np.full(n, None, dtype=object)
-        if len(idx):
+        if len(idx) and on_device is not None:
+            probs, feats = self._forward_on_device(on_device)
+        elif len(idx):
             images = batch["image"]  # (B, S, S, 3) uint8
             images = np.stack(images) if images.dtype == object else images
             images = images if ok.all() else images[ok]
             probs, feats = self._forward_chunks(np.ascontiguousarray(images))
+        if len(idx):
             top = np.argsort(-probs, axis=1)[:, :k]  # (b, k)
             top_p = np.take_along_axis(probs, top, axis=1).astype(np.float32)
             labels[idx] = self.classes[top[:, 0]]

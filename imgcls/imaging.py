@@ -199,6 +199,66 @@ def decode_resized(data: bytes, short_side: int, side: int, max_pixels: int = 64
     return resize_center_crop(to_chw_tensor(image), short_side, side).permute(1, 2, 0).numpy()
 
 
+def device_decodable_jpeg(data: bytes, max_pixels: int = 64_000_000) -> bool:
+    """Whether ``DeviceJpegDecoder`` takes ``data`` as it is, from its header alone (PIL
+    reads no pixels): a JPEG in RGB (YCbCr) or grayscale, of at most ``max_pixels``,
+    without an EXIF rotation (the device decoder applies none). Anything else, CMYK
+    JPEGs, other formats and what is not an image, goes through ``decode_resized``."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            w, h = im.size
+            return (im.format == "JPEG" and im.mode in ("RGB", "L") and 0 < w * h <= max_pixels
+                    and im.getexif().get(0x0112, 1) == 1)
+    except Exception:  # noqa: BLE001 - not an image, or a broken header: the CPU path says which
+        return False
+
+
+class DeviceJpegDecoder:
+    """JPEG bytes -> eval-geometry uint8 images (3, S, S) on ``device``, decoded there.
+
+    ``torchvision.io.decode_jpeg`` decodes the whole list in one call: with nvjpeg on a
+    GPU, so that a node's CPUs only read files; on a CPU device with libjpeg, which is how
+    the tests run this path. The eval geometry (``resize_center_crop``) then runs on the
+    same device. The image is decoded at full size, where the CPU path lets PIL decode a
+    large JPEG at a reduced scale first (draft mode), so the two give close but not equal
+    pixels (tests/unit/test_imaging.py bounds the difference).
+
+    A list that fails (nvjpeg returns nothing when one image fails) is decoded image by
+    image; an image that fails on its own comes back as None, and the caller decodes it
+    with ``decode_resized``, which gives it the error row any other path would.
+    (torchvision 0.29 marks its image decoders deprecated in favour of TorchCodec's, whose
+    ``decode_jpeg`` takes the same arguments.)
+    """
+
+    def __init__(self, image_size: int, device: torch.device):
+        import torchvision.io as tvio
+
+        self.tvio, self.device = tvio, torch.device(device)
+        self.short_side, self.side = resize_size(image_size), image_size
+
+    def _decode(self, data):
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torchvision's deprecation notice, once per call
+            return self.tvio.decode_jpeg(data, mode=self.tvio.ImageReadMode.RGB, device=self.device)
+
+    def __call__(self, datas: Sequence[bytes]) -> list[Optional[torch.Tensor]]:
+        if not datas:
+            return []
+        encoded = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]
+        try:
+            images = self._decode(encoded)
+        except RuntimeError:
+            images = []
+            for one in encoded:
+                try:
+                    images.append(self._decode(one))
+                except RuntimeError:
+                    images.append(None)
+        return [None if im is None else resize_center_crop(im, self.short_side, self.side) for im in images]
+
+
 def to_chw_tensor(image: np.ndarray) -> torch.Tensor:
     """(H, W, 3) uint8 array -> (3, H, W) uint8 tensor."""
     return torch.from_numpy(np.array(image, copy=not image.flags.writeable)).permute(2, 0, 1)

@@ -173,7 +173,8 @@ def pool_plan(use_gpu: Optional[bool], num_actors: Optional[int], separate_decod
 def predict(rows: ray.data.Dataset, model: str, *, batch_size: Optional[int] = None, top_k: int = 5,
             embeddings: bool = False, runtime: str = "torch", use_gpu: Optional[bool] = None,
             num_actors: Optional[int] = None, max_pixels: int = 64_000_000, buffer_mb: int = 512,
-            separate_decode: Optional[bool] = None, precision: str = "auto", tta: str = "none") -> ray.data.Dataset:
+            separate_decode: Optional[bool] = None, precision: str = "auto", tta: str = "none",
+            gpu_decode: bool = False) -> ray.data.Dataset:
     """Labels ``rows`` (column path) and returns prediction rows.
 
     Args:
@@ -185,6 +186,8 @@ def predict(rows: ray.data.Dataset, model: str, *, batch_size: Optional[int] = N
             backpressure starts; a fixed budget keeps memory flat.
         separate_decode: Read and decode in a CPU actor pool of their own; None does
             so only when the model runs on GPUs (see ``pool_plan``).
+        gpu_decode: With a separate decode pool, leave JPEGs to the model actors, which
+            decode them on their device (``classifier.Classifier``).
 
     Returns:
         A lazy Dataset with the OUTPUT_SCHEMA columns; exactly one row per input file
@@ -194,7 +197,7 @@ def predict(rows: ray.data.Dataset, model: str, *, batch_size: Optional[int] = N
     batch_size = model_batch_size(batch_size, plan["use_gpu"])
     payload = prepare_model(model, runtime, tta)
     classifier_kwargs = {"top_k": top_k, "embeddings": embeddings, "threads": plan["threads"],
-                         "use_gpu": plan["use_gpu"], "precision": precision}
+                         "use_gpu": plan["use_gpu"], "precision": precision, "max_pixels": max_pixels}
     model_pool = dict(compute=ActorPoolStrategy(size=plan["size"]), num_cpus=plan["num_cpus"],
                       num_gpus=plan["num_gpus"], batch_format="numpy")
     if plan["decode"] is None:  # CPU only: each model actor reads and decodes its own batches
@@ -206,7 +209,7 @@ def predict(rows: ray.data.Dataset, model: str, *, batch_size: Optional[int] = N
         decode = plan["decode"]
         decoded = rows.map_batches(
             ReadDecodeBatch, fn_constructor_kwargs={"image_size": payload.image_size, "max_pixels": max_pixels,
-                                                    "max_images": batch_size},
+                                                    "max_images": batch_size, "defer_jpeg": gpu_decode},
             batch_size=None, compute=ActorPoolStrategy(min_size=1, max_size=decode["max_size"]),
             num_cpus=decode["num_cpus"])
         predictions = decoded.map_batches(

@@ -214,6 +214,9 @@ def iter_inputs(paths, max_bytes: int = MAX_FILE_BYTES, fetch: int = 64):
     yield from flush()
 
 
+COL_JPEG = "jpeg"  # a JPEG's bytes, left for the model stage to decode on its device (Decoder's defer_jpeg)
+
+
 class Decoder:
     """Reads and decodes inputs into uint8 images of the eval geometry, in chunks.
 
@@ -222,12 +225,18 @@ class Decoder:
     raises for bad input: every file and tar member gives exactly one row. At most one
     tar member's bytes, ``max_images`` files' bytes and ``max_images`` decoded images
     are held at a time. Images are channels-last (HWC), the layout the model computes in.
+
+    With ``defer_jpeg``, a JPEG that the model's device decodes (``imaging.device_decodable_jpeg``)
+    is not decoded here: its row carries the file's bytes in a ``jpeg`` column (None on
+    the other rows) and a zero image, and ``classifier.Classifier`` decodes it.
     """
 
-    def __init__(self, image_size: int, max_pixels: int, max_images: int = 64, max_bytes: int = MAX_FILE_BYTES):
-        from imgcls.imaging import decode_resized, resize_size  # torch: imported by the workers that decode
+    def __init__(self, image_size: int, max_pixels: int, max_images: int = 64, max_bytes: int = MAX_FILE_BYTES,
+                 defer_jpeg: bool = False):
+        from imgcls.imaging import decode_resized, device_decodable_jpeg, resize_size  # torch: decoding workers only
 
         self.decode_resized, self.short_side = decode_resized, resize_size(image_size)
+        self.deferred = device_decodable_jpeg if defer_jpeg else None
         self.image_size = image_size
         self.max_pixels = max_pixels
         self.max_images = max_images
@@ -245,15 +254,20 @@ class Decoder:
             if row[1] is not None:
                 image[i] = row[1]
         obj = lambda values: np.array(values, dtype=object)  # noqa: E731
-        return {COL_PATH: obj([r[0] for r in rows]),
-                COL_STATUS: obj([STATUS_OK if r[2] is None else STATUS_ERROR for r in rows]),
-                COL_ERROR: obj([r[2] for r in rows]), COL_ERROR_TYPE: obj([r[3] for r in rows]), "image": image}
+        chunk = {COL_PATH: obj([r[0] for r in rows]),
+                 COL_STATUS: obj([STATUS_OK if r[2] is None else STATUS_ERROR for r in rows]),
+                 COL_ERROR: obj([r[2] for r in rows]), COL_ERROR_TYPE: obj([r[3] for r in rows]), "image": image}
+        if self.deferred is not None:
+            chunk[COL_JPEG] = obj([r[4] if len(r) > 4 else None for r in rows])
+        return chunk
 
     def chunks(self, paths):
         rows = []
         for name, data in iter_inputs(paths, self.max_bytes, fetch=self.max_images):
             if isinstance(data, BaseException):  # the read's own error, or the tar's
                 rows.append((name, None, error_text(data), error_type(data, ERROR_READ)))
+            elif self.deferred is not None and self.deferred(data, self.max_pixels):
+                rows.append((name, None, None, None, data))
             else:
                 try:
                     rows.append((name, self._image(data), None, None))
@@ -270,8 +284,9 @@ class ReadDecodeBatch:
     """CPU stage of ``predict``: a batch of input rows (``path``) -> decoded batches of at
     most ``max_images`` rows (see ``Decoder``); an empty batch for no input rows."""
 
-    def __init__(self, image_size: int, max_pixels: int, max_images: int = 64, max_bytes: int = MAX_FILE_BYTES):
-        self.decoder = Decoder(image_size, max_pixels, max_images, max_bytes)
+    def __init__(self, image_size: int, max_pixels: int, max_images: int = 64, max_bytes: int = MAX_FILE_BYTES,
+                 defer_jpeg: bool = False):
+        self.decoder = Decoder(image_size, max_pixels, max_images, max_bytes, defer_jpeg)
 
     def __call__(self, batch: dict[str, np.ndarray]):
         yielded = False
@@ -288,8 +303,9 @@ class DecodeShards:
     tagged with ``shard``, ``row`` (index in the shard) and ``shard_rows`` (the shard's row
     count, on its last chunk only: a tar's count is known once it has been read)."""
 
-    def __init__(self, image_size: int, max_pixels: int, max_images: int = 64, max_bytes: int = MAX_FILE_BYTES):
-        self.decoder = Decoder(image_size, max_pixels, max_images, max_bytes)
+    def __init__(self, image_size: int, max_pixels: int, max_images: int = 64, max_bytes: int = MAX_FILE_BYTES,
+                 defer_jpeg: bool = False):
+        self.decoder = Decoder(image_size, max_pixels, max_images, max_bytes, defer_jpeg)
 
     def _tag(self, chunk: dict, shard: int, first: int, total: int) -> dict:
         n = len(chunk[COL_PATH])

@@ -128,22 +128,27 @@ def test_every_file_gets_exactly_one_row(ray_cluster, checkpoint, bad_corpus, tm
 def test_separate_decode_pool_gives_the_same_rows(ray_cluster, checkpoint, bad_corpus, tmp_path):
     """The GPU layout (decoding in its own CPU actor pool), run here on CPUs, labels
     exactly as the CPU layout, where each model actor decodes its own batches. There,
-    shards of 4 files in chunks of 3 images are staged chunk by chunk and merged."""
+    shards of 4 files in chunks of 3 images are staged chunk by chunk and merged. With
+    ``gpu_decode`` the decode pool passes plain JPEGs on undecoded, through the object
+    store, and the model actors decode them (on their CPU here): the same rows."""
     frames = {}
-    for separate in (False, True):
-        out = tmp_path / f"out-{separate}"
+    for layout in ("fused", "split", "split-gpu-decode"):
+        separate = layout != "fused"
+        out = tmp_path / f"out-{layout}"
         summary = label_images(PredictConfig(model=checkpoint, input=str(bad_corpus), output=str(out),
                                              files_per_shard=4, separate_decode=separate,
+                                             gpu_decode=layout.endswith("gpu-decode"),
                                              batch_size=3 if separate else 64))
         assert summary.rows == summary.files
         assert sorted(os.listdir(out)) == ["_inputs", "_job.json", "_model", "_summary.json"] + \
             [f"part-{i:06d}.parquet" for i in range(summary.shards)]  # no staging left
-        frames[separate] = read_output(out).sort_values("path").reset_index(drop=True)
-    fused, split = frames[False], frames[True]
+        frames[layout] = read_output(out).sort_values("path").reset_index(drop=True)
+    fused = frames["fused"]
     assert len(fused) == len(list(p for p in bad_corpus.rglob("*") if p.is_file()))
     cols = ["path", "status", "error", "error_type", "label", "topk_labels", "model_id"]
-    assert fused[cols].astype(str).equals(split[cols].astype(str))
-    assert np.allclose(fused["score"].fillna(-1), split["score"].fillna(-1), atol=1e-6)
+    for layout in ("split", "split-gpu-decode"):
+        assert fused[cols].astype(str).equals(frames[layout][cols].astype(str)), layout
+        assert np.allclose(fused["score"].fillna(-1), frames[layout]["score"].fillna(-1), atol=1e-6), layout
 
 
 @pytest.mark.slow  # several pipelines or processes: in CI, not in the quick loop
@@ -354,18 +359,22 @@ def test_reads_from_and_writes_to_s3(ray_cluster, s3_server, checkpoint, bad_cor
 @requires_gpu
 def test_gpu_labelling_gives_every_file_one_row_and_the_cpu_scores(ray_cluster, checkpoint, bad_corpus, tmp_path):
     """On a GPU (CPU decode pool, model actor on the device, bf16, uint8 staged through
-    pinned memory): one row per input, the same error rows, and the CPU path's scores
-    within bf16's error."""
+    pinned memory), and with the JPEGs decoded by nvjpeg (``gpu_decode``): one row per
+    input, the same error rows, and the CPU path's scores within bf16's error."""
     common = dict(model=checkpoint, input=str(bad_corpus), files_per_shard=4, top_k=2, embeddings=True)
-    on_gpu = label_images(PredictConfig(**common, output=str(tmp_path / "gpu"), use_gpu=True))
     label_images(PredictConfig(**common, output=str(tmp_path / "cpu"), use_gpu=False))
-    gpu, cpu = read_output(tmp_path / "gpu"), read_output(tmp_path / "cpu")
+    cpu = read_output(tmp_path / "cpu").sort_values("path").reset_index(drop=True)
     inputs = sorted(str(p) for p in bad_corpus.rglob("*") if p.is_file())
-    assert sorted(gpu["path"]) == inputs and on_gpu.rows == on_gpu.files == len(inputs)
-    errors = gpu[gpu.status == "error"]
-    assert dict(zip(errors["path"].map(os.path.basename), errors["error_type"])) == EXPECTED_ERRORS
-    gpu, cpu = gpu.sort_values("path").reset_index(drop=True), cpu.sort_values("path").reset_index(drop=True)
-    assert (gpu["status"] == cpu["status"]).all()
-    ok = gpu.status == "ok"
-    assert np.allclose(gpu.loc[ok, "score"], cpu.loc[ok, "score"], atol=0.03)
-    assert np.allclose(np.stack(gpu.loc[ok, "embedding"]), np.stack(cpu.loc[ok, "embedding"]), rtol=0.05, atol=0.05)
+    for gpu_decode in (False, True):
+        out = tmp_path / f"gpu-{gpu_decode}"
+        on_gpu = label_images(PredictConfig(**common, output=str(out), use_gpu=True, gpu_decode=gpu_decode))
+        gpu = read_output(out)
+        assert sorted(gpu["path"]) == inputs and on_gpu.rows == on_gpu.files == len(inputs)
+        errors = gpu[gpu.status == "error"]
+        assert dict(zip(errors["path"].map(os.path.basename), errors["error_type"])) == EXPECTED_ERRORS
+        gpu = gpu.sort_values("path").reset_index(drop=True)
+        assert (gpu["status"] == cpu["status"]).all()
+        ok = gpu.status == "ok"
+        assert np.allclose(gpu.loc[ok, "score"], cpu.loc[ok, "score"], atol=0.03)
+        assert np.allclose(np.stack(gpu.loc[ok, "embedding"]), np.stack(cpu.loc[ok, "embedding"]),
+                           rtol=0.05, atol=0.05)

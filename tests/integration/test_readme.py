@@ -4,7 +4,8 @@ The blocks are read from README.md (```bash fences under the headings of RUNS), 
 change to the README changes what runs here. Each line runs as written, through
 ``bash -c`` in the copy's folder with the copy's ``.venv/bin`` first on PATH, unless a
 rule below matches it: SKIPPED lines are not run, SUBSTITUTIONS rewrite placeholders and
-cap sizes (small data, one epoch), PREPARED files are made where a line names them.
+cap sizes (small data, one epoch), PREPARED files are made (or filled in, as a person
+would) before the first line that names them.
 These three tables are everything that is not run exactly as written; a line that no
 rule matches and that fails, fails the test.
 
@@ -22,6 +23,7 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -38,7 +40,8 @@ README = ROOT / "README.md"
 RUNS = {
     "walk-through": ["Walk-through: from training to bulk labelling to a report", "Bulk labelling",
                      "Evaluation, explanations, export, tuning", "Reviewing uncertain predictions",
-                     "Monitoring drift between labelling runs", "Training",
+                     "Retraining from the last model, and ensembles", "Monitoring drift between labelling runs",
+                     "Training",
                      "Fine-tuning a small photo collection"],
 }
 # Headings whose bash blocks are not run here, and why; every other block must be in RUNS.
@@ -79,7 +82,26 @@ def make_photo(copy: Path) -> None:
     Image.open(bags / sorted(os.listdir(bags))[0]).convert("RGB").save(copy / "photo.jpg", quality=95)
 
 
-PREPARED = {"photo.jpg": make_photo}  # a file a line names, made in the copy's folder before that line runs
+def fill_in_review(copy: Path) -> None:
+    """A person's part: each pick of review.csv given its label, the name of its class
+    folder (the walk-through labels its own images, whose folders are their classes)."""
+    import csv
+
+    path = copy / "out" / "review" / "review.csv"
+    with path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert rows and all(not r["label"] for r in rows), "review.csv should come with an empty label column"
+    for r in rows:
+        r["label"] = Path(r["path"]).parent.name
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+# A file a line names, made (or, for review.csv, filled in as a person would) in the
+# copy's folder before the first line that names it runs.
+PREPARED = {"photo.jpg": make_photo, "out/review/review.csv": fill_in_review}
 
 
 def readme_blocks(text: str) -> list[tuple[str, list[str]]]:
@@ -194,7 +216,7 @@ def test_command_key_ignores_comments_and_spacing():
 def test_readme_blocks_run_as_written(tmp_path, ray_address):
     blocks = readme_blocks(README.read_text())
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ADDRESS": ray_address}
-    done, log, ran = {}, [], set()
+    done, log, ran, prepared = {}, [], set(), set()
     for run, headings in RUNS.items():
         copy = checkout_copy(tmp_path / run)
         env["PATH"] = f"{copy / '.venv' / 'bin'}:{os.environ['PATH']}"
@@ -209,7 +231,8 @@ def test_readme_blocks_run_as_written(tmp_path, ray_address):
                     continue
                 ran.add(command_key(command))
                 for name, make in PREPARED.items():
-                    if re.search(rf"(^|\s){re.escape(name)}(\s|$)", command) and not (copy / name).exists():
+                    if re.search(rf"(^|\s){re.escape(name)}(\s|$)", command) and (run, name) not in prepared:
+                        prepared.add((run, name))
                         make(copy)
                 start = time.monotonic()
                 proc = subprocess.run(["bash", "-c", command], cwd=copy, env=env, capture_output=True, text=True,
@@ -242,6 +265,15 @@ def test_readme_blocks_run_as_written(tmp_path, ray_address):
     best = yaml.safe_load((walk / "out/runs/fashion-mnist-tune/tune_best.yaml").read_text())
     assert best["data"]["root"] == str(walk / "out/data/fashion-mnist"), best["data"]
     assert len((walk / "out/review/review.csv").read_text().splitlines()) == 51  # a header and 50 picks
+    # the retrain started from the walk-through's model, on its data plus the filled-in picks
+    retrain = walk / "out/runs/fashion-mnist-retrain"
+    assert (retrain / "best/model.pt").is_file()
+    trained_on = pq.read_table(retrain / "splits/train.parquet").to_pandas()
+    picks = pd.read_csv(walk / "out/review/review.csv")
+    assert set(picks["path"]) & set(trained_on["path"]), "none of the reviewed picks was trained on"
+    ensemble = pq.read_table(walk / "out/eval-ensemble/predictions.parquet").to_pandas()
+    test_split = pq.read_table(retrain / "splits/test.parquet")
+    assert len(ensemble) == test_split.num_rows > 0 and ensemble["model_id"].str.startswith("ens-").all()
     drift = json.loads((walk / "out/drift/drift.json").read_text())  # the same images, model and runtime
     assert not drift["drift"] and drift["rows"]["current"] == drift["rows"]["reference"] > 0
     assert (walk / "out/runs/my-photos/best/model.pt").is_file()

@@ -230,3 +230,48 @@ def test_an_ensemble_averages_its_members_probabilities_and_flip_adds_the_mirror
         arch="small_cnn", image_size=SIZE)), ["a", "b"], history=[])
     with pytest.raises(EnsembleError, match="cannot join"):
         prepare_model(f"{folders[0]},{other}")
+
+
+def test_jpegs_left_to_the_model_stage_label_like_the_cpu_decoded_ones(tmp_path):
+    """``--gpu-decode``'s logic on the CPU: the reader leaves plain JPEGs undecoded (their
+    bytes in the ``jpeg`` column), the Classifier decodes them on its device in one call;
+    every file keeps its one row, a truncated JPEG the reader passed on still becomes the
+    CPU path's error row, and scores match the CPU-decoded batch's."""
+    import matplotlib.cbook
+    from PIL import Image
+
+    from imgcls.reader import COL_ERROR, COL_JPEG, Decoder
+
+    hopper = Image.open(matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False))
+    files = {"photo.jpg": None, "gray.jpg": hopper.convert("L"), "small.jpg": hopper.resize((90, 70)),
+             "cmyk.jpg": hopper.convert("CMYK"), "photo.png": hopper, "truncated.jpg": None}
+    with open(matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False), "rb") as f:
+        (tmp_path / "photo.jpg").write_bytes(f.read())
+    for name, image in files.items():
+        if image is not None:
+            image.save(tmp_path / name)
+    whole = (tmp_path / "small.jpg").read_bytes()
+    (tmp_path / "truncated.jpg").write_bytes(whole[: len(whole) // 2])
+    (tmp_path / "notes.txt").write_text("not an image")
+    paths = sorted(str(p) for p in tmp_path.iterdir())
+    torch.manual_seed(0)
+    save_checkpoint(str(tmp_path / "ckpt"), create_model("small_cnn", 3).eval(),
+                    JobConfig(model=ModelConfig(arch="small_cnn", image_size=SIZE)), ["a", "b", "c"], history=[])
+    payload = prepare_model(str(tmp_path / "ckpt"))
+    classifier = Classifier(payload, top_k=3, embeddings=True)
+    deferred = next(Decoder(SIZE, 64_000_000, max_images=16, defer_jpeg=True).chunks(paths))
+    left = {p.rsplit("/", 1)[-1] for p, data in zip(deferred[COL_PATH], deferred[COL_JPEG]) if data is not None}
+    assert left == {"photo.jpg", "gray.jpg", "small.jpg", "truncated.jpg"}  # header only: truncation not seen yet
+    assert not deferred["image"][[p.endswith(tuple(left)) for p in deferred[COL_PATH]]].any()
+    cpu = classifier.label(next(Decoder(SIZE, 64_000_000, max_images=16).chunks(paths))).to_pylist()
+    dev = classifier.label(deferred).to_pylist()
+    assert classifier.jpeg_decoder is not None
+    assert [r["path"] for r in dev] == [r["path"] for r in cpu] == paths
+    for c, d in zip(cpu, dev):
+        assert (d["status"], d["error"], d["error_type"]) == (c["status"], c["error"], c["error_type"]), d["path"]
+        if c["status"] == STATUS_OK:
+            assert d["score"] == pytest.approx(c["score"], abs=0.02) and d["label"] == c["label"], d["path"]
+            assert np.allclose(d["embedding"], c["embedding"], atol=0.05)
+    bad = {r["path"].rsplit("/", 1)[-1]: r["error_type"] for r in dev if r["status"] == STATUS_ERROR}
+    assert bad == {"truncated.jpg": "decode", "notes.txt": "decode"}
+    assert "truncated" in next(r[COL_ERROR] for r in dev if r["path"].endswith("truncated.jpg"))
