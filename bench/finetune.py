@@ -20,6 +20,7 @@ epoch); accuracy is measured on the set's test images with ``evaluate_images``.
 
 Rerun: .venv/bin/python bench/finetune.py [--sets dogs_cats_25 dogs_cats_100 photos_25]
        [--seeds 0 1 2] [--methods linear_probe finetune scratch] [--out bench/results/finetune.json]
+       [--keep-other-sets]  (adds the sets run to those already in --out)
 """
 
 from __future__ import annotations
@@ -145,9 +146,14 @@ def main():
     p.add_argument("--workdir", default="out/bench/finetune")
     p.add_argument("--num-cpus", type=int, default=2)
     p.add_argument("--out", default="bench/results/finetune.json")
+    p.add_argument("--keep-other-sets", action="store_true",
+                   help="keep the runs of --out's other sets (those not in --sets), to add one set to a result")
     args = p.parse_args()
     ray.init(num_cpus=args.num_cpus, include_dashboard=False, logging_level="WARNING")
     rows = []
+    if args.keep_other_sets and os.path.exists(args.out):
+        with open(args.out) as f:
+            rows = [r for r in json.load(f)["runs"] if r["set"] not in args.sets]
     for set_name in args.sets:
         source, _, test_per_class = SETS[set_name]
         pool, test = pools(source_images(source, args.workdir), test_per_class)
