@@ -317,7 +317,7 @@ def label_images(cfg: PredictConfig) -> LabelSummary:
     start = time.perf_counter()
     storage.makedirs(cfg.output)
     plan = plan_inputs(cfg.input, cfg.output, cfg.files_per_shard)
-    payload = prepare_model(cfg.model, cfg.runtime, cfg.tta)
+    payload = prepare_model(cfg.model, cfg.runtime, cfg.tta, cfg.program)
     job_uri = storage.join(cfg.output, JOB_FILE)
     fingerprint = _fingerprint(plan, payload, cfg)
     if storage.exists(job_uri):

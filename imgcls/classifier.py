@@ -31,7 +31,7 @@ PASS_THROUGH = (COL_SHARD, COL_ROW, COL_SHARD_ROWS)  # internal int64 columns a 
 class ModelPayload:
     """Everything a Classifier actor needs, prepared once by the driver."""
 
-    runtime: str  # 'torch' (program: TorchScript) or 'onnxruntime' (program: ONNX)
+    runtime: str  # 'torch' (program: TorchScript or torch.export, see ``form``) or 'onnxruntime' (ONNX)
     program: bytes
     classes: tuple[str, ...]
     image_size: int
@@ -39,6 +39,7 @@ class ModelPayload:
     std: tuple[float, ...]
     model_id: str  # hash of the checkpoint's weights, or of the ONNX file
     program_uri: str = ""  # where ``program`` was stored instead (``stored``)
+    form: str = "torchscript"  # runtime 'torch': 'torchscript', 'export' or 'compile' (export, compiled by each actor)
 
     def stored(self, uri: str) -> "ModelPayload":
         """A copy that names ``uri``, where the program is written, instead of holding it.
@@ -92,6 +93,22 @@ def inference_dtype(precision: str, device: torch.device) -> Optional[torch.dtyp
             return None
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return _DTYPES[precision]
+
+
+def load_program(payload: ModelPayload, device: torch.device, dtype: Optional[torch.dtype]):
+    """The payload's model (runtime 'torch') on ``device``, its weights in ``dtype`` (None:
+    float32): a TorchScript module, or a ``torch.export`` program's module, which
+    'compile' runs through ``torch.compile`` (compiled on its first batches)."""
+    raw = io.BytesIO(payload.load_program())
+    if payload.form == "torchscript":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # TorchScript's deprecation notice
+            model = torch.jit.load(raw, map_location=device).eval()
+        return model if dtype is None else model.to(dtype)
+    # An exported program has no train/eval modes: it was exported from the eval-mode network.
+    model = torch.export.load(raw).module().to(device)
+    model = model if dtype is None else model.to(dtype)
+    return torch.compile(model, dynamic=True) if payload.form == "compile" else model
 
 
 class DeviceFeed:
@@ -182,11 +199,7 @@ class Classifier:
             self.providers = onnx_providers(use_gpu, ort.get_available_providers())
             self.session = ort.InferenceSession(payload.load_program(), opts, providers=self.providers)
         else:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", FutureWarning)  # TorchScript's deprecation notice
-                self.model = torch.jit.load(io.BytesIO(payload.load_program()), map_location=self.device).eval()
-            if self.dtype is not None:
-                self.model = self.model.to(self.dtype)
+            self.model = load_program(payload, self.device, self.dtype)
         self.model_id = payload.model_id
         self.classes = np.array(payload.classes, dtype=object)
         self.top_k = min(top_k, len(payload.classes))

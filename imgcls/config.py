@@ -17,6 +17,7 @@ SCHEDULES = ("cosine", "onecycle")
 CLASS_BALANCE = ("none", "loss", "sampler")
 RUNTIMES = ("torch", "onnxruntime")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PROGRAMS = ("auto", "torchscript", "export", "compile")  # how the model reaches the actors (predict.prepare_model)
 TTAS = ("none", "flip")  # test-time augmentation of inference  # of inference (classifier.inference_dtype)
 # The architectures of imgcls.models' registry, named here so that the CLI can list them
 # without importing torchvision (a unit test checks them against the registry).
@@ -227,6 +228,12 @@ class PredictConfig:
     """Inference dtype: 'auto' is bf16 on GPUs (fp16 where they lack it) and float32 on
     CPUs; 'fp32', 'bf16', 'fp16' force one. Scores differ from float32's by about 1e-2
     in bf16."""
+    program: str = field(default="auto", metadata=choices(PROGRAMS))
+    """How the driver hands the model to the actors (runtime 'torch'): 'torchscript' (a
+    trace: starts fastest), 'export' (a ``torch.export`` program, TorchScript's
+    successor), 'compile' (that program run through ``torch.compile`` in each actor:
+    slower to start). 'auto' is torchscript until bench/gpu.py has measured the others on
+    a GPU."""
     top_k: int = 5
     """Labels and scores kept per image."""
     embeddings: bool = False
@@ -267,6 +274,8 @@ class PredictConfig:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.runtime not in RUNTIMES:
             raise ValueError(f"runtime must be one of {RUNTIMES}, got {self.runtime!r}")
+        if self.program not in PROGRAMS:
+            raise ValueError(f"program must be one of {PROGRAMS}, got {self.program!r}")
         if self.num_actors is not None and self.num_actors < 1:
             raise ValueError("num_actors must be positive")
 

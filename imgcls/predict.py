@@ -30,13 +30,15 @@ class EnsembleError(ValueError):
     """Checkpoints that cannot label as one ensemble (other classes, image sizes or normalisation)."""
 
 
-def prepare_model(model: str, runtime: str = "torch", tta: str = "none") -> ModelPayload:
+def prepare_model(model: str, runtime: str = "torch", tta: str = "none", program: str = "auto") -> ModelPayload:
     """Loads ``model`` once, in the driver, into what every Classifier actor loads.
 
     For runtime 'torch', ``model`` is a checkpoint folder: its network goes through
     ``models.inference_model`` (BatchNorm folded, channels_last) and is traced to
-    TorchScript, which the actors load without importing torchvision. The traced
-    program is checked against the network on a batch of another size. Several
+    TorchScript (``program`` 'torchscript', and 'auto') or exported with ``torch.export``
+    with a dynamic batch size ('export', and 'compile', which each actor then compiles);
+    the actors load either without importing torchvision. The program is checked
+    against the network on a batch of another size. Several
     checkpoints (comma-separated), or ``tta`` 'flip', make one ``models.Ensemble``
     program, so the pipeline runs it like a single model. For 'onnxruntime', ``model``
     is an export folder holding ``model.onnx``.
@@ -68,17 +70,23 @@ def prepare_model(model: str, runtime: str = "torch", tta: str = "none") -> Mode
     size = loaded.image_size
     probe = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(0))
     probe = probe.contiguous(memory_format=torch.channels_last)
+    form = "torchscript" if program == "auto" else program
     buf = io.BytesIO()
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore", FutureWarning)  # TorchScript's deprecation notice
-        traced = torch.jit.trace(fast, probe[:2], check_trace=False)
+        if form == "torchscript":
+            made = torch.jit.trace(fast, probe[:2], check_trace=False)
+        else:
+            batch = torch.export.Dim("batch", min=1)
+            exported = torch.export.export(fast, (probe[:2],), dynamic_shapes=({0: batch},))
+            made = exported.module()
         try:
-            check_same_outputs(fast(probe), traced(probe), rtol=1e-4, atol=1e-5)
+            check_same_outputs(fast(probe), made(probe), rtol=1e-4, atol=1e-5)
         except ValueError as e:
-            raise RuntimeError(f"the traced model of {model} does not reproduce the network: {e}") from None
-        torch.jit.save(traced, buf)
+            raise RuntimeError(f"the {form} program of {model} does not reproduce the network: {e}") from None
+        torch.jit.save(made, buf) if form == "torchscript" else torch.export.save(exported, buf)
     return ModelPayload("torch", buf.getvalue(), tuple(loaded.classes), size, tuple(loaded.mean), tuple(loaded.std),
-                        combined_id([m.model_id for m in loaded_all], tta))
+                        combined_id([m.model_id for m in loaded_all], tta), form=form)
 
 
 ROWS_PER_BLOCK = 256
@@ -174,7 +182,7 @@ def predict(rows: ray.data.Dataset, model: str, *, batch_size: Optional[int] = N
             embeddings: bool = False, runtime: str = "torch", use_gpu: Optional[bool] = None,
             num_actors: Optional[int] = None, max_pixels: int = 64_000_000, buffer_mb: int = 512,
             separate_decode: Optional[bool] = None, precision: str = "auto", tta: str = "none",
-            gpu_decode: bool = False) -> ray.data.Dataset:
+            gpu_decode: bool = False, program: str = "auto") -> ray.data.Dataset:
     """Labels ``rows`` (column path) and returns prediction rows.
 
     Args:
@@ -195,7 +203,7 @@ def predict(rows: ray.data.Dataset, model: str, *, batch_size: Optional[int] = N
     """
     plan = pool_plan(use_gpu, num_actors, separate_decode)
     batch_size = model_batch_size(batch_size, plan["use_gpu"])
-    payload = prepare_model(model, runtime, tta)
+    payload = prepare_model(model, runtime, tta, program)
     classifier_kwargs = {"top_k": top_k, "embeddings": embeddings, "threads": plan["threads"],
                          "use_gpu": plan["use_gpu"], "precision": precision, "max_pixels": max_pixels}
     model_pool = dict(compute=ActorPoolStrategy(size=plan["size"]), num_cpus=plan["num_cpus"],

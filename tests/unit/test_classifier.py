@@ -275,3 +275,43 @@ def test_jpegs_left_to_the_model_stage_label_like_the_cpu_decoded_ones(tmp_path)
     bad = {r["path"].rsplit("/", 1)[-1]: r["error_type"] for r in dev if r["status"] == STATUS_ERROR}
     assert bad == {"truncated.jpg": "decode", "notes.txt": "decode"}
     assert "truncated" in next(r[COL_ERROR] for r in dev if r["path"].endswith("truncated.jpg"))
+
+
+@pytest.mark.parametrize("arch", ["small_cnn", pytest.param("mobilenet_v3_small", marks=pytest.mark.slow)])
+def test_an_exported_program_labels_like_the_traced_one(arch, photos, tmp_path):
+    """``--program export``: the driver exports the network with ``torch.export`` (a
+    dynamic batch size) instead of tracing it to TorchScript; the actor's rows match the
+    trace's, in float32 and within bf16's error in bf16, for a batch of another size than
+    the export's example and for an error row."""
+    torch.manual_seed(0)
+    save_checkpoint(str(tmp_path), create_model(arch, 3, image_size=SIZE).eval(),
+                    JobConfig(model=ModelConfig(arch=arch, image_size=SIZE)), ["a", "b", "c"], history=[])
+    traced, exported = prepare_model(str(tmp_path)), prepare_model(str(tmp_path), program="export")
+    assert (traced.form, exported.form) == ("torchscript", "export") and traced.model_id == exported.model_id
+    batch = photo_batch(photos)
+    reference = Classifier(traced, top_k=3, embeddings=True).label(batch).to_pylist()
+    for precision, tol in (("fp32", 1e-5), ("bf16", 0.03)):
+        classifier = Classifier(exported, top_k=3, embeddings=True, precision=precision)
+        assert not isinstance(classifier.model, torch.jit.ScriptModule)
+        rows = classifier.label(batch).to_pylist()
+        assert [r["status"] for r in rows] == [r["status"] for r in reference] == ["ok"] * len(photos) + ["error"]
+        for r, ref in zip(rows[:-1], reference[:-1]):
+            assert r["score"] == pytest.approx(ref["score"], abs=tol) and r["label"] == ref["label"], precision
+            assert np.allclose(r["embedding"], ref["embedding"], atol=max(tol, 1e-4) * 5), precision
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("form", ["export", "compile"])
+def test_exported_and_compiled_programs_label_like_the_trace_on_a_gpu(form, photos, tmp_path):
+    """On a GPU, in bf16: the exported program, and the same compiled by ``torch.compile``
+    in the actor, give the TorchScript trace's scores within bf16's error."""
+    torch.manual_seed(0)
+    save_checkpoint(str(tmp_path), create_model("resnet18", 3, image_size=SIZE).eval(),
+                    JobConfig(model=ModelConfig(arch="resnet18", image_size=SIZE)), ["a", "b", "c"], history=[])
+    batch = photo_batch(photos)
+    reference = Classifier(prepare_model(str(tmp_path)), top_k=3, use_gpu=True).label(batch).to_pylist()
+    rows = Classifier(prepare_model(str(tmp_path), program=form), top_k=3, use_gpu=True).label(batch).to_pylist()
+    assert [r["status"] for r in rows] == [r["status"] for r in reference]
+    for r, ref in zip(rows[:-1], reference[:-1]):
+        assert r["score"] == pytest.approx(ref["score"], abs=0.03)
