@@ -15,7 +15,9 @@ On real photos written as JPEGs of realistic size (``bench/photos.py``: sides 40
   ``process_seconds`` (interpreter start to exit) and the steady rate,
   (extra files) / (extra seconds), free of the fixed start-up;
 - ``imgcls_gpu_decode``: the same with ``--gpu-decode`` (the decode pool only reads; the
-  model actor decodes JPEGs with nvjpeg), for ResNet-50: whether it should be the default.
+  model actor decodes JPEGs with nvjpeg), for ResNet-50: whether it should be the default;
+- ``imgcls_program``: the same with ``--program export`` and ``--program compile``
+  (``process_seconds`` shows what each costs to start), for ResNet-50.
 Then training, ResNet-18 and ResNet-50 at 224 px (``standard`` augmentation, bf16
 autocast, channels_last): the in-memory bound (``bench/train_baselines.py``: decoded
 once to one uint8 tensor on the device, the same batched augmentation) and
@@ -245,6 +247,9 @@ def main():
     out["imgcls_gpu_decode"] = {"resnet50": imgcls_end_to_end("resnet50", files, args.workdir, device.type == "cuda",
                                                               ("--gpu-decode", "--separate-decode"))}
     print(json.dumps(out["imgcls_gpu_decode"]), flush=True)
+    out["imgcls_program"] = {form: imgcls_end_to_end("resnet50", files, args.workdir, device.type == "cuda",
+                                                     ("--program", form)) for form in ("export", "compile")}
+    print(json.dumps(out["imgcls_program"]), flush=True)
     epochs = 2 if args.smoke else 3
     out["training"] = {}
     for arch in (("resnet18",) if args.smoke else TRAIN_ARCHS):
@@ -263,6 +268,9 @@ def main():
         ratios[f"{arch}_end_to_end_images_per_s"] = e2e
     ratios["resnet50_gpu_decode_vs_cpu_decode_end_to_end"] = (
         out["imgcls_gpu_decode"]["resnet50"]["steady_images_per_s"] / out["imgcls"]["resnet50"]["steady_images_per_s"])
+    for form, run in out["imgcls_program"].items():
+        ratios[f"resnet50_{form}_vs_torchscript_end_to_end"] = (
+            run["steady_images_per_s"] / out["imgcls"]["resnet50"]["steady_images_per_s"])
     for arch, t in out["training"].items():
         if t["imgcls_1_worker"]:
             ratios[f"{arch}_training_vs_in_memory"] = (t["imgcls_1_worker"]["steady_images_per_s"]
