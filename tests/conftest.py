@@ -70,7 +70,7 @@ def ray_cluster(s3_server):
     ray.shutdown()
 
 
-def train_small_cnn(fmnist_root: str, picks: dict, folder: str, epochs: int, seed: int = 0) -> str:
+def train_small_cnn(fmnist_root: str, picks: dict, folder: str, epochs: int, seed: int = 0, width: int = 32) -> str:
     """A small CNN trained here in plain torch (AdamW 3e-3, batches of 64) on the real
     Fashion-MNIST files ``picks`` ({class: file names}, classes in label order), saved
     as an imgcls checkpoint at ``folder``; returns ``folder``."""
@@ -88,13 +88,13 @@ def train_small_cnn(fmnist_root: str, picks: dict, folder: str, epochs: int, see
     x = x.sub(mean).div(std)
     y = torch.cat([torch.full((len(names),), i) for i, names in enumerate(picks.values())])
     torch.manual_seed(seed)
-    model = SmallCNN(len(picks))
+    model = SmallCNN(len(picks), width=width)
     opt = torch.optim.AdamW(model.parameters(), 3e-3)
     for _ in range(epochs):
         for idx in torch.randperm(len(y)).split(64):
             opt.zero_grad()
             torch.nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
             opt.step()
-    save_checkpoint(folder, model.eval(), JobConfig(model=ModelConfig(arch="small_cnn", image_size=28)),
+    save_checkpoint(folder, model.eval(), JobConfig(model=ModelConfig(arch="small_cnn", image_size=28, width=width)),
                     list(picks), history=[])
     return folder
