@@ -95,6 +95,11 @@ def inference_dtype(precision: str, device: torch.device) -> Optional[torch.dtyp
     return _DTYPES[precision]
 
 
+def deferred(data) -> bool:
+    """Whether a ``jpeg`` cell holds a JPEG left for this stage (empty on the other rows)."""
+    return isinstance(data, (bytes, bytearray, np.bytes_)) and len(data) > 0
+
+
 def load_program(payload: ModelPayload, device: torch.device, dtype: Optional[torch.dtype]):
     """The payload's model (runtime 'torch') on ``device``, its weights in ``dtype`` (None:
     float32): a TorchScript module, or a ``torch.export`` program's module, which
@@ -256,7 +261,7 @@ class Classifier:
             self.jpeg_decoder = DeviceJpegDecoder(size, device)
         jpeg, status = batch[COL_JPEG], np.array(batch[COL_STATUS], dtype=object)
         errors, types = np.array(batch[COL_ERROR], dtype=object), np.array(batch[COL_ERROR_TYPE], dtype=object)
-        todo = [i for i, data in enumerate(jpeg) if data is not None and status[i] == STATUS_OK]
+        todo = [i for i, data in enumerate(jpeg) if deferred(data) and status[i] == STATUS_OK]
         decoded = {}
         for i, image in zip(todo, self.jpeg_decoder([bytes(jpeg[i]) for i in todo])):
             if image is None:  # the device decoder refused it: the CPU decoder's pixels, or its error
@@ -290,7 +295,7 @@ class Classifier:
     def label(self, batch: dict[str, np.ndarray]) -> pa.Table:
         """Decoded rows (``reader.Decoder``'s columns) -> rows of OUTPUT_SCHEMA."""
         on_device = None
-        if COL_JPEG in batch and any(data is not None for data in batch[COL_JPEG]):
+        if COL_JPEG in batch and any(deferred(data) for data in batch[COL_JPEG]):
             batch, on_device = self._decode_deferred(batch)
         n = len(batch[COL_PATH])
         ok = np.asarray(batch[COL_STATUS] == STATUS_OK)

@@ -227,7 +227,7 @@ class Decoder:
     are held at a time. Images are channels-last (HWC), the layout the model computes in.
 
     With ``defer_jpeg``, a JPEG that the model's device decodes (``imaging.device_decodable_jpeg``)
-    is not decoded here: its row carries the file's bytes in a ``jpeg`` column (None on
+    is not decoded here: its row carries the file's bytes in a ``jpeg`` column (empty on
     the other rows) and a zero image, and ``classifier.Classifier`` decodes it.
     """
 
@@ -257,8 +257,8 @@ class Decoder:
         chunk = {COL_PATH: obj([r[0] for r in rows]),
                  COL_STATUS: obj([STATUS_OK if r[2] is None else STATUS_ERROR for r in rows]),
                  COL_ERROR: obj([r[2] for r in rows]), COL_ERROR_TYPE: obj([r[3] for r in rows]), "image": image}
-        if self.deferred is not None:
-            chunk[COL_JPEG] = obj([r[4] if len(r) > 4 else None for r in rows])
+        if self.deferred is not None:  # bytes in every row (empty: decoded here), so the column has one Arrow type
+            chunk[COL_JPEG] = obj([r[4] if len(r) > 4 else b"" for r in rows])
         return chunk
 
     def chunks(self, paths):

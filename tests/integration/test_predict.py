@@ -147,7 +147,9 @@ def test_separate_decode_pool_gives_the_same_rows(ray_cluster, checkpoint, bad_c
     assert len(fused) == len(list(p for p in bad_corpus.rglob("*") if p.is_file()))
     cols = ["path", "status", "error", "error_type", "label", "topk_labels", "model_id"]
     for layout in ("split", "split-gpu-decode"):
-        assert fused[cols].astype(str).equals(frames[layout][cols].astype(str)), layout
+        a, b = fused[cols].astype(str), frames[layout][cols].astype(str)
+        assert a.equals(b), (layout, [(list(a.iloc[i]), list(b.iloc[i])) for i in range(len(a))
+                                      if list(a.iloc[i]) != list(b.iloc[i])])
         assert np.allclose(fused["score"].fillna(-1), frames[layout]["score"].fillna(-1), atol=1e-6), layout
 
 
