@@ -69,6 +69,7 @@ def resolve_paths(cfg: Config, base: Optional[str] = None) -> Config:
                                      cache_path=local_path(d.cache_path, base)),
             model=dataclasses.replace(m, weights=weights_path(m.weights, base)),
             train=dataclasses.replace(t, storage_path=local_path(t.storage_path, base),
-                                      resume_from=local_path(t.resume_from, base)),
+                                      resume_from=local_path(t.resume_from, base),
+                                      init_from=local_path(t.init_from, base)),
         )
     raise TypeError(f"resolve_paths takes a JobConfig or a PredictConfig, not {type(cfg).__name__}")

@@ -44,10 +44,11 @@ def test_a_weights_file_without_dot_or_slash_is_a_path_when_it_is_there(tmp_path
 
 def test_resolve_paths_of_a_job_and_a_predict_config():
     job = JobConfig(data=DataConfig(root="data/fm", cache_path="cache"), model=ModelConfig(weights="w.pt"),
-                    train=TrainConfig(storage_path="runs", resume_from="runs/x/checkpoint_1"))
+                    train=TrainConfig(storage_path="runs", resume_from="runs/x/checkpoint_1", init_from="runs/old/best"))
     got = resolve_paths(job, "/base")
-    assert (got.data.root, got.data.cache_path, got.model.weights, got.train.storage_path, got.train.resume_from) == \
-        ("/base/data/fm", "/base/cache", "/base/w.pt", "/base/runs", "/base/runs/x/checkpoint_1")
+    assert (got.data.root, got.data.cache_path, got.model.weights, got.train.storage_path, got.train.resume_from,
+            got.train.init_from) == \
+        ("/base/data/fm", "/base/cache", "/base/w.pt", "/base/runs", "/base/runs/x/checkpoint_1", "/base/runs/old/best")
     assert got.train.epochs == job.train.epochs and got.data.augment == job.data.augment
     untouched = JobConfig(data=DataConfig(root="s3://b/fm"), train=TrainConfig(storage_path="gs://b/runs"))
     assert resolve_paths(untouched, "/base") == untouched
