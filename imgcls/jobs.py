@@ -150,7 +150,13 @@ def run_evaluation(model: str, output: str, data: str | None = None, predictions
         df, left_out = scorable_rows(df, classes)
         report = {**report_from_predictions(df, classes), **left_out}
     os.makedirs(output, exist_ok=True)
-    df.to_parquet(os.path.join(output, PREDICTIONS_FILE))
+    # Written by pyarrow without pandas' metadata: that records list columns as pandas'
+    # ArrowDtype, which pandas cannot read back (pd.read_parquet raised "data type
+    # 'list<item: string>[pyarrow]' not understood"); without it they read as lists.
+    import pyarrow as pa
+
+    table = pa.Table.from_pandas(df, preserve_index=False)
+    pq.write_table(table.replace_schema_metadata(None), os.path.join(output, PREDICTIONS_FILE))
     history = load_checkpoint(first).history
     files = write_report(output, report, df, COL_TRUE, history=history)
     counts = {k: report[k] for k in ("num_samples", "errors", "unknown_true_label", "unknown_true_labels")

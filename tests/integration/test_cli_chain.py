@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 
+import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -46,6 +47,9 @@ def test_evaluate_predict_and_explain_as_the_readme_writes_them(ray_cluster, fmn
     for name in ("report.html", "confusion_matrix.png", "predictions.parquet", "embedding_map.png"):
         assert os.path.getsize(tmp_path / "eval" / name) > 0
     assert "embedding_map.png" in open(tmp_path / "eval" / "report.html").read()
+    # a user reads evaluate's predictions with pandas, list columns included
+    scored = pd.read_parquet(tmp_path / "eval" / "predictions.parquet")
+    assert len(scored) == 50 and all(len(k) == 5 for k in scored["topk_labels"])
 
     run("predict", "--model", model, "--input", f"{data}/*/*.png", "--output", str(tmp_path / "labels"))
     labels = pq.read_table(str(tmp_path / "labels")).to_pandas()
