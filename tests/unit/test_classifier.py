@@ -232,6 +232,7 @@ def test_an_ensemble_averages_its_members_probabilities_and_flip_adds_the_mirror
         prepare_model(f"{folders[0]},{other}")
 
 
+@pytest.mark.slow  # imports torchvision.io and decodes a photo three ways: in CI, not in the quick loop
 def test_jpegs_left_to_the_model_stage_label_like_the_cpu_decoded_ones(tmp_path):
     """``--gpu-decode``'s logic on the CPU: the reader leaves plain JPEGs undecoded (their
     bytes in the ``jpeg`` column), the Classifier decodes them on its device in one call;
@@ -277,7 +278,8 @@ def test_jpegs_left_to_the_model_stage_label_like_the_cpu_decoded_ones(tmp_path)
     assert "truncated" in next(r[COL_ERROR] for r in dev if r["path"].endswith("truncated.jpg"))
 
 
-@pytest.mark.parametrize("arch", ["small_cnn", pytest.param("mobilenet_v3_small", marks=pytest.mark.slow)])
+@pytest.mark.slow  # torch.export imports torch._dynamo (seconds of CPU): in CI, not in the quick loop
+@pytest.mark.parametrize("arch", ["small_cnn", "mobilenet_v3_small"])
 def test_an_exported_program_labels_like_the_traced_one(arch, photos, tmp_path):
     """``--program export``: the driver exports the network with ``torch.export`` (a
     dynamic batch size) instead of tracing it to TorchScript; the actor's rows match the

@@ -164,6 +164,7 @@ def test_only_plain_jpegs_are_left_to_the_device_decoder():
     assert not device_decodable_jpeg(b"hello, not an image") and not device_decodable_jpeg(b"")
 
 
+@pytest.mark.slow  # imports torchvision.io: in CI, not in the quick loop
 def test_device_jpeg_decoder_gives_the_cpu_paths_pixels_within_a_bound_and_hands_back_what_it_cannot_decode():
     """On a CPU device (the tests' stand-in for nvjpeg): the same eval geometry as
     ``decode_resized``, which decodes this photo at half scale first (PIL's draft mode)
