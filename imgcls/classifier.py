@@ -236,7 +236,11 @@ class Classifier:
     def _forward_chunks(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(b, S, S, 3) uint8 -> probabilities, features as numpy arrays; one copy back
         from the device per batch."""
-        outs = [self._forward(x) for x in self.feed(images)]
+        return self._gathered([self._forward(x) for x in self.feed(images)])
+
+    @staticmethod
+    def _gathered(outs: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[np.ndarray, np.ndarray]:
+        """The chunks' (probabilities, features), joined and copied back once per batch."""
         probs, feats = (torch.cat([o[i] for o in outs]) if len(outs) > 1 else outs[0][i] for i in (0, 1))
         return probs.cpu().numpy(), feats.cpu().numpy()
 
@@ -247,8 +251,7 @@ class Classifier:
         for lo in range(0, len(images), self.feed.chunk):
             x = self.feed.normalize(images[lo:lo + self.feed.chunk]).contiguous(memory_format=torch.channels_last)
             outs.append(self._forward(x if self.dtype is None else x.to(self.dtype)))
-        probs, feats = (torch.cat([o[i] for o in outs]) if len(outs) > 1 else outs[0][i] for i in (0, 1))
-        return probs.cpu().numpy(), feats.cpu().numpy()
+        return self._gathered(outs)
 
     def _decode_deferred(self, batch: dict[str, np.ndarray]) -> tuple[dict, torch.Tensor]:
         """Decodes the batch's JPEG bytes on the feed's device. Returns the batch with the

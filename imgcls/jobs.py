@@ -53,20 +53,26 @@ def run_training(job: JobConfig) -> dict:
 REFERENCE_FILE = "reference.parquet"
 
 
+def write_frame(df, uri: str) -> None:
+    """Writes a frame of prediction rows as Parquet at ``uri`` with pyarrow, without
+    pandas' metadata: that records the list columns as pandas' Arrow-backed dtypes, which
+    pandas cannot read back ("data type 'list<item: string>[pyarrow]' not understood");
+    without it they read back as lists."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    with storage.open_uri(uri, "wb") as f:
+        pq.write_table(pa.Table.from_pandas(df, preserve_index=False).replace_schema_metadata(None), f)
+
+
 def write_reference(checkpoint: str, images: LabelledImages) -> str:
     """The checkpoint's own predictions (with embeddings) of ``images``, its validation
     split, saved as ``reference.parquet`` in the checkpoint: the reference that
     ``imgcls monitor --reference CHECKPOINT`` compares later labelling runs with."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     from imgcls.evaluate import predict_labelled
 
-    df = predict_labelled(checkpoint, images, embeddings=True)
     uri = storage.join(checkpoint, REFERENCE_FILE)
-    with storage.open_uri(uri, "wb") as f:
-        # Without pandas' metadata, whose Arrow-backed list dtypes pandas cannot read back.
-        pq.write_table(pa.Table.from_pandas(df, preserve_index=False).replace_schema_metadata(None), f)
+    write_frame(predict_labelled(checkpoint, images, embeddings=True), uri)
     return uri
 
 
@@ -150,13 +156,7 @@ def run_evaluation(model: str, output: str, data: str | None = None, predictions
         df, left_out = scorable_rows(df, classes)
         report = {**report_from_predictions(df, classes), **left_out}
     os.makedirs(output, exist_ok=True)
-    # Written by pyarrow without pandas' metadata: that records list columns as pandas'
-    # ArrowDtype, which pandas cannot read back (pd.read_parquet raised "data type
-    # 'list<item: string>[pyarrow]' not understood"); without it they read as lists.
-    import pyarrow as pa
-
-    table = pa.Table.from_pandas(df, preserve_index=False)
-    pq.write_table(table.replace_schema_metadata(None), os.path.join(output, PREDICTIONS_FILE))
+    write_frame(df, os.path.join(output, PREDICTIONS_FILE))
     history = load_checkpoint(first).history
     files = write_report(output, report, df, COL_TRUE, history=history)
     counts = {k: report[k] for k in ("num_samples", "errors", "unknown_true_label", "unknown_true_labels")

@@ -84,7 +84,10 @@ def prepare_model(model: str, runtime: str = "torch", tta: str = "none", program
             check_same_outputs(fast(probe), made(probe), rtol=1e-4, atol=1e-5)
         except ValueError as e:
             raise RuntimeError(f"the {form} program of {model} does not reproduce the network: {e}") from None
-        torch.jit.save(made, buf) if form == "torchscript" else torch.export.save(exported, buf)
+        if form == "torchscript":
+            torch.jit.save(made, buf)
+        else:
+            torch.export.save(exported, buf)
     return ModelPayload("torch", buf.getvalue(), tuple(loaded.classes), size, tuple(loaded.mean), tuple(loaded.std),
                         combined_id([m.model_id for m in loaded_all], tta), form=form)
 
