@@ -51,6 +51,7 @@ BEST_DIR = "best"  # copy of the best checkpoint inside the run folder
 CACHE_DIR = "cache"  # default cache folder inside the run folder
 RESIDENT_MEMORY_SHARE = 0.25  # of a worker's share of node memory that its resident data may take
 RESIDENT_GPU_SHARE = 0.25  # of a GPU's memory that resident data may take; beyond it, pinned host memory
+PLACEMENT_GROUP_KEY = "placement_group"  # reported under Tune: the worker group's placement group id
 
 
 def _say(message: str) -> None:
@@ -423,6 +424,12 @@ def train_loop_per_worker(config: dict) -> None:
     )
     to_float = BatchEval(m.image_size, spec.mean, spec.std)
 
+    # Under Tune, each report names this worker group's placement group: Tune ends a trial
+    # by killing it, so the trainer never removes the group itself (``imgcls.tune``).
+    tune_extra = {}
+    if config.get("report_placement_group") and ray.util.get_current_placement_group() is not None:
+        tune_extra[PLACEMENT_GROUP_KEY] = ray.util.get_current_placement_group().id.hex()
+
     # [4] Epochs: train, validate over ALL workers' parts, checkpoint from rank 0.
     for epoch in range(start_epoch, t.epochs):
         if frozen and m.unfreeze_after is not None and epoch >= m.unfreeze_after:
@@ -490,7 +497,7 @@ def train_loop_per_worker(config: dict) -> None:
                 save_checkpoint(tmp, ema.module if ema is not None else _unwrap(model), job, classes, history,
                                 train_state=train_state, files=split_files)
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(metrics, checkpoint=checkpoint)
+            ray.train.report({**metrics, **tune_extra}, checkpoint=checkpoint)
 
 
 # ---------------------------------------------------------------------------------
@@ -787,13 +794,14 @@ def probe(job: JobConfig, data: PreparedData, use_gpu: bool) -> dict:
 
 
 def build_trainer(job: JobConfig, callbacks: Optional[list] = None, data: Optional[PreparedData] = None,
-                  overlap_decode: bool = False) -> tuple[ray.train.torch.TorchTrainer, dict[str, LabelledImages], list[str], str]:
+                  overlap_decode: bool = False, report_placement_group: bool = False) -> tuple[ray.train.torch.TorchTrainer, dict[str, LabelledImages], list[str], str]:
     """Prepares data and the TorchTrainer for ``job``; returns (trainer, splits, classes, storage_path).
 
     The trainer's ``train_loop_config`` carries the caches (``caches``), whether the
     workers hold them in memory (``resident``) and must wait for them to be decoded
     (``decoding``), the split manifests to save with every checkpoint (``splits``) and,
-    for LP-FT, the linear probe's head (``probe_head``).
+    for LP-FT, the linear probe's head (``probe_head``). With ``report_placement_group``
+    (Tune's trials), every report also names the workers' placement group.
 
     With ``overlap_decode``, caches still to decode for resident workers are decoded on a
     driver thread while the workers start (``data.wait_decoded`` after the run); otherwise
@@ -831,6 +839,7 @@ def build_trainer(job: JobConfig, callbacks: Optional[list] = None, data: Option
             "decoding": data.decoding.background,
             "splits": storage.join(data.run, SPLITS_DIR), "probe_head": probe_head,
             "init_from": job.train.init_from if job.train.init_from and not data.resuming else None,
+            "report_placement_group": report_placement_group,
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=t.num_workers, use_gpu=use_gpu,

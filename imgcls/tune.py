@@ -10,14 +10,19 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+import ray
 from ray import tune
+from ray._raylet import PlacementGroupID
+from ray.tune import Callback
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
+from ray.util.placement_group import PlacementGroup
 
 from imgcls import storage
 from imgcls.checkpoint import save_config
 from imgcls.config import JobConfig
 from imgcls.paths import resolve_paths
+from imgcls.train import PLACEMENT_GROUP_KEY
 
 METRIC = "val_accuracy"
 BEST_CONFIG_FILE = "tune_best.yaml"
@@ -54,8 +59,38 @@ def tune_trial(config: dict) -> None:
 
     job = apply_trial(JobConfig.from_dict(config["job"]), config["params"],
                       name=f"{config['job']['train']['name']}-trial-{tune.get_context().get_trial_id()}")
-    trainer, *_ = build_trainer(job, callbacks=[TuneReportCallback()])
+    trainer, *_ = build_trainer(job, callbacks=[TuneReportCallback()], report_placement_group=True)
     trainer.fit()
+
+
+class ReleaseWorkerGroups(Callback):
+    """Removes an ended trial's worker placement group, which would otherwise stay reserved.
+
+    Tune ends a trial (ASHA's stop, or its last epoch) by killing the trial's actor, in
+    which Ray Train's controller runs, so the controller never removes the placement
+    group of its workers. Ray Train's own cleaner watches the controller through the
+    State API, which needs the dashboard; without it, every ended trial kept its
+    workers' CPUs, and on 2 CPUs the eighth trial waited for CPUs for ever. The workers
+    report the group's id (``PLACEMENT_GROUP_KEY``); this callback removes it.
+    """
+
+    def __init__(self):
+        self.released: list[str] = []
+
+    def _release(self, trial) -> None:
+        group = (trial.last_result or {}).get(PLACEMENT_GROUP_KEY)
+        if not group or group in self.released:
+            return
+        table = ray.util.placement_group_table().get(group)
+        if table is not None and table["state"] != "REMOVED":
+            ray.util.remove_placement_group(PlacementGroup(PlacementGroupID(bytes.fromhex(group))))
+        self.released.append(group)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._release(trial)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._release(trial)
 
 
 class TrialsFailedError(RuntimeError):
@@ -153,7 +188,7 @@ def run_tune(job: JobConfig, num_samples: int = 4, grace_period: int = 1, max_co
         param_space={"job": job.to_dict(), "params": space or search_space()},
         tune_config=tune.TuneConfig(metric=METRIC, mode="max", scheduler=scheduler, num_samples=num_samples,
                                     max_concurrent_trials=max_concurrent, search_alg=search_alg),
-        run_config=tune.RunConfig(name=f"{job.train.name}-tune", storage_path=root),
+        run_config=tune.RunConfig(name=f"{job.train.name}-tune", storage_path=root, callbacks=[ReleaseWorkerGroups()]),
     )
     results = tuner.fit()
     if not any((r.metrics or {}).get(METRIC) is not None for r in results):
