@@ -28,7 +28,7 @@ from recipe import run_trial  # noqa: E402
 
 from imgcls.config import DataConfig, JobConfig, ModelConfig, TrainConfig
 from imgcls.datasets import fetch_dogs_cats, fetch_fashion_mnist
-from imgcls.jobs import run_training
+from imgcls.commands import run_training
 
 
 def dogs_cats_job(root: str, runs: str, weights, epochs: int, image_size: int, name: str) -> JobConfig:

@@ -40,11 +40,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from photos import build_photo_set  # noqa: E402
 
 from imgcls.config import DataConfig, JobConfig, ModelConfig, TrainConfig, build
-from imgcls.data import LabelledImages, list_labelled_images
+from imgcls.labelled import LabelledImages, list_labelled_images
 from imgcls.datasets import fetch_dogs_cats
-from imgcls.evaluate import evaluate_images
+from imgcls.evaluation.evaluate import evaluate_images
 from imgcls.options import load_yaml
-from imgcls.train import fit
+from imgcls.training.trainer import fit
 
 RECIPE = "jobs/configs/dogs_cats_finetune.yaml"
 SETS = {  # name: (source, training images a class, test images a class)

@@ -66,8 +66,8 @@ def model_only(arch: str, device, batch_sizes: list[int], seconds: float) -> dic
     """images/s of the inference forward at each batch size, normalisation on the device included."""
     import torch
 
-    from imgcls.classifier import inference_dtype
-    from imgcls.imaging import ScaleNormalize
+    from imgcls.inference.model_stage import inference_dtype
+    from imgcls.preprocess import ScaleNormalize
     from imgcls.models import create_model, get_spec, inference_model
 
     spec = get_spec(arch)
@@ -103,7 +103,7 @@ def gpu_decode_only(files: list[str], device, batch: int = 256) -> dict:
     import torch
     from torchvision.io import decode_jpeg
 
-    from imgcls.imaging import resize_center_crop
+    from imgcls.preprocess import resize_center_crop
 
     datas = []
     for path in files:
@@ -125,7 +125,7 @@ def gpu_decode_only(files: list[str], device, batch: int = 256) -> dict:
 def _cpu_decode(paths: list[str]) -> int:
     import torch
 
-    from imgcls.reader import Decoder
+    from imgcls.inference.decode import Decoder
 
     torch.set_num_threads(1)
     decoder = Decoder(SIZE, 64_000_000, 64)

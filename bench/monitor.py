@@ -5,7 +5,7 @@ On real Fashion-MNIST predictions: the small CNN is trained with `imgcls train`'
 other images, and the same pool blurred (Gaussian, radius 1). The pool is cut into two
 halves: references are drawn from one half, current sets from the other, so that no
 image is in both. Each condition draws `--repeats` reference/current pairs of n images
-each and runs monitor's tests (`imgcls.monitor.compare`, alpha 0.01, embeddings on a
+each and runs monitor's tests (`imgcls.evaluation.monitor.compare`, alpha 0.01, embeddings on a
 sample of 500 a side):
 
 - none: both drawn uniformly over the classes (every flag is a false alarm);
@@ -56,7 +56,7 @@ def draw(frame, n: int, rng, shares=None) -> np.ndarray:
 
 def train_model(root: str, workdir: str, per_class: int) -> tuple[str, set]:
     from imgcls.config import DataConfig, JobConfig, ModelConfig, TrainConfig
-    from imgcls.train import fit
+    from imgcls.training.trainer import fit
 
     job = JobConfig(data=DataConfig(root=root, augment="light", max_per_class=per_class),
                     model=ModelConfig(arch="small_cnn", image_size=28),
@@ -70,7 +70,7 @@ def train_model(root: str, workdir: str, per_class: int) -> tuple[str, set]:
 def label(model: str, folder: str, output: str) -> "object":
     import pyarrow.parquet as pq
 
-    from imgcls.bulk import label_images
+    from imgcls.inference.bulk import label_images
     from imgcls.config import PredictConfig
 
     shutil.rmtree(output, ignore_errors=True)
@@ -101,7 +101,7 @@ def build_pools(root: str, used: set, workdir: str) -> tuple[str, str]:
 
 
 def power_study(plain, blurred, sizes, repeats: int, embedding_sample: int, permutations: int, seed: int) -> dict:
-    from imgcls.monitor import compare, frame_sample
+    from imgcls.evaluation.monitor import compare, frame_sample
 
     classes = sorted(plain["true_label"].unique())
     for frame in (plain, blurred):

@@ -264,7 +264,8 @@ def run_decode_only(corpus: str, files: int = 640, batch_size: int = 64) -> dict
     import numpy as np
     import torch
 
-    from imgcls.reader import COL_PATH, ReadDecodeBatch
+    from imgcls.inference.schema import COL_PATH
+    from imgcls.inference.decode import ReadDecodeBatch
 
     paths = sorted(os.path.join(root, f) for root, _, names in os.walk(corpus) for f in names if f.endswith(".jpg"))
     paths = paths[:files]
@@ -298,7 +299,7 @@ def run_onnx_model_only(export_dir: str) -> dict:
 
 
 def make_export(checkpoint: str, folder: str) -> str:
-    from imgcls.export import export_checkpoint
+    from imgcls.inference.export import export_checkpoint
 
     if not os.path.exists(os.path.join(folder, "model.onnx")):
         export_checkpoint(checkpoint, folder, formats=["onnx"])

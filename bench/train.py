@@ -13,7 +13,7 @@ autocast where the CPU computes bf16 natively, imgcls's defaults here):
 1. ``plain``: the best plain PyTorch script: torchvision ImageFolder + DataLoader (one
    worker per core) with the per-image torchvision transforms (``bench/train_baselines.py``);
 2. ``in_memory``: the bound: all images decoded once into one uint8 tensor, the same
-   batched augmentation (``imgcls.augment``), one process, no Ray;
+   batched augmentation (``imgcls.training.augment``), one process, no Ray;
 3. ``imgcls_1_worker`` / ``imgcls_2_workers``: ``imgcls train`` end to end on a fresh local
    Ray cluster, with a fresh run folder (so the one-time decode is part of the run).
 

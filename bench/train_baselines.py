@@ -7,11 +7,11 @@ AdamW and cross-entropy on the same ImageFolder tree, in one process, without Ra
   ``ImageFolder`` + ``DataLoader`` (one worker per core, persistent workers, a few
   batches prefetched, pinned memory only for a GPU), each JPEG decoded in PIL's draft
   mode at the smallest scale the augmentation can use, and the per-image torchvision
-  transforms of ``imgcls.data.ClassificationPresetTrain``.
+  transforms of ``imgcls.labelled.ClassificationPresetTrain``.
 - ``in_memory``: the bound on the data path: every image decoded once, to the cached
-  training geometry (``imgcls.augment.stored_geometry``), into one uint8 tensor
+  training geometry (``imgcls.training.augment.stored_geometry``), into one uint8 tensor
   (N, H, W, 3); each epoch then draws a random permutation, slices batches out of the
-  tensor and augments them whole with ``imgcls.augment.BatchAugment``. No workers, no
+  tensor and augments them whole with ``imgcls.training.augment.BatchAugment``. No workers, no
   decoding during training; optionally channels_last and ``torch.compile``.
 
 Measured per case: images/s of every epoch (from the epoch's first batch request to
@@ -51,17 +51,17 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 from torchvision.datasets import ImageFolder
 
-from imgcls.data import ClassificationPresetTrain
-from imgcls.imaging import decode_image, decode_resized, resize_size, to_chw_tensor
+from imgcls.preprocess import ClassificationPresetTrain
+from imgcls.preprocess import decode_image, decode_resized, resize_size, to_chw_tensor
 from imgcls.models import create_model, get_spec
 
 # Everything is imported up front, so that the cases' timers, which start when they are
 # called, leave out the imports (torchvision's alone takes seconds); ``run_subprocess``'s
 # process_seconds has them.
 try:
-    from imgcls.augment import BatchAugment, stored_geometry
+    from imgcls.training.augment import BatchAugment, stored_geometry
 except ModuleNotFoundError as e:
-    if e.name != "imgcls.augment":
+    if e.name != "imgcls.training.augment":
         raise
     BatchAugment = stored_geometry = None
 
@@ -245,7 +245,7 @@ def train_in_memory(root: str, arch: str, image_size: int, augment: str, epochs:
         root: ImageFolder tree.
         arch: Architecture name for ``imgcls.models.create_model``.
         image_size: Training image side in pixels.
-        augment: Augmentation preset of ``imgcls.augment.BatchAugment``.
+        augment: Augmentation preset of ``imgcls.training.augment.BatchAugment``.
         epochs: Passes over the images.
         batch_size: Images a step; the last partial batch of an epoch is dropped.
         lr: AdamW learning rate.
@@ -263,7 +263,7 @@ def train_in_memory(root: str, arch: str, image_size: int, augment: str, epochs:
     """
     start = time.perf_counter()
     if BatchAugment is None:
-        raise RuntimeError("imgcls.augment (BatchAugment, stored_geometry) is not available")
+        raise RuntimeError("imgcls.training.augment (BatchAugment, stored_geometry) is not available")
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     dev = torch.device(device)

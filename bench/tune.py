@@ -33,7 +33,7 @@ def main():
 
     from imgcls.config import DataConfig, JobConfig, ModelConfig, TrainConfig
     from imgcls.datasets import fetch_fashion_mnist
-    from imgcls.tune import run_tune
+    from imgcls.training.tune import run_tune
 
     root = fetch_fashion_mnist(os.path.join(args.workdir, "data"), per_class=args.per_class)
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False)

@@ -25,14 +25,14 @@ VERBOSE = False  # set by ``imgcls --verbose``
 # click's own usage errors (bad flags, click.UsageError) are shown the same way.
 USER_ERRORS = (
     ("imgcls.config", "ConfigError"),  # a wrong setting, e.g. in a checkpoint's config.yaml
-    ("imgcls.data", "DataError"),  # unusable data: unknown labels, no images, an empty split
-    ("imgcls.train", "RunFolderError"),  # a run folder with checkpoints, without --resume/--overwrite
-    ("imgcls.inputs", "ManifestError"),  # a labelling manifest without a path column
-    ("imgcls.inputs", "OutputFolderError"),  # an output folder that holds another job's output
-    ("imgcls.tune", "TrialsFailedError"),  # every trial failed: the message shows the first one's error
-    ("imgcls.review", "ReviewError"),  # predictions that cannot be reviewed as asked
-    ("imgcls.monitor", "MonitorError"),  # runs that cannot be compared
-    ("imgcls.predict", "EnsembleError"),  # checkpoints that cannot label as one ensemble
+    ("imgcls.labelled", "DataError"),  # unusable data: unknown labels, no images, an empty split
+    ("imgcls.training.trainer", "RunFolderError"),  # a run folder with checkpoints, without --resume/--overwrite
+    ("imgcls.inference.inputs", "ManifestError"),  # a labelling manifest without a path column
+    ("imgcls.inference.inputs", "OutputFolderError"),  # an output folder that holds another job's output
+    ("imgcls.training.tune", "TrialsFailedError"),  # every trial failed: the message shows the first one's error
+    ("imgcls.evaluation.review", "ReviewError"),  # predictions that cannot be reviewed as asked
+    ("imgcls.evaluation.monitor", "MonitorError"),  # runs that cannot be compared
+    ("imgcls.inference.program", "EnsembleError"),  # checkpoints that cannot label as one ensemble
     ("builtins", "FileNotFoundError"),  # a path given that does not exist
 )
 
@@ -151,7 +151,7 @@ def check_local_roots(root: str) -> None:
     import os
 
     from imgcls import storage
-    from imgcls.finished import members
+    from imgcls.inference.finished import members
 
     for one in members(root or ""):
         if storage.protocol(one) != "file":
@@ -206,8 +206,8 @@ def train(config_path, num_cpus, **flags):
     job = resolve_job(config_path, flags)
     check_weights(job.model)
     check_local_roots(job.data.root)
-    init_ray_while_importing(num_cpus, "imgcls.jobs", warm=("imgcls.cache",))
-    from imgcls.jobs import run_training
+    init_ray_while_importing(num_cpus, "imgcls.commands", warm=("imgcls.training.cache",))
+    from imgcls.commands import run_training
 
     echo_json(run_training(job))
 
@@ -221,16 +221,16 @@ def predict(config_path, num_cpus, **flags):
     cfg = resolve_paths(resolve(PredictConfig, load_yaml(config_path).get("predict", {}), flags))
     if not (cfg.model and cfg.input and cfg.output):
         raise click.UsageError("--model, --input and --output are required")
-    from imgcls.finished import finished_summary
+    from imgcls.inference.finished import finished_summary
 
     done = finished_summary(cfg)  # a rerun over a complete output: no Ray, no torch
     if done is not None:
         click.echo(f"{cfg.output} is complete: all {done['shards']} shards labelled before; nothing to do", err=True)
         echo_json(done)
         return
-    # imgcls.checkpoint brings torchvision, which predict.prepare_model needs.
-    init_ray_while_importing(num_cpus, "imgcls.bulk", "imgcls.checkpoint")
-    from imgcls.bulk import label_images
+    # imgcls.checkpoint brings torchvision, which program.build_program needs.
+    init_ray_while_importing(num_cpus, "imgcls.inference.bulk", "imgcls.checkpoint")
+    from imgcls.inference.bulk import label_images
 
     echo_json(asdict(label_images(cfg)))  # the summary, once
 
@@ -249,7 +249,7 @@ def tune(config_path, num_cpus, num_samples, grace_period, max_concurrent, searc
     job = resolve_job(config_path, flags)
     check_weights(job.model)
     check_local_roots(job.data.root)
-    from imgcls.tune import run_tune
+    from imgcls.training.tune import run_tune
 
     init_ray(num_cpus)
     echo_json(asdict(run_tune(job, num_samples=num_samples, grace_period=grace_period, max_concurrent=max_concurrent,
@@ -283,9 +283,9 @@ def evaluate(models, tta, data, predictions, split, output, num_cpus):
 
         data = split_manifest(local_path(models[0]), split)  # an ensemble: its first member's split
     if data:
-        init_ray_while_importing(num_cpus, "imgcls.jobs")
-    from imgcls.evaluate import left_out_line
-    from imgcls.jobs import run_evaluation
+        init_ray_while_importing(num_cpus, "imgcls.commands")
+    from imgcls.evaluation.evaluate import left_out_line
+    from imgcls.evaluation.evaluate import run_evaluation
 
     result = run_evaluation(model, output, data=data, predictions=predictions, tta=tta)
     note = left_out_line(result)
@@ -306,7 +306,7 @@ def evaluate(models, tta, data, predictions, split, output, num_cpus):
 @click.option("--opset", type=click.IntRange(min=17), default=17, show_default=True, help="ONNX opset (17 or newer).")
 def export(model, output, formats, opset):
     """Export a checkpoint to ONNX (dynamic batch), TorchScript and safetensors."""
-    from imgcls.export import FORMATS, export_checkpoint
+    from imgcls.inference.export import FORMATS, export_checkpoint
 
     echo_json(export_checkpoint(model, output, formats or FORMATS, opset=opset))
 
@@ -323,13 +323,13 @@ def export(model, output, formats, opset):
 @click.option("--layer", default=None, help="Module name to explain at (default: the last Conv2d).")
 def explain(model, output, images, mistakes_from, split, top, layer):
     """Grad-CAM heatmap overlays for chosen images, a split's images or the worst mistakes."""
-    from imgcls.explain import explain_images
-    from imgcls.jobs import worst_mistakes
+    from imgcls.evaluation.explain import explain_images
+    from imgcls.evaluation.evaluate import worst_mistakes
 
     paths = list(images) + (worst_mistakes(mistakes_from, top) if mistakes_from else [])
     if split:
         from imgcls.checkpoint import split_manifest
-        from imgcls.data import list_labelled_images
+        from imgcls.labelled import list_labelled_images
 
         paths += list_labelled_images(split_manifest(model, split), check_paths=False).paths[:top]
     if not paths:
@@ -341,7 +341,7 @@ def explain(model, output, images, mistakes_from, split, top, layer):
 @click.option("--predictions", required=True, help="Predictions Parquet (file or folder) of imgcls predict.")
 @click.option("--output", required=True, type=click.Path(file_okay=False), help="Folder for review.csv and review.html.")
 @click.option("--strategy", type=click.Choice(["margin", "entropy", "least-confident", "random"]), default="margin",
-              show_default=True, help="What makes a prediction worth a look (see imgcls.review).")
+              show_default=True, help="What makes a prediction worth a look (see imgcls.evaluation.review).")
 @click.option("--n", "n", type=click.IntRange(min=1), default=100, show_default=True, help="Predictions to pick.")
 @click.option("--per-class/--no-per-class", default=False, show_default=True,
               help="Spread the picks over the predicted classes, which take turns.")
@@ -352,7 +352,7 @@ def explain(model, output, images, mistakes_from, split, top, layer):
 def review(predictions, output, strategy, n, per_class, dedup, seed):
     """Pick the predictions a person should check: review.csv (fill in its label column,
     then train on it) and a contact sheet, review.html."""
-    from imgcls.review import run_review
+    from imgcls.evaluation.review import run_review
 
     echo_json(run_review(local_path(predictions), local_path(output), strategy, n, per_class, dedup, seed))
 
@@ -377,8 +377,8 @@ def review(predictions, output, strategy, n, per_class, dedup, seed):
 def monitor(reference, current, output, alpha, sample, embedding_sample, permutations, seed, num_cpus):
     """Drift of a labelling run against a reference: predicted classes, confidence, error
     rows, embeddings. Writes drift.json and drift.html; exits with status 1 on drift."""
-    init_ray_while_importing(num_cpus, "imgcls.monitor")
-    from imgcls.monitor import run_monitor
+    init_ray_while_importing(num_cpus, "imgcls.evaluation.monitor")
+    from imgcls.evaluation.monitor import run_monitor
 
     result = run_monitor(local_path(reference), local_path(current), local_path(output), alpha, sample,
                          embedding_sample, permutations, seed)
@@ -414,8 +414,8 @@ def fetch_data(name, dest, per_class):
 def demo(workdir, per_class, epochs, num_cpus):
     """The main job on a small real dataset: fetch, train, evaluate, label a folder."""
     workdir = local_path(workdir)  # Ray's workers may run in another folder
-    init_ray_while_importing(num_cpus, "imgcls.jobs", warm=("imgcls.cache",))
-    from imgcls.jobs import run_demo
+    init_ray_while_importing(num_cpus, "imgcls.commands", warm=("imgcls.training.cache",))
+    from imgcls.commands import run_demo
 
     echo_json(run_demo(workdir, per_class=per_class, epochs=epochs))
 

@@ -18,7 +18,7 @@ import re
 from typing import Optional, TypeVar
 
 from imgcls.config import JobConfig, PredictConfig
-from imgcls.finished import members
+from imgcls.inference.finished import members
 
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
 

@@ -35,7 +35,7 @@ PY
 )
 # constraints.txt: the exact versions imgcls is tested with. --compile-bytecode: uv leaves
 # packages uncompiled, and where PYTHONDONTWRITEBYTECODE is set (as in some CI images)
-# every process would compile torch, Ray and pandas again on import: imgcls.train took
+# every process would compile torch, Ray and pandas again on import: imgcls.training.trainer took
 # 14 s to import on 2 cores without .pyc files and 6 s with them, and a job starts
 # several such processes (Ray Train's controller and workers, Ray Data's actors).
 VIRTUAL_ENV="$PWD/.venv" .venv/bin/uv pip install --python .venv/bin/python --constraint constraints.txt \

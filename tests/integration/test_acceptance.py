@@ -6,8 +6,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from imgcls.config import DataConfig, JobConfig, ModelConfig, TrainConfig
-from imgcls.jobs import run_demo
-from imgcls.train import fit
+from imgcls.commands import run_demo
+from imgcls.training.trainer import fit
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -149,7 +149,7 @@ def test_rerun_of_a_finished_predict_job_finishes_at_once(labelled, checkpoint_2
 
 def test_finished_output_with_another_model_or_a_missing_part_is_not_skipped(labelled, checkpoint_28, tmp_path):
     from imgcls.config import PredictConfig
-    from imgcls.finished import finished_summary
+    from imgcls.inference.finished import finished_summary
 
     folder, output, first = labelled
     cfg = PredictConfig(model=checkpoint_28, input=folder, output=output)
@@ -193,7 +193,7 @@ def test_review_picks_uncertain_predictions_as_a_manifest_to_train_on(ray_cluste
     import numpy as np
     import pandas as pd
 
-    from imgcls.data import list_labelled_images
+    from imgcls.labelled import list_labelled_images
 
     folder = tmp_path / "images"
     for label in ("bag", "coat", "sneaker"):

@@ -1,16 +1,16 @@
-"""Small jobs' one-off passes run in the calling process (``cache.IN_PROCESS_MAX_IMAGES``)
+"""Small jobs' one-off passes run in the calling process (``devices.IN_PROCESS_MAX_IMAGES``)
 and must give exactly what the Ray tasks and actor pools give for the same files."""
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from imgcls import cache as cache_module
-from imgcls.cache import build_cache, load_shard
+from imgcls import devices
+from imgcls.training.cache import build_cache, load_shard
 from imgcls.checkpoint import save_checkpoint
 from imgcls.config import JobConfig, ModelConfig
-from imgcls.data import LabelledImages, list_labelled_images
-from imgcls.evaluate import predict_labelled
+from imgcls.labelled import LabelledImages, list_labelled_images
+from imgcls.evaluation.evaluate import predict_labelled
 from imgcls.models import create_model
 
 pytestmark = pytest.mark.integration
@@ -22,7 +22,7 @@ def test_cache_decoded_here_equals_the_cache_decoded_by_ray_tasks(ray_cluster, f
     images = LabelledImages([images.paths[i] for i in keep], [images.labels[i] for i in keep])
     classes = sorted(set(images.labels))
     here = build_cache(images, classes, str(tmp_path / "here"), 36, 32, seed=3)
-    monkeypatch.setattr(cache_module, "IN_PROCESS_MAX_IMAGES", 0)  # the same split through Ray tasks
+    monkeypatch.setattr(devices, "IN_PROCESS_MAX_IMAGES", 0)  # the same split through Ray tasks
     tasks = build_cache(images, classes, str(tmp_path / "tasks"), 36, 32, seed=3)
     assert here.key == tasks.key and here.shards == tasks.shards and len(here.shards) >= 2
     for a, b in zip(here.shard_uris(), tasks.shard_uris()):
@@ -65,9 +65,9 @@ def test_background_decode_is_waited_for_and_its_failure_stops_the_waiters(ray_c
     import threading
     import time
 
-    from imgcls.cache import FAILED_FILE, plan_cache, read_manifest, wait_for_cache
-    from imgcls.data import DataError
-    from imgcls.train import CacheDecode
+    from imgcls.training.cache import FAILED_FILE, plan_cache, read_manifest, wait_for_cache
+    from imgcls.labelled import DataError
+    from imgcls.training.trainer import CacheDecode
 
     images = list_labelled_images(fmnist_root)
     images = LabelledImages(images.paths[::20], images.labels[::20])

@@ -12,12 +12,12 @@ from click.testing import CliRunner
 from conftest import train_small_cnn
 from PIL import Image, ImageOps
 
-from imgcls.bulk import label_images
+from imgcls.inference.bulk import label_images
 from imgcls.cli import cli
 from imgcls.config import PredictConfig
-from imgcls.data import LabelledImages
-from imgcls.jobs import REFERENCE_FILE, write_reference
-from imgcls.monitor import compare, frame_sample
+from imgcls.labelled import LabelledImages
+from imgcls.evaluation.evaluate import REFERENCE_FILE, write_reference
+from imgcls.evaluation.monitor import compare, frame_sample
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]  # trains a model and labels four sets first
 
@@ -104,7 +104,7 @@ def test_monitor_command_writes_the_report_and_exits_1_on_drift(runs, tmp_path):
 def test_large_runs_read_with_ray_data_count_the_same(runs, monkeypatch):
     """The Ray Data reading (runs over IN_PROCESS_ROWS rows) gives the same counts, and
     samples of the sizes asked, as the reading here."""
-    import imgcls.monitor as monitor
+    import imgcls.evaluation.monitor as monitor
 
     here = monitor.read_run(runs["removed"], sample=100, embedding_sample=50)
     monkeypatch.setattr(monitor, "IN_PROCESS_ROWS", 0)
@@ -117,7 +117,7 @@ def test_large_runs_read_with_ray_data_count_the_same(runs, monkeypatch):
 
 def test_a_checkpoint_is_its_own_reference(runs, tmp_path):
     """--reference CHECKPOINT compares with the validation predictions it holds."""
-    from imgcls.monitor import run_monitor
+    from imgcls.evaluation.monitor import run_monitor
 
     saved = pq.read_table(os.path.join(runs["checkpoint"], REFERENCE_FILE)).to_pandas()
     assert len(saved) == 500 and saved["embedding"].map(len).eq(128).all() and saved["true_label"].notna().all()

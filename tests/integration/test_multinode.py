@@ -11,11 +11,11 @@ import pytest
 import ray
 import torch
 
-from imgcls.bulk import label_images
+from imgcls.inference.bulk import label_images
 from imgcls.checkpoint import save_checkpoint
 from imgcls.config import DataConfig, JobConfig, ModelConfig, PredictConfig, TrainConfig
 from imgcls.models import create_model
-from imgcls.train import fit
+from imgcls.training.trainer import fit
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

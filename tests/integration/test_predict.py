@@ -17,14 +17,14 @@ import torch
 from conftest import requires_gpu
 from PIL import Image
 
-import imgcls.cache
-from imgcls.bulk import label_images, labels_here
+import imgcls.devices
+from imgcls.inference.bulk import label_images, labels_here
 from imgcls.checkpoint import load_checkpoint, save_checkpoint
 from imgcls.config import JobConfig, ModelConfig, PredictConfig
-from imgcls.data import ClassificationPresetEval, decode_image, to_chw_tensor
-from imgcls.inputs import plan_inputs
+from imgcls.preprocess import ClassificationPresetEval, decode_image, to_chw_tensor
+from imgcls.inference.inputs import plan_inputs
 from imgcls.models import create_model
-from imgcls.predict import pool_plan
+from imgcls.inference.pipeline import pool_plan
 
 pytestmark = pytest.mark.integration
 
@@ -112,7 +112,7 @@ def test_every_file_gets_exactly_one_row(ray_cluster, checkpoint, bad_corpus, tm
     plan = plan_inputs(cfg.input, cfg.output, cfg.files_per_shard)
     todo = plan.shard_table()
     assert labels_here(plan, todo, cfg, pool_plan(False, None))
-    monkeypatch.setattr(imgcls.cache, "IN_PROCESS_MAX_IMAGES", 0)
+    monkeypatch.setattr(imgcls.devices, "IN_PROCESS_MAX_IMAGES", 0)
     assert not labels_here(plan, todo, cfg, pool_plan(False, None))
     label_images(dataclasses.replace(cfg, output=str(tmp_path / "pool")))
     assert sorted(n for n in os.listdir(tmp_path / "pool") if n.startswith("part-")) == \
@@ -200,7 +200,7 @@ def test_manifest_rows_and_a_rerun_that_neither_lists_again_nor_mixes_models(ray
 def test_onnxruntime_after_export_labels_like_torch(ray_cluster, checkpoint, bad_corpus, tmp_path):
     """``export`` then ``predict --runtime onnxruntime`` (the CPU provider here), end to end
     over the real-photo corpus: the same rows as the torch runtime, scores within 1e-4."""
-    from imgcls.export import export_checkpoint
+    from imgcls.inference.export import export_checkpoint
 
     export_checkpoint(checkpoint, str(tmp_path / "export"), formats=("onnx",))
     frames = {}
@@ -327,7 +327,7 @@ def test_reads_from_and_writes_to_s3(ray_cluster, s3_server, checkpoint, bad_cor
     import s3fs
 
     from imgcls import storage
-    from imgcls.reader import read_input
+    from imgcls.inference.read import read_input
 
     fs = s3fs.S3FileSystem(endpoint_url=s3_server)
     for name in ("plain.jpg", "cmyk.jpg", "zero.jpg", "nested/gray.png"):

@@ -14,10 +14,10 @@ import torch
 import yaml
 from conftest import requires_gpu
 
-from imgcls.cache import load_shard, read_manifest, write_shard
+from imgcls.training.cache import load_shard, read_manifest, write_shard
 from imgcls.checkpoint import load_checkpoint
 from imgcls.config import DataConfig, JobConfig, ModelConfig, TrainConfig
-from imgcls.train import RunFolderError, fit, prepare_splits
+from imgcls.training.trainer import RunFolderError, fit, prepare_splits
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]  # each test trains: in CI, not in the quick loop
 
@@ -123,7 +123,7 @@ def test_fit_checkpoints_every_epoch_survives_a_killed_worker_and_resumes(ray_cl
 def test_a_broken_training_image_fails_the_run_with_its_name(ray_cluster, fmnist_root, tmp_path):
     """The decode runs while the workers start: its error, naming the file, is the run's
     error, and the workers waiting for the cache stop instead of waiting on."""
-    from imgcls.data import DataError
+    from imgcls.labelled import DataError
 
     data = tmp_path / "data"
     for label in ("bag", "coat"):

@@ -9,16 +9,16 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-import imgcls.cache
+import imgcls.devices
 from imgcls.checkpoint import SPLITS, load_checkpoint, split_manifest
 from imgcls.cli import cli
 from imgcls.config import DataConfig, JobConfig, ModelConfig, TrainConfig
-from imgcls.data import list_labelled_images
-from imgcls.evaluate import evaluate_images
-from imgcls.jobs import run_training
+from imgcls.labelled import list_labelled_images
+from imgcls.evaluation.evaluate import evaluate_images
+from imgcls.commands import run_training
 from imgcls.models import create_model, head_name
-from imgcls.probe import PROBE_HEAD_FILE
-from imgcls.train import fit, prepare_splits
+from imgcls.training.probe import PROBE_HEAD_FILE
+from imgcls.training.trainer import fit, prepare_splits
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]  # each test trains: in CI, not in the quick loop
 
@@ -84,7 +84,7 @@ def test_linear_probe_is_a_normal_checkpoint_with_its_splits(ray_cluster, dogs_c
 
 def test_lp_ft_starts_fine_tuning_from_the_probe_head(ray_cluster, dogs_cats_root, tmp_path, monkeypatch):
     # The probe as a Ray task, as for a split of thousands (the linear probe test runs it in the driver).
-    monkeypatch.setattr(imgcls.cache, "IN_PROCESS_MAX_IMAGES", 0)
+    monkeypatch.setattr(imgcls.devices, "IN_PROCESS_MAX_IMAGES", 0)
     # An lr so small that one epoch cannot move the head: the checkpoint's head is then the probe's.
     job = lite0_job(dogs_cats_root, tmp_path, "lpft", lr=1e-12, warmup_epochs=0)
     result = fit(job)

@@ -12,7 +12,7 @@ from ray import tune
 from ray.util import placement_group_table
 
 from imgcls.config import DataConfig, JobConfig, ModelConfig, TrainConfig
-from imgcls.tune import TrialsFailedError, run_tune
+from imgcls.training.tune import TrialsFailedError, run_tune
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -11,11 +11,11 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-from imgcls import augment as A
-from imgcls.augment import (AUGMENTATIONS, BatchAugment, BatchEval, mixup_cutmix, soft_cross_entropy,
-                            stored_geometry)
+from imgcls.training import augment as A
+from imgcls.training.augment import (AUGMENTATIONS, BatchAugment, BatchEval, mixup_cutmix, soft_cross_entropy,
+    stored_geometry)
 from imgcls.config import AUGMENTATIONS as CONFIG_AUGMENTATIONS
-from imgcls.imaging import ScaleNormalize, resize_center_crop, resize_size, to_chw_tensor
+from imgcls.preprocess import ScaleNormalize, resize_center_crop, resize_size, to_chw_tensor
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from imgcls.cache import ImageCache, cache_key, images_per_shard, load_indices, resize_many, worker_range
-from imgcls.data import LabelledImages
-from imgcls.imaging import decode_image, decode_resized, eval_geometry, resize_size, to_chw_tensor
+from imgcls.training.cache import ImageCache, cache_key, images_per_shard, load_indices, resize_many, worker_range
+from imgcls.labelled import LabelledImages
+from imgcls.preprocess import decode_image, decode_resized, eval_geometry, resize_size, to_chw_tensor
 
 
 @pytest.mark.parametrize("n,world", [(10, 1), (10, 2), (11, 2), (7, 3), (2, 4)])
@@ -90,7 +90,7 @@ def test_validation_images_are_the_inference_pixels():
 def test_best_checkpoint_is_replaced_without_a_reader_seeing_a_mix(tmp_path):
     """promote_best swaps whole folders: ``best`` is always there and complete, each file
     whole, old or new, while it is replaced again and again."""
-    from imgcls.train import promote_best
+    from imgcls.training.trainer import promote_best
 
     sources = []
     for version in range(2):
@@ -135,7 +135,7 @@ def test_best_checkpoint_is_replaced_without_a_reader_seeing_a_mix(tmp_path):
 
 
 def test_best_of_picks_the_highest_validation_accuracy():
-    from imgcls.train import best_of
+    from imgcls.training.trainer import best_of
 
     class C:
         def __init__(self, path):
@@ -151,7 +151,7 @@ def test_best_of_picks_the_highest_validation_accuracy():
 
 
 def test_onecycle_and_cosine_schedules():
-    from imgcls.train import lr_lambda
+    from imgcls.training.loop import lr_lambda
 
     cos, tri = lr_lambda(10, 110, "cosine"), lr_lambda(10, 110, "onecycle")
     assert cos(0) == tri(0) == pytest.approx(0.1) and cos(9) == tri(9) == 1.0
@@ -161,7 +161,7 @@ def test_onecycle_and_cosine_schedules():
 
 
 def test_ema_follows_the_weights_with_a_warmup():
-    from imgcls.train import ModelEMA
+    from imgcls.training.loop import ModelEMA
 
     model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
     ema = ModelEMA(model, decay=0.9)

@@ -8,12 +8,14 @@ import pytest
 import torch
 
 from imgcls.checkpoint import load_checkpoint, save_checkpoint
-from imgcls.classifier import Classifier
+from imgcls.inference.model_stage import Classifier
 from imgcls.config import JobConfig, ModelConfig
-from imgcls.data import ClassificationPresetEval
+from imgcls.preprocess import ClassificationPresetEval
 from imgcls.models import create_model, list_models
-from imgcls.predict import MIN_BLOCKS, input_blocks, prepare_model
-from imgcls.reader import COL_PATH, COL_STATUS, STATUS_ERROR, STATUS_OK, ReadDecodeBatch
+from imgcls.inference.pipeline import MIN_BLOCKS, input_blocks
+from imgcls.inference.program import build_program
+from imgcls.inference.schema import COL_PATH, COL_STATUS, STATUS_ERROR, STATUS_OK
+from imgcls.inference.decode import ReadDecodeBatch
 
 SIZE = 64
 
@@ -51,7 +53,7 @@ def test_prepared_model_labels_like_the_checkpoint(arch, photos, tmp_path):
         model(torch.randn(4, 3, SIZE, SIZE) * 2)
     save_checkpoint(str(tmp_path), model, JobConfig(model=ModelConfig(arch=arch, image_size=SIZE)),
                     ["a", "b", "c"], history=[])
-    payload = prepare_model(str(tmp_path))
+    payload = build_program(str(tmp_path))
     classifier = Classifier(payload, top_k=2, embeddings=True, cpu_chunk=2)
     batch = photo_batch(photos)
     table = classifier(batch)
@@ -116,7 +118,8 @@ def test_model_stage_and_training_import_torchvision_only_for_its_models():
     small-CNN worker never import it, and a torchvision architecture does when built."""
     code = ("import sys\n"
             "tv = lambda: any(m.startswith('torchvision') for m in sys.modules)\n"
-            "import imgcls.bulk, imgcls.inputs, imgcls.train, imgcls.cache, imgcls.checkpoint, imgcls.probe\n"
+            "import imgcls.inference.bulk, imgcls.inference.inputs, imgcls.inference.decode, imgcls.training.loop\n"
+            "import imgcls.training.trainer, imgcls.training.cache, imgcls.checkpoint, imgcls.training.probe\n"
             "from imgcls.models import create_model\n"
             "create_model('small_cnn', 3, image_size=28)\n"
             "before = tv()\n"
@@ -127,7 +130,7 @@ def test_model_stage_and_training_import_torchvision_only_for_its_models():
 
 
 def test_onnxruntime_uses_the_cuda_provider_only_with_a_gpu():
-    from imgcls.classifier import onnx_providers
+    from imgcls.inference.model_stage import onnx_providers
 
     both = ["CUDAExecutionProvider", "CPUExecutionProvider"]
     assert onnx_providers(True, both) == both
@@ -139,8 +142,8 @@ def test_device_feed_normalises_chunks_in_order_in_the_models_layout_and_dtype()
     """The feed's CPU branch (the GPU one stages the same chunks through pinned memory):
     chunks in order, covering the batch, normalised as ScaleNormalize does, channels_last,
     cast to the inference dtype without losing the layout."""
-    from imgcls.classifier import DeviceFeed
-    from imgcls.imaging import ScaleNormalize
+    from imgcls.inference.model_stage import DeviceFeed
+    from imgcls.preprocess import ScaleNormalize
 
     images = np.random.default_rng(0).integers(0, 256, (7, 5, 5, 3), dtype=np.uint8)
     normalize = ScaleNormalize((0.5, 0.4, 0.3), (0.2, 0.25, 0.3))
@@ -156,9 +159,9 @@ def test_device_feed_normalises_chunks_in_order_in_the_models_layout_and_dtype()
 
 
 def test_inference_dtype_is_float32_on_cpus_unless_asked_and_checked():
-    from imgcls.classifier import inference_dtype
+    from imgcls.inference.model_stage import inference_dtype
     from imgcls.config import PredictConfig
-    from imgcls.predict import model_batch_size
+    from imgcls.inference.pipeline import model_batch_size
 
     cpu = torch.device("cpu")
     assert inference_dtype("auto", cpu) is None and inference_dtype("fp32", cpu) is None
@@ -180,7 +183,7 @@ def test_bf16_inference_labels_like_float32_and_builds_rows_from_arrays(photos, 
     model = create_model("resnet18", 3, image_size=SIZE).eval()
     save_checkpoint(str(tmp_path), model, JobConfig(model=ModelConfig(arch="resnet18", image_size=SIZE)),
                     ["a", "b", "c"], history=[])
-    payload = prepare_model(str(tmp_path))
+    payload = build_program(str(tmp_path))
     batch = photo_batch(photos)
     full = Classifier(payload, top_k=3, embeddings=True).label(batch).to_pylist()
     half_classifier = Classifier(payload, top_k=3, embeddings=True, precision="bf16")
@@ -196,8 +199,8 @@ def test_bf16_inference_labels_like_float32_and_builds_rows_from_arrays(photos, 
 
 
 def test_an_ensemble_averages_its_members_probabilities_and_flip_adds_the_mirror(photos, tmp_path):
-    from imgcls.finished import model_id
-    from imgcls.predict import EnsembleError
+    from imgcls.inference.finished import model_id
+    from imgcls.inference.program import EnsembleError
 
     folders = []
     for seed in (0, 1):
@@ -214,13 +217,13 @@ def test_an_ensemble_averages_its_members_probabilities_and_flip_adds_the_mirror
         expected = torch.stack([m.model(x).softmax(1) for m in loaded]).mean(0)
         mirrored = torch.stack([m.model(v).softmax(1) for m in loaded for v in (x, x.flip(3))]).mean(0)
 
-    ensemble = prepare_model(",".join(folders))
+    ensemble = build_program(",".join(folders))
     assert ensemble.model_id.startswith("ens-") and ensemble.model_id == model_id(",".join(folders), "torch")
     rows = Classifier(ensemble, top_k=3, embeddings=True).label(batch).to_pylist()
     for r, p in zip(rows, expected):
         assert r["label"] == ["a", "b", "c"][int(p.argmax())] and r["score"] == pytest.approx(float(p.max()), abs=1e-4)
         assert len(r["embedding"]) == 2 * 128  # the members' features side by side
-    flipped = prepare_model(",".join(folders), tta="flip")
+    flipped = build_program(",".join(folders), tta="flip")
     assert flipped.model_id not in (ensemble.model_id, loaded[0].model_id)
     for r, p in zip(Classifier(flipped).label(batch).to_pylist(), mirrored):
         assert r["score"] == pytest.approx(float(p.max()), abs=1e-4)
@@ -229,7 +232,7 @@ def test_an_ensemble_averages_its_members_probabilities_and_flip_adds_the_mirror
     save_checkpoint(other, create_model("small_cnn", 2, image_size=SIZE), JobConfig(model=ModelConfig(
         arch="small_cnn", image_size=SIZE)), ["a", "b"], history=[])
     with pytest.raises(EnsembleError, match="cannot join"):
-        prepare_model(f"{folders[0]},{other}")
+        build_program(f"{folders[0]},{other}")
 
 
 @pytest.mark.slow  # imports torchvision.io and decodes a photo three ways: in CI, not in the quick loop
@@ -241,7 +244,8 @@ def test_jpegs_left_to_the_model_stage_label_like_the_cpu_decoded_ones(tmp_path)
     import matplotlib.cbook
     from PIL import Image
 
-    from imgcls.reader import COL_ERROR, COL_JPEG, Decoder
+    from imgcls.inference.schema import COL_ERROR, COL_JPEG
+    from imgcls.inference.decode import Decoder
 
     hopper = Image.open(matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False))
     files = {"photo.jpg": None, "gray.jpg": hopper.convert("L"), "small.jpg": hopper.resize((90, 70)),
@@ -258,7 +262,7 @@ def test_jpegs_left_to_the_model_stage_label_like_the_cpu_decoded_ones(tmp_path)
     torch.manual_seed(0)
     save_checkpoint(str(tmp_path / "ckpt"), create_model("small_cnn", 3).eval(),
                     JobConfig(model=ModelConfig(arch="small_cnn", image_size=SIZE)), ["a", "b", "c"], history=[])
-    payload = prepare_model(str(tmp_path / "ckpt"))
+    payload = build_program(str(tmp_path / "ckpt"))
     classifier = Classifier(payload, top_k=3, embeddings=True)
     deferred = next(Decoder(SIZE, 64_000_000, max_images=16, defer_jpeg=True).chunks(paths))
     left = {p.rsplit("/", 1)[-1] for p, data in zip(deferred[COL_PATH], deferred[COL_JPEG]) if len(data)}
@@ -288,7 +292,7 @@ def test_an_exported_program_labels_like_the_traced_one(arch, photos, tmp_path):
     torch.manual_seed(0)
     save_checkpoint(str(tmp_path), create_model(arch, 3, image_size=SIZE).eval(),
                     JobConfig(model=ModelConfig(arch=arch, image_size=SIZE)), ["a", "b", "c"], history=[])
-    traced, exported = prepare_model(str(tmp_path)), prepare_model(str(tmp_path), program="export")
+    traced, exported = build_program(str(tmp_path)), build_program(str(tmp_path), program="export")
     assert (traced.form, exported.form) == ("torchscript", "export") and traced.model_id == exported.model_id
     batch = photo_batch(photos)
     reference = Classifier(traced, top_k=3, embeddings=True).label(batch).to_pylist()
@@ -312,8 +316,8 @@ def test_exported_and_compiled_programs_label_like_the_trace_on_a_gpu(form, phot
     save_checkpoint(str(tmp_path), create_model("resnet18", 3, image_size=SIZE).eval(),
                     JobConfig(model=ModelConfig(arch="resnet18", image_size=SIZE)), ["a", "b", "c"], history=[])
     batch = photo_batch(photos)
-    reference = Classifier(prepare_model(str(tmp_path)), top_k=3, use_gpu=True).label(batch).to_pylist()
-    rows = Classifier(prepare_model(str(tmp_path), program=form), top_k=3, use_gpu=True).label(batch).to_pylist()
+    reference = Classifier(build_program(str(tmp_path)), top_k=3, use_gpu=True).label(batch).to_pylist()
+    rows = Classifier(build_program(str(tmp_path), program=form), top_k=3, use_gpu=True).label(batch).to_pylist()
     assert [r["status"] for r in rows] == [r["status"] for r in reference]
     for r, ref in zip(rows[:-1], reference[:-1]):
         assert r["score"] == pytest.approx(ref["score"], abs=0.03)

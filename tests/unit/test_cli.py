@@ -46,7 +46,7 @@ def test_predict_requires_paths():
 def test_main_job_yaml_is_the_demos_recipe():
     """jobs/configs/fashion_mnist.yaml and `imgcls demo` train the same recipe."""
     from imgcls.cli import resolve_job
-    from imgcls.jobs import demo_job
+    from imgcls.commands import demo_job
 
     yaml_job = resolve_job(str(README.parent / "jobs" / "configs" / "fashion_mnist.yaml"), {})
     demo = demo_job(yaml_job.data.root, yaml_job.train.storage_path)
@@ -171,12 +171,12 @@ def test_user_errors_are_one_line_with_status_2(tmp_path):
 
 
 def test_a_bug_keeps_its_traceback(tmp_path, monkeypatch):
-    import imgcls.jobs
+    import imgcls.evaluation.evaluate
 
     def broken(*args, **kwargs):
         raise KeyError("a bug")
 
-    monkeypatch.setattr(imgcls.jobs, "worst_mistakes", broken)
+    monkeypatch.setattr(imgcls.evaluation.evaluate, "worst_mistakes", broken)
     result = CliRunner().invoke(cli, ["explain", "--model", "m", "--mistakes-from", str(tmp_path), "--output",
                                       str(tmp_path / "cam")])
     assert result.exit_code == 1 and isinstance(result.exception, KeyError)
@@ -185,7 +185,7 @@ def test_a_bug_keeps_its_traceback(tmp_path, monkeypatch):
 def test_library_user_errors_have_their_own_types(tmp_path):
     """The mistakes the CLI shows as one line are types of their own, still ValueErrors."""
     from imgcls.cli import user_error_types
-    from imgcls.inputs import OutputFolderError, plan_inputs
+    from imgcls.inference.inputs import OutputFolderError, plan_inputs
 
     (tmp_path / "out" / "_inputs").mkdir(parents=True)
     (tmp_path / "out" / "_inputs" / "_plan.json").write_text(json.dumps(
@@ -248,8 +248,8 @@ def predictions_frame(rows):
 
 
 def test_scorable_rows_leave_out_unknown_true_labels_and_say_so():
-    from imgcls.data import DataError
-    from imgcls.evaluate import left_out_line, report_from_predictions, scorable_rows
+    from imgcls.labelled import DataError
+    from imgcls.evaluation.evaluate import left_out_line, report_from_predictions, scorable_rows
 
     classes = ["cat", "dog"]
     df = predictions_frame([("a/cat/1.png", "ok", "cat", "cat"), ("a/dog/2.png", "ok", "cat", "dog"),
@@ -306,9 +306,9 @@ def test_evaluate_predictions_scores_known_labels_and_fails_on_none(checkpoint, 
 def test_finished_check_expects_the_fingerprint_bulk_writes(embeddings):
     """``imgcls predict``'s completion check rebuilds ``_job.json`` without torch: it must
     be what ``bulk._fingerprint`` writes, or a finished job would never finish at once."""
-    from imgcls import bulk, finished
-    from imgcls.classifier import ModelPayload
-    from imgcls.inputs import InputPlan
+    from imgcls.inference import bulk, finished
+    from imgcls.inference.model_stage import ModelPayload
+    from imgcls.inference.inputs import InputPlan
 
     plan = InputPlan(input="in", files=21, shards=2, files_per_shard=500, sha256="abc", uri="out/_inputs")
     payload = ModelPayload("torch", b"", ("a", "b"), 28, (0.5,) * 3, (0.5,) * 3, "0123456789abcdef")
@@ -331,7 +331,7 @@ def test_root_given_more_than_once_lists_them_all(tmp_path, monkeypatch):
 def test_tune_search_is_random_or_optunas_tpe():
     from ray.tune.search.optuna import OptunaSearch
 
-    from imgcls.tune import searcher
+    from imgcls.training.tune import searcher
 
     assert searcher("random", 8, seed=0) is None
     tpe = searcher("optuna", 12, seed=0)

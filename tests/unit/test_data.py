@@ -7,9 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from imgcls.data import (ClassificationPresetEval, ClassificationPresetTrain, DataError, ImageDecodeError,
-                         LabelledImages, balanced_resample, decode_image, encode_labels, list_labelled_images,
-                         split_stratified)
+from imgcls.preprocess import ClassificationPresetEval, ClassificationPresetTrain, ImageDecodeError, decode_image
+from imgcls.labelled import (DataError, LabelledImages, balanced_resample, encode_labels, list_labelled_images,
+    split_stratified)
 
 
 def write_tree(root, counts):
@@ -106,7 +106,7 @@ def test_eval_preset_is_deterministic_and_split_in_two():
 def test_scale_normalize_matches_torchvision_and_keeps_channels_last():
     from torchvision.transforms import v2
 
-    from imgcls.data import ScaleNormalize
+    from imgcls.preprocess import ScaleNormalize
 
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
     images = torch.randint(0, 256, (4, 32, 32, 3), dtype=torch.uint8).permute(0, 3, 1, 2)  # channels_last view
@@ -127,7 +127,7 @@ def test_eval_geometry_matches_torchvision_resize_and_center_crop(image_size, sh
     """imaging.eval_geometry avoids importing torchvision; its pixels must be torchvision's."""
     from torchvision.transforms import v2
 
-    from imgcls.imaging import eval_geometry, resize_size, to_chw_tensor
+    from imgcls.preprocess import eval_geometry, resize_size, to_chw_tensor
 
     rng = np.random.default_rng(sum(shape))
     coarse = Image.fromarray(rng.integers(0, 256, (shape[0] // 8 + 1, shape[1] // 8 + 1, 3), dtype=np.uint8))
@@ -214,9 +214,9 @@ def test_one_preprocessing_definition_gives_the_same_pixels_everywhere(tmp_path)
     what the model sees in each."""
     from matplotlib import cbook
 
-    from imgcls.cache import resize_many
-    from imgcls.imaging import decode_image, resize_size
-    from imgcls.reader import Decoder
+    from imgcls.training.cache import resize_many
+    from imgcls.preprocess import decode_image, resize_size
+    from imgcls.inference.decode import Decoder
 
     photo = str(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False))
     data = open(photo, "rb").read()
@@ -244,7 +244,7 @@ def test_several_roots_are_listed_together_and_a_later_label_wins(tmp_path):
     import pandas as pd
     from PIL import Image
 
-    from imgcls.data import list_labelled_images
+    from imgcls.labelled import list_labelled_images
 
     for c in ("bag", "coat"):
         (tmp_path / "old" / c).mkdir(parents=True)

@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from imgcls.explain import grad_cam, overlay
+from imgcls.evaluation.explain import grad_cam, overlay
 from imgcls.models import create_model
 
 
@@ -63,7 +63,7 @@ def test_explains_a_tar_member_by_its_path(dogs_cats_root, tmp_path):
 
     from imgcls.checkpoint import save_checkpoint
     from imgcls.config import JobConfig, ModelConfig
-    from imgcls.explain import explain_images
+    from imgcls.evaluation.explain import explain_images
 
     photo = os.path.join(dogs_cats_root, "cat", sorted(os.listdir(os.path.join(dogs_cats_root, "cat")))[0])
     with tarfile.open(tmp_path / "shard.tar", "w") as tar:
@@ -77,7 +77,7 @@ def test_explains_a_tar_member_by_its_path(dogs_cats_root, tmp_path):
 
 
 def test_file_names_from_labels_stay_inside_the_output(tmp_path):
-    from imgcls.explain import safe_name
+    from imgcls.evaluation.explain import safe_name
 
     for label in ("../x", "..", "a/b", "/etc/passwd", "dog cat", ".hidden"):
         name = f"0000_{safe_name('img')}_{safe_name(label)}.png"

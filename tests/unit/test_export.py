@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 
 from imgcls.checkpoint import load_checkpoint, save_checkpoint
 from imgcls.config import JobConfig, ModelConfig
-from imgcls.export import export_checkpoint
+from imgcls.inference.export import export_checkpoint
 from imgcls.models import create_model
 
 

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from imgcls.imaging import (EmptyImageError, ImageDecodeError, ImageTooLargeError, UnsupportedImageError,
-                            decode_image, decode_resized)
-from imgcls.reader import (ERROR_DECODE, ERROR_EMPTY, ERROR_READ, ERROR_TOO_LARGE, ERROR_UNSUPPORTED, error_text,
-                           error_type)
+from imgcls.preprocess import (EmptyImageError, ImageDecodeError, ImageTooLargeError, UnsupportedImageError,
+    decode_image, decode_resized)
+from imgcls.errors import (ERROR_DECODE, ERROR_EMPTY, ERROR_READ, ERROR_TOO_LARGE, ERROR_UNSUPPORTED, error_text,
+    error_type)
 
 
 def written(tmp_path, name: str, array: np.ndarray, mode: str = None) -> np.ndarray:
@@ -148,7 +148,7 @@ def hopper_bytes() -> bytes:
 
 
 def test_only_plain_jpegs_are_left_to_the_device_decoder():
-    from imgcls.imaging import device_decodable_jpeg
+    from imgcls.preprocess import device_decodable_jpeg
 
     photo = Image.open(io.BytesIO(hopper_bytes()))
     rotated = photo.getexif()
@@ -172,7 +172,7 @@ def test_device_jpeg_decoder_gives_the_cpu_paths_pixels_within_a_bound_and_hands
     truncated JPEG is decoded file by file, and only that file comes back as None."""
     import torch
 
-    from imgcls.imaging import DeviceJpegDecoder, resize_size
+    from imgcls.preprocess import DeviceJpegDecoder, resize_size
 
     good = hopper_bytes()
     small = encode(Image.open(io.BytesIO(good)).resize((96, 64)), "JPEG")

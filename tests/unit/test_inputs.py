@@ -14,11 +14,14 @@ import pytest
 from PIL import Image
 
 from imgcls import storage
-from imgcls.bulk import COUNTS_KEY, done_shards, part_counts, part_name, write_part_atomic
-from imgcls.inputs import cut_runs, plan_inputs
-from imgcls.reader import (COL_ERROR_TYPE, COL_PATH, COL_STATUS, ERROR_DECODE, ERROR_EMPTY, ERROR_READ, ERROR_TAR,
-                           ERROR_TOO_LARGE, ERROR_TYPES, ERROR_UNSUPPORTED, STATUS_ERROR, STATUS_OK, Decoder,
-                           error_type, iter_tar, member_path, read_input, split_member)
+from imgcls.inference.finished import COUNTS_KEY
+from imgcls.inference.sink import done_shards, part_counts, part_name, write_part_atomic
+from imgcls.inference.inputs import cut_runs, plan_inputs
+from imgcls.inference.schema import COL_ERROR_TYPE, COL_PATH, COL_STATUS, STATUS_ERROR, STATUS_OK
+from imgcls.errors import (ERROR_DECODE, ERROR_EMPTY, ERROR_READ, ERROR_TAR, ERROR_TOO_LARGE, ERROR_TYPES,
+    ERROR_UNSUPPORTED, error_type)
+from imgcls.inference.decode import Decoder
+from imgcls.inference.read import iter_tar, member_path, read_input, split_member
 
 
 @pytest.fixture(scope="module")
@@ -204,8 +207,8 @@ def test_parts_past_99999_and_counts_in_their_footers(tmp_path):
 
 def test_hidden_files_and_folders_are_skipped_by_both_listings(tmp_path):
     """A notebook's .ipynb_checkpoints/ is neither labelled nor a class."""
-    from imgcls.data import list_labelled_images
-    from imgcls.inputs import list_prefix
+    from imgcls.labelled import list_labelled_images
+    from imgcls.inference.inputs import list_prefix
 
     for folder in ("cat", "dog", ".ipynb_checkpoints", "cat/.thumbs"):
         (tmp_path / "data" / folder).mkdir(parents=True, exist_ok=True)

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from imgcls.metrics import accuracy, classification_report, confusion_matrix, inverse_frequency_weights
+from imgcls.evaluation.metrics import accuracy, classification_report, confusion_matrix, inverse_frequency_weights
 
 
 def test_accuracy_topk():

@@ -64,7 +64,7 @@ def test_packaged_efficientnet_lite0_recognises_real_dogs(dogs_cats_root):
     """
     import glob
 
-    from imgcls.data import ClassificationPresetEval, decode_image, to_chw_tensor
+    from imgcls.preprocess import ClassificationPresetEval, decode_image, to_chw_tensor
     from imgcls.models import get_spec
 
     spec = get_spec("efficientnet_lite0")

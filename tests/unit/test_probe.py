@@ -5,9 +5,10 @@ import torch
 from torch.nn import functional as F
 
 from imgcls.models import WithFeatures, create_model, head_name
-from imgcls.probe import L2_GRID, _folds, choose_l2, fit_logistic, fit_probe, set_head
+from imgcls.training.probe import L2_GRID, _folds, choose_l2, fit_logistic, fit_probe, set_head
 from imgcls.config import JobConfig, ModelConfig, TrainConfig
-from imgcls.train import build_optimizer, layer_stages, wants_probe_head
+from imgcls.training.loop import build_optimizer, layer_stages
+from imgcls.training.trainer import wants_probe_head
 
 
 def _blobs(n_per_class=40, num_classes=3, dim=16, spread=0.3, seed=0):
@@ -107,8 +108,8 @@ def test_lp_ft_probes_by_default_only_from_pretrained_weights_and_not_on_resume(
 
 @pytest.mark.parametrize("freeze", [True, False])
 def test_freeze_batchnorm_keeps_the_pretrained_statistics(freeze):
-    from imgcls.augment import BatchAugment
-    from imgcls.train import StepOptions, lr_lambda, train_one_epoch
+    from imgcls.training.augment import BatchAugment
+    from imgcls.training.loop import StepOptions, lr_lambda, train_one_epoch
 
     torch.manual_seed(0)
     model = create_model("small_cnn", 3, image_size=16)

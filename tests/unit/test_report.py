@@ -5,8 +5,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from imgcls.evaluate import COL_TRUE, report_from_predictions
-from imgcls.report import write_report
+from imgcls.evaluation.evaluate import COL_TRUE, report_from_predictions
+from imgcls.evaluation.report import write_report
 
 
 def test_report_writes_metrics_plots_and_html(tmp_path):
@@ -39,7 +39,7 @@ def test_report_writes_metrics_plots_and_html(tmp_path):
 
 
 def test_embedding_map_projects_on_principal_components_and_marks_mistakes(tmp_path):
-    from imgcls.report import pca_2d, plot_embedding_map
+    from imgcls.evaluation.report import pca_2d, plot_embedding_map
 
     rng = np.random.default_rng(0)
     # Points spread along (1, 1, 0) and a little along (0, 0, 1): the first component is

@@ -5,7 +5,7 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
-from imgcls.review import select, topk_matrix, uncertainty
+from imgcls.evaluation.review import select, topk_matrix, uncertainty
 
 
 def table(topk, labels=None, embeddings=None):

@@ -5,9 +5,10 @@ import torch
 
 from imgcls.checkpoint import save_checkpoint
 from imgcls.config import DataConfig, JobConfig, ModelConfig, TrainConfig
-from imgcls.data import DataError
+from imgcls.labelled import DataError
 from imgcls.models import create_model
-from imgcls.train import check_init_from, warm_start
+from imgcls.training.trainer import check_init_from
+from imgcls.training.loop import warm_start
 
 
 @pytest.fixture

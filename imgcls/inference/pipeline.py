@@ -1,97 +1,31 @@
 """Batch inference as a Ray Data pipeline; builds the predictions Dataset, writes nothing.
 
-Stages: input rows (``path``) -> ``reader.ReadDecodeBatch``
+Stages: input rows (``path``) -> ``decode.ReadDecodeBatch``
 (read bytes, decode, eval-preset geometry; failures become error rows) ->
-``classifier.Classifier`` (normalise, forward, top-k) -> rows of OUTPUT_SCHEMA. With
-GPUs the two stages run in separate actor pools, decoding on CPUs; on CPUs one pool runs
-both (``classifier.ReadAndClassify``). The model is prepared once, here in the driver
-(``prepare_model``); no actor imports torchvision, so the pools start quickly.
-Evaluation labels through ``predict``; bulk labelling (``imgcls.bulk``) runs the same
-stages per shard, each worker writing its own output."""
+``model_stage.Classifier`` (normalise, forward, top-k) -> rows of the predictions schema.
+With GPUs the two stages run in separate actor pools, decoding on CPUs; on CPUs one
+pool runs both (``model_stage.ReadAndClassify``). The model is prepared once, in the
+driver (``program.build_program``); no actor imports torchvision, so the pools start
+quickly. Evaluation labels through ``predict``; bulk labelling (``inference.bulk``) runs
+the same stages per shard, each worker writing its own output.
+"""
 
 from __future__ import annotations
 
-import hashlib
-import io
-import warnings
 from typing import Optional, Sequence
 
 import pyarrow as pa
 import ray
-import torch
 from ray.data import ActorPoolStrategy, ExecutionResources
 
-from imgcls import storage
-from imgcls.classifier import Classifier, ModelPayload, ReadAndClassify
-from imgcls.inputs import cut_runs
-from imgcls.reader import COL_PATH, ReadDecodeBatch, is_tar
+from imgcls.inference.decode import ReadDecodeBatch
+from imgcls.inference.inputs import cut_runs
+from imgcls.inference.model_stage import Classifier, ReadAndClassify
+from imgcls.inference.program import build_program
+from imgcls.inference.read import is_tar
+from imgcls.inference.schema import COL_PATH
 
-class EnsembleError(ValueError):
-    """Checkpoints that cannot label as one ensemble (other classes, image sizes or normalisation)."""
-
-
-def prepare_model(model: str, runtime: str = "torch", tta: str = "none", program: str = "auto") -> ModelPayload:
-    """Loads ``model`` once, in the driver, into what every Classifier actor loads.
-
-    For runtime 'torch', ``model`` is a checkpoint folder: its network goes through
-    ``models.inference_model`` (BatchNorm folded, channels_last) and is traced to
-    TorchScript (``program`` 'torchscript', and 'auto') or exported with ``torch.export``
-    with a dynamic batch size ('export', and 'compile', which each actor then compiles);
-    the actors load either without importing torchvision. The program is checked
-    against the network on a batch of another size. Several
-    checkpoints (comma-separated), or ``tta`` 'flip', make one ``models.Ensemble``
-    program, so the pipeline runs it like a single model. For 'onnxruntime', ``model``
-    is an export folder holding ``model.onnx``.
-    """
-    from imgcls.checkpoint import load_checkpoint, read_model_info
-    from imgcls.finished import combined_id, members
-    from imgcls.models import Ensemble, check_same_outputs, inference_model
-
-    names = members(model)
-    if runtime == "onnxruntime":
-        if len(names) > 1 or tta != "none":
-            raise EnsembleError("ensembles and --tta run with --runtime torch (checkpoint folders)")
-        info = read_model_info(model)
-        raw = storage.read_bytes(storage.join(model, "model.onnx"))
-        return ModelPayload("onnxruntime", raw, tuple(info.classes), info.image_size, tuple(info.mean),
-                            tuple(info.std), hashlib.sha256(raw).hexdigest()[:16])
-    loaded_all = [load_checkpoint(name) for name in names]
-    loaded = loaded_all[0]
-    for name, other in zip(names[1:], loaded_all[1:]):
-        if (other.classes, other.image_size, tuple(other.mean), tuple(other.std)) != \
-                (loaded.classes, loaded.image_size, tuple(loaded.mean), tuple(loaded.std)):
-            raise EnsembleError(f"{name} cannot join {names[0]} in an ensemble: classes {other.classes} at "
-                                f"{other.image_size} px (mean {other.mean}) against {loaded.classes} at "
-                                f"{loaded.image_size} px (mean {loaded.mean})")
-    if len(names) == 1 and tta == "none":
-        fast = inference_model(loaded.model, loaded.image_size)
-    else:
-        fast = Ensemble([inference_model(m.model, m.image_size) for m in loaded_all], flip=tta == "flip").eval()
-    size = loaded.image_size
-    probe = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(0))
-    probe = probe.contiguous(memory_format=torch.channels_last)
-    form = "torchscript" if program == "auto" else program
-    buf = io.BytesIO()
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore", FutureWarning)  # TorchScript's deprecation notice
-        if form == "torchscript":
-            made = torch.jit.trace(fast, probe[:2], check_trace=False)
-        else:
-            batch = torch.export.Dim("batch", min=1)
-            exported = torch.export.export(fast, (probe[:2],), dynamic_shapes=({0: batch},))
-            made = exported.module()
-        try:
-            check_same_outputs(fast(probe), made(probe), rtol=1e-4, atol=1e-5)
-        except ValueError as e:
-            raise RuntimeError(f"the {form} program of {model} does not reproduce the network: {e}") from None
-        if form == "torchscript":
-            torch.jit.save(made, buf)
-        else:
-            torch.export.save(exported, buf)
-    return ModelPayload("torch", buf.getvalue(), tuple(loaded.classes), size, tuple(loaded.mean), tuple(loaded.std),
-                        combined_id([m.model_id for m in loaded_all], tta), form=form)
-
-
+CPU_BATCH, GPU_BATCH = 64, 256  # images per model batch when none is given
 ROWS_PER_BLOCK = 256
 MIN_BLOCKS = 16
 
@@ -104,7 +38,7 @@ def input_blocks(paths: Sequence[str], rows_per_block: int = ROWS_PER_BLOCK) -> 
     that they still spread over the actors. Blocks of 256 files amortise the fixed cost
     of a Ray Data task: on 2 cores, tasks of 64 files labelled 570-590 images/s and tasks
     of 256 files 630-680, with the same 64 images decoded and labelled at a time. Bulk
-    labelling plans its inputs without the driver instead (``imgcls.inputs``).
+    labelling plans its inputs without the driver instead (``imgcls.inference.inputs``).
     """
     plain = sum(not is_tar(p) for p in paths)
     per_block = max(1, min(rows_per_block, -(-plain // MIN_BLOCKS)))
@@ -121,17 +55,14 @@ def predict_here(paths: Sequence[str], model: str, *, batch_size: Optional[int] 
                  embeddings: bool = False, runtime: str = "torch", max_pixels: int = 64_000_000,
                  tta: str = "none") -> pa.Table:
     """``predict`` of a few files in this process, on its CPUs: the same model program
-    (``prepare_model``) and the same read, decode and classify stage
+    (``build_program``) and the same read, decode and classify stage
     (``classifier.ReadAndClassify``) over the same input blocks, without starting an
     actor pool. Returns the OUTPUT_SCHEMA rows, one per input file (per tar member)."""
-    payload = prepare_model(model, runtime, tta)
+    payload = build_program(model, runtime, tta)
     stage = ReadAndClassify(payload, max_pixels=max_pixels, max_images=model_batch_size(batch_size, False), top_k=top_k,
                             embeddings=embeddings)
     return pa.concat_tables([stage({COL_PATH: block.column(COL_PATH).to_numpy(zero_copy_only=False)})
                              for block in input_blocks(paths)])
-
-
-CPU_BATCH, GPU_BATCH = 64, 256  # images per model batch when none is given
 
 
 def model_batch_size(batch_size: Optional[int], use_gpu: bool) -> int:
@@ -206,7 +137,7 @@ def predict(rows: ray.data.Dataset, model: str, *, batch_size: Optional[int] = N
     """
     plan = pool_plan(use_gpu, num_actors, separate_decode)
     batch_size = model_batch_size(batch_size, plan["use_gpu"])
-    payload = prepare_model(model, runtime, tta, program)
+    payload = build_program(model, runtime, tta, program)
     classifier_kwargs = {"top_k": top_k, "embeddings": embeddings, "threads": plan["threads"],
                          "use_gpu": plan["use_gpu"], "precision": precision, "max_pixels": max_pixels}
     model_pool = dict(compute=ActorPoolStrategy(size=plan["size"]), num_cpus=plan["num_cpus"],

@@ -2,20 +2,20 @@
 
 ``imgcls predict`` asks ``finished_summary`` before it starts Ray (13-26 s on 2 cores)
 and imports torch (5-10 s): a rerun over an output that is complete prints its summary
-at once. Complete means what ``imgcls.bulk.label_images`` would find:
+at once. Complete means what ``imgcls.inference.bulk.label_images`` would find:
 
 - the input plan (``_inputs/_plan.json``) is of the same input, shard size and manifest
-  version (``imgcls.inputs.plan_inputs`` refuses any other);
+  version (``imgcls.inference.inputs.plan_inputs`` refuses any other);
 - the job's fingerprint (``_job.json``) equals the one this run would write: the same
   plan, the same model (its id is the hash of the checkpoint's ``model.pt``, or of the
-  export's ``model.onnx``, as ``predict.prepare_model`` computes it) and the same output
+  export's ``model.onnx``, as ``program.build_program`` computes it) and the same output
   settings;
 - every planned shard has its part, and no killed run left temporary files behind.
 
 Anything else, or any failure to read these files, answers None and the job runs as
 usual: a complete output never becomes a wrong answer, and another model or other
 inputs are refused by ``label_images`` as before. This module reads the files that
-``imgcls.bulk`` and ``imgcls.inputs`` write, by names a unit test checks against theirs.
+``imgcls.inference.bulk`` and ``imgcls.inference.inputs`` write, by names a unit test checks against theirs.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from imgcls import storage
 from imgcls.config import PredictConfig
 
 # The output folder's layout, defined here (a module without torch or Ray) and imported
-# by imgcls.inputs and imgcls.bulk, which write it.
+# by imgcls.inference.inputs and imgcls.inference.bulk, which write it.
 PLAN_DIR = "_inputs"  # the input plan
 PLAN_FILE = "_plan.json"  # written last: the plan is complete
 JOB_FILE = "_job.json"  # the job's fingerprint
@@ -39,11 +39,11 @@ STAGING_DIR = "_staging"
 PART_NAME = re.compile(r"^part-(\d+)\.parquet$")
 PART_TEMPLATE = "part-{:06d}.parquet"
 COUNTS_KEY = b"imgcls.counts"  # Parquet footer metadata of each part: its rows, ok and errors
-MODEL_FILES = {"torch": "model.pt", "onnxruntime": "model.onnx"}  # what predict.prepare_model hashes
+MODEL_FILES = {"torch": "model.pt", "onnxruntime": "model.onnx"}  # what program.build_program hashes
 
 
 def source_stat(uri: str) -> Optional[dict]:
-    """A manifest file's size and modification time or ETag, as ``imgcls.inputs`` records it."""
+    """A manifest file's size and modification time or ETag, as ``imgcls.inference.inputs`` records it."""
     if not uri.lower().endswith(storage.MANIFEST_EXTENSIONS):
         return None
     fs, path = storage.filesystem(uri)
@@ -66,7 +66,7 @@ def combined_id(ids: list[str], tta: str) -> str:
 
 
 def model_id(model: str, runtime: str, tta: str = "none") -> str:
-    """The id ``predict.prepare_model`` gives ``model``: the hash of its weights' file
+    """The id ``program.build_program`` gives ``model``: the hash of its weights' file
     (of each member's, combined, for an ensemble or with test-time augmentation)."""
     return combined_id([hashlib.sha256(storage.read_bytes(storage.join(m, MODEL_FILES[runtime]))).hexdigest()[:16]
                         for m in members(model)], tta)
@@ -75,7 +75,7 @@ def model_id(model: str, runtime: str, tta: str = "none") -> str:
 def fingerprint(plan: dict, model_id: str, cfg: PredictConfig) -> dict:
     """What ``bulk._fingerprint`` records in ``_job.json`` for the plan ``plan`` (the
     ``_plan.json`` record) and the model of id ``model_id`` (a unit test checks the two agree)."""
-    from imgcls.reader import output_schema  # pyarrow, no torch
+    from imgcls.inference.schema import output_schema  # pyarrow, no torch
 
     return {"inputs_sha256": plan["sha256"], "files": plan["files"], "shards": plan["shards"],
             "files_per_shard": cfg.files_per_shard, "model_id": model_id, "model": cfg.model,

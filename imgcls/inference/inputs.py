@@ -32,8 +32,9 @@ import pyarrow.parquet as pq
 import ray
 
 from imgcls import storage
-from imgcls.finished import PLAN_DIR, PLAN_FILE, source_stat
-from imgcls.reader import COL_PATH, COL_SHARD, is_tar
+from imgcls.inference.finished import PLAN_DIR, PLAN_FILE, source_stat
+from imgcls.inference.schema import COL_PATH, COL_SHARD
+from imgcls.inference.read import is_tar
 
 LOCAL_PROTOCOLS = ("file", "local")  # listed by threads in this process; other stores by Ray tasks, per sub-prefix
 

@@ -1,6 +1,6 @@
 """Bulk labelling: inputs -> sharded, atomic, resumable Parquet output, written by the workers.
 
-The inputs are planned once into shards (``imgcls.inputs``: at most ``files_per_shard``
+The inputs are planned once into shards (``imgcls.inference.inputs``: at most ``files_per_shard``
 files, or one tar, each). One shard is one unit of work: the actor that labels it
 writes ``part-{shard:06d}.parquet`` itself, through a hidden temporary name and a
 rename, and returns only a summary row (shard, rows, ok, errors, node). Prediction
@@ -20,12 +20,10 @@ model is refused rather than mixed into the same output.
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 import time
-import uuid
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -34,20 +32,31 @@ import ray
 from ray.data import ActorPoolStrategy, ExecutionResources
 
 from imgcls import storage
-from imgcls.cache import runs_here
-from imgcls.classifier import Classifier, ModelPayload
 from imgcls.config import PredictConfig
-from imgcls.devices import choose_gpu
-from imgcls.finished import COUNTS_KEY, JOB_FILE, PART_NAME, PART_TEMPLATE, STAGING_DIR
-from imgcls.inputs import InputPlan, OutputFolderError, plan_inputs
-from imgcls.predict import model_batch_size, pool_plan, prepare_model
+from imgcls.devices import choose_gpu, runs_here
+from imgcls.inference.decode import Decoder, DecodeShards
+from imgcls.inference.finished import JOB_FILE
+from imgcls.inference.inputs import InputPlan, OutputFolderError, plan_inputs
+from imgcls.inference.model_stage import Classifier, ModelPayload
+from imgcls.inference.pipeline import model_batch_size, pool_plan
+from imgcls.inference.program import build_program
+from imgcls.inference.read import MAX_FILE_BYTES, is_tar, read_shard_list
+from imgcls.inference.schema import COL_ROW, COL_SHARD, COL_SHARD_ROWS, output_schema
+from imgcls.inference.sink import (
+    commit_shard,
+    done_shards,
+    finish_part,
+    part_counts,
+    remove_staging,
+    staging_uri,
+    summary_columns,
+    summary_row,
+    write_part_atomic,
+)
 from imgcls.progress import eta_text
-from imgcls.reader import (COL_PATH, COL_ROW, COL_SHARD, COL_SHARD_ROWS, COL_STATUS, MAX_FILE_BYTES, STATUS_OK,
-                           Decoder, DecodeShards, is_tar, output_schema, read_shard_list)
 
 SUMMARY_FILE = "_summary.json"
 MODEL_DIR = "_model"  # the prepared model program the actors load
-SUMMARY_COLUMNS = ("shard", "rows", "ok", "errors", "node", "seconds")
 
 
 @dataclass
@@ -65,61 +74,6 @@ class LabelSummary:
     shards_by_node: dict = field(default_factory=dict)  # node id -> shards labelled there by this run
 
 
-def part_name(shard: int) -> str:
-    return PART_TEMPLATE.format(shard)
-
-
-def write_part_atomic(table: pa.Table, output: str, shard: int) -> dict:
-    """Writes one shard's rows as its part, through a hidden name then a rename; returns
-    its counts, which the part's footer also records."""
-    ok = int(pc.sum(pc.equal(table[COL_STATUS], STATUS_OK)).as_py() or 0)
-    counts = {"rows": table.num_rows, "ok": ok, "errors": table.num_rows - ok}
-    table = table.replace_schema_metadata({**(table.schema.metadata or {}), COUNTS_KEY: json.dumps(counts).encode()})
-    fs, folder = storage.filesystem(output)
-    final = f"{folder.rstrip('/')}/{part_name(shard)}"
-    tmp = f"{folder.rstrip('/')}/.tmp-{uuid.uuid4().hex}-{part_name(shard)}"
-    with fs.open(tmp, "wb") as f:
-        pq.write_table(table, f)
-    fs.mv(tmp, final)
-    return counts
-
-
-def done_shards(output: str) -> set[int]:
-    """Shards whose part exists (parts only ever appear complete)."""
-    fs, folder = storage.filesystem(output)
-    fs.invalidate_cache(folder)  # workers wrote there: a cached listing would miss their parts
-    if not fs.exists(folder):
-        return set()
-    names = (p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(folder, detail=False))
-    return {int(m.group(1)) for m in map(PART_NAME.match, names) if m}
-
-
-def part_counts(output: str, shards) -> list[dict]:
-    """The counts recorded in the footers of these shards' parts, read concurrently."""
-    fs, folder = storage.filesystem(output)
-
-    def one(shard: int) -> dict:
-        with fs.open(f"{folder.rstrip('/')}/{part_name(shard)}", "rb") as f:
-            meta = pq.read_metadata(f).metadata or {}
-        return json.loads(meta[COUNTS_KEY])
-
-    with ThreadPoolExecutor(16) as pool:
-        return list(pool.map(one, shards))
-
-
-def _summary_row(shard: int, counts: dict, seconds: float) -> dict:
-    return {"shard": shard, **counts, "node": ray.get_runtime_context().get_node_id(), "seconds": seconds}
-
-
-def _as_columns(rows: list[dict]) -> dict[str, np.ndarray]:
-    return {k: np.array([r[k] for r in rows], dtype=object if k == "node" else None) for k in SUMMARY_COLUMNS}
-
-
-def _finish(table: pa.Table, schema: pa.Schema) -> pa.Table:
-    """A shard's rows as written: the output columns only, sorted by path."""
-    return table.select(schema.names).cast(schema).sort_by(COL_PATH)
-
-
 class LabelShards:
     """CPU layout: one actor reads, decodes and labels each shard it is given, ``max_images``
     at a time, then writes the shard's part; input rows ``shard``, ``list``."""
@@ -131,19 +85,15 @@ class LabelShards:
         self.output = output
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return _as_columns([self.label_shard(int(shard), uri) for shard, uri in zip(batch[COL_SHARD], batch["list"])])
+        return summary_columns([self.label_shard(int(shard), uri) for shard, uri in zip(batch[COL_SHARD], batch["list"])])
 
     def label_shard(self, shard: int, list_uri: str) -> dict:
         """Labels the files that ``list_uri`` lists and writes them as part ``shard``;
         returns the summary row."""
         began = time.perf_counter()
         tables = [self.classify.label(chunk) for chunk in self.decoder.chunks(read_shard_list(list_uri))]
-        counts = write_part_atomic(_finish(pa.concat_tables(tables), self.classify.schema), self.output, shard)
-        return _summary_row(shard, counts, time.perf_counter() - began)
-
-
-def staging_uri(output: str, shard: int) -> str:
-    return storage.join(output, STAGING_DIR, f"{shard:06d}")
+        counts = write_part_atomic(finish_part(pa.concat_tables(tables), self.classify.schema), self.output, shard)
+        return summary_row(shard, counts, time.perf_counter() - began)
 
 
 class LabelChunks:
@@ -169,26 +119,6 @@ class LabelChunks:
             out["rows"].append(row_ids.tolist())
             out["shard_rows"].append(int(part[COL_SHARD_ROWS].to_numpy().max()))
         return out
-
-
-@ray.remote(num_cpus=0.1, max_retries=3)
-def commit_shard(output: str, shard: int, shard_rows: int, schema: pa.Schema) -> dict:
-    """Merges a shard's staged chunks into its part (rows staged twice by a retried batch
-    count once), then removes them."""
-    began = time.perf_counter()
-    fs, folder = storage.filesystem(staging_uri(output, shard))
-    fs.invalidate_cache(folder)  # other workers staged there
-    tables = []
-    for name in sorted(fs.ls(folder, detail=False)):
-        with fs.open(name, "rb") as f:
-            tables.append(pq.read_table(f))
-    table = pa.concat_tables(tables)
-    _, first = np.unique(table[COL_ROW].to_numpy(), return_index=True)
-    if len(first) != shard_rows:
-        raise RuntimeError(f"shard {shard}: {len(first)} of {shard_rows} rows staged")
-    counts = write_part_atomic(_finish(table.take(pa.array(first)), schema), output, shard)
-    fs.rm(folder, recursive=True)
-    return _summary_row(shard, counts, time.perf_counter() - began)
 
 
 class Progress:
@@ -287,15 +217,8 @@ def _run_two_pools(todo: pa.Table, payload: ModelPayload, cfg: PredictConfig, pl
     if covered:
         raise RuntimeError(f"shards {sorted(covered)} did not receive all their rows")
     done = ray.get(commits)
-    _remove_staging(cfg.output)
+    remove_staging(cfg.output)
     return done
-
-
-def _remove_staging(output: str) -> None:
-    """Removes ``_staging/``: what a killed run left, or the emptied folders of a finished one."""
-    fs, folder = storage.filesystem(storage.join(output, STAGING_DIR))
-    if fs.exists(folder):
-        fs.rm(folder, recursive=True)
 
 
 def _shard_rows(todo: pa.Table) -> ray.data.Dataset:
@@ -317,7 +240,7 @@ def label_images(cfg: PredictConfig) -> LabelSummary:
     start = time.perf_counter()
     storage.makedirs(cfg.output)
     plan = plan_inputs(cfg.input, cfg.output, cfg.files_per_shard)
-    payload = prepare_model(cfg.model, cfg.runtime, cfg.tta, cfg.program)
+    payload = build_program(cfg.model, cfg.runtime, cfg.tta, cfg.program)
     job_uri = storage.join(cfg.output, JOB_FILE)
     fingerprint = _fingerprint(plan, payload, cfg)
     if storage.exists(job_uri):
@@ -331,7 +254,7 @@ def label_images(cfg: PredictConfig) -> LabelSummary:
     fs, folder = storage.filesystem(cfg.output)
     for stale in fs.glob(f"{folder.rstrip('/')}/.tmp-*"):  # left by a killed run
         fs.rm(stale)
-    _remove_staging(cfg.output)
+    remove_staging(cfg.output)
     shards = plan.shard_table()
     skip = done_shards(cfg.output)
     todo = shards.filter(pc.invert(pc.is_in(shards[COL_SHARD], pa.array(sorted(skip), pa.int64()))))

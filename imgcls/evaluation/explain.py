@@ -78,8 +78,8 @@ def explain_images(checkpoint: str, paths: Sequence[str], output: str, layer: Op
     from PIL import Image
 
     from imgcls.checkpoint import load_checkpoint
-    from imgcls.data import ClassificationPresetEval
-    from imgcls.reader import read_input, split_member
+    from imgcls.preprocess import ClassificationPresetEval
+    from imgcls.inference.read import read_input, split_member
 
     loaded = load_checkpoint(checkpoint)
     preset = ClassificationPresetEval(loaded.image_size, loaded.mean, loaded.std)

@@ -1,7 +1,7 @@
 """The model stage of batch inference: a Ray Data actor that labels decoded batches.
 
 Like reader.py this module imports no torchvision, whose import alone takes about 7 s of
-CPU: the driver prepares the model once (``predict.prepare_model``: BatchNorm folded,
+CPU: the driver prepares the model once (``program.build_program``: BatchNorm folded,
 channels_last, traced to TorchScript) and every actor loads that program with torch
 alone, so a pool starts in about half the time and each actor holds less memory.
 """
@@ -18,11 +18,12 @@ import pyarrow as pa
 import torch
 
 from imgcls.config import PRECISIONS
-from imgcls.imaging import ScaleNormalize
-from imgcls.reader import (COL_EMBEDDING, COL_ERROR, COL_ERROR_TYPE, COL_JPEG, COL_LABEL, COL_MODEL_ID, COL_PATH,
-                           COL_ROW, COL_SCORE, COL_SHARD, COL_SHARD_ROWS, COL_STATUS, COL_TOPK_LABELS, COL_TOPK_SCORES,
-                           ERROR_DECODE, STATUS_ERROR, STATUS_OK, ReadDecodeBatch, error_text, error_type,
-                           output_schema)
+from imgcls.preprocess import ScaleNormalize
+from imgcls.inference.schema import (COL_EMBEDDING, COL_ERROR, COL_ERROR_TYPE, COL_JPEG, COL_LABEL, COL_MODEL_ID,
+    COL_PATH, COL_ROW, COL_SCORE, COL_SHARD, COL_SHARD_ROWS, COL_STATUS, COL_TOPK_LABELS, COL_TOPK_SCORES,
+    STATUS_ERROR, STATUS_OK, output_schema)
+from imgcls.errors import ERROR_DECODE, error_text, error_type
+from imgcls.inference.decode import ReadDecodeBatch
 
 PASS_THROUGH = (COL_SHARD, COL_ROW, COL_SHARD_ROWS)  # internal int64 columns a batch may carry
 
@@ -257,7 +258,7 @@ class Classifier:
         """Decodes the batch's JPEG bytes on the feed's device. Returns the batch with the
         status and error columns of the rows that failed, and the uint8 images
         (b, 3, S, S) of its ok rows, in order, on that device."""
-        from imgcls.imaging import DeviceJpegDecoder, decode_resized, resize_size
+        from imgcls.preprocess import DeviceJpegDecoder, decode_resized, resize_size
 
         device, size = self.feed.device, self.image_size
         if self.jpeg_decoder is None:

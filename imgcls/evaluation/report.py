@@ -14,7 +14,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from imgcls.reader import COL_LABEL, COL_PATH, COL_SCORE, COL_STATUS, STATUS_OK, read_input  # noqa: E402
+from imgcls.inference.schema import COL_LABEL, COL_PATH, COL_SCORE, COL_STATUS, STATUS_OK
+from imgcls.inference.read import read_input  # noqa: E402
 
 METRICS_FILE = "metrics.json"
 REPORT_FILE = "report.html"
@@ -69,7 +70,7 @@ def plot_training_curves(history: list[dict], path: str) -> Optional[str]:
 
 def plot_confident_mistakes(df: pd.DataFrame, true_col: str, path: str, n: int = 16) -> Optional[str]:
     """A grid of the wrong predictions with the highest scores."""
-    from imgcls.data import decode_image
+    from imgcls.preprocess import decode_image
 
     ok = df[df[COL_STATUS] == STATUS_OK]
     wrong = ok[ok[COL_LABEL] != ok[true_col]].sort_values(COL_SCORE, ascending=False).head(n)

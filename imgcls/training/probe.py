@@ -26,8 +26,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from imgcls.augment import BatchEval
-from imgcls.cache import ImageCache, runs_here, shard_batches
+from imgcls.training.augment import BatchEval
+from imgcls.training.cache import ImageCache, shard_batches
+from imgcls.devices import runs_here
 from imgcls.models import WithFeatures, create_model, get_spec, head_name
 
 # L2 strengths tried, as the penalty 0.5 * l2 * |W|^2 added to the mean loss over

@@ -47,7 +47,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from imgcls.imaging import resize_size
+from imgcls.preprocess import resize_size
 
 AUGMENTATIONS = ("none", "light", "standard", "trivialaugment", "randaugment")
 

@@ -132,7 +132,7 @@ def _thumbnail(path: str, side: int = 128) -> str:
     """A data: URI of the image at ``path`` (file or tar member), or '' if unreadable."""
     from PIL import Image
 
-    from imgcls.reader import read_input
+    from imgcls.inference.read import read_input
 
     try:
         image = Image.open(io.BytesIO(read_input(path))).convert("RGB")

@@ -16,7 +16,7 @@ resume with the same data finds the cache and skips decoding; changed data rebui
 Images are shuffled once (seeded) before they are cut into shards, so any contiguous
 range of the cache is a random sample: workers take ranges of it.
 
-How a worker then reads its part (``imgcls.train``):
+How a worker then reads its part (``imgcls.training.trainer``):
 - resident: it loads its range of the shards once and keeps it in memory (on its GPU
   when it has one) for all epochs, the fast path while the split fits;
 - streamed: a Ray Dataset over the shards (``cache_dataset``), materialized in the
@@ -37,10 +37,11 @@ import ray
 import torch
 
 from imgcls import storage
-from imgcls.imaging import ImageDecodeError, decode_image, resize_center_crop
+from imgcls.devices import runs_here
+from imgcls.preprocess import ImageDecodeError, decode_image, resize_center_crop
 
-if TYPE_CHECKING:  # imgcls.data imports torchvision (seconds of CPU), which the decode tasks do without
-    from imgcls.data import LabelledImages
+if TYPE_CHECKING:  # imgcls.labelled imports torchvision (seconds of CPU), which the decode tasks do without
+    from imgcls.labelled import LabelledImages
 
 CACHE_VERSION = 2  # of the decode and resize below; part of every cache key (2: float and 16-bit images scaled by their range)
 MANIFEST_FILE = "_cache.json"
@@ -48,19 +49,6 @@ FAILED_FILE = "_failed.json"  # written instead of the manifest when building th
 SHARD_TEMPLATE = "shard-{:05d}.npz"
 SHARD_BYTES = 64 * 2**20  # uint8 bytes per shard at most: a task's memory and the unit of reading
 MIN_SHARD_IMAGES, MAX_SHARD_IMAGES = 64, 4096
-# Up to this many images, a job's one-off passes over them (decoding a split into its
-# cache, the linear probe's features, evaluating a test split) run in the calling
-# process instead of in new Ray worker processes, whose start-up (importing torch: 6-15 s
-# of CPU each) would take longer than the work: on 2 cores, 240 Fashion-MNIST images
-# decoded in 7.9 s through a Ray task and in 0.2 s in the driver, and a 30-image test
-# split was labelled in 38 s by an actor pool and in under 5 s in the driver.
-IN_PROCESS_MAX_IMAGES = 1000
-
-
-def runs_here(num_images: int) -> bool:
-    """Whether a one-off pass over ``num_images`` images runs in the calling process
-    (read at each call, so that one setting governs every such pass)."""
-    return num_images <= IN_PROCESS_MAX_IMAGES
 
 
 @dataclass
@@ -141,7 +129,7 @@ def write_shard(paths: list[str], labels: np.ndarray, uri: str, short_side: int,
         try:
             decoded.append(decode_image(storage.read_bytes(path), target_size=short_side))
         except (ImageDecodeError, OSError) as e:
-            from imgcls.data import DataError
+            from imgcls.labelled import DataError
 
             raise DataError(f"cannot read training image {path}: {e}") from None
     buf = io.BytesIO()
@@ -187,7 +175,7 @@ def plan_cache(images: "LabelledImages", classes: Sequence[str], uri: str, short
                seed: int = 0) -> CachePlan:
     """The cache of ``images`` at ``uri``: found valid (a plan with no tasks, ``reused``), or
     planned afresh, the folder cleared of any stale or half-built cache. See ``build_cache``."""
-    from imgcls.data import encode_labels
+    from imgcls.labelled import encode_labels
 
     start = time.perf_counter()
     key = cache_key(images, classes, short_side, side, seed)

@@ -1,26 +1,24 @@
-"""Labelled image listing, stratified splits, decoding and the transform presets.
+"""Labelled images: listing a class-per-folder tree or a path,label manifest, and stratified splits.
 
-Batch functions take and return ``dict[str, np.ndarray]`` so they run unchanged in
-Ray Data's ``map_batches``. Nothing here starts Ray or touches a GPU.
+Shared by training (the splits it trains and validates on) and evaluation (the images it
+scores). Nothing here starts Ray or touches a GPU.
 """
 
 from __future__ import annotations
 
-import functools
 import random
 from collections import Counter
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import numpy as np
-import torch
 
 from imgcls import storage
-from imgcls.finished import members
+from imgcls.inference.finished import members
+
 # Decoding and the eval geometry live in imaging.py, which imports no torchvision, so
 # that Ray workers decoding for inference start quickly; they are part of this API.
-from imgcls.imaging import (ImageDecodeError, ScaleNormalize, decode_image, decode_resized, eval_geometry, resize_size,  # noqa: F401
-                            to_chw_tensor)
+
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 MANIFEST_EXTENSIONS = storage.MANIFEST_EXTENSIONS
@@ -186,66 +184,3 @@ def balanced_resample(images: LabelledImages, seed: int = 0) -> LabelledImages:
     order = list(range(len(paths)))
     rng.shuffle(order)
     return LabelledImages([paths[i] for i in order], [labels[i] for i in order])
-
-
-# ---------------------------------------------------------------------------------
-# Transform presets (one definition for training, evaluation and inference)
-
-
-class ClassificationPresetEval:
-    """Resize, center crop, scale to [0, 1], normalise: used by evaluation AND inference.
-
-    Inference applies the two halves in different places: ``geometry`` (uint8 in, uint8
-    out; ``imaging.eval_geometry``, which needs no torchvision) in the CPU decode tasks,
-    so that 4x fewer bytes travel to the model actors, and ``normalize`` next to the model.
-    """
-
-    def __init__(self, image_size: int, mean: Sequence[float], std: Sequence[float]):
-        self.image_size = image_size
-        self.geometry = functools.partial(eval_geometry, image_size=image_size)
-        self.normalize = ScaleNormalize(mean, std)
-
-    def __call__(self, image: torch.Tensor) -> torch.Tensor:  # (3, H, W) uint8 -> (3, S, S) float
-        return self.normalize(self.geometry(image))
-
-    def decode(self, data: bytes, max_pixels: int = 64_000_000) -> torch.Tensor:
-        """Image file bytes -> (3, S, S) uint8 exactly as inference, the validation and test
-        caches and explain see them (``imaging.decode_resized``: JPEGs decoded at a reduced
-        scale that keeps the resize's shorter side, then the eval resize and crop)."""
-        return torch.from_numpy(decode_resized(data, resize_size(self.image_size), self.image_size,
-                                               max_pixels)).permute(2, 0, 1)
-
-
-class ClassificationPresetTrain:
-    """Random crop and flip plus the chosen augmentation, then the eval normalisation.
-
-    The per-image definition of each ``--augment`` preset. Training itself runs the same
-    presets on whole uint8 batches on the worker's device (``imgcls.augment.BatchAugment``);
-    this one serves per-image pipelines such as the plain-PyTorch benchmark baseline.
-    """
-
-    def __init__(self, image_size: int, mean: Sequence[float], std: Sequence[float],
-                 augment: str = "standard", magnitude: int = 9):
-        from torchvision.transforms import v2  # here: importing torchvision costs seconds per process
-
-        if augment in ("none", "light"):
-            steps = [v2.Resize(resize_size(image_size), antialias=True), v2.CenterCrop(image_size)]
-            if augment == "light":  # the classic small-image recipe: padded random crop and flip
-                steps += [v2.RandomCrop(image_size, padding=max(1, image_size // 8), padding_mode="reflect"),
-                          v2.RandomHorizontalFlip()]
-        else:
-            steps = [v2.RandomResizedCrop(image_size, scale=(0.35, 1.0), antialias=True), v2.RandomHorizontalFlip()]
-        if augment == "standard":
-            s = magnitude / 9  # 1.0 at the default magnitude
-            steps.append(v2.RandomApply([v2.RandomAffine(
-                degrees=15 * s, translate=(0.1 * s, 0.1 * s), scale=(1 - 0.1 * s, 1 + 0.1 * s), shear=10 * s,
-            )], p=0.5))
-        elif augment == "trivialaugment":
-            steps.append(v2.TrivialAugmentWide())
-        elif augment == "randaugment":
-            steps.append(v2.RandAugment(num_ops=2, magnitude=magnitude))
-        steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=list(mean), std=list(std))]
-        self.transform = v2.Compose(steps)
-
-    def __call__(self, image: torch.Tensor) -> torch.Tensor:
-        return self.transform(image)

@@ -22,7 +22,7 @@ from imgcls import storage
 from imgcls.checkpoint import save_config
 from imgcls.config import JobConfig
 from imgcls.paths import resolve_paths
-from imgcls.train import PLACEMENT_GROUP_KEY
+from imgcls.training.loop import PLACEMENT_GROUP_KEY
 
 METRIC = "val_accuracy"
 BEST_CONFIG_FILE = "tune_best.yaml"
@@ -55,7 +55,7 @@ def apply_trial(job: JobConfig, params: dict, name: str) -> JobConfig:
 
 def tune_trial(config: dict) -> None:
     """Tune function: one TorchTrainer run with the trial's parameters."""
-    from imgcls.train import build_trainer
+    from imgcls.training.trainer import build_trainer
 
     job = apply_trial(JobConfig.from_dict(config["job"]), config["params"],
                       name=f"{config['job']['train']['name']}-trial-{tune.get_context().get_trial_id()}")
@@ -177,7 +177,7 @@ def run_tune(job: JobConfig, num_samples: int = 4, grace_period: int = 1, max_co
         # One decoded cache for all trials, built here before they start: the search
         # changes no geometry, and concurrent trials must not each build their own.
         job = dataclasses.replace(job, data=dataclasses.replace(job.data, cache_path=storage.join(run_dir, "cache")))
-    from imgcls.train import build_caches, prepare_splits, training_images
+    from imgcls.training.trainer import build_caches, prepare_splits, training_images
 
     # The data is listed and checked once, before any trial: a bad root fails here, once.
     splits, classes = prepare_splits(job)

@@ -1,13 +1,19 @@
-"""Image decoding, the eval geometry and normalisation: what every decode path shares.
+"""The one preprocessing spec: decode, eval geometry and normalisation, for every path.
+
+Training's caches, validation, inference, explain and the export metadata all turn a
+file into a model input here, so that the same file gives the same tensor everywhere:
+``decode_resized`` (JPEGs decoded at a reduced scale that keeps the resize's shorter
+side), ``eval_geometry`` (shorter side to ``resize_size(S)``, centre crop S), and
+``Normalize`` (``(x / 255 - mean) / std``). ``EvalPreprocess`` bundles them per model.
 
 This module imports torch, PIL and numpy but not torchvision, whose import alone takes
 about 7 s of CPU (it pulls in torch._dynamo). Ray workers that only decode images for
-inference import this, so they start in about a third of the time. Its errors carry the
-predictions table's error types, which ``imgcls.reader`` defines.
+inference import this, so they start in about a third of the time.
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import re
 from typing import Optional, Sequence
@@ -16,7 +22,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from imgcls.reader import ERROR_DECODE, ERROR_EMPTY, ERROR_TOO_LARGE, ERROR_UNSUPPORTED, InputError, stable_text
+from imgcls.errors import ERROR_DECODE, ERROR_EMPTY, ERROR_TOO_LARGE, ERROR_UNSUPPORTED, InputError, stable_text
+
+# Decoding and the eval geometry live in imaging.py, which imports no torchvision, so
+# that Ray workers decoding for inference start quickly; they are part of this API.
 
 
 class ImageDecodeError(InputError):
@@ -49,6 +58,8 @@ class UnsupportedImageError(ImageDecodeError):
 # PIL's words for an image it identified but cannot decode (rather than a corrupt one).
 _UNSUPPORTED = re.compile(r"(?i)unsupported|not supported|not available|cannot find loader|ghostscript|cannot handle"
                           r"|support not installed")
+
+
 # ISO base media (HEIF) brands of still images; AVIF is read by PIL when built with libavif.
 _HEIF_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"hevm", b"hevs", b"mif1", b"msf1"}
 
@@ -303,3 +314,62 @@ class ScaleNormalize:
         # writes float32 (a fifth faster than converting first and scaling in place).
         x = torch.addcmul(-self.shift.view(c).repeat(w) * scale, images.contiguous().view(n * h, w * c), scale)
         return x.view(n, h, w, c).permute(0, 3, 1, 2)
+
+
+class ClassificationPresetEval:
+    """Resize, center crop, scale to [0, 1], normalise: used by evaluation AND inference.
+
+    Inference applies the two halves in different places: ``geometry`` (uint8 in, uint8
+    out; ``imaging.eval_geometry``, which needs no torchvision) in the CPU decode tasks,
+    so that 4x fewer bytes travel to the model actors, and ``normalize`` next to the model.
+    """
+
+    def __init__(self, image_size: int, mean: Sequence[float], std: Sequence[float]):
+        self.image_size = image_size
+        self.geometry = functools.partial(eval_geometry, image_size=image_size)
+        self.normalize = ScaleNormalize(mean, std)
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:  # (3, H, W) uint8 -> (3, S, S) float
+        return self.normalize(self.geometry(image))
+
+    def decode(self, data: bytes, max_pixels: int = 64_000_000) -> torch.Tensor:
+        """Image file bytes -> (3, S, S) uint8 exactly as inference, the validation and test
+        caches and explain see them (``imaging.decode_resized``: JPEGs decoded at a reduced
+        scale that keeps the resize's shorter side, then the eval resize and crop)."""
+        return torch.from_numpy(decode_resized(data, resize_size(self.image_size), self.image_size,
+                                               max_pixels)).permute(2, 0, 1)
+
+
+class ClassificationPresetTrain:
+    """Random crop and flip plus the chosen augmentation, then the eval normalisation.
+
+    The per-image definition of each ``--augment`` preset. Training itself runs the same
+    presets on whole uint8 batches on the worker's device (``imgcls.training.augment.BatchAugment``);
+    this one serves per-image pipelines such as the plain-PyTorch benchmark baseline.
+    """
+
+    def __init__(self, image_size: int, mean: Sequence[float], std: Sequence[float],
+                 augment: str = "standard", magnitude: int = 9):
+        from torchvision.transforms import v2  # here: importing torchvision costs seconds per process
+
+        if augment in ("none", "light"):
+            steps = [v2.Resize(resize_size(image_size), antialias=True), v2.CenterCrop(image_size)]
+            if augment == "light":  # the classic small-image recipe: padded random crop and flip
+                steps += [v2.RandomCrop(image_size, padding=max(1, image_size // 8), padding_mode="reflect"),
+                          v2.RandomHorizontalFlip()]
+        else:
+            steps = [v2.RandomResizedCrop(image_size, scale=(0.35, 1.0), antialias=True), v2.RandomHorizontalFlip()]
+        if augment == "standard":
+            s = magnitude / 9  # 1.0 at the default magnitude
+            steps.append(v2.RandomApply([v2.RandomAffine(
+                degrees=15 * s, translate=(0.1 * s, 0.1 * s), scale=(1 - 0.1 * s, 1 + 0.1 * s), shear=10 * s,
+            )], p=0.5))
+        elif augment == "trivialaugment":
+            steps.append(v2.TrivialAugmentWide())
+        elif augment == "randaugment":
+            steps.append(v2.RandAugment(num_ops=2, magnitude=magnitude))
+        steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=list(mean), std=list(std))]
+        self.transform = v2.Compose(steps)
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        return self.transform(image)

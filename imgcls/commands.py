@@ -1,0 +1,97 @@
+"""Whole jobs composed from the feature packages: what the CLI commands and jobs/ scripts run.
+
+``run_training`` trains (``training``), scores the test split and writes the reference
+predictions (``evaluation``); ``run_demo`` does the same on a Fashion-MNIST subset it
+fetches first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+from dataclasses import asdict
+from typing import Optional
+
+from imgcls import storage
+from imgcls.checkpoint import read_model_info
+from imgcls.config import DataConfig, JobConfig, ModelConfig, PredictConfig, TrainConfig
+from imgcls.evaluation.evaluate import evaluate_images, topk_key, write_reference
+from imgcls.inference.bulk import label_images
+from imgcls.labelled import LabelledImages
+from imgcls.training.trainer import fit
+
+TEST_METRICS_FILE = "test_metrics.json"
+
+
+def run_training(job: JobConfig) -> dict:
+    """Trains ``job``, evaluates the best checkpoint on the test split, returns a summary.
+
+    The test metrics are written beside the run's checkpoints as test_metrics.json.
+    """
+    result = fit(job)
+    summary = {"checkpoint": result.best_checkpoint, "latest_checkpoint": result.checkpoint,
+               "classes": result.classes, "val": result.metrics}
+    test = result.splits["test"]
+    if len(test):
+        report, _ = evaluate_images(result.best_checkpoint, test)
+        summary["test"] = {k: report[k] for k in ("accuracy", topk_key(report), "macro_precision",
+                                                   "macro_recall", "macro_f1", "num_samples")}
+        storage.write_json(storage.join(result.best_checkpoint, TEST_METRICS_FILE), report)
+        print(f"test accuracy {report['accuracy']:.4f}  macro F1 {report['macro_f1']:.4f}  "
+              f"on {report['num_samples']} images", flush=True)
+        if job.train.init_from:  # the model it started from, on the same test split
+            known = set(read_model_info(job.train.init_from).classes)  # new classes: the old model cannot say them
+            keep = [i for i, c in enumerate(test.labels) if c in known]
+            old, _ = evaluate_images(job.train.init_from, LabelledImages([test.paths[i] for i in keep],
+                                                                         [test.labels[i] for i in keep]))
+            summary["init_from_test"] = {k: old[k] for k in ("accuracy", "macro_f1", "num_samples")}
+            print(f"test accuracy {old['accuracy']:.4f}  macro F1 {old['macro_f1']:.4f}  on "
+                  f"{old['num_samples']} images for --init-from {job.train.init_from} (new: {report['accuracy']:.4f})",
+                  flush=True)
+    summary["reference"] = write_reference(result.best_checkpoint, result.splits["val"])
+    return summary
+
+
+def demo_job(data_root: str, runs: str, epochs: Optional[int] = None) -> JobConfig:
+    """The main job's recipe: the small CNN on 28x28 Fashion-MNIST with 2 CPU workers.
+
+    The recipe that reached the accuracy target in the least wall time in bench/recipe.py
+    (its trials are in bench/results/recipe.json); jobs/configs/fashion_mnist.yaml holds
+    the same settings. ``epochs`` None keeps the recipe's.
+    """
+    recipe = TrainConfig(epochs=7, batch_size=128, lr=4e-3, weight_decay=0.05, warmup_epochs=1, schedule="onecycle",
+                         label_smoothing=0.05, num_workers=2, storage_path=runs, name="fashion-mnist")
+    return JobConfig(
+        data=DataConfig(root=data_root, augment="none", val_fraction=0.1, test_fraction=0.1),
+        model=ModelConfig(arch="small_cnn", image_size=28),
+        train=dataclasses.replace(recipe, epochs=epochs or recipe.epochs),
+    )
+
+
+def run_demo(workdir: str, per_class: int = 1500, epochs: Optional[int] = None) -> dict:
+    """Fetches Fashion-MNIST, trains and evaluates, then bulk-labels a folder to Parquet.
+
+    The folder to label holds the test split's images plus one corrupt file, to show
+    that every file gets a row.
+    """
+    from imgcls.datasets import fetch_fashion_mnist
+
+    data = fetch_fashion_mnist(os.path.join(workdir, "data", "fashion-mnist"), per_class=per_class)
+    job = demo_job(data, os.path.join(workdir, "runs"), epochs)
+    # The demo starts afresh each time it runs (its decoded cache is kept).
+    summary = run_training(dataclasses.replace(job, train=dataclasses.replace(job.train, overwrite=True)))
+    inbox = os.path.join(workdir, "inbox")
+    shutil.rmtree(inbox, ignore_errors=True)
+    os.makedirs(inbox)
+    from imgcls.training.trainer import prepare_splits
+
+    for path in prepare_splits(job)[0]["test"].paths:
+        shutil.copy(path, os.path.join(inbox, os.path.basename(path)))
+    with open(os.path.join(inbox, "corrupt.png"), "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n not really a png")
+    output = os.path.join(workdir, "predictions")
+    shutil.rmtree(output, ignore_errors=True)
+    labelled = label_images(PredictConfig(model=summary["checkpoint"], input=inbox, output=output))
+    summary["predict"] = asdict(labelled)
+    return summary

@@ -1,0 +1,142 @@
+"""Reading inputs: files fetched concurrently from any fsspec store, tars streamed member by member.
+
+Tar members are named ``<tar path>#<member name>`` (``TAR_MEMBER_SEP``), a form that
+round-trips on s3:// (fsspec's ``::`` would chain filesystems); ``evaluate`` and
+``explain`` read such paths back with ``read_input``. Importing this brings no torch.
+"""
+
+from __future__ import annotations
+
+import tarfile
+
+from imgcls import storage
+from imgcls.errors import ERROR_EMPTY, ERROR_TAR, InputError, stable_text
+from imgcls.inference.schema import COL_PATH
+
+# A tar member's path: the tar's URI, this separator, the member's name inside the tar,
+# e.g. ``s3://bucket/shards/000001.tar#images/cat.jpg``. Not ``::``, which fsspec
+# reads as URL chaining; '#' is kept as-is by s3://, gs://, az:// and local paths.
+TAR_MEMBER_SEP = "#"
+MAX_FILE_BYTES = 256 * 2**20  # per input file or tar member; larger ones give error rows
+
+
+def is_tar(path: str) -> bool:
+    """A WebDataset-style tar shard, whose members are the images (plain or gzipped)."""
+    return path.lower().endswith((".tar", ".tar.gz", ".tgz"))
+
+
+class EmptyTarError(InputError):
+    """A tar that holds no files."""
+
+    error_type = ERROR_EMPTY
+
+
+class BrokenTarError(InputError):
+    """A tar that cannot be read as one: not a tar, truncated or corrupt."""
+
+    error_type = ERROR_TAR
+
+
+def member_path(tar: str, member: str) -> str:
+    return f"{tar}{TAR_MEMBER_SEP}{member}"
+
+
+def split_member(path: str) -> tuple[str, str | None]:
+    """``member_path``'s inverse: (tar URI, member name), or (path, None) for a plain file.
+
+    Splits at the first ``.tar#`` (or ``.tar.gz#``, ``.tgz#``): member names may hold
+    anything, tar URIs are taken not to hold that sequence.
+    """
+    lower = path.lower()
+    cuts = [at + len(ext) for ext in (".tar", ".tar.gz", ".tgz")
+            if (at := lower.find(ext + TAR_MEMBER_SEP)) >= 0]
+    if not cuts:
+        return path, None
+    cut = min(cuts)
+    return path[:cut], path[cut + len(TAR_MEMBER_SEP):]
+
+
+def source_file(path: str) -> str:
+    """The file that holds ``path``: the tar for a member, else the path itself."""
+    return split_member(path)[0]
+
+
+def iter_tar(uri: str, max_bytes: int = MAX_FILE_BYTES):
+    """Yields (member path, bytes or exception) for each file in the tar at ``uri``, reading
+    it as a stream: one member in memory at a time, never the whole tar.
+
+    A member over ``max_bytes`` gives an error without being read into memory (a
+    gzip bomb named .tar is caught here, or as a broken archive). A tar that cannot be
+    opened (the read's own error) or read as a tar (BrokenTarError) gives an error under
+    the tar's own path, after the members read before it; a tar with no files gives one
+    error row (EmptyTarError), so it never vanishes.
+    """
+    files = 0
+    try:
+        with storage.open_uri(uri, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                files += 1
+                name = member_path(uri, member.name)
+                if member.size > max_bytes:
+                    yield name, storage.FileTooLargeError(
+                        f"tar member of {member.size} bytes exceeds the {max_bytes}-byte limit")
+                    continue
+                yield name, tar.extractfile(member).read()
+    except tarfile.TarError as e:  # not a tar, truncated, corrupt (compressed data too)
+        if not files and str(e) == "empty file":  # tarfile's word for a zero-byte tar
+            yield uri, EmptyTarError("empty tar file")
+        else:
+            yield uri, BrokenTarError(f"broken tar archive: {stable_text(str(e))}")
+        return
+    except Exception as e:  # noqa: BLE001 - missing, unreadable: the read's own error
+        yield uri, e
+        return
+    if not files:
+        yield uri, EmptyTarError("tar archive holds no files")
+
+
+def read_input(path: str, max_bytes: int = MAX_FILE_BYTES) -> bytes:
+    """The bytes of one input as named in a predictions table: a file, or a tar member
+    (found by reading the tar up to it)."""
+    tar, member = split_member(path)
+    if member is None:
+        return storage.read_bytes(path)
+    for name, data in iter_tar(tar, max_bytes):
+        if name == path:
+            if isinstance(data, BaseException):
+                raise data
+            return data
+    raise FileNotFoundError(f"{member} is not in {tar}")
+
+
+def iter_inputs(paths, max_bytes: int = MAX_FILE_BYTES, fetch: int = 64):
+    """Yields (path, bytes or exception) per input file, and per member of each tar.
+
+    Plain files are fetched ``fetch`` at a time, concurrently (``storage.read_many``),
+    so that an actor reading from S3 is not bound by one request's latency per file.
+    """
+    pending: list[str] = []
+
+    def flush():
+        yield from zip(pending, storage.read_many(pending, max_bytes))
+        pending.clear()
+
+    for path in paths:
+        if is_tar(path):
+            yield from flush()
+            yield from iter_tar(path, max_bytes)
+            continue
+        pending.append(path)
+        if len(pending) == fetch:
+            yield from flush()
+    yield from flush()
+
+
+def read_shard_list(uri: str) -> list[str]:
+    """The input paths of one shard, from its list file (see ``imgcls.inference.inputs``)."""
+    import pyarrow.parquet as pq
+
+    with storage.open_uri(uri, "rb") as f:
+        return pq.read_table(f, columns=[COL_PATH]).column(COL_PATH).to_pylist()
