@@ -151,7 +151,7 @@ def check_local_roots(root: str) -> None:
     import os
 
     from imgcls import storage
-    from imgcls.inference.finished import members
+    from imgcls.paths import members
 
     for one in members(root or ""):
         if storage.protocol(one) != "file":

@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from imgcls import storage
-from imgcls.inference.finished import members
+from imgcls.paths import members
 
 # Decoding and the eval geometry live in imaging.py, which imports no torchvision, so
 # that Ray workers decoding for inference start quickly; they are part of this API.

@@ -18,7 +18,6 @@ import re
 from typing import Optional, TypeVar
 
 from imgcls.config import JobConfig, PredictConfig
-from imgcls.inference.finished import members
 
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
 
@@ -73,3 +72,9 @@ def resolve_paths(cfg: Config, base: Optional[str] = None) -> Config:
                                       init_from=local_path(t.init_from, base)),
         )
     raise TypeError(f"resolve_paths takes a JobConfig or a PredictConfig, not {type(cfg).__name__}")
+
+
+def members(value: str) -> list[str]:
+    """The parts of a comma-separated value: an ensemble's checkpoints (``--model``), or
+    the data roots listed together (``--root``)."""
+    return [m.strip() for m in value.split(",") if m.strip()]

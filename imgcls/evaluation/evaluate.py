@@ -20,7 +20,7 @@ from imgcls import storage
 from imgcls.checkpoint import load_checkpoint, read_model_info
 from imgcls.devices import runs_here
 from imgcls.evaluation.metrics import classification_report, confusion_matrix
-from imgcls.inference.finished import members
+from imgcls.paths import members
 from imgcls.inference.pipeline import input_rows, predict, predict_here
 from imgcls.inference.read import source_file
 from imgcls.inference.schema import COL_LABEL, COL_PATH, COL_STATUS, COL_TOPK_LABELS, STATUS_OK
@@ -120,8 +120,6 @@ def report_from_predictions(df: pd.DataFrame, classes: Sequence[str]) -> dict:
 def evaluate_images(model: str, images: LabelledImages, **kwargs) -> tuple[dict, pd.DataFrame]:
     """Runs the model (or comma-separated ensemble) over ``images`` and returns (metrics
     report, predictions)."""
-    from imgcls.inference.finished import members
-
     classes = read_model_info(members(model)[0]).classes
     encode_labels(images.labels, classes)  # fail fast on unknown labels, before any inference
     df = predict_labelled(model, images, **kwargs)

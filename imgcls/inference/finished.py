@@ -29,6 +29,7 @@ from typing import Optional
 
 from imgcls import storage
 from imgcls.config import PredictConfig
+from imgcls.paths import members
 
 # The output folder's layout, defined here (a module without torch or Ray) and imported
 # by imgcls.inference.inputs and imgcls.inference.bulk, which write it.
@@ -50,12 +51,6 @@ def source_stat(uri: str) -> Optional[dict]:
     info = fs.info(path)
     keep = ("size", "ETag", "etag", "mtime", "LastModified", "last_modified", "md5Hash")
     return {k: str(info[k]) for k in keep if k in info}
-
-
-def members(value: str) -> list[str]:
-    """The parts of a comma-separated value: an ensemble's checkpoints (``--model``), or
-    the data roots listed together (``--root``)."""
-    return [m.strip() for m in value.split(",") if m.strip()]
 
 
 def combined_id(ids: list[str], tta: str) -> str:

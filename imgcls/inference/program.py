@@ -36,7 +36,8 @@ def build_program(model: str, runtime: str = "torch", tta: str = "none", program
     is an export folder holding ``model.onnx``.
     """
     from imgcls.checkpoint import load_checkpoint, read_model_info
-    from imgcls.inference.finished import combined_id, members
+    from imgcls.inference.finished import combined_id
+    from imgcls.paths import members
     from imgcls.models import Ensemble, check_same_outputs, inference_model
 
     names = members(model)
