@@ -260,7 +260,7 @@ def run_model_per_core(checkpoint: str, chunk: int = 16, seconds: float = 8.0) -
 
 def run_decode_only(corpus: str, files: int = 640, batch_size: int = 64) -> dict:
     """imgcls's CPU stage alone, one thread: read, decode and eval geometry
-    (``reader.ReadDecodeBatch``) over the first ``files`` files, best of 3 passes."""
+    (``decode.ReadDecodeBatch``) over the first ``files`` files, best of 3 passes."""
     import numpy as np
     import torch
 

@@ -21,6 +21,7 @@ from torch import nn
 
 from imgcls import storage
 from imgcls.config import JobConfig
+from imgcls.labelled import SPLITS
 from imgcls.models import create_model, get_spec
 
 MODEL_FILE = "model.pt"
@@ -29,8 +30,7 @@ CLASSES_FILE = "classes.json"
 CONFIG_FILE = "config.yaml"
 HISTORY_FILE = "history.json"
 META_FILE = "meta.json"
-SPLITS_DIR = "splits"  # the run's train/val/test manifests, in the run folder and every checkpoint
-SPLITS = ("train", "val", "test")
+SPLITS_DIR = "splits"  # the run's train/val/test manifests (labelled.SPLITS), in the run folder and every checkpoint
 
 
 def save_config(uri: str, job: JobConfig) -> None:

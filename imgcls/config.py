@@ -18,7 +18,7 @@ CLASS_BALANCE = ("none", "loss", "sampler")
 RUNTIMES = ("torch", "onnxruntime")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 PROGRAMS = ("auto", "torchscript", "export", "compile")  # how the model reaches the actors (program.build_program)
-TTAS = ("none", "flip")  # test-time augmentation of inference  # of inference (classifier.inference_dtype)
+TTAS = ("none", "flip")  # test-time augmentation of inference  # of inference (model_stage.inference_dtype)
 # The architectures of imgcls.models' registry, named here so that the CLI can list them
 # without importing torchvision (a unit test checks them against the registry).
 TORCHVISION_MODELS = ("convnext_tiny", "efficientnet_b0", "efficientnet_b1", "mobilenet_v3_large",

@@ -23,7 +23,7 @@ ERROR_TYPES = (ERROR_READ, ERROR_EMPTY, ERROR_TOO_LARGE, ERROR_DECODE, ERROR_UNS
 
 class InputError(ValueError):
     """An input that cannot be labelled for a reason found by reading it; ``error_type``
-    (one of ERROR_TYPES) says which. ``imaging.ImageDecodeError`` is one."""
+    (one of ERROR_TYPES) says which. ``preprocess.ImageDecodeError`` is one."""
 
     error_type = ERROR_DECODE
 
@@ -43,7 +43,7 @@ def error_text(e: BaseException) -> str:
 
 def error_type(e: BaseException, default: str = ERROR_READ) -> str:
     """The COL_ERROR_TYPE of an input's error: the ``error_type`` it carries (InputError
-    and ``imaging.ImageDecodeError``), too-large for a file over the byte cap, else
+    and ``preprocess.ImageDecodeError``), too-large for a file over the byte cap, else
     ``default``: read for what reading the input raised (FileNotFoundError,
     PermissionError, a store's errors), decode for what decoding raised."""
     kind = getattr(e, "error_type", None)

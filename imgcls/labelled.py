@@ -16,10 +16,6 @@ import numpy as np
 from imgcls import storage
 from imgcls.paths import members
 
-# Decoding and the eval geometry live in imaging.py, which imports no torchvision, so
-# that Ray workers decoding for inference start quickly; they are part of this API.
-
-
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 MANIFEST_EXTENSIONS = storage.MANIFEST_EXTENSIONS
 SPLITS = ("train", "val", "test")

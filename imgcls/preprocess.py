@@ -24,9 +24,6 @@ from PIL import Image, ImageOps
 
 from imgcls.errors import ERROR_DECODE, ERROR_EMPTY, ERROR_TOO_LARGE, ERROR_UNSUPPORTED, InputError, stable_text
 
-# Decoding and the eval geometry live in imaging.py, which imports no torchvision, so
-# that Ray workers decoding for inference start quickly; they are part of this API.
-
 
 class ImageDecodeError(InputError):
     """The bytes are not a usable image: not an image, corrupt or truncated; the subclasses
@@ -276,27 +273,46 @@ def to_chw_tensor(image: np.ndarray) -> torch.Tensor:
 
 
 class ScaleNormalize:
-    """uint8 (..., 3, H, W) -> float32 ``(x / 255 - mean) / std``, keeping the memory layout.
+    """uint8 -> float32 ``(x / 255 - mean) / std``: the one normalisation of every path.
 
     The same numbers as ``v2.ToDtype(torch.float32, scale=True)`` then ``v2.Normalize``
-    (to float rounding), in a third less time; a channels_last input gives a
-    channels_last output, which the inference model takes without a copy.
+    (to float rounding), in a third less time. It takes batches on any device: the
+    constants are kept per device (and per image width, for ``batch_hwc``).
+    - ``self(images)``: (..., 3, H, W) uint8, keeping the memory layout (a channels_last
+      input gives a channels_last output, which the inference model takes without a copy);
+    - ``batch_hwc(images)``: (N, H, W, 3) uint8, the layout decoders and caches hold;
+    - ``chw(x)``: (N, 3, H, W) float in 0..255, what augmentation's warps produce.
     """
 
     def __init__(self, mean: Sequence[float], std: Sequence[float]):
-        self.shift = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1) * 255
-        self.scale = 1 / (torch.tensor(std, dtype=torch.float32).view(3, 1, 1) * 255)
+        self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+        self.shift = torch.tensor(self.mean, dtype=torch.float32) * 255
+        self.scale = 1 / (torch.tensor(self.std, dtype=torch.float32) * 255)
+        self._constants: dict = {}
+
+    def _rows(self, device: torch.device, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(bias, scale) as row vectors of 3 * ``width`` values on ``device``."""
+        key = (device, width)
+        if key not in self._constants:
+            scale = self.scale.repeat(width)
+            self._constants[key] = ((-self.shift.repeat(width) * scale).to(device), scale.to(device))
+        return self._constants[key]
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
         if image.dtype != torch.uint8:
             raise TypeError(f"expected a uint8 image, got {image.dtype}")
-        return image.to(torch.float32).sub_(self.shift).mul_(self.scale)  # a new tensor: uint8 -> float
+        key = (image.device, "channels")
+        if key not in self._constants:
+            self._constants[key] = (self.shift.view(3, 1, 1).to(image.device), self.scale.view(3, 1, 1).to(image.device))
+        shift, scale = self._constants[key]
+        return image.to(torch.float32).sub_(shift).mul_(scale)  # a new tensor: uint8 -> float
 
     def to(self, device: torch.device) -> "ScaleNormalize":
-        """The same normalisation with its constants on ``device`` (it then takes batches there)."""
-        moved = object.__new__(ScaleNormalize)
-        moved.shift, moved.scale = self.shift.to(device), self.scale.to(device)
-        return moved
+        """This normalisation, its constants made on ``device`` now rather than at the first batch."""
+        device = torch.device(device)
+        self(torch.zeros(1, 3, 1, 1, dtype=torch.uint8, device=device))
+        self._rows(device, 1)
+        return self
 
     def batch_hwc(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (N, H, W, 3), contiguous -> float32 (N, 3, H, W) in channels_last layout.
@@ -309,18 +325,24 @@ class ScaleNormalize:
         if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[-1] != 3:
             raise TypeError(f"expected uint8 (N, H, W, 3) images, got {images.dtype} {tuple(images.shape)}")
         n, h, w, c = images.shape
-        scale = self.scale.view(c).repeat(w)
+        bias, scale = self._rows(images.device, w)
         # (x - shift) * scale as x * scale - shift * scale, in one pass that reads uint8 and
         # writes float32 (a fifth faster than converting first and scaling in place).
-        x = torch.addcmul(-self.shift.view(c).repeat(w) * scale, images.contiguous().view(n * h, w * c), scale)
+        x = torch.addcmul(bias, images.contiguous().view(n * h, w * c), scale)
         return x.view(n, h, w, c).permute(0, 3, 1, 2)
+
+    def chw(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) float in 0..255 -> (N, 3, H, W) float32 channels_last."""
+        bias, scale = self._rows(x.device, 1)
+        out = torch.empty(x.shape, dtype=torch.float32, device=x.device, memory_format=torch.channels_last)
+        return torch.addcmul(bias.view(1, 3, 1, 1), x, scale.view(1, 3, 1, 1), out=out)
 
 
 class ClassificationPresetEval:
     """Resize, center crop, scale to [0, 1], normalise: used by evaluation AND inference.
 
     Inference applies the two halves in different places: ``geometry`` (uint8 in, uint8
-    out; ``imaging.eval_geometry``, which needs no torchvision) in the CPU decode tasks,
+    out; ``preprocess.eval_geometry``, which needs no torchvision) in the CPU decode tasks,
     so that 4x fewer bytes travel to the model actors, and ``normalize`` next to the model.
     """
 
@@ -334,7 +356,7 @@ class ClassificationPresetEval:
 
     def decode(self, data: bytes, max_pixels: int = 64_000_000) -> torch.Tensor:
         """Image file bytes -> (3, S, S) uint8 exactly as inference, the validation and test
-        caches and explain see them (``imaging.decode_resized``: JPEGs decoded at a reduced
+        caches and explain see them (``preprocess.decode_resized``: JPEGs decoded at a reduced
         scale that keeps the resize's shorter side, then the eval resize and crop)."""
         return torch.from_numpy(decode_resized(data, resize_size(self.image_size), self.image_size,
                                                max_pixels)).permute(2, 0, 1)

@@ -35,8 +35,8 @@ def predict_labelled(model: str, images: LabelledImages, batch_size: Optional[in
     """Predictions for ``images`` with a ``true_label`` column, one row per image.
 
     ``in_process`` labels them in this process with the pipeline's own stages
-    (``predict.predict_here``) instead of an actor pool; None does so up to
-    ``cache.IN_PROCESS_MAX_IMAGES`` images, where starting the pool would take longer.
+    (``pipeline.predict_here``) instead of an actor pool; None does so up to
+    ``devices.IN_PROCESS_MAX_IMAGES`` images, where starting the pool would take longer.
     """
     if in_process is None:
         in_process = runs_here(len(images)) and num_actors is None

@@ -303,7 +303,7 @@ def _detail(name: str, t: dict) -> str:
 def run_monitor(reference: str, current: str, output: str, alpha: float = 0.01, sample: int = 10_000,
                 embedding_sample: int = 500, permutations: int = 500, seed: int = 0) -> dict:
     """Compares ``current`` with ``reference`` (predictions, or a checkpoint folder that
-    holds its validation predictions: ``jobs.REFERENCE_FILE``) and writes the report;
+    holds its validation predictions: ``evaluate.REFERENCE_FILE``) and writes the report;
     ``embedding_sample`` 0 leaves the embeddings out."""
     saved = storage.join(reference, "reference.parquet")
     if storage.exists(saved):

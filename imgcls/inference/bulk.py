@@ -149,7 +149,7 @@ class Progress:
 
 
 def labels_here(plan: InputPlan, todo: pa.Table, cfg: PredictConfig, pools: dict) -> bool:
-    """Whether this job is labelled in this process: a small CPU job (``cache.runs_here``
+    """Whether this job is labelled in this process: a small CPU job (``devices.runs_here``
     files, none of them a tar of unknown size, no pool size asked for), for which starting
     the actors (each importing torch and preparing the model) takes longer than the work:
     ``imgcls predict`` of 300 Fashion-MNIST files on 2 cores took 12 s so, 22 s with the pool."""

@@ -35,9 +35,9 @@ class Decoder:
     tar member's bytes, ``max_images`` files' bytes and ``max_images`` decoded images
     are held at a time. Images are channels-last (HWC), the layout the model computes in.
 
-    With ``defer_jpeg``, a JPEG that the model's device decodes (``imaging.device_decodable_jpeg``)
+    With ``defer_jpeg``, a JPEG that the model's device decodes (``preprocess.device_decodable_jpeg``)
     is not decoded here: its row carries the file's bytes in a ``jpeg`` column (empty on
-    the other rows) and a zero image, and ``classifier.Classifier`` decodes it.
+    the other rows) and a zero image, and ``model_stage.Classifier`` decodes it.
     """
 
     def __init__(self, image_size: int, max_pixels: int, max_images: int = 64, max_bytes: int = MAX_FILE_BYTES,

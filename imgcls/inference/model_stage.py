@@ -1,6 +1,6 @@
 """The model stage of batch inference: a Ray Data actor that labels decoded batches.
 
-Like reader.py this module imports no torchvision, whose import alone takes about 7 s of
+Like inference/decode.py this module imports no torchvision, whose import alone takes about 7 s of
 CPU: the driver prepares the model once (``program.build_program``: BatchNorm folded,
 channels_last, traced to TorchScript) and every actor loads that program with torch
 alone, so a pool starts in about half the time and each actor holds less memory.
@@ -180,10 +180,10 @@ class Classifier:
     float32 from its logits. ``chunk`` is how many images go through the model at a time
     (default: ``cpu_chunk`` on CPUs, GPU_CHUNK on a GPU).
 
-    Rows that carry a JPEG's bytes (``reader.COL_JPEG``, from a ``Decoder`` with
+    Rows that carry a JPEG's bytes (``schema.COL_JPEG``, from a ``Decoder`` with
     ``defer_jpeg``) are decoded here, on the model's device, in one call per batch
-    (``imaging.DeviceJpegDecoder``); one the device cannot decode is decoded by
-    ``imaging.decode_resized`` here instead, and one that fails there too becomes an error
+    (``preprocess.DeviceJpegDecoder``); one the device cannot decode is decoded by
+    ``preprocess.decode_resized`` here instead, and one that fails there too becomes an error
     row like any other (its text and type from that decoder; ``max_pixels`` as the reader's).
     """
 
@@ -297,7 +297,7 @@ class Classifier:
         return table
 
     def label(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        """Decoded rows (``reader.Decoder``'s columns) -> rows of OUTPUT_SCHEMA."""
+        """Decoded rows (``decode.Decoder``'s columns) -> rows of OUTPUT_SCHEMA."""
         on_device = None
         if COL_JPEG in batch and any(deferred(data) for data in batch[COL_JPEG]):
             batch, on_device = self._decode_deferred(batch)
@@ -347,7 +347,7 @@ class Classifier:
 
 class ReadAndClassify:
     """Both stages in one actor, for CPU-only pools: read and decode a batch of paths,
-    then label it (``reader.ReadDecodeBatch`` followed by ``Classifier``).
+    then label it (``decode.ReadDecodeBatch`` followed by ``Classifier``).
 
     On CPUs the two stages compete for the same cores anyway, so running them in one
     process loses no overlap; it saves passing every decoded image (150 KB at 224 px)

@@ -56,7 +56,7 @@ def predict_here(paths: Sequence[str], model: str, *, batch_size: Optional[int] 
                  tta: str = "none") -> pa.Table:
     """``predict`` of a few files in this process, on its CPUs: the same model program
     (``build_program``) and the same read, decode and classify stage
-    (``classifier.ReadAndClassify``) over the same input blocks, without starting an
+    (``model_stage.ReadAndClassify``) over the same input blocks, without starting an
     actor pool. Returns the OUTPUT_SCHEMA rows, one per input file (per tar member)."""
     payload = build_program(model, runtime, tta)
     stage = ReadAndClassify(payload, max_pixels=max_pixels, max_images=model_batch_size(batch_size, False), top_k=top_k,
@@ -129,7 +129,7 @@ def predict(rows: ray.data.Dataset, model: str, *, batch_size: Optional[int] = N
         separate_decode: Read and decode in a CPU actor pool of their own; None does
             so only when the model runs on GPUs (see ``pool_plan``).
         gpu_decode: With a separate decode pool, leave JPEGs to the model actors, which
-            decode them on their device (``classifier.Classifier``).
+            decode them on their device (``model_stage.Classifier``).
 
     Returns:
         A lazy Dataset with the OUTPUT_SCHEMA columns; exactly one row per input file

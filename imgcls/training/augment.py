@@ -2,7 +2,7 @@
 
 The training images are decoded and resized once into a uint8 cache (see
 ``stored_geometry``); uint8 travels, and float is made on the device that trains. The
-presets mean what the per-image torchvision ``v2.Compose`` presets in ``data.py`` mean,
+presets mean what the per-image torchvision ``v2.Compose`` presets in ``preprocess.py`` mean,
 but run on a whole batch at once:
 
 * Batched, because per-image transforms cost tens of small kernel calls per image: on
@@ -47,9 +47,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from imgcls.preprocess import resize_size
+from imgcls.config import AUGMENTATIONS
+from imgcls.preprocess import ScaleNormalize, resize_size
 
-AUGMENTATIONS = ("none", "light", "standard", "trivialaugment", "randaugment")
 
 _CROP_SCALE = (0.35, 1.0)
 _CROP_RATIO = (3 / 4, 4 / 3)
@@ -86,44 +86,10 @@ def _check_augment(augment: str) -> None:
         raise ValueError(f"augment must be one of {AUGMENTATIONS}, got {augment!r}")
 
 
-class _Normalize:
-    """uint8 or float 0..255 -> ``(x / 255 - mean) / std`` float32 channels_last, on any device.
-
-    The arithmetic of ``imaging.ScaleNormalize`` (same constants, same ``addcmul``), with
-    the constants kept per device, since that class holds them on the CPU.
-    """
-
-    def __init__(self, mean: Sequence[float], std: Sequence[float]):
-        self.shift = torch.tensor(mean, dtype=torch.float32) * 255
-        self.scale = 1 / (torch.tensor(std, dtype=torch.float32) * 255)
-        self._cache: dict = {}
-
-    def _constants(self, device: torch.device, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-        key = (device, width)
-        if key not in self._cache:
-            scale = self.scale.repeat(width)
-            self._cache[key] = ((-self.shift.repeat(width) * scale).to(device), scale.to(device))
-        return self._cache[key]
-
-    def hwc(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, H, W, 3) uint8 -> (B, 3, H, W) float32 channels_last."""
-        n, h, w, c = images.shape
-        bias, scale = self._constants(images.device, w)
-        # Each image row is one run of 3W values: a per-position row vector vectorises.
-        x = torch.addcmul(bias, images.contiguous().view(n * h, w * c), scale)
-        return x.view(n, h, w, c).permute(0, 3, 1, 2)
-
-    def chw(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) float 0..255 -> (B, 3, H, W) float32 channels_last."""
-        bias, scale = self._constants(x.device, 1)
-        out = torch.empty(x.shape, dtype=torch.float32, device=x.device, memory_format=torch.channels_last)
-        return torch.addcmul(bias.view(1, 3, 1, 1), x, scale.view(1, 3, 1, 1), out=out)
-
-
 def _centre_crop_offsets(h: int, w: int, size: int) -> tuple[int, int]:
     if h < size or w < size:
         raise ValueError(f"images of {h}x{w} are smaller than the crop {size}x{size}")
-    # The rounding of imaging.resize_center_crop, so the pixels are the eval image's.
+    # The rounding of preprocess.resize_center_crop, so the pixels are the eval image's.
     return int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
 
 
@@ -143,17 +109,17 @@ class BatchEval:
 
     def __init__(self, image_size: int, mean: Sequence[float], std: Sequence[float]):
         self.image_size = image_size
-        self.normalize = _Normalize(mean, std)
+        self.normalize = ScaleNormalize(mean, std)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         """(B, S, S, 3) uint8 -> (B, 3, S, S) float32 normalised, channels_last, same device.
 
-        Larger images are centre-cropped to S first, with ``imaging.resize_center_crop``'s rounding.
+        Larger images are centre-cropped to S first, with ``preprocess.resize_center_crop``'s rounding.
         """
         _check_images(images)
         s = self.image_size
         top, left = _centre_crop_offsets(images.shape[1], images.shape[2], s)
-        return self.normalize.hwc(images[:, top:top + s, left:left + s])
+        return self.normalize.batch_hwc(images[:, top:top + s, left:left + s])
 
 
 class BatchAugment:
@@ -179,7 +145,7 @@ class BatchAugment:
         self.image_size = image_size
         self.augment = augment
         self.magnitude = magnitude
-        self.normalize = _Normalize(mean, std)
+        self.normalize = ScaleNormalize(mean, std)
         self._magnitudes = {"trivialaugment": _trivialaugment_magnitudes(),
                             "randaugment": _randaugment_magnitudes(image_size)}.get(augment)
         self._on_device: dict = {}
@@ -203,9 +169,9 @@ class BatchAugment:
         if self.augment == "none":
             s = self.image_size
             top, left = _centre_crop_offsets(images.shape[1], images.shape[2], s)
-            return self.normalize.hwc(images[:, top:top + s, left:left + s])
+            return self.normalize.batch_hwc(images[:, top:top + s, left:left + s])
         if self.augment == "light":
-            return self.normalize.hwc(self._light(images, generator))
+            return self.normalize.batch_hwc(self._light(images, generator))
         b, h, w, _ = images.shape
         dev = images.device
         top, left, height, width = _random_resized_crop(b, h, w, dev, generator)

@@ -198,7 +198,7 @@ def run_probe(job, classes: list[str], caches: dict[str, ImageCache], class_weig
               use_gpu: bool, with_state: bool = False) -> dict:
     """``probe_job`` as a Ray task on the cluster: a GPU when training uses them, else the
     CPUs one training worker would take (all of a small machine's); on CPUs, up to
-    ``cache.IN_PROCESS_MAX_IMAGES`` cached images, in this process."""
+    ``devices.IN_PROCESS_MAX_IMAGES`` cached images, in this process."""
     import ray
 
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy

@@ -124,7 +124,7 @@ def test_scale_normalize_matches_torchvision_and_keeps_channels_last():
 @pytest.mark.parametrize("image_size", [224, 32, 28])
 @pytest.mark.parametrize("shape", [(32, 32), (224, 224), (300, 500), (1000, 700), (37, 91), (257, 256)])
 def test_eval_geometry_matches_torchvision_resize_and_center_crop(image_size, shape):
-    """imaging.eval_geometry avoids importing torchvision; its pixels must be torchvision's."""
+    """preprocess.eval_geometry avoids importing torchvision; its pixels must be torchvision's."""
     from torchvision.transforms import v2
 
     from imgcls.preprocess import eval_geometry, resize_size, to_chw_tensor
