@@ -27,7 +27,7 @@ USER_ERRORS = (
     ("imgcls.config", "ConfigError"),  # a wrong setting, e.g. in a checkpoint's config.yaml
     ("imgcls.labelled", "DataError"),  # unusable data: unknown labels, no images, an empty split
     ("imgcls.training.trainer", "RunFolderError"),  # a run folder with checkpoints, without --resume/--overwrite
-    ("imgcls.inference.inputs", "ManifestError"),  # a labelling manifest without a path column
+    ("imgcls.manifest", "ManifestError"),  # a labelling manifest without a path column
     ("imgcls.inference.inputs", "OutputFolderError"),  # an output folder that holds another job's output
     ("imgcls.training.tune", "TrialsFailedError"),  # every trial failed: the message shows the first one's error
     ("imgcls.evaluation.review", "ReviewError"),  # predictions that cannot be reviewed as asked

@@ -14,10 +14,10 @@ from typing import Optional, Sequence
 import numpy as np
 
 from imgcls import storage
+from imgcls.manifest import MANIFEST_EXTENSIONS, ManifestError, manifest_folder, read_manifest, resolve_paths
 from imgcls.paths import members
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
-MANIFEST_EXTENSIONS = storage.MANIFEST_EXTENSIONS
 SPLITS = ("train", "val", "test")
 
 
@@ -91,25 +91,24 @@ def _list_one(root: str, check_paths: bool) -> LabelledImages:
 
 
 def _read_manifest(uri: str, check_paths: bool) -> LabelledImages:
-    import pandas as pd
-
-    with storage.open_uri(uri, "rb") as f:
-        df = pd.read_csv(f) if uri.lower().endswith(".csv") else pd.read_parquet(f)
-    missing_cols = {"path", "label"} - set(df.columns)
-    if missing_cols:
-        raise DataError(f"manifest {uri} lacks column(s) {sorted(missing_cols)}; it needs path,label")
-    if df.empty:
+    try:
+        table = read_manifest(uri, ["path", "label"])
+    except ManifestError as e:
+        raise DataError(str(e)) from None
+    if not table.num_rows:
         raise DataError(f"manifest {uri} is empty")
-    if df["label"].isna().any():
-        raise DataError(f"manifest {uri} has rows without a label, e.g. {df[df['label'].isna()]['path'].iloc[0]}")
-    folder = uri.rsplit("/", 1)[0] if "/" in uri else "."
-    paths = [storage.join(folder, p) if not storage.is_absolute(p) else p for p in df["path"].astype(str)]
+    labels = table.column("label").to_pylist()
+    paths = [str(p) for p in table.column("path").to_pylist()]
+    unlabelled = [p for p, label in zip(paths, labels) if not label]
+    if unlabelled:
+        raise DataError(f"manifest {uri} has rows without a label, e.g. {unlabelled[0]}")
+    paths = resolve_paths(manifest_folder(uri), paths)
     if check_paths:
         fs, _ = storage.filesystem(paths[0])
         missing = [p for p in paths if not fs.exists(storage.strip(p))]
         if missing:
             raise DataError(f"manifest {uri} names {len(missing)} missing file(s), e.g. {missing[:3]}")
-    return LabelledImages(paths=paths, labels=df["label"].astype(str).tolist())
+    return LabelledImages(paths=paths, labels=labels)
 
 
 def encode_labels(labels: Sequence[str], classes: Sequence[str]) -> np.ndarray:

@@ -33,8 +33,9 @@ import ray
 
 from imgcls import storage
 from imgcls.inference.finished import PLAN_DIR, PLAN_FILE, source_stat
-from imgcls.inference.schema import COL_PATH, COL_SHARD
 from imgcls.inference.read import is_tar
+from imgcls.inference.schema import COL_PATH, COL_SHARD
+from imgcls.manifest import manifest_dataset, manifest_folder, resolve_paths
 
 LOCAL_PROTOCOLS = ("file", "local")  # listed by threads in this process; other stores by Ray tasks, per sub-prefix
 
@@ -43,11 +44,6 @@ SHARD_ORDER = [("first", "ascending"), ("list", "ascending")]  # shards are numb
 SHARDS_PER_CPU = 4  # a small job is cut into at least this many shards per CPU of the cluster...
 MIN_SHARD_FILES = 16  # ... of at least this many files
 RECUT_MAX_FILES = 200_000  # ... when it has at most this many files (the driver re-reads their paths)
-
-
-class ManifestError(ValueError):
-    """A manifest of a labelling job's inputs that cannot be used as given: it has no
-    ``path`` column."""
 
 
 class OutputFolderError(ValueError):
@@ -106,8 +102,7 @@ def write_lists(paths: list[str], lists_uri: str, prefix: str, files_per_shard: 
 def manifest_block_lists(batch: pa.Table, base: str, lists_uri: str, files_per_shard: int) -> dict[str, list]:
     """Ray Data stage: a batch of manifest rows -> its shard lists (``write_lists``), named
     after a hash of its paths."""
-    paths = [p if storage.is_absolute(p) else storage.join(base, p)
-             for p in batch.column(COL_PATH).cast(pa.string()).to_pylist() if p]
+    paths = resolve_paths(base, [p for p in batch.column(COL_PATH).cast(pa.string()).to_pylist() if p])
     if not paths:
         return {"list": [], "files": [], "first": [], "sha256": []}
     prefix = "m" + hashlib.sha256("\n".join(paths).encode()).hexdigest()[:20]
@@ -131,24 +126,6 @@ def prefix_lists(batch: dict, lists_uri: str, files_per_shard: int) -> dict[str,
             for key, values in write_lists(paths, lists_uri, f"p{int(index):06d}", files_per_shard).items():
                 out[key].extend(values)
     return out
-
-
-def _manifest_dataset(uri: str) -> ray.data.Dataset:
-    fs, path = storage.filesystem(uri)
-    if uri.lower().endswith(".csv"):
-        import pyarrow.csv as pacsv
-
-        with fs.open(path, "rb") as f:
-            header = f.readline().decode("utf-8", "replace").strip().split(",")
-        if COL_PATH not in [h.strip().strip('"') for h in header]:
-            raise ManifestError(f"manifest {uri} has no '{COL_PATH}' column (header: {header})")
-        return ray.data.read_csv(path, filesystem=fs, convert_options=pacsv.ConvertOptions(
-            include_columns=[COL_PATH], column_types={COL_PATH: pa.string()}))
-    with fs.open(path, "rb") as f:
-        names = pq.read_schema(f).names
-    if COL_PATH not in names:
-        raise ManifestError(f"manifest {uri} has no '{COL_PATH}' column (columns: {names})")
-    return ray.data.read_parquet(path, filesystem=fs, columns=[COL_PATH])
 
 
 LISTS_SCHEMA = pa.schema([("list", pa.string()), ("files", pa.int64()), ("first", pa.string()),
@@ -223,9 +200,8 @@ def plan_inputs(input_uri: str, output_uri: str, files_per_shard: int, cpus: Opt
     storage.makedirs(lists_uri)
     in_fs, in_path = storage.filesystem(input_uri)
     if stat is not None and in_fs.isfile(in_path):
-        base = input_uri.rsplit("/", 1)[0] if "/" in input_uri else "."
-        ds = _manifest_dataset(input_uri).map_batches(
-            manifest_block_lists, fn_kwargs={"base": base, "lists_uri": lists_uri, "files_per_shard": files_per_shard},
+        ds = manifest_dataset(input_uri, [COL_PATH]).map_batches(
+            manifest_block_lists, fn_kwargs={"base": manifest_folder(input_uri), "lists_uri": lists_uri, "files_per_shard": files_per_shard},
             batch_format="pyarrow", batch_size=files_per_shard * 32, num_cpus=0.25)
         summary = _summary_rows(ds)
     elif any(ch in in_path for ch in "*?["):

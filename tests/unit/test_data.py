@@ -39,7 +39,7 @@ def test_manifest_csv_with_relative_paths(tmp_path):
     ("empty", "no images in class subfolders"),
     ("single", "single class"),
     ("missing", "missing file"),
-    ("nocol", "lacks column"),
+    ("nocol", "has no 'path' column"),
     ("nothing", "neither a folder"),
 ])
 def test_bad_inputs_fail_early_with_clear_errors(tmp_path, case, message):
@@ -259,3 +259,22 @@ def test_several_roots_are_listed_together_and_a_later_label_wins(tmp_path):
     labels = dict(zip(images.paths, images.labels))
     assert labels[corrected] == "coat" and labels[str(tmp_path / "new" / "sandal" / "0.png")] == "sandal"
     assert sorted(set(images.labels)) == ["bag", "coat", "sandal"]
+
+
+def test_one_manifest_reader_keeps_labels_as_written_and_names_missing_columns(tmp_path):
+    """Training's labelled manifests and labelling's path manifests go through one reader:
+    labels are strings as written (``007`` is not the number 7), and a missing column is
+    named with the ones the manifest has."""
+    from imgcls.manifest import ManifestError, read_manifest
+
+    (tmp_path / "m.csv").write_text("path,label,note\na/0.png,007,x\nb/1.png,7,y\n")
+    table = read_manifest(str(tmp_path / "m.csv"), ["path", "label"])
+    assert table.column_names == ["path", "label"]
+    assert table.column("label").to_pylist() == ["007", "7"]
+    pd.DataFrame({"path": ["p.png"], "label": [3]}).to_parquet(tmp_path / "m.parquet")
+    assert read_manifest(str(tmp_path / "m.parquet"), ["path", "label"]).column("label").to_pylist() == ["3"]
+    with pytest.raises(ManifestError, match=r"has no 'label' column .*columns: \['path', 'note'\]"):
+        (tmp_path / "p.csv").write_text("path,note\na.png,x\n")
+        read_manifest(str(tmp_path / "p.csv"), ["path", "label"])
+    images = list_labelled_images(str(tmp_path / "m.csv"), check_paths=False)
+    assert images.labels == ["007", "7"] and images.paths == [str(tmp_path / "a/0.png"), str(tmp_path / "b/1.png")]
