@@ -2,14 +2,14 @@
 
 An export folder holds ``model.onnx`` (inputs ``image`` (B, 3, S, S) float32; outputs
 ``logits`` (B, C) and ``features`` (B, F); dynamic batch), ``model.ts`` (TorchScript,
-same outputs), ``model.safetensors`` (the state dict), plus the checkpoint's
+same outputs: the very program ``imgcls predict`` ships to its workers, from
+``program.save_program``), ``model.safetensors`` (the state dict), plus the checkpoint's
 ``classes.json`` and ``meta.json`` so that ``imgcls predict --runtime onnxruntime`` can
 use the folder directly.
 """
 
 from __future__ import annotations
 
-import io
 import os
 import tempfile
 from typing import Sequence
@@ -18,7 +18,7 @@ import torch
 
 from imgcls import storage
 from imgcls.checkpoint import CLASSES_FILE, META_FILE, load_checkpoint
-from imgcls.models import WithFeatures
+from imgcls.inference.program import inference_network, save_program
 
 FORMATS = ("onnx", "torchscript", "safetensors")
 ONNX_FILE = "model.onnx"
@@ -26,27 +26,19 @@ TORCHSCRIPT_FILE = "model.ts"
 SAFETENSORS_FILE = "model.safetensors"
 
 
-def export_onnx(model: torch.nn.Module, image_size: int, opset: int = 17) -> bytes:
-    """ONNX bytes of ``WithFeatures(model)`` with a dynamic batch dimension."""
-    wrapped = WithFeatures(model).eval()
+def export_onnx(net: torch.nn.Module, image_size: int, opset: int = 17) -> bytes:
+    """ONNX bytes of ``net`` (outputs logits and features, as ``program.inference_network``
+    makes it) with a dynamic batch dimension."""
     example = torch.randn(2, 3, image_size, image_size)
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, ONNX_FILE)
         torch.onnx.export(
-            wrapped, (example,), path, input_names=["image"], output_names=["logits", "features"],
+            net, (example,), path, input_names=["image"], output_names=["logits", "features"],
             dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}, "features": {0: "batch"}},
             opset_version=opset, dynamo=False,
         )
         with open(path, "rb") as f:
             return f.read()
-
-
-def export_torchscript(model: torch.nn.Module, image_size: int) -> bytes:
-    wrapped = WithFeatures(model).eval()
-    traced = torch.jit.trace(wrapped, torch.randn(2, 3, image_size, image_size), check_trace=False)
-    buf = io.BytesIO()
-    torch.jit.save(traced, buf)
-    return buf.getvalue()
 
 
 def export_checkpoint(checkpoint: str, output: str, formats: Sequence[str] = FORMATS, opset: int = 17) -> dict:
@@ -70,10 +62,13 @@ def export_checkpoint(checkpoint: str, output: str, formats: Sequence[str] = FOR
     for name in (CLASSES_FILE, META_FILE):
         with storage.open_uri(storage.join(output, name), "wb") as f:
             f.write(storage.read_bytes(storage.join(checkpoint, name)))
+    # The program imgcls predict runs (BatchNorm folded, channels_last weights), the same for both formats.
+    net = inference_network([model], loaded.image_size) if {"onnx", "torchscript"} & set(formats) else None
     if "onnx" in formats:
-        written["onnx"] = _put(output, ONNX_FILE, export_onnx(model, loaded.image_size, opset))
+        written["onnx"] = _put(output, ONNX_FILE, export_onnx(net, loaded.image_size, opset))
     if "torchscript" in formats:
-        written["torchscript"] = _put(output, TORCHSCRIPT_FILE, export_torchscript(model, loaded.image_size))
+        written["torchscript"] = _put(output, TORCHSCRIPT_FILE,
+                                      save_program(net, loaded.image_size, "torchscript", checkpoint))
     if "safetensors" in formats:
         from safetensors.torch import save
 

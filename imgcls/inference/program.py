@@ -22,6 +22,45 @@ class EnsembleError(ValueError):
     """Checkpoints that cannot label as one ensemble (other classes, image sizes or normalisation)."""
 
 
+def inference_network(models: list, image_size: int, tta: str = "none") -> torch.nn.Module:
+    """The network the workers run for these loaded models (one, or an ensemble's members):
+    ``models.inference_model`` (BatchNorm folded, channels_last, outputs logits and
+    features), or a ``models.Ensemble`` of them for several models or ``tta`` 'flip'."""
+    from imgcls.models import Ensemble, inference_model
+
+    if len(models) == 1 and tta == "none":
+        return inference_model(models[0], image_size)
+    return Ensemble([inference_model(m, image_size) for m in models], flip=tta == "flip").eval()
+
+
+def save_program(net: torch.nn.Module, image_size: int, form: str = "torchscript", name: str = "the model") -> bytes:
+    """``net`` as a program file's bytes: traced to TorchScript (``form`` 'torchscript') or
+    exported with ``torch.export`` and a dynamic batch size ('export'), then checked to
+    reproduce ``net`` on a batch of another size than the one it was made with."""
+    from imgcls.models import check_same_outputs
+
+    probe = torch.randn(3, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
+    probe = probe.contiguous(memory_format=torch.channels_last)
+    buf = io.BytesIO()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore", FutureWarning)  # TorchScript's deprecation notice
+        if form == "torchscript":
+            made = torch.jit.trace(net, probe[:2], check_trace=False)
+        else:
+            batch = torch.export.Dim("batch", min=1)
+            exported = torch.export.export(net, (probe[:2],), dynamic_shapes=({0: batch},))
+            made = exported.module()
+        try:
+            check_same_outputs(net(probe), made(probe), rtol=1e-4, atol=1e-5)
+        except ValueError as e:
+            raise RuntimeError(f"the {form} program of {name} does not reproduce the network: {e}") from None
+        if form == "torchscript":
+            torch.jit.save(made, buf)
+        else:
+            torch.export.save(exported, buf)
+    return buf.getvalue()
+
+
 def build_program(model: str, runtime: str = "torch", tta: str = "none", program: str = "auto") -> ModelPayload:
     """Loads ``model`` once, in the driver, into what every Classifier actor loads.
 
@@ -38,7 +77,6 @@ def build_program(model: str, runtime: str = "torch", tta: str = "none", program
     from imgcls.checkpoint import load_checkpoint, read_model_info
     from imgcls.inference.finished import combined_id
     from imgcls.paths import members
-    from imgcls.models import Ensemble, check_same_outputs, inference_model
 
     names = members(model)
     if runtime == "onnxruntime":
@@ -56,30 +94,8 @@ def build_program(model: str, runtime: str = "torch", tta: str = "none", program
             raise EnsembleError(f"{name} cannot join {names[0]} in an ensemble: classes {other.classes} at "
                                 f"{other.image_size} px (mean {other.mean}) against {loaded.classes} at "
                                 f"{loaded.image_size} px (mean {loaded.mean})")
-    if len(names) == 1 and tta == "none":
-        fast = inference_model(loaded.model, loaded.image_size)
-    else:
-        fast = Ensemble([inference_model(m.model, m.image_size) for m in loaded_all], flip=tta == "flip").eval()
     size = loaded.image_size
-    probe = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(0))
-    probe = probe.contiguous(memory_format=torch.channels_last)
     form = "torchscript" if program == "auto" else program
-    buf = io.BytesIO()
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore", FutureWarning)  # TorchScript's deprecation notice
-        if form == "torchscript":
-            made = torch.jit.trace(fast, probe[:2], check_trace=False)
-        else:
-            batch = torch.export.Dim("batch", min=1)
-            exported = torch.export.export(fast, (probe[:2],), dynamic_shapes=({0: batch},))
-            made = exported.module()
-        try:
-            check_same_outputs(fast(probe), made(probe), rtol=1e-4, atol=1e-5)
-        except ValueError as e:
-            raise RuntimeError(f"the {form} program of {model} does not reproduce the network: {e}") from None
-        if form == "torchscript":
-            torch.jit.save(made, buf)
-        else:
-            torch.export.save(exported, buf)
-    return ModelPayload("torch", buf.getvalue(), tuple(loaded.classes), size, tuple(loaded.mean), tuple(loaded.std),
+    made = save_program(inference_network([m.model for m in loaded_all], size, tta), size, form, model)
+    return ModelPayload("torch", made, tuple(loaded.classes), size, tuple(loaded.mean), tuple(loaded.std),
                         combined_id([m.model_id for m in loaded_all], tta), form=form)

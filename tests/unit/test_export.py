@@ -36,3 +36,23 @@ def test_onnx_torchscript_and_safetensors_match_torch(tmp_path, arch):
 def test_old_opset_is_refused(tmp_path):
     with pytest.raises(ValueError, match="opset"):
         export_checkpoint(str(tmp_path), str(tmp_path / "o"), opset=11)
+
+
+def test_exported_torchscript_is_the_program_predict_runs(tmp_path):
+    """One model-to-program path: ``model.ts`` is what ``imgcls predict`` ships to its
+    workers (BatchNorm folded), so both give the same numbers bit for bit."""
+    import io
+
+    from imgcls.inference.program import build_program
+
+    torch.manual_seed(0)
+    ckpt, out = str(tmp_path / "ckpt"), str(tmp_path / "export")
+    save_checkpoint(ckpt, create_model("mobilenet_v3_small", 3, image_size=64),
+                    JobConfig(model=ModelConfig(arch="mobilenet_v3_small", image_size=64)), ["a", "b", "c"], history=[])
+    exported = torch.jit.load(export_checkpoint(ckpt, out, formats=["torchscript"])["torchscript"])
+    shipped = torch.jit.load(io.BytesIO(build_program(ckpt).program))
+    assert not [m.original_name for m in exported.modules() if "BatchNorm" in m.original_name]
+    x = torch.randn(5, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        for ours, theirs in zip(exported(x), shipped(x)):
+            assert torch.equal(ours, theirs)
