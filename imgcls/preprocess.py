@@ -229,7 +229,7 @@ class DeviceJpegDecoder:
     the tests run this path. The eval geometry (``resize_center_crop``) then runs on the
     same device. The image is decoded at full size, where the CPU path lets PIL decode a
     large JPEG at a reduced scale first (draft mode), so the two give close but not equal
-    pixels (tests/unit/test_imaging.py bounds the difference).
+    pixels (tests/unit/test_preprocess.py bounds the difference).
 
     A list that fails (nvjpeg returns nothing when one image fails) is decoded image by
     image; an image that fails on its own comes back as None, and the caller decodes it

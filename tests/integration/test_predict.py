@@ -216,7 +216,7 @@ def test_onnxruntime_after_export_labels_like_torch(ray_cluster, checkpoint, bad
     assert np.allclose(torch_df.loc[ok, "score"], ort_df.loc[ok, "score"], atol=1e-4)
 
 
-@pytest.mark.slow  # the model stage's scores are checked per model in tests/unit/test_classifier.py
+@pytest.mark.slow  # the model stage's scores are checked per model in tests/unit/test_model_stage.py
 def test_pipeline_scores_match_direct_model_call(ray_cluster, checkpoint, bad_corpus, tmp_path):
     label_images(PredictConfig(model=checkpoint, input=str(bad_corpus / "plain.png"), output=str(tmp_path / "o")))
     row = read_output(tmp_path / "o").iloc[0]
