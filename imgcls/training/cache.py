@@ -16,7 +16,7 @@ resume with the same data finds the cache and skips decoding; changed data rebui
 Images are shuffled once (seeded) before they are cut into shards, so any contiguous
 range of the cache is a random sample: workers take ranges of it.
 
-How a worker then reads its part (``imgcls.training.trainer``):
+How a worker then reads its part (``imgcls.training.loop``):
 - resident: it loads its range of the shards once and keeps it in memory (on its GPU
   when it has one) for all epochs, the fast path while the split fits;
 - streamed: a Ray Dataset over the shards (``cache_dataset``), materialized in the
@@ -30,7 +30,7 @@ import io
 import json
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Iterator, TYPE_CHECKING, Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 import ray
@@ -38,10 +38,8 @@ import torch
 
 from imgcls import storage
 from imgcls.devices import runs_here
+from imgcls.labelled import LabelledImages, encode_labels
 from imgcls.preprocess import ImageDecodeError, decode_image, resize_center_crop
-
-if TYPE_CHECKING:  # imgcls.labelled imports torchvision (seconds of CPU), which the decode tasks do without
-    from imgcls.labelled import LabelledImages
 
 CACHE_VERSION = 2  # of the decode and resize below; part of every cache key (2: float and 16-bit images scaled by their range)
 MANIFEST_FILE = "_cache.json"
@@ -82,7 +80,7 @@ class ImageCache:
         return cls(**d)
 
 
-def cache_key(images: "LabelledImages", classes: Sequence[str], short_side: int, side: int, seed: int) -> str:
+def cache_key(images: LabelledImages, classes: Sequence[str], short_side: int, side: int, seed: int) -> str:
     """What the cache's content depends on, hashed."""
     h = hashlib.sha256(f"v{CACHE_VERSION} {short_side} {side} {seed} {json.dumps(list(classes))}\n".encode())
     for path, label in zip(images.paths, images.labels):
@@ -171,11 +169,10 @@ class CachePlan:
         storage.write_json(storage.join(self.cache.uri, FAILED_FILE), {"error": f"{type(error).__name__}: {error}"})
 
 
-def plan_cache(images: "LabelledImages", classes: Sequence[str], uri: str, short_side: int, side: int,
+def plan_cache(images: LabelledImages, classes: Sequence[str], uri: str, short_side: int, side: int,
                seed: int = 0) -> CachePlan:
     """The cache of ``images`` at ``uri``: found valid (a plan with no tasks, ``reused``), or
     planned afresh, the folder cleared of any stale or half-built cache. See ``build_cache``."""
-    from imgcls.labelled import encode_labels
 
     start = time.perf_counter()
     key = cache_key(images, classes, short_side, side, seed)
@@ -201,7 +198,7 @@ def plan_cache(images: "LabelledImages", classes: Sequence[str], uri: str, short
     return CachePlan(cache, tasks)
 
 
-def build_cache(images: "LabelledImages", classes: Sequence[str], uri: str, short_side: int, side: int,
+def build_cache(images: LabelledImages, classes: Sequence[str], uri: str, short_side: int, side: int,
                 seed: int = 0) -> ImageCache:
     """Decodes ``images`` once into uint8 shards under ``uri``, or reuses a valid cache there.
 
