@@ -359,6 +359,7 @@ def train_loop_per_worker(config: dict) -> None:
     # [2] Data: this worker's part of the cached splits, resident or streamed.
     caches = {name: ImageCache.from_dict(c) for name, c in config["caches"].items()}
     load_start = time.perf_counter()
+    setup_seconds = load_start - worker_start  # building the model and DDP's set-up, before any data
     # Decoded on the driver while this worker started: wait for it (``CacheDecode``).
     cache_wait = sum(wait_for_cache(c) for c in caches.values()) if config.get("decoding") else 0.0
     if config["resident"]:
@@ -445,7 +446,8 @@ def train_loop_per_worker(config: dict) -> None:
             "device": str(device), "amp": bool(amp), "channels_last": bool(channels_last),  # as chosen for rank 0
         }
         if epoch == start_epoch:
-            metrics.update(load_seconds=load_seconds, first_step_time=first_step.get("time"),
+            metrics.update(setup_seconds=setup_seconds, load_seconds=load_seconds,
+                           first_step_time=first_step.get("time"),
                            cache_wait_seconds=cache_wait, decode_overlapped=bool(config.get("decoding")))
         history.append(metrics)
         if rank == 0:

@@ -100,6 +100,10 @@ def test_fit_checkpoints_every_epoch_survives_a_killed_worker_and_resumes(ray_cl
     # enough that each worker holds its part.
     assert result.resident and not result.caches["train"].reused
     assert result.history[0]["decode_overlapped"] and result.history[0]["cache_wait_seconds"] >= 0
+    # A worker group's first epoch counts its own set-up (model, DDP), reported apart.
+    assert 0 < result.history[0]["setup_seconds"] < result.history[0]["epoch_seconds"]
+    assert [h["epoch"] for h in result.history if "setup_seconds" in h] == \
+        [h["epoch"] for h in result.history if h["epoch"] == h["started_at_epoch"]]
     assert result.caches["train"].num_images == len(prepare_splits(job)[0]["train"])
     assert result.caches["val"].num_images == n_val and os.path.isdir(run_dir / "cache" / "train")
 
