@@ -22,8 +22,9 @@ seconds from the command's start to the first optimisation step, peak memory (th
 of the machine's used memory, Ray's object store included; ``bench/predict.py``'s
 ``PeakMemory``), and for imgcls the one-time decode, the first epoch with that decode
 against a steady epoch (with and without the worker's own set-up: building the model
-and DDP), and each worker's resident memory over 10 epochs (it must not grow). imgcls's rates count the train split (80% of the images), the baselines all of
-them; a rate is a rate. ``ratios`` holds the issue's figures.
+and DDP), and each worker's resident memory over 10 epochs (it must not grow).
+imgcls's rates count the train split (80% of the images), the baselines all of them; a
+rate is a rate. ``ratios`` holds the issue's figures.
 
 Run alone on a quiet machine (about 15 minutes on 2 cores):
     .venv/bin/python bench/train.py [--workdir out/bench/train] [--out bench/results/train.json]

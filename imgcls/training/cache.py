@@ -173,7 +173,6 @@ def plan_cache(images: LabelledImages, classes: Sequence[str], uri: str, short_s
                seed: int = 0) -> CachePlan:
     """The cache of ``images`` at ``uri``: found valid (a plan with no tasks, ``reused``), or
     planned afresh, the folder cleared of any stale or half-built cache. See ``build_cache``."""
-
     start = time.perf_counter()
     key = cache_key(images, classes, short_side, side, seed)
     found = read_manifest(uri)

@@ -359,7 +359,7 @@ def train_loop_per_worker(config: dict) -> None:
     # [2] Data: this worker's part of the cached splits, resident or streamed.
     caches = {name: ImageCache.from_dict(c) for name, c in config["caches"].items()}
     load_start = time.perf_counter()
-    setup_seconds = load_start - worker_start  # building the model and DDP's set-up, before any data
+    setup_seconds = load_start - worker_start  # the model built (and resumed), DDP's set-up: before any data
     # Decoded on the driver while this worker started: wait for it (``CacheDecode``).
     cache_wait = sum(wait_for_cache(c) for c in caches.values()) if config.get("decoding") else 0.0
     if config["resident"]:
