@@ -222,7 +222,7 @@ def train_plain(root: str, arch: str, image_size: int, augment: str, epochs: int
     model = create_model(arch, num_classes, image_size=image_size).to(dev, memory_format=layout)
 
     def epoch_batches(_epoch):
-        for x, y in loader:
+        for x, y in loader:  # noqa: F821 (deleted below, after the last epoch)
             yield x.to(dev, non_blocking=True).contiguous(memory_format=layout), y.to(dev, non_blocking=True)
 
     result = _run_epochs(model, model, lr, epochs, epoch_batches, dev, start, amp=amp)

@@ -45,7 +45,9 @@ def _train_worker_pids():
 def test_fit_checkpoints_every_epoch_survives_a_killed_worker_and_resumes(ray_cluster, fmnist_root, tmp_path):
     """One run of the whole checkpoint life: a worker killed mid-run, training resumed
     from the checkpoint and its cache, the best checkpoint kept, then a rerun refused
-    without --resume and continued with it.
+    without --resume or with other settings. (A rerun with --resume continues the S3
+    test's run, whose cache is streamed: finding the decoded cache and the checkpoint is
+    the driver's part, the same for both.)
 
     Only one checkpoint is kept besides the latest: ``best`` must still be the best of
     the run. (At lr 0.01 with no warm-up this run stayed near chance, at most 0.36 in
@@ -115,13 +117,7 @@ def test_fit_checkpoints_every_epoch_survives_a_killed_worker_and_resumes(ray_cl
     with pytest.raises(RunFolderError, match=r"--lr 0\.005 -> 0\.02"):
         fit(dataclasses.replace(longer, train=dataclasses.replace(longer.train, lr=0.02, resume=True)))
     assert yaml.safe_load(open(run_dir / "config.yaml"))["train"]["lr"] == 0.005  # not overwritten
-    # With --resume it continues from the latest checkpoint and finds the decoded cache.
-    resumed = fit(dataclasses.replace(longer, train=dataclasses.replace(longer.train, resume=True)))
-    assert [h["epoch"] for h in resumed.history] == [0, 1, 2, 3]
-    assert resumed.history[:3] == result.history
-    assert resumed.history[3]["started_at_epoch"] == 3
-    assert resumed.caches["train"].reused and resumed.caches["val"].reused
-    assert not resumed.history[3]["decode_overlapped"]  # found decoded: nothing to wait for
+    assert len([p for p in run_dir.glob("checkpoint_*") if p.is_dir()]) <= 2  # nor were checkpoints added
 
 
 def test_a_broken_training_image_fails_the_run_with_its_name(ray_cluster, fmnist_root, tmp_path):
@@ -172,9 +168,11 @@ def test_trains_from_s3_manifest_with_streamed_cache_on_s3(ray_cluster, s3_serve
     state = torch.load(os.path.join(result.checkpoint, "train_state.pt"), weights_only=True)
     assert "raw_model" in state and state["ema_updates"] > 0  # the average is saved as the model
 
-    # Streamed workers resume too (test_fit_checkpoints_every_epoch_and_resumes's are resident).
+    # A rerun with --resume continues from the latest checkpoint, keeps the history, and
+    # finds the decoded cache: nothing is decoded again.
     resumed = fit(dataclasses.replace(job, train=dataclasses.replace(job.train, epochs=2, resume=True)))
     assert [h["epoch"] for h in resumed.history] == [0, 1] and resumed.history[1]["started_at_epoch"] == 1
+    assert resumed.history[:1] == result.history
     assert resumed.caches["train"].reused and resumed.caches["val"].reused
 
     # What the workers streamed is the split's images with their labels: the validation

@@ -140,3 +140,28 @@ def test_check_same_outputs_scales_tolerance_and_reports_the_difference():
         check_same_outputs([logits], [logits.T], rtol=0, atol=1e-4)
     with pytest.raises(ValueError, match="1 outputs where 2"):
         check_same_outputs([logits, logits], [logits], rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["small_cnn", "resnet18", "mobilenet_v3_small", "efficientnet_lite0"])
+def test_a_checkpoint_loads_its_own_tensors_without_drawing_random_weights(tmp_path, arch):
+    """The loaded model holds exactly the saved tensors, on the CPU, none left on the meta
+    device it was built on; and building it drew no random numbers (a model initialised
+    at random and then overwritten would have advanced the generator)."""
+    from imgcls.checkpoint import load_checkpoint, save_checkpoint
+    from imgcls.config import JobConfig, ModelConfig
+
+    torch.manual_seed(0)
+    model = create_model(arch, 3, image_size=64).eval()
+    save_checkpoint(str(tmp_path), model, JobConfig(model=ModelConfig(arch=arch, image_size=64)), ["a", "b", "c"],
+                    history=[])
+    before = torch.get_rng_state()
+    loaded = load_checkpoint(str(tmp_path)).model
+    assert torch.equal(torch.get_rng_state(), before)
+    saved, back = model.state_dict(), loaded.state_dict()
+    assert list(back) == list(saved)
+    assert all(t.device.type == "cpu" and t.dtype == saved[k].dtype and torch.equal(t, saved[k])
+               for k, t in back.items())
+    assert not loaded.training and all(p.requires_grad for p in loaded.parameters())
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
