@@ -60,14 +60,42 @@ def s3_server():
     server.stop()
 
 
-@pytest.fixture(scope="session")
-def ray_cluster(s3_server):
-    """A real local Ray cluster with 2 CPUs, shared by the integration tests."""
+RAY_HOST = {}  # the folder the session's Ray cluster was started in
+
+
+def start_local_ray(folder: str) -> None:
+    """``ray.init`` of a local cluster with 2 CPUs, started in ``folder``: its processes,
+    and so every Ray worker, run there, not in this process's folder (the checkout), as
+    when a user's command joins a cluster that ``ray start`` started elsewhere. A path
+    that a command leaves relative then fails instead of finding the checkout's files."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
+    here = os.getcwd()
+    os.chdir(folder)
+    try:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
+    finally:
+        os.chdir(here)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3_server, tmp_path_factory):
+    """A real local Ray cluster with 2 CPUs, shared by the integration tests; the README
+    test's commands join it through its GCS address (``ray_address``)."""
+    import ray
+
+    RAY_HOST["folder"] = str(tmp_path_factory.mktemp("ray-host"))
+    start_local_ray(RAY_HOST["folder"])
     yield
     ray.shutdown()
+
+
+@pytest.fixture
+def ray_address(ray_cluster) -> str:
+    """The session cluster's address, for a command run in another process to join it."""
+    import ray
+
+    return ray.get_runtime_context().gcs_address
 
 
 def train_small_cnn(fmnist_root: str, picks: dict, folder: str, epochs: int, seed: int = 0, width: int = 32) -> str:

@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 import torch
+from conftest import RAY_HOST, start_local_ray
 
 from imgcls.inference.bulk import label_images
 from imgcls.checkpoint import save_checkpoint
@@ -40,7 +41,7 @@ def cluster(ray_cluster):
     finally:
         ray.shutdown()
         c.shutdown()
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
+        start_local_ray(RAY_HOST["folder"])
 
 
 def node_of(node) -> str:

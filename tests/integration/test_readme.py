@@ -9,9 +9,9 @@ would) before the first line that names them.
 These three tables are everything that is not run exactly as written; a line that no
 rule matches and that fails, fails the test.
 
-All commands join one local Ray cluster (RAY_ADDRESS) that the test starts in another
-folder, as ``ray start`` would: Ray's workers then run in that folder, not the
-command's, so every relative path a command takes must be resolved by the command.
+All commands join one local Ray cluster (RAY_ADDRESS): the test session's, started in a
+folder of its own, as ``ray start`` would be. Ray's workers then run in that folder, not
+the command's, so every relative path a command takes must be resolved by the command.
 """
 
 import json
@@ -19,7 +19,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -35,8 +34,9 @@ README = ROOT / "README.md"
 
 # Each run is a fresh copy of the checkout; its headings' blocks run there in this order.
 # A line that, but for its comment and spacing, is a command already run (the Training
-# block repeats the walk-through's fetch and train) is not run again: it would only train
-# into the same run folder, which refuses a second run without --resume or --overwrite.
+# block repeats the walk-through's fetch and train, the Evaluation block its evaluate and
+# explain of the predictions) is not run again: a train would only train into the same
+# run folder, which refuses a second run without --resume or --overwrite.
 RUNS = {
     "walk-through": ["Walk-through: from training to bulk labelling to a report", "Bulk labelling",
                      "Evaluation, explanations, export, tuning", "Reviewing uncertain predictions",
@@ -165,30 +165,6 @@ def test_tables_are_used_and_every_block_is_classified():
                                                                ["one epoch"])
 
 
-@pytest.fixture(scope="module")
-def ray_address(tmp_path_factory):
-    """A local Ray cluster with 2 CPUs, started in a folder of its own by a process that
-    stops it when its stdin closes."""
-    folder = tmp_path_factory.mktemp("ray-host")
-    script = ("import sys, ray\n"
-              "ctx = ray.init(num_cpus=2, include_dashboard=False)\n"
-              "print(ctx.address_info['gcs_address'], flush=True)\n"
-              "sys.stdin.read()\n"
-              "ray.shutdown()\n")
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    env.pop("RAY_ADDRESS", None)
-    host = subprocess.Popen([sys.executable, "-c", script], cwd=folder, env=env, stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True)
-    address = host.stdout.readline().strip()
-    assert address, "the Ray host did not start"
-    yield address
-    host.stdin.close()
-    try:
-        host.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        host.kill()
-
-
 def checkout_copy(dest: Path) -> Path:
     """The checkout's files (tracked, and new ones not ignored) with .venv linked, not copied."""
     listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
@@ -260,6 +236,8 @@ def test_readme_blocks_run_as_written(tmp_path, ray_address):
     assert (walk / "out/runs/fashion-mnist-tune/tune_best.yaml").is_file()
     again = "RAN ABOVE imgcls train --config jobs/configs/fashion_mnist.yaml"
     assert sum(entry.startswith(again) for entry in log) == 1  # the Training block's, as the walk-through's
+    for again in ("evaluate --model out/runs/fashion-mnist/best --predictions", "explain  --model out/runs/"):
+        assert sum(entry.startswith(f"RAN ABOVE imgcls {again}") for entry in log) == 1, again  # the Evaluation block's
     # Ray Tune runs each trial in a folder of its own: the YAML's relative root was resolved
     # against the command's folder before any trial started, and is saved absolute.
     best = yaml.safe_load((walk / "out/runs/fashion-mnist-tune/tune_best.yaml").read_text())
