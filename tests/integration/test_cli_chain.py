@@ -69,24 +69,27 @@ def test_evaluate_predict_and_explain_as_the_readme_writes_them(ray_cluster, fmn
 
 
 @pytest.mark.slow  # several commands: in CI, not in the quick loop
-def test_predict_output_is_imgcls_lines_only_unless_verbose(checkpoint_28, fmnist_root, tmp_path):
+def test_predict_output_is_imgcls_lines_only_unless_verbose(checkpoint_28, fmnist_root, ray_address, tmp_path):
     """A user's terminal or job log shows the devices chosen, labelling progress and the
-    summary once; Ray's own INFO logs and Ray Data's progress reports only with --verbose."""
+    summary once; Ray's own INFO logs and Ray Data's progress reports only with --verbose.
+    The quiet run starts a private cluster (whose start-up logs are Ray's too); the
+    verbose one joins the session's, as under ``ray job submit``."""
     import subprocess
     import sys
 
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     outputs = {}
     for verbose in (False, True):
+        env = {**os.environ, "RAY_AUTH_MODE": "disabled", **({"RAY_ADDRESS": ray_address} if verbose else {})}
         cmd = [sys.executable, "-m", "imgcls.cli", *(["--verbose"] if verbose else []), "predict", "--model",
                checkpoint_28, "--input", os.path.join(fmnist_root, "bag"), "--output", str(tmp_path / f"o{verbose}"),
-               "--num-cpus", "2"]
+               *([] if verbose else ["--num-cpus", "2"])]
         outputs[verbose] = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
         assert outputs[verbose].returncode == 0, outputs[verbose].stderr[-3000:]
     quiet = outputs[False]
     assert quiet.stdout.startswith("devices: labelling runs on CPUs") and quiet.stdout.count('"files"') == 1
     assert not re.search(r"\sINFO\s", quiet.stderr) and "labelled 200 / 200 files (100%)" in quiet.stderr
     assert re.search(r"\sINFO\s", outputs[True].stderr)  # Ray's own logs are there when asked for
+    assert "labelled 200 / 200 files (100%)" in outputs[True].stderr  # on the session's cluster
 
 
 @pytest.fixture(scope="module")
