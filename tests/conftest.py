@@ -111,7 +111,7 @@ def train_small_cnn(fmnist_root: str, picks: dict, folder: str, epochs: int, see
 
     spec = get_spec("small_cnn")
     mean, std = torch.tensor(spec.mean).view(1, 3, 1, 1), torch.tensor(spec.std).view(1, 3, 1, 1)
-    x = torch.stack([torch.from_numpy(np.asarray(Image.open(os.path.join(fmnist_root, c, n)).convert("RGB")))
+    x = torch.stack([torch.from_numpy(np.array(Image.open(os.path.join(fmnist_root, c, n)).convert("RGB")))
                      for c, names in picks.items() for n in names]).permute(0, 3, 1, 2).float().div(255)
     x = x.sub(mean).div(std)
     y = torch.cat([torch.full((len(names),), i) for i, names in enumerate(picks.values())])

@@ -6,6 +6,7 @@ import os
 
 import numpy as np
 import pandas as pd
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
@@ -28,7 +29,9 @@ REMOVED = "trouser"
 def runs(ray_cluster, fmnist_root, tmp_path_factory):
     """Predictions (with embeddings) of a small CNN trained here for 3 epochs on 100 images
     a class, over held-out images: a reference set and a current set of 50 a class each,
-    the current set without one class, and the current set inverted."""
+    the current set without one class, and the current set inverted. The four sets are
+    labelled in one run of the pipeline, whose rows are then split by set into runs of
+    their own (one part file each)."""
     root = tmp_path_factory.mktemp("monitor")
     classes = sorted(d for d in os.listdir(fmnist_root) if os.path.isdir(os.path.join(fmnist_root, d)))
     files = {c: sorted(os.listdir(os.path.join(fmnist_root, c))) for c in classes}
@@ -38,14 +41,21 @@ def runs(ray_cluster, fmnist_root, tmp_path_factory):
     sets["removed"] = {c: names for c, names in sets["current"].items() if c != REMOVED}
     out = {}
     for name, chosen in [*sets.items(), ("inverted", sets["current"])]:
-        folder = root / name
+        folder = root / "sets" / name
         for c, names in chosen.items():
             (folder / c).mkdir(parents=True)
             for n in names:
                 image = Image.open(os.path.join(fmnist_root, c, n))
                 (ImageOps.invert(image.convert("L")) if name == "inverted" else image).save(folder / c / n)
+    summary = label_images(PredictConfig(model=ckpt, input=str(root / "sets"), output=str(root / "labels-all"),
+                                         embeddings=True))
+    labelled = pq.read_table(root / "labels-all")
+    assert summary.errors == 0 and labelled.num_rows == summary.files == 4 * 500 - 50
+    for name in ("reference", "current", "removed", "inverted"):
         out[name] = str(root / f"labels-{name}")
-        label_images(PredictConfig(model=ckpt, input=str(folder), output=out[name], embeddings=True))
+        os.makedirs(out[name])
+        rows = labelled.filter(pc.match_substring(labelled["path"], f"/sets/{name}/"))
+        pq.write_table(rows, os.path.join(out[name], "part-000000.parquet"))
     # What imgcls train saves in its best checkpoint: the model's predictions of its
     # validation split, here the reference set's images.
     reference = [(os.path.join(fmnist_root, c, n), c) for c, names in sets["reference"].items() for n in names]
