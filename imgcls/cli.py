@@ -7,6 +7,7 @@ import json
 import sys
 import threading
 import traceback
+from typing import Callable
 from dataclasses import asdict
 
 import click
@@ -101,7 +102,8 @@ def init_ray(num_cpus: int | None = None) -> None:
             logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def init_ray_while_importing(num_cpus: int | None, *modules: str, warm: tuple[str, ...] = ()) -> None:
+def init_ray_while_importing(num_cpus: int | None, *modules: str, warm: tuple[str, ...] = (),
+                             warm_unless: Callable[[], bool] | None = None) -> None:
     """``init_ray`` while another thread imports ``modules``.
 
     Importing torch and torchvision costs about 9 s of CPU on a small machine, and
@@ -112,6 +114,8 @@ def init_ray_while_importing(num_cpus: int | None, *modules: str, warm: tuple[st
     ``warm`` names modules that Ray's task workers should import meanwhile, one worker
     per CPU, so that the first tasks (e.g. the training data's one-time decode) find
     their processes started and torch imported (seconds of CPU each) instead of waiting.
+    No worker is warmed when ``warm_unless()`` (asked once Ray is up) says that no task
+    will need one, e.g. when the data is small enough to decode here.
     """
     def import_all():
         _import_modules(*modules)
@@ -119,7 +123,7 @@ def init_ray_while_importing(num_cpus: int | None, *modules: str, warm: tuple[st
     importer = threading.Thread(target=import_all, daemon=True)
     importer.start()
     init_ray(num_cpus)
-    if warm:
+    if warm and not (warm_unless is not None and warm_unless()):
         import ray
 
         task = ray.remote(num_cpus=1)(_import_modules)
@@ -159,6 +163,31 @@ def check_local_roots(root: str) -> None:
         path = storage.filesystem(one)[1]
         if not (os.path.isdir(path) or (one.lower().endswith(storage.MANIFEST_EXTENSIONS) and os.path.isfile(path))):
             raise click.BadParameter(f"{one} is neither a folder nor a .csv/.parquet manifest", param_hint="'--root'")
+
+
+def decodes_here(root: str) -> bool:
+    """Whether the one-time decode of a training run over ``root`` runs in this process
+    (``devices.runs_here``) whatever its splits: every root is a local folder and all of
+    them hold at most ``devices.IN_PROCESS_MAX_IMAGES`` images, counted (hidden files and
+    folders skipped, as when listed) until one more is found. A manifest or a store URI
+    is not counted: False."""
+    import os
+
+    from imgcls import devices, storage
+    from imgcls.labelled import is_image_path
+    from imgcls.paths import members
+
+    count = 0
+    for one in members(root or ""):
+        path = storage.filesystem(one)[1] if storage.protocol(one) == "file" else None
+        if path is None or not os.path.isdir(path):
+            return False
+        for _, folders, files in os.walk(path):
+            folders[:] = [f for f in folders if not f.startswith(".")]
+            count += sum(1 for f in files if not f.startswith(".") and is_image_path(f))
+            if not devices.runs_here(count):
+                return False
+    return True
 
 
 def check_weights(model: ModelConfig) -> None:
@@ -206,7 +235,8 @@ def train(config_path, num_cpus, **flags):
     job = resolve_job(config_path, flags)
     check_weights(job.model)
     check_local_roots(job.data.root)
-    init_ray_while_importing(num_cpus, "imgcls.commands", warm=("imgcls.training.cache",))
+    init_ray_while_importing(num_cpus, "imgcls.commands", warm=("imgcls.training.cache",),
+                             warm_unless=lambda: decodes_here(job.data.root))
     from imgcls.commands import run_training
 
     echo_json(run_training(job))

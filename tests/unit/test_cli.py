@@ -341,3 +341,25 @@ def test_tune_search_is_random_or_optunas_tpe():
         searcher("grid", 4, seed=0)
     result = CliRunner().invoke(cli, ["tune", "--search", "bayes"])
     assert result.exit_code == 2 and "'bayes' is not one of 'random', 'optuna'" in result.output
+
+
+def test_train_warms_no_task_worker_for_data_it_decodes_itself(tmp_path, monkeypatch):
+    """`imgcls train` starts Ray task workers ahead of the decode only when the decode
+    will run in them: not for local folders of up to IN_PROCESS_MAX_IMAGES images in all
+    (hidden files and folders not counted), and always for a manifest or a store URI."""
+    import imgcls.devices
+    from imgcls.cli import decodes_here
+
+    monkeypatch.setattr(imgcls.devices, "IN_PROCESS_MAX_IMAGES", 5)
+    for folder, names in (("a/x", ["1.png", "2.jpg", "notes.txt"]), ("b/y", ["3.png", ".4.png"]),
+                          ("b/.ipynb_checkpoints", ["5.png", "6.png", "7.png"])):
+        (tmp_path / folder).mkdir(parents=True)
+        for name in names:
+            (tmp_path / folder / name).write_bytes(b"")
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    assert decodes_here(a) and decodes_here(f"{a},{b}")  # 2 + 1 images
+    for name in ("8.png", "9.png", "10.png"):
+        (tmp_path / "b" / "y" / name).write_bytes(b"")
+    assert decodes_here(b) and not decodes_here(f"{a},{b}")  # 4 alone; 2 + 4 over the 5
+    (tmp_path / "manifest.csv").write_text("path,label\n")
+    assert not decodes_here(str(tmp_path / "manifest.csv")) and not decodes_here("s3://bucket/images")
