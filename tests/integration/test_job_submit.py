@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -28,15 +29,48 @@ def free_ports(n):
     return ports
 
 
-def kill_processes_mentioning(text):
-    """Stops this head's processes only: `ray stop` would also stop other clusters on the machine."""
+def head_processes(temp_dir: str, gcs_port: int) -> set[int]:
+    """This head's processes, found without `ray stop` (which would also stop the other
+    Ray clusters on the machine): those whose command line names its temp folder or its
+    GCS port (`ray start` leaves them to init), and every process they started. The
+    dashboard agent and the runtime-env agent are the raylet's children and retitle
+    themselves, naming neither: missed, the dashboard agent of a killed head spun at a
+    whole core for the rest of the test session."""
+    commands, parents = {}, {}
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if text.encode() in f.read():
-                    os.kill(int(pid), signal.SIGKILL)
+                commands[int(pid)] = f.read()
+            with open(f"/proc/{pid}/stat") as f:
+                parents[int(pid)] = int(f.read().rsplit(")", 1)[1].split()[1])
         except OSError:
             pass
+    port = re.compile(rb":%d(\0|\s|$)" % gcs_port)
+    found = {pid for pid, cmd in commands.items() if temp_dir.encode() in cmd or port.search(cmd)}
+    while True:
+        children = {pid for pid, parent in parents.items() if parent in found} - found
+        if not children:
+            return found
+        found |= children
+
+
+def kill_head(temp_dir: str, gcs_port: int) -> set[int]:
+    """SIGKILLs the head's processes (``head_processes``); returns those it found."""
+    pids = head_processes(temp_dir, gcs_port)
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    return pids
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
+    except OSError:
+        return False
 
 
 def test_submit_train_job_to_local_head(fmnist_root, tmp_path):
@@ -76,5 +110,10 @@ def test_submit_train_job_to_local_head(fmnist_root, tmp_path):
                                 env=env, capture_output=True, text=True, timeout=120)
         assert "SUCCEEDED" in status.stdout
     finally:
-        kill_processes_mentioning(temp_dir)
+        killed = kill_head(temp_dir, gcs)
         shutil.rmtree(temp_dir, ignore_errors=True)
+    assert len(killed) >= 5  # GCS, raylet, dashboard, its agent, ...
+    deadline = time.time() + 30
+    while any(map(alive, killed)) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not any(map(alive, killed)) and not head_processes(temp_dir, gcs), "the head left processes running"
