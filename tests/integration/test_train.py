@@ -150,8 +150,9 @@ def test_trains_from_s3_manifest_with_streamed_cache_on_s3(ray_cluster, s3_serve
     rows = []
     for i, label in enumerate(sorted(d for d in os.listdir(fmnist_root) if not d.startswith("."))[:4]):
         for name in sorted(os.listdir(os.path.join(fmnist_root, label)))[:44 if i == 3 else 40]:
-            fs.put(os.path.join(fmnist_root, label, name), f"imgcls/fm/{label}/{name}")
             rows.append({"path": f"{label}/{name}", "label": label})
+    fs.put([os.path.join(fmnist_root, r["path"]) for r in rows], [f"imgcls/fm/{r['path']}" for r in rows])  # at once
+    assert len(fs.find("imgcls/fm")) == len(rows) == 164
     with fs.open("imgcls/fm/manifest.csv", "w") as f:
         pd.DataFrame(rows).to_csv(f, index=False)
     job = small_job("s3://imgcls/fm/manifest.csv", tmp_path, epochs=1, batch_size=16, name="s3", mixup_alpha=0.2,
