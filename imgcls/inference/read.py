@@ -10,7 +10,7 @@ from __future__ import annotations
 import tarfile
 
 from imgcls import storage
-from imgcls.errors import ERROR_EMPTY, ERROR_TAR, InputError, stable_text
+from imgcls.errors import ERROR_EMPTY, ERROR_READ, ERROR_TAR, InputError, stable_text
 from imgcls.inference.schema import COL_PATH
 
 # A tar member's path: the tar's URI, this separator, the member's name inside the tar,
@@ -35,6 +35,13 @@ class BrokenTarError(InputError):
     """A tar that cannot be read as one: not a tar, truncated or corrupt."""
 
     error_type = ERROR_TAR
+
+
+class TarMemberError(InputError):
+    """A tar member that is not a file's bytes: a symbolic link, a device, a FIFO, or a
+    hard link to a member that is not in the archive as a file."""
+
+    error_type = ERROR_READ
 
 
 def member_path(tar: str, member: str) -> str:
@@ -77,20 +84,30 @@ def iter_tar(uri: str, max_bytes: int = MAX_FILE_BYTES):
     opened (the read's own error) or read as a tar (BrokenTarError) gives an error under
     the tar's own path, after the members read before it; a tar with no files gives one
     error row (EmptyTarError), so it never vanishes.
+
+    Every member but a folder is a row. A hard link (``tar`` stores a file's second name
+    so, as it does a file added twice) has its target's bytes, read in a second pass over
+    the tar after the first; a symbolic link or any other special member is an error row
+    (TarMemberError).
     """
     files = 0
+    links: dict[str, list[str]] = {}  # a hard link's target member -> the links' paths
     try:
         with storage.open_uri(uri, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
             for member in tar:
-                if not member.isfile():
+                if member.isdir():
                     continue
                 files += 1
                 name = member_path(uri, member.name)
-                if member.size > max_bytes:
-                    yield name, storage.FileTooLargeError(
-                        f"tar member of {member.size} bytes exceeds the {max_bytes}-byte limit")
-                    continue
-                yield name, tar.extractfile(member).read()
+                if member.islnk():
+                    links.setdefault(member.linkname, []).append(name)
+                elif not member.isfile():
+                    kind = "symbolic link" if member.issym() else "special file (device or FIFO)"
+                    yield name, TarMemberError(f"tar member is a {kind}, not a file")
+                elif member.size > max_bytes:
+                    yield name, _too_large(member.size, max_bytes)
+                else:
+                    yield name, tar.extractfile(member).read()
     except tarfile.TarError as e:  # not a tar, truncated, corrupt (compressed data too)
         if not files and str(e) == "empty file":  # tarfile's word for a zero-byte tar
             yield uri, EmptyTarError("empty tar file")
@@ -102,6 +119,38 @@ def iter_tar(uri: str, max_bytes: int = MAX_FILE_BYTES):
         return
     if not files:
         yield uri, EmptyTarError("tar archive holds no files")
+    if links:
+        yield from _hard_links(uri, links, max_bytes)
+
+
+def _too_large(size: int, max_bytes: int) -> storage.FileTooLargeError:
+    return storage.FileTooLargeError(f"tar member of {size} bytes exceeds the {max_bytes}-byte limit")
+
+
+def _hard_links(uri: str, links: dict[str, list[str]], max_bytes: int):
+    """(link path, its target's bytes or an error) for every hard link of ``links``
+    ({target member: link paths}), from one more pass over the tar at ``uri``."""
+    left = dict(links)
+    try:
+        with storage.open_uri(uri, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+            for member in tar:
+                names = left.pop(member.name, None) if member.isfile() else None
+                if names is None:
+                    continue
+                data = (_too_large(member.size, max_bytes) if member.size > max_bytes
+                        else tar.extractfile(member).read())
+                for name in names:
+                    yield name, data
+                if not left:
+                    return
+    except Exception as e:  # noqa: BLE001 - it read once: changed or gone since; each link says why
+        for names in left.values():
+            for name in names:
+                yield name, e
+        return
+    for target, names in left.items():
+        for name in names:
+            yield name, TarMemberError(f"tar member is a hard link to {target!r}, which is not a file in the archive")
 
 
 def read_input(path: str, max_bytes: int = MAX_FILE_BYTES) -> bytes:

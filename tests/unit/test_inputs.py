@@ -113,6 +113,36 @@ def test_tar_is_read_one_member_at_a_time(jpeg, tmp_path):
         read_input(member_path(str(shard), "nope.jpg"))
 
 
+def test_every_tar_member_but_a_folder_is_a_row_hard_links_with_their_targets_bytes(jpeg, tmp_path):
+    """`tar` stores a file added twice (or a file with two names) as a hard link to the
+    first: the link is a row with the target's bytes, not a member skipped. A symbolic
+    link, and a hard link to no file in the archive, are error rows; a folder is no row."""
+    photo = tmp_path / "photo.jpg"
+    photo.write_bytes(jpeg)
+    os.link(photo, tmp_path / "same.jpg")  # two names, one file
+    shard = tmp_path / "s.tar"
+    with tarfile.open(shard, "w") as tar:
+        tar.add(photo, arcname="a.jpg")
+        tar.add(photo, arcname="again.jpg")  # the same file added twice: a link to a.jpg
+        tar.add(tmp_path / "same.jpg", arcname="x/same.jpg")  # a second name: a link to a.jpg
+        for name, kind, target in (("sym.jpg", tarfile.SYMTYPE, "a.jpg"), ("lost.jpg", tarfile.LNKTYPE, "gone.jpg"),
+                                   ("x", tarfile.DIRTYPE, "")):
+            info = tarfile.TarInfo(name)
+            info.type, info.linkname = kind, target
+            tar.addfile(info)
+        add(tar, "b.png", b"not a png")
+    with tarfile.open(shard) as tar:
+        assert [m.type for m in tar.getmembers()][:3] == [tarfile.REGTYPE, tarfile.LNKTYPE, tarfile.LNKTYPE]
+    got = dict(iter_tar(str(shard)))
+    m = lambda name: member_path(str(shard), name)  # noqa: E731
+    assert sorted(got) == sorted(m(n) for n in ("a.jpg", "again.jpg", "x/same.jpg", "sym.jpg", "lost.jpg", "b.png"))
+    assert got[m("a.jpg")] == got[m("again.jpg")] == got[m("x/same.jpg")] == jpeg and got[m("b.png")] == b"not a png"
+    assert str(got[m("sym.jpg")]) == "tar member is a symbolic link, not a file"
+    assert "hard link to 'gone.jpg'" in str(got[m("lost.jpg")])
+    assert {error_type(got[m(n)]) for n in ("sym.jpg", "lost.jpg")} == {ERROR_READ}
+    assert read_input(m("again.jpg")) == jpeg  # as evaluate and explain read a row back
+
+
 def test_read_many_keeps_order_and_returns_errors(jpeg, tmp_path):
     (tmp_path / "a.jpg").write_bytes(jpeg)
     (tmp_path / "big.bin").write_bytes(b"x" * (len(jpeg) + 1))
