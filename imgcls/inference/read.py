@@ -113,13 +113,12 @@ def iter_tar(uri: str, max_bytes: int = MAX_FILE_BYTES):
             yield uri, EmptyTarError("empty tar file")
         else:
             yield uri, BrokenTarError(f"broken tar archive: {stable_text(str(e))}")
-        return
     except Exception as e:  # noqa: BLE001 - missing, unreadable: the read's own error
         yield uri, e
-        return
-    if not files:
-        yield uri, EmptyTarError("tar archive holds no files")
-    if links:
+    else:
+        if not files:
+            yield uri, EmptyTarError("tar archive holds no files")
+    if links:  # read before a break too: their targets come before them
         yield from _hard_links(uri, links, max_bytes)
 
 

@@ -143,6 +143,26 @@ def test_every_tar_member_but_a_folder_is_a_row_hard_links_with_their_targets_by
     assert read_input(m("again.jpg")) == jpeg  # as evaluate and explain read a row back
 
 
+def test_a_hard_link_read_before_a_tar_breaks_keeps_its_row(jpeg, tmp_path):
+    """A truncated tar: the file and the link to it read before the break are rows (the
+    link's from the second pass, which breaks at the same place, after the target), then
+    one error under the tar's own path."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        add(tar, "a.jpg", jpeg)
+        info = tarfile.TarInfo("again.jpg")
+        info.type, info.linkname = tarfile.LNKTYPE, "a.jpg"
+        tar.addfile(info)
+        add(tar, "b.jpg", jpeg)
+    shard = tmp_path / "cut.tar"
+    padded = -(-len(jpeg) // 512) * 512  # a member's bytes fill whole 512-byte blocks
+    shard.write_bytes(buf.getvalue()[:512 + padded + 512 + 512 + 100])  # a, the link, b's header, 100 of b's bytes
+    got = list(iter_tar(str(shard)))
+    m = lambda name: member_path(str(shard), name)  # noqa: E731
+    assert [name for name, _ in got] == [m("a.jpg"), str(shard), m("again.jpg")]
+    assert got[0][1] == got[2][1] == jpeg and error_type(got[1][1]) == ERROR_TAR
+
+
 def test_read_many_keeps_order_and_returns_errors(jpeg, tmp_path):
     (tmp_path / "a.jpg").write_bytes(jpeg)
     (tmp_path / "big.bin").write_bytes(b"x" * (len(jpeg) + 1))
