@@ -7,8 +7,8 @@ import json
 import sys
 import threading
 import traceback
-from typing import Callable
 from dataclasses import asdict
+from typing import Callable
 
 import click
 
@@ -169,8 +169,8 @@ def decodes_here(root: str) -> bool:
     """Whether the one-time decode of a training run over ``root`` runs in this process
     (``devices.runs_here``) whatever its splits: every root is a local folder and all of
     them hold at most ``devices.IN_PROCESS_MAX_IMAGES`` images, counted (hidden files and
-    folders skipped, as when listed) until one more is found. A manifest or a store URI
-    is not counted: False."""
+    folders skipped by the listings' own rule, ``storage.hidden_below``) until one more
+    is found. A manifest or a store URI is not counted: False."""
     import os
 
     from imgcls import devices, storage
@@ -182,9 +182,9 @@ def decodes_here(root: str) -> bool:
         path = storage.filesystem(one)[1] if storage.protocol(one) == "file" else None
         if path is None or not os.path.isdir(path):
             return False
-        for _, folders, files in os.walk(path):
-            folders[:] = [f for f in folders if not f.startswith(".")]
-            count += sum(1 for f in files if not f.startswith(".") and is_image_path(f))
+        for top, folders, files in os.walk(path):  # hidden folders pruned, not walked
+            folders[:] = [f for f in folders if not storage.hidden_below(path, os.path.join(top, f))]
+            count += sum(1 for f in files if is_image_path(f) and not storage.hidden_below(path, os.path.join(top, f)))
             if not devices.runs_here(count):
                 return False
     return True
