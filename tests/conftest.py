@@ -60,9 +60,6 @@ def s3_server():
     server.stop()
 
 
-RAY_HOST = {}  # the folder the session's Ray cluster was started in
-
-
 def start_local_ray(folder: str) -> None:
     """``ray.init`` of a local cluster with 2 CPUs, started in ``folder``: its processes,
     and so every Ray worker, run there, not in this process's folder (the checkout), as
@@ -81,12 +78,13 @@ def start_local_ray(folder: str) -> None:
 @pytest.fixture(scope="session")
 def ray_cluster(s3_server, tmp_path_factory):
     """A real local Ray cluster with 2 CPUs, shared by the integration tests; the README
-    test's commands join it through its GCS address (``ray_address``)."""
+    test's commands join it through its GCS address (``ray_address``). Its value is the
+    folder it was started in (``start_local_ray``)."""
     import ray
 
-    RAY_HOST["folder"] = str(tmp_path_factory.mktemp("ray-host"))
-    start_local_ray(RAY_HOST["folder"])
-    yield
+    folder = str(tmp_path_factory.mktemp("ray-host"))
+    start_local_ray(folder)
+    yield folder
     ray.shutdown()
 
 

@@ -29,6 +29,12 @@ def free_ports(n):
     return ports
 
 
+def proc_stat(pid: int) -> list[str]:
+    """The fields of /proc/PID/stat after the command's name: state, parent pid, ..."""
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()
+
+
 def head_processes(temp_dir: str, gcs_port: int) -> set[int]:
     """This head's processes, found without `ray stop` (which would also stop the other
     Ray clusters on the machine): those whose command line names its temp folder or its
@@ -41,8 +47,7 @@ def head_processes(temp_dir: str, gcs_port: int) -> set[int]:
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
                 commands[int(pid)] = f.read()
-            with open(f"/proc/{pid}/stat") as f:
-                parents[int(pid)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            parents[int(pid)] = int(proc_stat(int(pid))[1])
         except OSError:
             pass
     port = re.compile(rb":%d(\0|\s|$)" % gcs_port)
@@ -67,8 +72,7 @@ def kill_head(temp_dir: str, gcs_port: int) -> set[int]:
 
 def alive(pid: int) -> bool:
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
+        return proc_stat(pid)[0] != "Z"  # a zombie has exited
     except OSError:
         return False
 

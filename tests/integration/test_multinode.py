@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 import torch
-from conftest import RAY_HOST, start_local_ray
+from conftest import start_local_ray
 
 from imgcls.inference.bulk import label_images
 from imgcls.checkpoint import save_checkpoint
@@ -41,7 +41,7 @@ def cluster(ray_cluster):
     finally:
         ray.shutdown()
         c.shutdown()
-        start_local_ray(RAY_HOST["folder"])
+        start_local_ray(ray_cluster)  # in the folder it was first started in
 
 
 def node_of(node) -> str:
