@@ -96,6 +96,17 @@ def ray_address(ray_cluster) -> str:
     return ray.get_runtime_context().gcs_address
 
 
+def add_tar_member(tar, name: str, data: bytes) -> None:
+    """``data`` as a file member ``name`` of the open ``tar``: each one a file of its own,
+    where ``tar.add`` would store a file added a second time as a hard link to the first."""
+    import io
+    import tarfile
+
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
 def train_small_cnn(fmnist_root: str, picks: dict, folder: str, epochs: int, seed: int = 0, width: int = 32) -> str:
     """A small CNN trained here in plain torch (AdamW 3e-3, batches of 64) on the real
     Fashion-MNIST files ``picks`` ({class: file names}, classes in label order), saved

@@ -14,7 +14,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import requires_gpu
+from conftest import add_tar_member, requires_gpu
 from PIL import Image
 
 import imgcls.devices
@@ -237,12 +237,8 @@ def test_tar_shards_yield_one_row_per_member(ray_cluster, checkpoint, dogs_cats_
             for i in range(5):
                 buf = io.BytesIO()
                 photo(dogs_cats_root, s * 5 + i).save(buf, "JPEG")
-                info = tarfile.TarInfo(f"{s}_{i}.jpg")
-                info.size = len(buf.getvalue())
-                tar.addfile(info, io.BytesIO(buf.getvalue()))
-            info = tarfile.TarInfo(f"{s}_meta.json")
-            info.size = 2
-            tar.addfile(info, io.BytesIO(b"{}"))
+                add_tar_member(tar, f"{s}_{i}.jpg", buf.getvalue())
+            add_tar_member(tar, f"{s}_meta.json", b"{}")
     # Batches of 4 images: each model call yields several tables per batch of tars.
     summary = label_images(PredictConfig(model=checkpoint, input=str(shards), output=str(tmp_path / "out"),
                                          batch_size=4))

@@ -13,6 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from conftest import add_tar_member
+
 from imgcls import storage
 from imgcls.inference.finished import COUNTS_KEY
 from imgcls.inference.sink import done_shards, part_counts, part_name, write_part_atomic
@@ -29,12 +31,6 @@ def jpeg(dogs_cats_root):  # a real photo's file (PNG in this set)
     name = sorted(os.listdir(os.path.join(dogs_cats_root, "cat")))[0]
     with open(os.path.join(dogs_cats_root, "cat", name), "rb") as f:
         return f.read()
-
-
-def add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    tar.addfile(info, io.BytesIO(data))
 
 
 def planned_paths(plan):
@@ -61,9 +57,9 @@ def test_tar_members_stream_with_errors_for_every_broken_tar(jpeg, tmp_path):
     first header, a gzip bomb named .tar, not a tar) still gets one error row under its own path."""
     good = tmp_path / "good.tar"
     with tarfile.open(good, "w") as tar:
-        add(tar, "a.jpg", jpeg)
-        add(tar, "big.jpg", jpeg + b"\0" * 5000)  # over the 4,000-byte cap below
-        add(tar, "b.jpg", jpeg)
+        add_tar_member(tar, "a.jpg", jpeg)
+        add_tar_member(tar, "big.jpg", jpeg + b"\0" * 5000)  # over the 4,000-byte cap below
+        add_tar_member(tar, "b.jpg", jpeg)
     empty = tmp_path / "empty.tar"
     tarfile.open(empty, "w").close()
     truncated = tmp_path / "truncated.tar"
@@ -104,7 +100,7 @@ def test_tar_is_read_one_member_at_a_time(jpeg, tmp_path):
     shard = tmp_path / "s.tar"
     with tarfile.open(shard, "w") as tar:
         for i in range(50):
-            add(tar, f"{i}.jpg", jpeg)
+            add_tar_member(tar, f"{i}.jpg", jpeg)
     stream = iter_tar(str(shard))
     name, data = next(stream)
     assert name == member_path(str(shard), "0.jpg") and data == jpeg
@@ -130,7 +126,7 @@ def test_every_tar_member_but_a_folder_is_a_row_hard_links_with_their_targets_by
             info = tarfile.TarInfo(name)
             info.type, info.linkname = kind, target
             tar.addfile(info)
-        add(tar, "b.png", b"not a png")
+        add_tar_member(tar, "b.png", b"not a png")
     with tarfile.open(shard) as tar:
         assert [m.type for m in tar.getmembers()][:3] == [tarfile.REGTYPE, tarfile.LNKTYPE, tarfile.LNKTYPE]
     got = dict(iter_tar(str(shard)))
@@ -149,11 +145,11 @@ def test_a_hard_link_read_before_a_tar_breaks_keeps_its_row(jpeg, tmp_path):
     one error under the tar's own path."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
-        add(tar, "a.jpg", jpeg)
+        add_tar_member(tar, "a.jpg", jpeg)
         info = tarfile.TarInfo("again.jpg")
         info.type, info.linkname = tarfile.LNKTYPE, "a.jpg"
         tar.addfile(info)
-        add(tar, "b.jpg", jpeg)
+        add_tar_member(tar, "b.jpg", jpeg)
     shard = tmp_path / "cut.tar"
     padded = -(-len(jpeg) // 512) * 512  # a member's bytes fill whole 512-byte blocks
     shard.write_bytes(buf.getvalue()[:512 + padded + 512 + 512 + 100])  # a, the link, b's header, 100 of b's bytes
