@@ -112,7 +112,7 @@ def iter_tar(uri: str, max_bytes: int = MAX_FILE_BYTES):
         if not files and str(e) == "empty file":  # tarfile's word for a zero-byte tar
             yield uri, EmptyTarError("empty tar file")
         else:
-            yield uri, BrokenTarError(f"broken tar archive: {stable_text(str(e))}")
+            yield uri, _broken(e)
     except Exception as e:  # noqa: BLE001 - missing, unreadable: the read's own error
         yield uri, e
     else:
@@ -122,32 +122,37 @@ def iter_tar(uri: str, max_bytes: int = MAX_FILE_BYTES):
         yield from _hard_links(uri, links, max_bytes)
 
 
+def _broken(e: tarfile.TarError) -> BrokenTarError:
+    return BrokenTarError(f"broken tar archive: {stable_text(str(e))}")
+
+
 def _too_large(size: int, max_bytes: int) -> storage.FileTooLargeError:
     return storage.FileTooLargeError(f"tar member of {size} bytes exceeds the {max_bytes}-byte limit")
 
 
 def _hard_links(uri: str, links: dict[str, list[str]], max_bytes: int):
     """(link path, its target's bytes or an error) for every hard link of ``links``
-    ({target member: link paths}), from one more pass over the tar at ``uri``."""
-    left = dict(links)
+    ({target member: link paths}, emptied as their targets are found), from one more
+    pass over the tar at ``uri``."""
     try:
         with storage.open_uri(uri, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
             for member in tar:
-                names = left.pop(member.name, None) if member.isfile() else None
+                names = links.pop(member.name, None) if member.isfile() else None
                 if names is None:
                     continue
                 data = (_too_large(member.size, max_bytes) if member.size > max_bytes
                         else tar.extractfile(member).read())
                 for name in names:
                     yield name, data
-                if not left:
+                if not links:
                     return
-    except Exception as e:  # noqa: BLE001 - it read once: changed or gone since; each link says why
-        for names in left.values():
+    except Exception as e:  # noqa: BLE001 - a target not reached (the tar changed or went since): each link says why
+        error = _broken(e) if isinstance(e, tarfile.TarError) else e
+        for names in links.values():
             for name in names:
-                yield name, e
+                yield name, error
         return
-    for target, names in left.items():
+    for target, names in links.items():
         for name in names:
             yield name, TarMemberError(f"tar member is a hard link to {target!r}, which is not a file in the archive")
 
