@@ -26,8 +26,13 @@ and DDP), and each worker's resident memory over 10 epochs (it must not grow).
 imgcls's rates count the train split (80% of the images), the baselines all of them; a
 rate is a rate. ``ratios`` holds the issue's figures.
 
-Run alone on a quiet machine (about 15 minutes on 2 cores):
-    .venv/bin/python bench/train.py [--workdir out/bench/train] [--out bench/results/train.json]
+With ``--before REV``, ``imgcls_before_2_workers`` is the 2-worker ``imgcls train`` of
+the checkout at git revision REV (``bench/predict.py``'s ``checkout_at``), run right after
+this code's on the same data: a change's rate, wall time and memory against the code
+before it (``*_vs_before`` ratios), since rates differ between machines.
+
+Run alone on a quiet machine (about 15 minutes on 2 cores, 20 with ``--before``):
+    .venv/bin/python bench/train.py [--workdir out/bench/train] [--out bench/results/train.json] [--before REV]
 """
 
 import argparse
@@ -41,7 +46,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from photos import build_photo_set  # noqa: E402
-from predict import PeakMemory  # noqa: E402
+from predict import PeakMemory, checkout_at  # noqa: E402
 from recipe import last_json  # noqa: E402
 from train_baselines import run_subprocess  # noqa: E402
 
@@ -65,17 +70,26 @@ def run_baseline(case: str, root: str, settings: dict, epochs: int, amp: bool) -
     return result
 
 
-def run_imgcls(root: str, settings: dict, epochs: int, workers: int, workdir: str) -> dict:
-    """``imgcls train`` as a user runs it; figures from its output and the run's history."""
-    runs = os.path.join(workdir, f"runs-{workers}")
+def run_imgcls(root: str, settings: dict, epochs: int, workers: int, workdir: str, code: str | None = None) -> dict:
+    """``imgcls train`` as a user runs it; figures from its output and the run's history.
+
+    With ``code``, the imgcls package of that folder (an older checkout, ``checkout_at``)
+    runs instead of this one: first on the path of the command and of the Ray workers it
+    starts, run from that folder.
+    """
+    runs = os.path.abspath(os.path.join(workdir, f"runs-{workers}" + ("-before" if code else "")))
     shutil.rmtree(runs, ignore_errors=True)
-    cmd = [sys.executable, "-m", "imgcls.cli", "train", "--num-cpus", str(os.cpu_count()), "--root", root,
+    cmd = [sys.executable, "-m", "imgcls.cli", "train", "--num-cpus", str(os.cpu_count()),
+           "--root", os.path.abspath(root),
            "--arch", settings["arch"], "--image-size", str(settings["image_size"]),
            "--augment", settings["augment"], "--batch-size", str(settings["batch_size"]), "--lr", str(settings["lr"]),
            "--epochs", str(epochs), "--num-workers", str(workers), "--storage-path", runs, "--name", "bench"]
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    if code:
+        env["PYTHONPATH"] = code + os.pathsep + env.get("PYTHONPATH", "")
     with PeakMemory() as mem:
         began_wall, began = time.time(), time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=code)
         process_seconds = time.perf_counter() - began
     if proc.returncode:
         raise RuntimeError(f"imgcls train failed:\n{proc.stderr[-4000:]}")
@@ -101,10 +115,12 @@ def run_imgcls(root: str, settings: dict, epochs: int, workers: int, workdir: st
     first_with_setup = epoch_seconds[0] + (0.0 if overlapped else cache_seconds)
     first_with_decode = first_with_setup - setup
     return {
-        "workers": workers, "epochs": epochs, "resident": history[0]["resident"],
+        "workers": workers, "epochs": epochs, "resident": history[0].get("resident"),
         "epoch_images_per_s": rates, "first_epoch_images_per_s": rates[0],
         "steady_images_per_s": statistics.median(rates[1:]),
-        "seconds_to_first_step": history[0]["first_step_time"] - began_wall,
+        # None where the code run (an older checkout) did not record its first step
+        "seconds_to_first_step": (history[0]["first_step_time"] - began_wall) if "first_step_time" in history[0]
+        else None,
         "one_time_decode_seconds": cache_seconds, "decode_overlapped": overlapped,
         "cache_wait_seconds": history[0].get("cache_wait_seconds", 0.0),
         "worker_setup_seconds": setup,
@@ -119,15 +135,22 @@ def run_imgcls(root: str, settings: dict, epochs: int, workers: int, workdir: st
     }
 
 
-def run_case(name: str, root: str, epochs: int, memory_epochs: int, workdir: str, amp: bool) -> dict:
+def run_case(name: str, root: str, epochs: int, memory_epochs: int, workdir: str, amp: bool,
+             before: str | None = None) -> dict:
+    """The case's runs; with ``before`` (an older checkout's folder) also its ``imgcls train``
+    with 2 workers, ``imgcls_before_2_workers``, right after this code's."""
     settings = CASES[name]
     out = {"settings": settings, "root": os.path.relpath(root)}
-    for key, fn in (
+    runs = os.path.join(workdir, "runs", name)
+    cases = [
         ("plain", lambda: run_baseline("plain", root, settings, epochs, amp)),
         ("in_memory", lambda: run_baseline("in_memory", root, settings, epochs, amp)),
-        ("imgcls_1_worker", lambda: run_imgcls(root, settings, epochs, 1, os.path.join(workdir, "runs", name))),
-        ("imgcls_2_workers", lambda: run_imgcls(root, settings, memory_epochs, 2, os.path.join(workdir, "runs", name))),
-    ):
+        ("imgcls_1_worker", lambda: run_imgcls(root, settings, epochs, 1, runs)),
+        ("imgcls_2_workers", lambda: run_imgcls(root, settings, memory_epochs, 2, runs)),
+    ]
+    if before:
+        cases.append(("imgcls_before_2_workers", lambda: run_imgcls(root, settings, memory_epochs, 2, runs, before)))
+    for key, fn in cases:
         out[key] = fn()
         print(f"{name} {key}: steady {out[key]['steady_images_per_s']:.0f} images/s", flush=True)
     return out
@@ -141,6 +164,8 @@ def main():
     p.add_argument("--epochs", type=int, default=4, help="epochs of the baselines and the 1-worker run")
     p.add_argument("--memory-epochs", type=int, default=10, help="epochs of the 2-worker run (memory over epochs)")
     p.add_argument("--out", default="bench/results/train.json")
+    p.add_argument("--before", metavar="REV",
+                   help="also run imgcls train (2 workers) of this git revision: imgcls_before_2_workers")
     args = p.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     from imgcls.datasets import fetch_fashion_mnist
@@ -149,8 +174,12 @@ def main():
     photos = build_photo_set(os.path.join(args.workdir, "photos"), per_class=args.photos_per_class)
     amp = cpu_has_native_bf16()
     results = {"machine": {"cpus": os.cpu_count(), "native_bf16": amp}}
-    results["fashion_mnist"] = run_case("fashion_mnist", fmnist, args.epochs, args.memory_epochs, args.workdir, amp)
-    results["photos"] = run_case("photos", photos, args.epochs, args.memory_epochs, args.workdir, amp)
+    before = None
+    if args.before:
+        before = checkout_at(args.before, args.workdir)
+        results["before"] = {"revision": args.before, "commit": os.path.basename(before).split("-", 1)[1]}
+    for name, root in (("fashion_mnist", fmnist), ("photos", photos)):
+        results[name] = run_case(name, root, args.epochs, args.memory_epochs, args.workdir, amp, before)
     a, b = results["fashion_mnist"], results["photos"]
     steady = lambda case, key: case[key]["steady_images_per_s"]  # noqa: E731
     results["ratios"] = {
@@ -165,6 +194,14 @@ def main():
         "first_epoch_with_setup_vs_steady": a["imgcls_2_workers"]["first_epoch_with_setup_vs_steady"],
         "first_epoch_with_setup_vs_steady_photos": b["imgcls_2_workers"]["first_epoch_with_setup_vs_steady"],
     }
+    if before:  # this code against the older checkout's, same data and settings, same machine and run
+        for suffix, case in (("", a), ("_photos", b)):
+            ours, old = case["imgcls_2_workers"], case["imgcls_before_2_workers"]
+            results["ratios"][f"imgcls_steady_vs_before{suffix}"] = (ours["steady_images_per_s"]
+                                                                     / old["steady_images_per_s"])
+            results["ratios"][f"imgcls_process_seconds_vs_before{suffix}"] = (ours["process_seconds"]
+                                                                             / old["process_seconds"])
+            results["ratios"][f"imgcls_peak_memory_vs_before{suffix}"] = ours["peak_memory_mb"] / old["peak_memory_mb"]
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(results, f, indent=2)
