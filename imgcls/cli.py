@@ -92,7 +92,15 @@ def init_ray(num_cpus: int | None = None) -> None:
         return
     level = logging.INFO if VERBOSE else logging.WARNING
     if num_cpus is not None:
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level=level)
+        # With its dashboard: Ray Train's placement-group cleaner watches the run's
+        # controller through the State API, which the dashboard serves; without it the
+        # cleaner warns every second that it cannot ("Failed to query Ray Train Controller
+        # actor state"). Another cluster's dashboard on the port moves this one to the
+        # next, and the workers name their own cluster (``local_cluster``).
+        from imgcls.local_cluster import SETUP_HOOK
+
+        ray.init(address="local", num_cpus=num_cpus, logging_level=level,
+                 runtime_env={"worker_process_setup_hook": SETUP_HOOK})
     else:
         ray.init(logging_level=level)
     if not VERBOSE:

@@ -306,9 +306,24 @@ def _rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def quiet_report_logs(level: str) -> None:
+    """Gives Ray Train's "Reporting training result ..." log of every report the run's level.
+
+    RunConfig's LoggingConfig filters Ray Train's console logs by logger name ("ray.train"
+    and below), but Ray 2.60 logs each ``ray.train.report`` on a logger named by its
+    module's file path, which that filter misses: two long lines per epoch at INFO.
+    """
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray Train: nothing to adjust
+        return
+    logging.getLogger(context.__file__).setLevel(level)
+
+
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train entry point on each worker."""
     worker_start = time.perf_counter()
+    quiet_report_logs(config.get("log_level", "INFO"))
     job = JobConfig.from_dict(config["job"])
     classes: list[str] = config["classes"]
     t, m, d = job.train, job.model, job.data

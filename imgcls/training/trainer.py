@@ -332,6 +332,15 @@ def probe(job: JobConfig, data: PreparedData, use_gpu: bool) -> dict:
     return result
 
 
+def ray_train_log_level() -> str:
+    """The level of the driver's "ray.train" logger, by name, for Ray Train's LoggingConfig."""
+    import logging
+
+    level = logging.getLogger("ray.train").getEffectiveLevel()
+    return next((name for name in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+                 if getattr(logging, name) >= level), "CRITICAL")
+
+
 def build_trainer(job: JobConfig, callbacks: Optional[list] = None, data: Optional[PreparedData] = None,
                   overlap_decode: bool = False, report_placement_group: bool = False) -> tuple[ray.train.torch.TorchTrainer, dict[str, LabelledImages], list[str], str]:
     """Prepares data and the TorchTrainer for ``job``; returns (trainer, splits, classes, storage_path).
@@ -368,7 +377,7 @@ def build_trainer(job: JobConfig, callbacks: Optional[list] = None, data: Option
     # shards themselves (``shard_batches``): Ray's equal split would drop the remainder,
     # so 19 validation images on 2 workers would count as 18.
     datasets = {} if resident else {"train": cache_dataset(caches["train"])}
-
+    log_level = ray_train_log_level()
     trainer = ray.train.torch.TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -378,7 +387,7 @@ def build_trainer(job: JobConfig, callbacks: Optional[list] = None, data: Option
             "decoding": data.decoding.background,
             "splits": storage.join(data.run, SPLITS_DIR), "probe_head": probe_head,
             "init_from": job.train.init_from if job.train.init_from and not data.resuming else None,
-            "report_placement_group": report_placement_group,
+            "report_placement_group": report_placement_group, "log_level": log_level,
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=t.num_workers, use_gpu=use_gpu,
@@ -394,6 +403,11 @@ def build_trainer(job: JobConfig, callbacks: Optional[list] = None, data: Option
                 num_to_keep=t.num_to_keep, checkpoint_score_attribute="val_accuracy",
                 checkpoint_score_order="max"),
             callbacks=callbacks,
+            # The controller's and workers' Ray Train logs at the driver's level for
+            # "ray.train" (``loop.quiet_report_logs`` does the rest): `imgcls` without
+            # --verbose sets WARNING (``cli.init_ray``), so that a run shows its epoch
+            # lines, not Ray's reports of every result and checkpoint.
+            logging_config=ray.train.LoggingConfig(log_level=log_level),
         ),
         datasets=datasets,
     )

@@ -8,6 +8,7 @@ stop weak trials after ``grace_period`` epochs.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass
 
 import ray
@@ -57,6 +58,9 @@ def tune_trial(config: dict) -> None:
     """Tune function: one TorchTrainer run with the trial's parameters."""
     from imgcls.training.trainer import build_trainer
 
+    # Ray Train's logs at the level the driver set (``trainer.ray_train_log_level``), not
+    # this trial actor's default.
+    logging.getLogger("ray.train").setLevel(config.get("log_level", "INFO"))
     job = apply_trial(JobConfig.from_dict(config["job"]), config["params"],
                       name=f"{config['job']['train']['name']}-trial-{tune.get_context().get_trial_id()}")
     trainer, *_ = build_trainer(job, callbacks=[TuneReportCallback()], report_placement_group=True)
@@ -177,7 +181,7 @@ def run_tune(job: JobConfig, num_samples: int = 4, grace_period: int = 1, max_co
         # One decoded cache for all trials, built here before they start: the search
         # changes no geometry, and concurrent trials must not each build their own.
         job = dataclasses.replace(job, data=dataclasses.replace(job.data, cache_path=storage.join(run_dir, "cache")))
-    from imgcls.training.trainer import build_caches, prepare_splits, training_images
+    from imgcls.training.trainer import build_caches, prepare_splits, ray_train_log_level, training_images
 
     # The data is listed and checked once, before any trial: a bad root fails here, once.
     splits, classes = prepare_splits(job)
@@ -185,7 +189,7 @@ def run_tune(job: JobConfig, num_samples: int = 4, grace_period: int = 1, max_co
     tuner = tune.Tuner(
         # The trial only drives its trainer, whose workers hold the real resources.
         tune.with_resources(tune_trial, {"CPU": 0.01}),
-        param_space={"job": job.to_dict(), "params": space or search_space()},
+        param_space={"job": job.to_dict(), "params": space or search_space(), "log_level": ray_train_log_level()},
         tune_config=tune.TuneConfig(metric=METRIC, mode="max", scheduler=scheduler, num_samples=num_samples,
                                     max_concurrent_trials=max_concurrent, search_alg=search_alg),
         run_config=tune.RunConfig(name=f"{job.train.name}-tune", storage_path=root, callbacks=[ReleaseWorkerGroups()]),

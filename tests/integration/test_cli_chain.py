@@ -18,6 +18,8 @@ from imgcls.cli import cli
 from imgcls.config import JobConfig, ModelConfig
 from imgcls.models import create_model
 
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 pytestmark = pytest.mark.integration
 
 
@@ -90,6 +92,33 @@ def test_predict_output_is_imgcls_lines_only_unless_verbose(checkpoint_28, fmnis
     assert not re.search(r"\sINFO\s", quiet.stderr) and "labelled 200 / 200 files (100%)" in quiet.stderr
     assert re.search(r"\sINFO\s", outputs[True].stderr)  # Ray's own logs are there when asked for
     assert "labelled 200 / 200 files (100%)" in outputs[True].stderr  # on the session's cluster
+
+
+@pytest.mark.slow  # a command with its own Ray cluster: in CI, not in the quick loop
+def test_train_output_is_imgcls_lines_only(fmnist_root, tmp_path):
+    """`imgcls train` on a cluster of its own (--num-cpus) shows the devices chosen, the
+    caches, one line per epoch (from the rank-0 worker, under Ray's prefix naming it), the
+    test metrics and the summary: not Ray Train's INFO reports of every result, checkpoint
+    and worker group, nor its placement-group cleaner's warnings when it cannot watch the
+    run's controller (through the dashboard's State API)."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    cmd = [sys.executable, "-m", "imgcls.cli", "train", "--config", "jobs/configs/fashion_mnist.yaml",
+           "--root", fmnist_root, "--max-per-class", "20", "--epochs", "2", "--num-cpus", "2",
+           "--storage-path", str(tmp_path), "--name", "quiet"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout[proc.stdout.index("{"):])
+    assert summary["val"]["epoch"] == 1
+    text = proc.stdout[:proc.stdout.index("{")] + proc.stderr
+    lines = [line for line in re.sub(r"\x1b\[[0-9;]*m", "", text).splitlines() if line.strip()]
+    own = (r"devices: training runs on ", r"(train|val) cache: decoded \d+ images", r"test accuracy ",
+           r"\(RayTrainWorker pid=\d+\) epoch [12]/2  train_loss ")
+    assert [line for line in lines if not any(re.match(p, line) for p in own)] == [], text[-3000:]
+    assert sum(" epoch " in line for line in lines) == 2 and sum(line.startswith("test accuracy") for line in lines) == 1
 
 
 @pytest.fixture(scope="module")

@@ -108,6 +108,9 @@ def test_submit_train_job_to_local_head(fmnist_root, tmp_path):
         assert "succeeded" in submit.stdout, submit.stdout[-3000:] + submit.stderr[-3000:]
         # One line per epoch in the job's output (Ray Train's patched print wrote it twice).
         assert (submit.stdout + submit.stderr).count("epoch 1/1 ") == 1, submit.stdout[-3000:]
+        # and not Ray Train's INFO logs of each report and checkpoint (shown with --verbose)
+        for noise in ("Reporting training result", "Checkpoint successfully created", "Started training worker group"):
+            assert noise not in submit.stdout + submit.stderr, submit.stdout[-3000:]
         assert (runs / "submitted" / "best" / "model.pt").is_file()
         assert json.loads((runs / "submitted" / "best" / "test_metrics.json").read_text())["num_samples"] > 0
         status = subprocess.run(ray + ["job", "list", "--address", f"http://127.0.0.1:{dashboard}"],
