@@ -30,6 +30,7 @@ USER_ERRORS = (
     ("imgcls.training.trainer", "RunFolderError"),  # a run folder with checkpoints, without --resume/--overwrite
     ("imgcls.manifest", "ManifestError"),  # a labelling manifest without a path column
     ("imgcls.inference.inputs", "OutputFolderError"),  # an output folder that holds another job's output
+    ("imgcls.inference.lease", "LeaseHeldError"),  # an output folder that another job is writing
     ("imgcls.training.tune", "TrialsFailedError"),  # every trial failed: the message shows the first one's error
     ("imgcls.evaluation.review", "ReviewError"),  # predictions that cannot be reviewed as asked
     ("imgcls.evaluation.monitor", "MonitorError"),  # runs that cannot be compared
@@ -260,12 +261,14 @@ def predict(config_path, num_cpus, **flags):
     if not (cfg.model and cfg.input and cfg.output):
         raise click.UsageError("--model, --input and --output are required")
     from imgcls.inference.finished import finished_summary
+    from imgcls.inference.lease import refuse_if_held
 
     done = finished_summary(cfg)  # a rerun over a complete output: no Ray, no torch
     if done is not None:
         click.echo(f"{cfg.output} is complete: all {done['shards']} shards labelled before; nothing to do", err=True)
         echo_json(done)
         return
+    refuse_if_held(cfg.output)  # another job writes there: fail now, not after starting Ray
     # imgcls.checkpoint brings torchvision, which program.build_program needs.
     init_ray_while_importing(num_cpus, "imgcls.inference.bulk", "imgcls.checkpoint")
     from imgcls.inference.bulk import label_images

@@ -13,8 +13,11 @@ rows never reach the driver, which holds one small row per shard.
 
 A rerun with the same output skips every shard whose part exists and is complete; the
 job is done when the set of parts written equals the set planned. ``_job.json`` holds
-the inputs' hash and the model's id, so that a rerun with other inputs or another
-model is refused rather than mixed into the same output.
+the inputs' hash, the model's id and every setting that changes a row
+(``finished.fingerprint``), so that a rerun with other inputs, another model or another
+such setting is refused, naming it, rather than mixed into the same output. A job holds
+the folder's lease (``lease``) from before it deletes a killed run's leftovers to its
+end, so that a second job started meanwhile fails instead of deleting the first's files.
 """
 
 from __future__ import annotations
@@ -35,8 +38,9 @@ from imgcls import storage
 from imgcls.config import PredictConfig
 from imgcls.devices import choose_gpu, runs_here
 from imgcls.inference.decode import Decoder, DecodeShards
-from imgcls.inference.finished import JOB_FILE
+from imgcls.inference.finished import JOB_FILE, fingerprint, refusal
 from imgcls.inference.inputs import InputPlan, OutputFolderError, plan_inputs
+from imgcls.inference.lease import Lease
 from imgcls.inference.model_stage import Classifier, ModelPayload
 from imgcls.inference.pipeline import model_batch_size, pool_plan
 from imgcls.inference.program import build_program
@@ -228,29 +232,33 @@ def _shard_rows(todo: pa.Table) -> ray.data.Dataset:
     return ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 2000)))
 
 
-def _fingerprint(plan, payload: ModelPayload, cfg: PredictConfig) -> dict:
-    return {"inputs_sha256": plan.sha256, "files": plan.files, "shards": plan.shards,
-            "files_per_shard": cfg.files_per_shard, "model_id": payload.model_id, "model": cfg.model,
-            "runtime": cfg.runtime, "embeddings": cfg.embeddings, "top_k": cfg.top_k,
-            "columns": output_schema(cfg.embeddings).names}  # parts of another schema do not mix
+def _fingerprint(plan: InputPlan, payload: ModelPayload, cfg: PredictConfig) -> dict:
+    return fingerprint({"sha256": plan.sha256, "files": plan.files, "shards": plan.shards}, payload.model_id, cfg)
 
 
 def label_images(cfg: PredictConfig) -> LabelSummary:
-    """Labels every input of ``cfg`` on the running Ray cluster and writes Parquet shards."""
+    """Labels every input of ``cfg`` on the running Ray cluster and writes Parquet shards,
+    holding the output folder's lease throughout (``lease.Lease``: a second job fails at
+    once, saying whose it is)."""
     start = time.perf_counter()
     storage.makedirs(cfg.output)
+    with Lease(cfg.output) as lease:
+        summary = _label_images(cfg, start)
+        lease.check()
+    return summary
+
+
+def _label_images(cfg: PredictConfig, start: float) -> LabelSummary:
     plan = plan_inputs(cfg.input, cfg.output, cfg.files_per_shard)
     payload = build_program(cfg.model, cfg.runtime, cfg.tta, cfg.program)
     job_uri = storage.join(cfg.output, JOB_FILE)
-    fingerprint = _fingerprint(plan, payload, cfg)
+    job = _fingerprint(plan, payload, cfg)
     if storage.exists(job_uri):
-        previous = storage.read_json(job_uri)
-        if previous != fingerprint:
-            changed = sorted(k for k in set(previous) | set(fingerprint) if previous.get(k) != fingerprint.get(k))
-            raise OutputFolderError(f"{cfg.output} holds the output of another job (differs in {changed}); "
-                                    "use a new output folder")
+        refused = refusal(cfg.output, storage.read_json(job_uri), job)
+        if refused is not None:
+            raise OutputFolderError(refused)
     else:
-        storage.write_json(job_uri, fingerprint)
+        storage.write_json(job_uri, job)
     fs, folder = storage.filesystem(cfg.output)
     for stale in fs.glob(f"{folder.rstrip('/')}/.tmp-*"):  # left by a killed run
         fs.rm(stale)

@@ -8,8 +8,8 @@ at once. Complete means what ``imgcls.inference.bulk.label_images`` would find:
   version (``imgcls.inference.inputs.plan_inputs`` refuses any other);
 - the job's fingerprint (``_job.json``) equals the one this run would write: the same
   plan, the same model (its id is the hash of the checkpoint's ``model.pt``, or of the
-  export's ``model.onnx``, as ``program.build_program`` computes it) and the same output
-  settings;
+  export's ``model.onnx``, as ``program.build_program`` computes it) and the same
+  settings, those that change a row (``ROW_SETTINGS``);
 - every planned shard has its part, and no killed run left temporary files behind.
 
 Anything else, or any failure to read these files, answers None and the job runs as
@@ -67,15 +67,88 @@ def model_id(model: str, runtime: str, tta: str = "none") -> str:
                         for m in members(model)], tta)
 
 
+# The settings (PredictConfig's fields) that change a row, recorded in ``_job.json``: a
+# rerun that differs in one is refused, never mixed into the same output. The image size
+# and the classes are the checkpoint's, recorded through ``model_id`` (its weights' hash).
+ROW_SETTINGS = (
+    "files_per_shard",  # which files share a part
+    "model", "runtime",  # the model (its weights' hash is model_id) and what runs it
+    "tta", "program", "precision",  # the scores: mirrored images averaged; traced or exported program; dtype
+    "max_pixels",  # which images are refused as decompression bombs (an error row instead of a label)
+    "gpu_decode",  # JPEGs decoded by nvjpeg or torchvision instead of PIL: other pixels, other scores
+    "top_k", "embeddings",  # the columns and their lengths
+)
+# PredictConfig's other fields, and why they are not recorded: they change where and how
+# fast rows are made, not what a row holds (a unit test checks that every field is in one
+# of the two lists).
+UNRECORDED_SETTINGS = {
+    "input": "recorded as the hash of the planned paths (inputs_sha256); the plan checks the URI",
+    "output": "the folder itself",
+    "batch_size": "images per model call; each image is labelled on its own (eval mode, BatchNorm folded)",
+    "num_actors": "how many actors label shards",
+    "use_gpu": "where the model runs; --precision 'auto' is recorded as 'auto', whose dtype follows the device "
+               "(bf16 on GPUs, float32 on CPUs): give --precision to resume a job on the other kind of device",
+    "separate_decode": "which processes decode: the same decoder, the same pixels",
+    "buffer_mb": "memory for blocks in flight",
+}
+
+
+def program_form(program: str) -> str:
+    """The form ``program.build_program`` gives a torch model for ``--program``."""
+    return "torchscript" if program == "auto" else program
+
+
 def fingerprint(plan: dict, model_id: str, cfg: PredictConfig) -> dict:
-    """What ``bulk._fingerprint`` records in ``_job.json`` for the plan ``plan`` (the
-    ``_plan.json`` record) and the model of id ``model_id`` (a unit test checks the two agree)."""
+    """What ``_job.json`` records, and a rerun must match: the plan ``plan`` (the
+    ``_plan.json`` record), the model of id ``model_id`` and ``ROW_SETTINGS``. 'auto'
+    programs are recorded as the form they make; --program and --precision as None for
+    runtime 'onnxruntime', which ignores them. ``bulk`` writes it, and ``finished_summary``
+    rebuilds it without torch."""
     from imgcls.inference.schema import output_schema  # pyarrow, no torch
 
-    return {"inputs_sha256": plan["sha256"], "files": plan["files"], "shards": plan["shards"],
-            "files_per_shard": cfg.files_per_shard, "model_id": model_id, "model": cfg.model,
-            "runtime": cfg.runtime, "embeddings": cfg.embeddings, "top_k": cfg.top_k,
-            "columns": output_schema(cfg.embeddings).names}
+    settings = {name: getattr(cfg, name) for name in ROW_SETTINGS}
+    if cfg.runtime == "torch":
+        settings["program"] = program_form(cfg.program)
+    else:
+        settings["program"] = settings["precision"] = None
+    return {"inputs_sha256": plan["sha256"], "files": plan["files"], "shards": plan["shards"], "model_id": model_id,
+            **settings, "columns": output_schema(cfg.embeddings).names}  # parts of another schema do not mix
+
+
+# How a refusal names what differs, for what is not a setting (a setting is its flag).
+_RECORDED = {"inputs_sha256": "the inputs' hash (inputs_sha256)", "files": "the number of input files",
+             "shards": "the number of shards", "model_id": "the model's weights (model_id)",
+             "columns": "the output columns"}
+
+
+def refusal(output: str, previous: dict, current: dict) -> Optional[str]:
+    """Why a job of fingerprint ``current`` may not write into ``output``, whose
+    ``_job.json`` holds ``previous``; None when they agree.
+
+    A ``_job.json`` of an older imgcls lacks settings recorded since: the settings of
+    its rows are unknown, so it is refused too, with how to go on."""
+    missing = [k for k in current if k not in previous]
+    if missing:
+        return (f"{output}/{JOB_FILE} was written by an older imgcls, which did not record "
+                f"{', '.join(_name(k) for k in missing)}: the rows already written may have been made with other "
+                f"settings. Use another --output, or, if they were made with these settings, delete "
+                f"{JOB_FILE} and run again")
+    changed = [k for k in current if previous[k] != current[k]]
+    if not changed:
+        return None
+    said = "; ".join(f"{_name(k)} was {_value(previous[k])} for the rows already written, now {_value(current[k])}"
+                     for k in changed)
+    return f"{output} holds the output of another job: {said}. Use another --output, or the same settings"
+
+
+def _name(key: str) -> str:
+    return _RECORDED.get(key, "--" + key.replace("_", "-"))
+
+
+def _value(value) -> str:
+    if value is None:
+        return "unused (runtime onnxruntime)"
+    return json.dumps(value) if isinstance(value, (bool, list)) else str(value)
 
 
 def finished_summary(cfg: PredictConfig) -> Optional[dict]:
@@ -96,7 +169,7 @@ def _finished(cfg: PredictConfig, start: float) -> Optional[dict]:
     if (plan["input"], plan["files_per_shard"], plan.get("source_stat")) != \
             (cfg.input, cfg.files_per_shard, source_stat(cfg.input)):
         return None
-    if job != fingerprint(plan, model_id(cfg.model, cfg.runtime, cfg.tta), cfg):
+    if refusal(cfg.output, job, fingerprint(plan, model_id(cfg.model, cfg.runtime, cfg.tta), cfg)) is not None:
         return None
     fs, folder = storage.filesystem(cfg.output)
     fs.invalidate_cache(folder)

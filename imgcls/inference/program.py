@@ -75,7 +75,7 @@ def build_program(model: str, runtime: str = "torch", tta: str = "none", program
     is an export folder holding ``model.onnx``.
     """
     from imgcls.checkpoint import load_checkpoint, read_model_info
-    from imgcls.inference.finished import combined_id
+    from imgcls.inference.finished import combined_id, program_form
     from imgcls.paths import members
 
     names = members(model)
@@ -95,7 +95,7 @@ def build_program(model: str, runtime: str = "torch", tta: str = "none", program
                                 f"{other.image_size} px (mean {other.mean}) against {loaded.classes} at "
                                 f"{loaded.image_size} px (mean {loaded.mean})")
     size = loaded.image_size
-    form = "torchscript" if program == "auto" else program
+    form = program_form(program)
     made = save_program(inference_network([m.model for m in loaded_all], size, tta), size, form, model)
     return ModelPayload("torch", made, tuple(loaded.classes), size, tuple(loaded.mean), tuple(loaded.std),
                         combined_id([m.model_id for m in loaded_all], tta), form=form)
