@@ -2,8 +2,10 @@
 
 import dataclasses
 import io
+import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import tarfile
@@ -22,7 +24,7 @@ from imgcls.inference.bulk import label_images, labels_here
 from imgcls.checkpoint import load_checkpoint, save_checkpoint
 from imgcls.config import JobConfig, ModelConfig, PredictConfig
 from imgcls.preprocess import ClassificationPresetEval, decode_image, to_chw_tensor
-from imgcls.inference.inputs import plan_inputs
+from imgcls.inference.inputs import OutputFolderError, plan_inputs
 from imgcls.models import create_model
 from imgcls.inference.pipeline import pool_plan
 
@@ -282,15 +284,89 @@ def test_two_runs_over_the_same_damaged_files_give_the_same_error_rows(ray_clust
                                                              "too-large": 1, "unsupported": 1}
 
 
-@pytest.mark.slow  # several pipelines or processes: in CI, not in the quick loop
-def test_killed_job_resumes_without_redoing_or_duplicating(ray_cluster, checkpoint, dogs_cats_root, tmp_path):
-    """800 real photos in 16 shards of 50: the job is killed once 3 parts are written;
-    the rerun writes the rest and leaves the parts already written as they were."""
-    photos = tmp_path / "photos"
+def test_reruns_resume_only_with_the_settings_of_the_rows_written(ray_cluster, checkpoint, bad_corpus, tmp_path,
+                                                                   capsys):
+    """A dead job's stale lease is taken over with a warning. A rerun with another
+    --precision or --max-pixels is refused, naming the setting, and deletes nothing; the
+    same settings resume: only the missing part is labelled, one row per input."""
+    out = tmp_path / "out"
+    out.mkdir()
+    dead = {"job_id": "job-dead", "host": "pod-1", "pid": 1, "started": 0.0, "heartbeat": time.time() - 120}
+    (out / "_lease.json").write_text(json.dumps(dead))
+    cfg = PredictConfig(model=checkpoint, input=str(bad_corpus), output=str(out), files_per_shard=4, precision="fp32")
+    first = label_images(cfg)
+    assert f"warning: taking over the lease of {out} from labelling job job-dead (pid 1 on host pod-1), which looks " \
+           "dead: its last heartbeat was 120 s ago" in capsys.readouterr().err
+    assert first.rows == first.files and not (out / "_lease.json").exists()
+    (out / "part-000001.parquet").unlink()
+    (out / ".tmp-killed-part-000001.parquet").write_bytes(b"")  # what a killed run leaves
+    for change, said in ((dict(precision="bf16"), "--precision was fp32 for the rows already written, now bf16"),
+                         (dict(max_pixels=10**6), "--max-pixels was 64000000 for the rows already written, now 1000000")):
+        with pytest.raises(OutputFolderError, match=re.escape(f"{out} holds the output of another job: {said}. Use "
+                                                              "another --output, or the same settings")):
+            label_images(dataclasses.replace(cfg, **change))
+        assert (out / ".tmp-killed-part-000001.parquet").exists() and not (out / "_lease.json").exists()
+    again = label_images(cfg)
+    assert (again.shards_skipped, again.rows) == (first.shards - 1, first.rows)
+    df = read_output(out)
+    assert sorted(df["path"]) == sorted(str(p) for p in bad_corpus.rglob("*") if p.is_file())
+    assert not [p for p in os.listdir(out) if p.startswith(".tmp") or p == "_lease.json"]
+
+
+def link_photos(dogs_cats_root, folder, per_class: int):
+    """``per_class`` real photos of each class under ``folder``, as hard links."""
     for label in ("cat", "dog"):
-        (photos / label).mkdir(parents=True)
-        for name in sorted(os.listdir(os.path.join(dogs_cats_root, label)))[:400]:
-            os.link(os.path.join(dogs_cats_root, label, name), photos / label / name)
+        (folder / label).mkdir(parents=True)
+        for name in sorted(os.listdir(os.path.join(dogs_cats_root, label)))[:per_class]:
+            os.link(os.path.join(dogs_cats_root, label, name), folder / label / name)
+
+
+@pytest.mark.slow  # two imgcls predict processes
+def test_a_second_job_into_the_same_output_fails_at_once_and_the_first_finishes(ray_address, checkpoint,
+                                                                                dogs_cats_root, tmp_path):
+    """Two real ``imgcls predict`` jobs into one output folder, as when KubeRay resubmits
+    a job whose driver still runs: the second fails at once, naming the first's job id,
+    pid and host, while the first still labels, and deletes none of its files; the first
+    finishes with one row per input and removes its lease."""
+    photos, out = tmp_path / "photos", tmp_path / "out"
+    link_photos(dogs_cats_root, photos, 300)
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ADDRESS": ray_address}
+    # An actor pool (--num-actors), not this process's thread: the first job holds its
+    # lease for the seconds its actor takes to start, at least.
+    args = ["--model", checkpoint, "--input", str(photos), "--output", str(out), "--files-per-shard", "50",
+            "--batch-size", "16", "--num-actors", "1"]
+    log = open(tmp_path / "first.log", "wb")
+    first = subprocess.Popen([sys.executable, "-m", "imgcls.cli", "predict", *args], stdout=log, stderr=log, env=env)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not (out / "_lease.json").exists():
+            assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+            time.sleep(0.1)
+        lease = json.loads((out / "_lease.json").read_text())
+        began = time.monotonic()
+        second = subprocess.run([sys.executable, "-m", "imgcls.cli", "predict", *args], capture_output=True,
+                                text=True, env=env, timeout=120)
+        assert second.returncode == 2 and time.monotonic() - began < 60, second.stderr
+        assert first.poll() is None, "the first job should still be labelling"
+        assert second.stderr.startswith(f"imgcls predict: error: {out} is being written by labelling job "
+                                        f"{lease['job_id']} (pid {first.pid} on host {socket.gethostname()}, ")
+        assert first.wait(timeout=300) == 0, (tmp_path / "first.log").read_text()[-3000:]
+    finally:
+        if first.poll() is None:
+            first.kill()
+    df = read_output(out)
+    assert len(df) == 600 and df["path"].is_unique and (df.status == "ok").all()
+    assert not [p for p in os.listdir(out) if p.startswith(".tmp") or p == "_lease.json"]
+
+
+@pytest.mark.slow  # several pipelines or processes: in CI, not in the quick loop
+def test_killed_job_resumes_without_redoing_or_duplicating(ray_cluster, checkpoint, dogs_cats_root, tmp_path,
+                                                           capsys):
+    """800 real photos in 16 shards of 50: the job is killed once 3 parts are written;
+    the rerun takes over the killed job's lease at once, writes the rest and leaves the
+    parts already written as they were."""
+    photos = tmp_path / "photos"
+    link_photos(dogs_cats_root, photos, 400)
     out = tmp_path / "out"
     args = ["--model", checkpoint, "--input", str(photos), "--output", str(out), "--files-per-shard", "50",
             "--num-cpus", "1", "--batch-size", "16"]
@@ -316,7 +392,9 @@ def test_killed_job_resumes_without_redoing_or_duplicating(ray_cluster, checkpoi
     for p in done_before:  # whatever is visible is a complete shard
         assert len(pq.read_table(out / p)) == 50
 
+    capsys.readouterr()
     summary = label_images(PredictConfig(model=checkpoint, input=str(photos), output=str(out), files_per_shard=50))
+    assert "is gone from this host" in capsys.readouterr().err  # its lease, taken over without waiting
     assert summary.shards_skipped == len(done_before)
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet") if p.name in done_before} == done_before
     df = read_output(out)
