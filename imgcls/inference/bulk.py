@@ -61,6 +61,7 @@ from imgcls.progress import eta_text
 
 SUMMARY_FILE = "_summary.json"
 MODEL_DIR = "_model"  # the prepared model program the actors load
+AUTO_PRECISION_ON = "auto_precision_on"  # in _job.json: 'GPUs' or 'CPUs', whose dtype --precision auto gave the rows
 
 
 @dataclass
@@ -236,6 +237,25 @@ def _fingerprint(plan: InputPlan, payload: ModelPayload, cfg: PredictConfig) -> 
     return fingerprint({"sha256": plan.sha256, "files": plan.files, "shards": plan.shards}, payload.model_id, cfg)
 
 
+def _record_auto_precision(cfg: PredictConfig, job_uri: str, use_gpu: bool, resumes: bool) -> None:
+    """--precision 'auto' is bf16 on GPUs (fp16 on those without it) and float32 on CPUs:
+    ``_job.json`` also records which kind of device made the rows (``AUTO_PRECISION_ON``),
+    and a resume on the other kind is refused, as another --precision would be."""
+    if cfg.precision != "auto" or cfg.runtime != "torch":
+        return
+    job = storage.read_json(job_uri)
+    before, now = job.get(AUTO_PRECISION_ON), "GPUs" if use_gpu else "CPUs"
+    if before == now:
+        return
+    if before is not None and resumes:
+        dtypes = {"GPUs": "bf16, or fp16 on GPUs without it", "CPUs": "fp32"}
+        flag = "--use-gpu" if before == "GPUs" else "--no-use-gpu"
+        raise OutputFolderError(f"--precision auto made the rows already written in {cfg.output} on {before} "
+                                f"({dtypes[before]}); here it would run on {now} ({dtypes[now]}): resume on {before} "
+                                f"({flag}), or use another --output")
+    storage.write_json(job_uri, {**job, AUTO_PRECISION_ON: now})
+
+
 def label_images(cfg: PredictConfig) -> LabelSummary:
     """Labels every input of ``cfg`` on the running Ray cluster and writes Parquet shards,
     holding the output folder's lease throughout (``lease.Lease``: a second job fails at
@@ -271,6 +291,7 @@ def _label_images(cfg: PredictConfig, start: float) -> LabelSummary:
         payload = payload.stored(storage.join(cfg.output, MODEL_DIR, f"{payload.model_id}.bin"))
         use_gpu = choose_gpu(cfg.use_gpu, gpus=cfg.num_actors or 1, what="labelling")
         pools = pool_plan(use_gpu, cfg.num_actors, cfg.separate_decode)
+        _record_auto_precision(cfg, job_uri, pools["use_gpu"], resumes=bool(skip))
         cfg = dataclasses.replace(cfg, batch_size=model_batch_size(cfg.batch_size, pools["use_gpu"]))
         if cfg.gpu_decode and pools["decode"] is None:
             print("--gpu-decode does nothing here: without a separate decode pool (GPUs, or --separate-decode) "

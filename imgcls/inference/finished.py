@@ -86,8 +86,8 @@ UNRECORDED_SETTINGS = {
     "output": "the folder itself",
     "batch_size": "images per model call; each image is labelled on its own (eval mode, BatchNorm folded)",
     "num_actors": "how many actors label shards",
-    "use_gpu": "where the model runs; --precision 'auto' is recorded as 'auto', whose dtype follows the device "
-               "(bf16 on GPUs, float32 on CPUs): give --precision to resume a job on the other kind of device",
+    "use_gpu": "where the model runs; but --precision 'auto' follows the device (bf16 on GPUs, float32 on CPUs), so "
+               "bulk also records the kind of device that made the rows then, and refuses a resume on the other",
     "separate_decode": "which processes decode: the same decoder, the same pixels",
     "buffer_mb": "memory for blocks in flight",
 }

@@ -287,25 +287,36 @@ def test_two_runs_over_the_same_damaged_files_give_the_same_error_rows(ray_clust
 def test_reruns_resume_only_with_the_settings_of_the_rows_written(ray_cluster, checkpoint, bad_corpus, tmp_path,
                                                                    capsys):
     """A dead job's stale lease is taken over with a warning. A rerun with another
-    --precision or --max-pixels is refused, naming the setting, and deletes nothing; the
-    same settings resume: only the missing part is labelled, one row per input."""
+    --precision or --max-pixels is refused, naming the setting, and deletes nothing; so
+    is a resume with --precision auto on the other kind of device (GPUs here, as a GPU job
+    records it). The same settings resume: only the missing part is labelled, one row per input."""
     out = tmp_path / "out"
     out.mkdir()
     dead = {"job_id": "job-dead", "host": "pod-1", "pid": 1, "started": 0.0, "heartbeat": time.time() - 120}
     (out / "_lease.json").write_text(json.dumps(dead))
-    cfg = PredictConfig(model=checkpoint, input=str(bad_corpus), output=str(out), files_per_shard=4, precision="fp32")
+    cfg = PredictConfig(model=checkpoint, input=str(bad_corpus), output=str(out), files_per_shard=4, use_gpu=False)
     first = label_images(cfg)
     assert f"warning: taking over the lease of {out} from labelling job job-dead (pid 1 on host pod-1), which looks " \
            "dead: its last heartbeat was 120 s ago" in capsys.readouterr().err
     assert first.rows == first.files and not (out / "_lease.json").exists()
+    job = json.loads((out / "_job.json").read_text())
+    assert (job["precision"], job["auto_precision_on"], job["program"], job["max_pixels"]) == (
+        "auto", "CPUs", "torchscript", 64_000_000)
     (out / "part-000001.parquet").unlink()
     (out / ".tmp-killed-part-000001.parquet").write_bytes(b"")  # what a killed run leaves
-    for change, said in ((dict(precision="bf16"), "--precision was fp32 for the rows already written, now bf16"),
+    for change, said in ((dict(precision="fp32"), "--precision was auto for the rows already written, now fp32"),
                          (dict(max_pixels=10**6), "--max-pixels was 64000000 for the rows already written, now 1000000")):
         with pytest.raises(OutputFolderError, match=re.escape(f"{out} holds the output of another job: {said}. Use "
                                                               "another --output, or the same settings")):
             label_images(dataclasses.replace(cfg, **change))
         assert (out / ".tmp-killed-part-000001.parquet").exists() and not (out / "_lease.json").exists()
+    (out / "_job.json").write_text(json.dumps({**job, "auto_precision_on": "GPUs"}))
+    with pytest.raises(OutputFolderError, match=re.escape(
+            f"--precision auto made the rows already written in {out} on GPUs (bf16, or fp16 on GPUs without it); "
+            "here it would run on CPUs (fp32): resume on GPUs (--use-gpu), or use another --output")):
+        label_images(cfg)
+    assert not (out / "part-000001.parquet").exists()
+    (out / "_job.json").write_text(json.dumps(job))
     again = label_images(cfg)
     assert (again.shards_skipped, again.rows) == (first.shards - 1, first.rows)
     df = read_output(out)
