@@ -4,14 +4,15 @@ A run starts by clearing what a killed run left: ``.tmp-*`` parts, ``_staging/``
 half-written plan. Done while another job writes there, that deletes the other job's
 parts before their renames, as when KubeRay's ``backoffLimit`` resubmits a job whose
 first driver still runs. So a job first takes the lease: a small JSON file with its
-job id, host, pid, start time and a heartbeat that a thread rewrites every
+job id, host, pid, boot id, start time and a heartbeat that a thread rewrites every
 ``HEARTBEAT_S`` seconds.
 
 - A lease whose heartbeat is less than ``STALE_S`` old is a live job's: a second job
   fails at once, before it deletes anything, saying whose the lease is and in how many
   seconds it goes stale if that job is dead (a driver pod that died).
 - An older lease is a dead job's: it is taken over, with a warning. So is a lease of
-  this very host whose process is gone (a rerun right after ``kill -9`` need not wait).
+  this very machine (its host name and boot id) whose process is gone: a rerun right
+  after ``kill -9`` need not wait.
 - The job removes its lease when it ends, also on an error, on Ctrl-C and on SIGTERM
   (which Ray's driver, or else the lease itself, turns into SystemExit), so that a rerun
   right after is not blocked.
@@ -79,6 +80,16 @@ def read_lease(output: str) -> Optional[dict]:
             return {"job_id": "?", "host": "?", "pid": -1, "started": written, "heartbeat": written}
 
 
+def _boot_id() -> Optional[str]:
+    """This kernel's boot id (Linux): with the host name, it tells that a lease's pid is of
+    this very machine, where two machines share a host name."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -94,7 +105,8 @@ def stale_reason(lease: dict, stale_s: float = STALE_S, now: Optional[float] = N
     age = (time.time() if now is None else now) - float(lease["heartbeat"])
     if age >= stale_s:
         return f"its last heartbeat was {age:.0f} s ago (stale after {stale_s:.0f} s)"
-    if lease["host"] == socket.gethostname() and not _pid_alive(int(lease["pid"])):
+    here = lease["host"] == socket.gethostname() and lease.get("boot_id") == _boot_id()
+    if here and not _pid_alive(int(lease["pid"])):
         return f"its process {lease['pid']} is gone from this host"
     return None
 
@@ -141,7 +153,7 @@ class Lease:
         self.output, self.uri = output, storage.join(output, LEASE_FILE)
         now = time.time()
         self.record = {"job_id": job_id or uuid.uuid4().hex[:12], "host": socket.gethostname(), "pid": os.getpid(),
-                       "started": now, "heartbeat": now}
+                       "boot_id": _boot_id(), "started": now, "heartbeat": now}
         self.heartbeat_s, self.stale_s, self.say = heartbeat_s, stale_s, say
         self.taken_by: Optional[dict] = None  # the lease of the job that took ours while we ran
         self._stop = threading.Event()

@@ -118,11 +118,15 @@ def test_the_lease_of_a_process_gone_from_this_host_is_taken_over_at_once(tmp_pa
     once, without waiting for it to go stale."""
     monkeypatch.setattr(lease, "CONFIRM_S", 0.2)
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    write_lease(tmp_path, host=socket.gethostname(), pid=int(dead.stdout))
+    write_lease(tmp_path, host=socket.gethostname(), pid=int(dead.stdout), boot_id=lease._boot_id())
     said = []
     with Lease(str(tmp_path), say=said.append):
         pass
     assert len(said) == 1 and f"its process {int(dead.stdout)} is gone from this host" in said[0]
+    # Another machine of the same host name: its pid says nothing here; the lease is fresh.
+    write_lease(tmp_path, host=socket.gethostname(), pid=int(dead.stdout), boot_id="another-machine")
+    with pytest.raises(LeaseHeldError, match="job-dead"):
+        Lease(str(tmp_path)).acquire()
 
 
 def test_the_heartbeat_keeps_the_lease_fresh_and_notices_a_takeover(tmp_path):
