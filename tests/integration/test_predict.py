@@ -5,6 +5,7 @@ import io
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -332,6 +333,17 @@ def link_photos(dogs_cats_root, folder, per_class: int):
             os.link(os.path.join(dogs_cats_root, label, name), folder / label / name)
 
 
+def start_labelling(args: list, env: dict, out, log) -> subprocess.Popen:
+    """A real ``imgcls predict`` process, once it holds the lease of ``out``."""
+    proc = subprocess.Popen([sys.executable, "-m", "imgcls.cli", "predict", *args], stdout=open(log, "wb"),
+                            stderr=subprocess.STDOUT, env=env)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (out / "_lease.json").exists():
+        assert proc.poll() is None, open(log).read()[-3000:]
+        time.sleep(0.1)
+    return proc
+
+
 @pytest.mark.slow  # two imgcls predict processes
 def test_a_second_job_into_the_same_output_fails_at_once_and_the_first_finishes(ray_address, checkpoint,
                                                                                 dogs_cats_root, tmp_path):
@@ -346,13 +358,8 @@ def test_a_second_job_into_the_same_output_fails_at_once_and_the_first_finishes(
     # lease for the seconds its actor takes to start, at least.
     args = ["--model", checkpoint, "--input", str(photos), "--output", str(out), "--files-per-shard", "50",
             "--batch-size", "16", "--num-actors", "1"]
-    log = open(tmp_path / "first.log", "wb")
-    first = subprocess.Popen([sys.executable, "-m", "imgcls.cli", "predict", *args], stdout=log, stderr=log, env=env)
+    first = start_labelling(args, env, out, tmp_path / "first.log")
     try:
-        deadline = time.time() + 300
-        while time.time() < deadline and not (out / "_lease.json").exists():
-            assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-            time.sleep(0.1)
         lease = json.loads((out / "_lease.json").read_text())
         began = time.monotonic()
         second = subprocess.run([sys.executable, "-m", "imgcls.cli", "predict", *args], capture_output=True,
@@ -368,6 +375,28 @@ def test_a_second_job_into_the_same_output_fails_at_once_and_the_first_finishes(
     df = read_output(out)
     assert len(df) == 600 and df["path"].is_unique and (df.status == "ok").all()
     assert not [p for p in os.listdir(out) if p.startswith(".tmp") or p == "_lease.json"]
+
+
+@pytest.mark.slow  # an imgcls predict process
+def test_a_job_stopped_by_sigterm_leaves_no_lease_and_a_rerun_resumes_at_once(ray_address, checkpoint,
+                                                                               dogs_cats_root, tmp_path, capsys):
+    """SIGTERM (a pod's stop, ``kill``) to a labelling driver: it ends through Ray's
+    handler and its ``finally``, removing its lease, so that a rerun right after resumes
+    without waiting for the lease to go stale."""
+    photos, out = tmp_path / "photos", tmp_path / "out"
+    link_photos(dogs_cats_root, photos, 200)
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ADDRESS": ray_address}
+    args = ["--model", checkpoint, "--input", str(photos), "--output", str(out), "--files-per-shard", "50",
+            "--batch-size", "16", "--num-actors", "1"]
+    job = start_labelling(args, env, out, tmp_path / "job.log")
+    job.send_signal(signal.SIGTERM)
+    assert job.wait(timeout=120) != 0
+    assert not (out / "_lease.json").exists(), (tmp_path / "job.log").read_text()[-3000:]
+    capsys.readouterr()
+    summary = label_images(PredictConfig(model=checkpoint, input=str(photos), output=str(out), files_per_shard=50))
+    assert "taking over" not in capsys.readouterr().err
+    df = read_output(out)
+    assert summary.rows == len(df) == 400 and df["path"].is_unique
 
 
 @pytest.mark.slow  # several pipelines or processes: in CI, not in the quick loop
