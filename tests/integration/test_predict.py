@@ -21,6 +21,7 @@ from conftest import add_tar_member, requires_gpu
 from PIL import Image
 
 import imgcls.devices
+import imgcls.inference.lease
 from imgcls.inference.bulk import label_images, labels_here
 from imgcls.checkpoint import load_checkpoint, save_checkpoint
 from imgcls.config import JobConfig, ModelConfig, PredictConfig
@@ -286,11 +287,12 @@ def test_two_runs_over_the_same_damaged_files_give_the_same_error_rows(ray_clust
 
 
 def test_reruns_resume_only_with_the_settings_of_the_rows_written(ray_cluster, checkpoint, bad_corpus, tmp_path,
-                                                                   capsys):
+                                                                   capsys, monkeypatch):
     """A dead job's stale lease is taken over with a warning. A rerun with another
     --precision or --max-pixels is refused, naming the setting, and deletes nothing; so
     is a resume with --precision auto on the other kind of device (GPUs here, as a GPU job
     records it). The same settings resume: only the missing part is labelled, one row per input."""
+    monkeypatch.setattr(imgcls.inference.lease, "CONFIRM_S", 0.2)  # the wait of a takeover, 2 s
     out = tmp_path / "out"
     out.mkdir()
     dead = {"job_id": "job-dead", "host": "pod-1", "pid": 1, "started": 0.0, "heartbeat": time.time() - 120}
