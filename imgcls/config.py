@@ -337,7 +337,7 @@ class ServeConfig:
     (with ``timestamp`` and ``request_id``), in Parquet parts each replica writes;
     ``imgcls monitor --current`` and ``imgcls review --predictions`` read it."""
     log_images: bool = False
-    """Also keep each request's image under LOG_DIR/images/; the row's path names it."""
+    """Also keep each request's image under LOG_DIR/_images/; the row's path names it."""
     log_flush_rows: int = 1000
     """A replica writes its buffered log rows as a part once it holds this many..."""
     log_flush_s: float = 30.0

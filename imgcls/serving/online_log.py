@@ -12,7 +12,7 @@ the way: replicas on many nodes write side by side. A part is written once the b
 holds ``flush_rows`` rows or its oldest row is ``flush_s`` old, when the model changes
 (a part holds one model's rows) and when the replica stops.
 
-With ``images``, each request's bytes are kept under ``LOG_DIR/images/`` and the row's
+With ``images``, each request's bytes are kept under ``LOG_DIR/_images/`` and the row's
 path names that file (``review``'s contact sheet then shows it); without, the path is
 ``request:{request_id}``: the server never names a client's file, as it never reads one.
 """
@@ -31,7 +31,7 @@ from imgcls.inference.schema import output_schema
 
 COL_TIMESTAMP = "timestamp"
 COL_REQUEST_ID = "request_id"
-IMAGES_DIR = "images"
+IMAGES_DIR = "_images"  # "_": Parquet dataset readers skip it when they read the log
 
 
 def log_schema() -> pa.Schema:
