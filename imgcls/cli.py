@@ -457,11 +457,14 @@ def serve(config_path, num_cpus, detach, update, shutdown, write_config, **flags
     if write_config:
         import yaml
 
-        deploy.check_access(cfg, token)
+        if not (deploy.is_loopback(cfg.host) or token or cfg.insecure):
+            click.echo(f"imgcls serve: the replicas will refuse to start on {cfg.host} unless {deploy.TOKEN_ENV} is "
+                       "set in the nodes' environment (see cluster/kuberay/rayservice.yaml)", err=True)
         with open(write_config, "w") as f:
             yaml.safe_dump(deploy.serve_config(cfg, token), f, sort_keys=False)
         click.echo(write_config)
         return
+    warning = None if (update or shutdown) else deploy.check_access(cfg, token)  # before Ray starts
     if update or shutdown or detach:  # these act on a running cluster, never start one
         import ray
 
@@ -475,11 +478,9 @@ def serve(config_path, num_cpus, detach, update, shutdown, write_config, **flags
         click.echo(f"imgcls serve: {cfg.name} stopped", err=True)
         return
     if update:
-        deploy.deployed(cfg.name)  # refuses an unknown name before anything changes
         deploy.update(cfg.name, deploy.user_config(cfg))
         click.echo(f"imgcls serve: {cfg.name} now answers with {cfg.model}", err=True)
         return
-    warning = deploy.check_access(cfg, token)
     if warning:
         click.secho(warning, err=True, fg="red", bold=True)
     if not detach:

@@ -33,8 +33,10 @@ import asyncio
 import base64
 import hashlib
 import hmac
+import ipaddress
 import json
 import logging
+import os
 import struct
 import uuid
 from dataclasses import dataclass
@@ -54,6 +56,7 @@ STATUS_FOR_ERROR = {ERROR_TOO_LARGE: 413, ERROR_UNSUPPORTED: 415, ERROR_DECODE: 
 BAD_REQUEST = "request"  # the error_type of a malformed request (no image in it, bad JSON)
 V2_PLATFORM = {"torch": "pytorch_torchscript", "onnxruntime": "onnxruntime_onnx"}
 V2_BINARY_HEADER = "inference-header-content-length"  # the binary-data extension's header
+TOKEN_ENV = "IMGCLS_SERVE_TOKEN"
 
 app = FastAPI(title="imgcls", docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -168,6 +171,15 @@ def load_model(config: dict, settings: dict) -> Loaded:
     return Loaded(model, runtime, payload.model_id, payload.classes, payload.image_size, decoder, classifier)
 
 
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def token_digest(token: str) -> str:
     """What the replicas hold of the bearer token: its SHA-256, not the token."""
     return hashlib.sha256(token.encode()).hexdigest()
@@ -179,9 +191,11 @@ class ImageClassifier:
     """One replica: the model, the request batcher, the online log and the counters.
 
     ``settings`` (fixed for the deployment's life): top_k, max_batch_size,
-    batch_wait_ms, max_body_mb, max_pixels, precision, threads, use_gpu, name,
-    token_sha256 (None: no token asked), log_dir, log_images, log_flush_rows,
-    log_flush_s. The model comes with ``reconfigure``.
+    batch_wait_ms, max_body_mb, max_pixels, precision, threads, use_gpu, name, host,
+    insecure, token_sha256 (None: the token of the replica's IMGCLS_SERVE_TOKEN, or
+    none), log_dir, log_images, log_flush_rows, log_flush_s. The model comes with
+    ``reconfigure``. A replica behind a non-loopback host with no token refuses to start
+    unless ``insecure``.
     """
 
     def __init__(self, settings: dict):
@@ -192,7 +206,13 @@ class ImageClassifier:
         self.settings = settings
         self.name = settings["name"]
         self.max_body = int(settings["max_body_mb"] * 1024 * 1024)
-        self.token_sha256 = settings.get("token_sha256")
+        # The token: its digest in the config (imgcls serve's own deploy), or the replica's
+        # environment (a Kubernetes Secret in cluster/kuberay/rayservice.yaml).
+        token = os.environ.get(TOKEN_ENV)
+        self.token_sha256 = settings.get("token_sha256") or (token_digest(token) if token else None)
+        if self.token_sha256 is None and not (is_loopback(settings["host"]) or settings["insecure"]):
+            raise RuntimeError(f"refusing to serve on {settings['host']} without a token: set {TOKEN_ENV} in the "
+                               "nodes' environment, or deploy with --insecure")
         self.loaded: Optional[Loaded] = None
         self.log = OnlineLog(settings["log_dir"], settings["log_flush_rows"], settings["log_flush_s"],
                              settings["log_images"]) if settings.get("log_dir") else None

@@ -11,33 +11,22 @@ random version, and so new replicas.
 
 from __future__ import annotations
 
-import ipaddress
 import time
 from dataclasses import asdict
 from typing import Optional
 
 from imgcls.config import ServeConfig
-from imgcls.serving.app import DEPLOYMENT, token_digest
+from imgcls.serving.app import DEPLOYMENT, TOKEN_ENV, is_loopback, token_digest
 
 IMPORT_PATH = "imgcls.serving.app:build"
-TOKEN_ENV = "IMGCLS_SERVE_TOKEN"
 RETRY_AFTER_S = 1  # the Retry-After of a 503 when the queue is full
 # Replica settings taken from ServeConfig as they are (see app.ImageClassifier).
-SETTINGS = ("name", "top_k", "precision", "threads", "use_gpu", "max_batch_size", "batch_wait_ms", "max_body_mb",
+SETTINGS = ("name", "host", "insecure", "top_k", "precision", "threads", "use_gpu", "max_batch_size", "batch_wait_ms", "max_body_mb",
             "max_pixels", "log_dir", "log_images", "log_flush_rows", "log_flush_s")
 
 
 class ServeError(ValueError):
     """``imgcls serve`` cannot do as asked; the message says why."""
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def check_access(cfg: ServeConfig, token: Optional[str]) -> Optional[str]:
@@ -116,15 +105,6 @@ def deploy(config: dict, timeout_s: float = 300) -> None:
     apps = {**_deployed_configs(client), ours["name"]: ours}
     client.deploy_apps(ServeDeploySchema.model_validate({**config, "applications": list(apps.values())}))
     wait_running(ours["name"], ours["deployments"][0]["user_config"], timeout_s)
-
-
-def deployed(name: str) -> dict:
-    """The config of the application ``name`` as deployed (to update it)."""
-    configs = _deployed_configs(_client())
-    if name not in configs:
-        raise ServeError(f"no imgcls serve application named {name!r} runs on this Ray cluster "
-                         f"(running: {sorted(configs) or 'none'})")
-    return configs[name]
 
 
 def update(name: str, new_user_config: dict, timeout_s: float = 300) -> dict:
