@@ -1,3 +1,9 @@
-"""Real-time classification: ``imgcls serve`` on Ray Serve (``app``: the deployment and its
-HTTP endpoints; ``deploy``: its config, updates and shutdown; ``online_log``: the
-predictions rows the replicas write for ``monitor`` and ``review``)."""
+"""Serving: images sent over HTTP in, one answer per image out (``imgcls serve``).
+
+In: a checkpoint (or an ensemble, or an ONNX export) and requests carrying image bytes.
+``deploy`` builds the Serve config and deploys it (updates change only its model);
+``app`` is the deployment each replica runs: the bulk path's decode and model program
+(``inference.decode``, ``inference.program``, ``inference.model_stage``) behind
+``serve.batch``, with the /v1 and Open Inference Protocol endpoints. Out: JSON answers,
+and with a log folder, predictions rows (``online_log``) that ``monitor`` and ``review`` read.
+"""

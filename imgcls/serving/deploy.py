@@ -146,9 +146,13 @@ def wait_running(name: str, want_user_config: dict, timeout_s: float) -> None:
 
 
 def shutdown(name: str) -> None:
-    """Deletes the application ``name``; its replicas write their buffered log rows."""
+    """Deletes the application ``name`` (its replicas write their buffered log rows); when
+    it was the last one, stops Serve too, so that its proxy frees the port."""
     from ray import serve
 
-    if name not in _deployed_configs(_client()):
+    client = _client()
+    if name not in _deployed_configs(client):
         raise ServeError(f"no imgcls serve application named {name!r} runs on this Ray cluster")
     serve.delete(name)
+    if not client.get_serve_details().get("applications"):
+        serve.shutdown()

@@ -76,6 +76,7 @@ def served(ray_cluster, dogs_cats_root, tmp_path_factory):
     cfg = ServeConfig(model=models[0], port=port, num_replicas="1", replica_cpus=0.25, threads=1,
                       max_batch_size=8, batch_wait_ms=5, max_ongoing_requests=8, max_queued_requests=16,
                       max_body_mb=2, log_dir=str(folder / "log"), log_images=True, log_flush_s=1)
+    serve.shutdown()  # a Serve left running on the cluster would keep its own port
     deploy.deploy(deploy.serve_config(cfg, TOKEN))
     yield Served(f"http://127.0.0.1:{port}", models, cfg.log_dir, sorted(str(p) for p in photos.iterdir()))
     serve.shutdown()
