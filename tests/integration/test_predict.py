@@ -17,8 +17,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import add_tar_member, requires_gpu
-from PIL import Image
+from conftest import EXPECTED_ERRORS, add_tar_member, photo, requires_gpu
 
 import imgcls.devices
 import imgcls.inference.lease
@@ -43,41 +42,6 @@ def checkpoint(tmp_path_factory):
     return folder
 
 
-def photo(dogs_cats_root, i=0):
-    name = sorted(os.listdir(os.path.join(dogs_cats_root, "cat")))[i]
-    return Image.open(os.path.join(dogs_cats_root, "cat", name)).convert("RGB")
-
-
-@pytest.fixture(scope="module")
-def bad_corpus(tmp_path_factory, dogs_cats_root):
-    """Real photos in every awkward variant, plus files that are not usable images."""
-    root = tmp_path_factory.mktemp("corpus")
-    (root / "nested" / "deeper").mkdir(parents=True)
-    img = photo(dogs_cats_root).resize((96, 64))
-    img.save(root / "plain.jpg", quality=90)
-    img.save(root / "plain.png")
-    img.convert("CMYK").save(root / "cmyk.jpg")
-    img.convert("L").save(root / "nested" / "gray.png")
-    img.convert("RGBA").save(root / "rgba.png")
-    Image.fromarray((np.asarray(img.convert("L"), np.uint16) * 257)).save(root / "deep16.png")
-    exif = img.getexif()
-    exif[0x0112] = 6
-    img.save(root / "nested" / "rotated.jpg", exif=exif)
-    img.save(root / "nested" / "deeper" / "image.webp")
-    Image.new("L", (9000, 9000)).save(root / "bomb.png")  # 81 Mpx, over the 64 Mpx limit
-    full = (root / "plain.jpg").read_bytes()
-    (root / "truncated.jpg").write_bytes(full[: len(full) // 3])
-    (root / "zero.jpg").write_bytes(b"")
-    (root / "notes.txt").write_text("not an image")
-    (root / "fake.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
-    # An iPhone photo's first bytes: PIL has no HEIF reader.
-    (root / "photo.heic").write_bytes(b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(500))
-    return root
-
-
-# The error_type of each damaged file of bad_corpus.
-EXPECTED_ERRORS = {"bomb.png": "too-large", "truncated.jpg": "decode", "zero.jpg": "empty", "notes.txt": "decode",
-                   "fake.png": "decode", "photo.heic": "unsupported"}
 ADDRESS = re.compile(r"0x[0-9a-fA-F]{6,}| at 0x")  # a memory address, as in <_io.BytesIO object at 0x7f56fc53e610>
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "imgcls"
-FEATURES = ("training", "inference", "evaluation")
+FEATURES = ("training", "inference", "evaluation", "serving")
 
 
 def layout_table() -> dict[str, set[str]]:
