@@ -192,6 +192,40 @@ def test_trains_from_s3_manifest_with_streamed_cache_on_s3(ray_cluster, s3_serve
     assert len({label for _, label in streamed}) == 4
 
 
+def test_the_sampler_caches_each_image_once_and_the_probe_folds_share_none(ray_cluster, fmnist_root, tmp_path):
+    """At a 100:1 imbalance: the sampler's training cache holds the train split's images,
+    each once (no copies of the rare class), and the linear probe, which fits that cache
+    in this order, weights the classes instead: its cross-validation folds never hold one
+    image on both sides. (Fitting the probe itself takes half a minute here: not run.)"""
+    from imgcls.training.cache import shard_batches
+    from imgcls.training.probe import CV_FOLDS, _folds
+    from imgcls.training.trainer import prepare_data, probe_class_weight
+
+    data = tmp_path / "rare"
+    for label, n in (("bag", 200), ("coat", 2)):
+        (data / label).mkdir(parents=True)
+        for name in sorted(os.listdir(os.path.join(fmnist_root, label)))[:n]:
+            os.link(os.path.join(fmnist_root, label, name), data / label / name)
+    job = small_job(str(data), tmp_path, name="rare", class_balance="sampler",
+                    data={"max_per_class": None, "val_fraction": 0.01, "test_fraction": 0.0})
+    prepared = prepare_data(job)
+    prepared.wait_decoded()
+    split = prepared.splits["train"]
+    assert split.labels.count("bag") == 198 and split.labels.count("coat") == 2
+    cache = prepared.caches["train"]
+    batches = list(shard_batches(cache, 0, 1, 64))  # the probe's order of the train cache
+    images = [x.numpy().tobytes() for xs, _ in batches for x in xs]
+    labels = torch.cat([y for _, y in batches])
+    assert cache.num_images == len(split) == len(set(images)) and torch.bincount(labels).tolist() == [198, 2]
+    fold = _folds(labels, CV_FOLDS).tolist()
+    folds_of = {}
+    for image, f in zip(images, fold):
+        folds_of.setdefault(image, set()).add(f)
+    assert all(len(f) == 1 for f in folds_of.values())  # no image on both sides of a fold
+    weights = probe_class_weight(job, prepared.splits, prepared.classes)
+    assert weights[1] / weights[0] == pytest.approx(99)  # the rare class weighs as much as the whole
+
+
 def test_frozen_backbone_sgd_balanced_sampler_and_resume_from_through_the_cli(ray_cluster, fmnist_root, tmp_path):
     """The README's training flags as a user gives them to ``imgcls train``, on real images
     with imbalanced classes (60/20/10): the backbone stays as initialised for the frozen
