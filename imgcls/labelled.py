@@ -161,4 +161,3 @@ def _share(n: int, fraction: float) -> int:
 def class_counts(labels: Sequence[str], classes: Sequence[str]) -> list[int]:
     counts = Counter(labels)
     return [counts.get(c, 0) for c in classes]
-

@@ -20,9 +20,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional
 
+import numpy as np
 import ray
 import ray.train
-import numpy as np
 import ray.train.torch
 import torch
 import torch.distributed as dist
