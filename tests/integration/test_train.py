@@ -196,7 +196,9 @@ def test_the_sampler_caches_each_image_once_and_the_probe_folds_share_none(ray_c
     """At a 100:1 imbalance: the sampler's training cache holds the train split's images,
     each once (no copies of the rare class), and the linear probe, which fits that cache
     in this order, weights the classes instead: its cross-validation folds never hold one
-    image on both sides. (Fitting the probe itself takes half a minute here: not run.)"""
+    image on both sides. (Fitting the probe itself takes half a minute here: not run.)
+    Then workers that stream the cache train on both classes equally often each epoch
+    (the CLI test below holds it in memory)."""
     from imgcls.training.cache import shard_batches
     from imgcls.training.probe import CV_FOLDS, _folds
     from imgcls.training.trainer import prepare_data, probe_class_weight
@@ -224,6 +226,10 @@ def test_the_sampler_caches_each_image_once_and_the_probe_folds_share_none(ray_c
     assert all(len(f) == 1 for f in folds_of.values())  # no image on both sides of a fold
     weights = probe_class_weight(job, prepared.splits, prepared.classes)
     assert weights[1] / weights[0] == pytest.approx(99)  # the rare class weighs as much as the whole
+
+    result = fit(dataclasses.replace(job, data=dataclasses.replace(job.data, in_memory=False)))
+    assert result.caches["train"].reused  # decoded above, once
+    assert [(h["resident"], h["sampled_class_counts"]) for h in result.history] == [(False, [100, 100])] * 2
 
 
 def test_frozen_backbone_sgd_balanced_sampler_and_resume_from_through_the_cli(ray_cluster, fmnist_root, tmp_path):
