@@ -146,8 +146,11 @@ class TrainConfig:
     compile: bool = False
     """torch.compile the model (slower to start; on 2 CPU cores it did not pay off)."""
     class_balance: str = field(default="none", metadata=choices(CLASS_BALANCE))
-    """Imbalance handling: 'loss' weights the loss by inverse class frequency,
-    'sampler' resamples the training split to equal class counts."""
+    """Imbalance handling: 'loss' weights the loss by inverse class frequency; 'sampler'
+    draws each epoch afresh from the cached training images (each decoded and stored
+    once) as many images as the split holds, every class equally often (a rare class's
+    images repeated, the largest class's a different subset each epoch). Both weight
+    the linear probe's classes."""
     num_workers: int = 2
     """Ray Train workers (data-parallel replicas)."""
     use_gpu: Optional[bool] = None

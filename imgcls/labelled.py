@@ -161,21 +161,3 @@ def _share(n: int, fraction: float) -> int:
 def class_counts(labels: Sequence[str], classes: Sequence[str]) -> list[int]:
     counts = Counter(labels)
     return [counts.get(c, 0) for c in classes]
-
-
-def balanced_resample(images: LabelledImages, seed: int = 0) -> LabelledImages:
-    """Draws with replacement so that every class is as frequent as the largest one."""
-    rng = random.Random(seed)
-    by_class: dict[str, list[str]] = {}
-    for p, label in zip(images.paths, images.labels):
-        by_class.setdefault(label, []).append(p)
-    target = max(len(v) for v in by_class.values())
-    paths, labels = [], []
-    for label in sorted(by_class):
-        of_class = by_class[label]
-        extra = [rng.choice(of_class) for _ in range(target - len(of_class))]
-        paths.extend(of_class + extra)
-        labels.extend([label] * target)
-    order = list(range(len(paths)))
-    rng.shuffle(order)
-    return LabelledImages([paths[i] for i in order], [labels[i] for i in order])

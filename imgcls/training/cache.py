@@ -240,6 +240,16 @@ def load_shard(uri: str) -> tuple[np.ndarray, np.ndarray]:
         return npz["images"], npz["labels"]
 
 
+def load_labels(cache: ImageCache) -> np.ndarray:
+    """(N,) labels of the whole cache in order, reading only each shard's ``labels`` member
+    (a shard is a zip: its images are not read)."""
+    parts = []
+    for uri in cache.shard_uris():
+        with storage.open_uri(uri, "rb") as f, np.load(f) as npz:
+            parts.append(npz["labels"])
+    return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+
+
 def shard_batches(cache: ImageCache, rank: int, world: int, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """In-order batches of the cache's shards ``rank``, ``rank + world``, ...: every image
     on exactly one worker, one shard in memory at a time."""

@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional
 
+import numpy as np
 import ray
 import ray.train
 import ray.train.torch
@@ -34,8 +35,9 @@ from imgcls.evaluation.metrics import classification_report, confusion_matrix, i
 from imgcls.models import create_model, get_spec, head_name, set_backbone_trainable
 from imgcls.progress import EpochProgress
 from imgcls.training.augment import BatchAugment, BatchEval, mixup_cutmix, soft_cross_entropy
-from imgcls.training.cache import ImageCache, load_indices, shard_batches, wait_for_cache, worker_range
+from imgcls.training.cache import ImageCache, load_indices, load_labels, shard_batches, wait_for_cache, worker_range
 from imgcls.training.probe import set_head
+from imgcls.training.sampler import sampled_batches, worker_sample
 
 log = logging.getLogger(__name__)
 SHUFFLE_BUFFER = 2048  # rows; local shuffle of a streamed split, on top of the cache's shuffled order
@@ -148,8 +150,9 @@ Batches = Iterator[tuple[torch.Tensor, torch.Tensor]]  # (B, H, W, 3) uint8, (B,
 class ResidentSplit:
     """A worker's part of a cached split, held in memory for the whole run.
 
-    Loaded once from the cache (``load``); every epoch then draws a permutation and
-    slices batches from it with tensor indexing, on the device that holds it.
+    Loaded once from the cache (``load``); every epoch then draws a permutation (or is
+    given the epoch's order, ``--class-balance sampler``) and slices batches from it with
+    tensor indexing, on the device that holds it.
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor):
@@ -169,11 +172,16 @@ class ResidentSplit:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def batches(self, batch_size: int, generator: Optional[torch.Generator] = None) -> Batches:
-        """Shuffled batches when ``generator`` is given, in order otherwise."""
-        n = len(self)
-        order = (torch.randperm(n, generator=generator, device=generator.device) if generator is not None
-                 else torch.arange(n)).to(self.images.device)
+    def batches(self, batch_size: int, generator: Optional[torch.Generator] = None,
+                order: Optional[torch.Tensor] = None) -> Batches:
+        """Batches of the held images at ``order`` (repeats allowed), else shuffled when
+        ``generator`` is given, else in order."""
+        if order is None:
+            n = len(self)
+            order = (torch.randperm(n, generator=generator, device=generator.device) if generator is not None
+                     else torch.arange(n))
+        order = order.to(self.images.device)
+        n = len(order)
         for lo in range(0, n, batch_size):
             idx = order[lo:lo + batch_size]
             yield self.images[idx], self.labels[idx]
@@ -377,13 +385,20 @@ def train_loop_per_worker(config: dict) -> None:
     setup_seconds = load_start - worker_start  # the model built (and resumed), DDP's set-up: before any data
     # Decoded on the driver while this worker started: wait for it (``CacheDecode``).
     cache_wait = sum(wait_for_cache(c) for c in caches.values()) if config.get("decoding") else 0.0
+    # The sampler draws each epoch from the whole training split (``training.sampler``):
+    # a resident worker holds all of it, a streamed one reads the shards itself.
+    sampler = t.class_balance == "sampler"
     if config["resident"]:
-        train_data = ResidentSplit.load(caches["train"], rank, world, equal=True, device=device)
+        part = (0, 1) if sampler else (rank, world)
+        train_data = ResidentSplit.load(caches["train"], *part, equal=True, device=device)
         val_data = ResidentSplit.load(caches["val"], rank, world, equal=False, device=device)
         per_worker = len(train_data)
-    else:
+    elif not sampler:
         train_shard = ray.train.get_dataset_shard("train")
         per_worker = caches["train"].num_images // world
+    if sampler:
+        train_labels = train_data.labels.cpu().numpy() if config["resident"] else load_labels(caches["train"])
+        per_worker = len(worker_range(len(train_labels), rank, world, equal=True))
     load_seconds = time.perf_counter() - load_start
 
     # [3] Optimiser, schedule, loss, augmentation.
@@ -426,13 +441,23 @@ def train_loop_per_worker(config: dict) -> None:
         seed = t.seed * 100_003 + epoch * 1_009 + rank
         opts.generator = torch.Generator(device=device).manual_seed(seed)
         opts.progress = EpochProgress(epoch, t.epochs, caches["train"].num_images, world, say) if rank == 0 else None
-        batches = (train_data.batches(t.batch_size, torch.Generator(device=device).manual_seed(seed))
-                   if config["resident"] else streamed_batches(train_shard, t.batch_size, seed))
+        drawn = None  # the sampler's class counts of this worker's part of the epoch
+        if sampler:
+            sample = worker_sample(train_labels, len(classes), t.seed, epoch, rank, world)
+            drawn = torch.from_numpy(np.bincount(train_labels[sample], minlength=len(classes))).to(device)
+            batches = (train_data.batches(t.batch_size, order=torch.from_numpy(sample)) if config["resident"]
+                       else sampled_batches(caches["train"], sample, t.batch_size, seed))
+        elif config["resident"]:
+            batches = train_data.batches(t.batch_size, torch.Generator(device=device).manual_seed(seed))
+        else:
+            batches = streamed_batches(train_shard, t.batch_size, seed)
         sums = train_one_epoch(forward, optimizer, scheduler, batches, device, opts)
         if on_gpu:
             torch.cuda.synchronize(device)
         elapsed = time.perf_counter() - start
         loss_sum, correct, seen = [v.item() for v in all_reduce_sum([sums["loss_sum"], sums["correct"], sums["seen"]])]
+        if drawn is not None:
+            drawn = all_reduce_sum([drawn])[0].tolist()
         # The plain module, not the DDP wrapper: DDP's forward broadcasts buffers, a
         # collective that would hang when the workers' val parts differ in batch count.
         eval_model = ema.module if ema is not None else _unwrap(model)
@@ -460,6 +485,8 @@ def train_loop_per_worker(config: dict) -> None:
             "node_id": ray.get_runtime_context().get_node_id(),  # rank 0's node
             "device": str(device), "amp": bool(amp), "channels_last": bool(channels_last),  # as chosen for rank 0
         }
+        if drawn is not None:
+            metrics["sampled_class_counts"] = drawn  # all workers' draws this epoch, by class
         if epoch == start_epoch:
             metrics.update(setup_seconds=setup_seconds, load_seconds=load_seconds,
                            first_step_time=first_step.get("time"),

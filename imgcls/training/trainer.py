@@ -27,7 +27,6 @@ from imgcls.evaluation.metrics import inverse_frequency_weights
 from imgcls.labelled import (
     DataError,
     LabelledImages,
-    balanced_resample,
     class_counts,
     list_labelled_images,
     split_stratified,
@@ -84,14 +83,6 @@ def prepare_splits(job: JobConfig) -> tuple[dict[str, LabelledImages], list[str]
         if not len(splits[name]):
             raise DataError(f"the {name} split is empty: add data or raise data.{name}_fraction")
     return splits, classes
-
-
-def training_images(job: JobConfig, splits: dict[str, LabelledImages]) -> LabelledImages:
-    """The train split as the workers see it: resampled to equal class counts with
-    ``class_balance='sampler'``."""
-    if job.train.class_balance == "sampler":
-        return balanced_resample(splits["train"], seed=job.train.seed)
-    return splits["train"]
 
 
 def cache_uri(job: JobConfig, storage_path: str) -> str:
@@ -172,14 +163,18 @@ class CacheDecode:
             raise self.error
 
 
-def fits_in_memory(caches: dict[str, ImageCache], num_workers: int) -> bool:
+def fits_in_memory(caches: dict[str, ImageCache], num_workers: int, whole_train: bool = False) -> bool:
     """Whether each worker's part of the cached splits fits its share of memory.
 
-    A worker holds ceil(1/num_workers) of the training images and about as much of the
-    validation images; they must take at most RESIDENT_MEMORY_SHARE of the cluster's
-    memory divided among the workers, leaving the rest to the model, activations and Ray.
+    A worker holds ceil(1/num_workers) of the training images (all of them with
+    ``whole_train``: the sampler draws each epoch from the whole split) and about as
+    much of the validation images; they must take at most RESIDENT_MEMORY_SHARE of the
+    cluster's memory divided among the workers, leaving the rest to the model,
+    activations and Ray.
     """
     per_worker = sum(c.nbytes for c in caches.values()) / num_workers
+    if whole_train:
+        per_worker += caches["train"].nbytes * (1 - 1 / num_workers)
     memory = float(ray.cluster_resources().get("memory", 0))
     return per_worker <= RESIDENT_MEMORY_SHARE * memory / num_workers
 
@@ -284,7 +279,8 @@ def prepare_data(job: JobConfig) -> PreparedData:
     run, continues = prepare_run_folder(job)
     resuming = bool(t.resume_from) or continues
     write_splits(storage.join(run, SPLITS_DIR), splits)
-    plans = plan_caches(job, training_images(job, splits), splits["val"], classes, storage_path)
+    # The plain train split, each image once, whatever the class balance (``training.sampler``).
+    plans = plan_caches(job, splits["train"], splits["val"], classes, storage_path)
     for name, plan in plans.items():
         if plan.cache.reused:
             say_cache(name, plan.cache)
@@ -318,11 +314,19 @@ def wants_probe_head(job: JobConfig, resuming: bool) -> bool:
     return bool(job.model.weights) if job.train.probe_head is None else job.train.probe_head
 
 
+def probe_class_weight(job: JobConfig, splits: dict[str, LabelledImages], classes: list[str]) -> Optional[list[float]]:
+    """The linear probe's per-class loss weights: inverse class frequency with either class
+    balance. The probe fits the cached train split, each image once, so with the sampler
+    too it weights classes rather than fitting copies, which cross-validation folds would
+    split across training and held-out parts."""
+    if job.train.class_balance == "none":
+        return None
+    return inverse_frequency_weights(class_counts(splits["train"].labels, classes)).tolist()
+
+
 def probe(job: JobConfig, data: PreparedData, use_gpu: bool) -> dict:
     """Fits the linear probe (``imgcls.training.probe``) on the cached splits as a Ray task."""
-    weights = None
-    if job.train.class_balance == "loss":
-        weights = inverse_frequency_weights(class_counts(data.splits["train"].labels, data.classes)).tolist()
+    weights = probe_class_weight(job, data.splits, data.classes)
     data.wait_decoded()
     result = run_probe(job, data.classes, data.caches, weights, use_gpu, with_state=job.train.linear_probe)
     metrics = result["metrics"]
@@ -358,7 +362,9 @@ def build_trainer(job: JobConfig, callbacks: Optional[list] = None, data: Option
     data = data or prepare_data(job)
     t = job.train
     caches = data.caches
-    resident = fits_in_memory(caches, t.num_workers) if job.data.in_memory is None else job.data.in_memory
+    sampler = t.class_balance == "sampler"
+    resident = fits_in_memory(caches, t.num_workers, whole_train=sampler) if job.data.in_memory is None \
+        else job.data.in_memory
     use_gpu = choose_gpu(t.use_gpu, gpus=t.num_workers, what="training")
     probe_head = None
     if wants_probe_head(job, data.resuming):
@@ -375,8 +381,9 @@ def build_trainer(job: JobConfig, callbacks: Optional[list] = None, data: Option
     # Only the training split goes through Ray Data (split equally, so that every worker
     # takes the same number of steps); streamed workers read their share of the val
     # shards themselves (``shard_batches``): Ray's equal split would drop the remainder,
-    # so 19 validation images on 2 workers would count as 18.
-    datasets = {} if resident else {"train": cache_dataset(caches["train"])}
+    # so 19 validation images on 2 workers would count as 18. With the sampler, streamed
+    # workers read their part of each epoch's draw from the shards too.
+    datasets = {} if resident or sampler else {"train": cache_dataset(caches["train"])}
     log_level = ray_train_log_level()
     trainer = ray.train.torch.TorchTrainer(
         train_loop_per_worker,

@@ -181,11 +181,11 @@ def run_tune(job: JobConfig, num_samples: int = 4, grace_period: int = 1, max_co
         # One decoded cache for all trials, built here before they start: the search
         # changes no geometry, and concurrent trials must not each build their own.
         job = dataclasses.replace(job, data=dataclasses.replace(job.data, cache_path=storage.join(run_dir, "cache")))
-    from imgcls.training.trainer import build_caches, prepare_splits, ray_train_log_level, training_images
+    from imgcls.training.trainer import build_caches, prepare_splits, ray_train_log_level
 
     # The data is listed and checked once, before any trial: a bad root fails here, once.
     splits, classes = prepare_splits(job)
-    build_caches(job, training_images(job, splits), splits["val"], classes, root)
+    build_caches(job, splits["train"], splits["val"], classes, root)
     tuner = tune.Tuner(
         # The trial only drives its trainer, whose workers hold the real resources.
         tune.with_resources(tune_trial, {"CPU": 0.01}),

@@ -192,19 +192,59 @@ def test_trains_from_s3_manifest_with_streamed_cache_on_s3(ray_cluster, s3_serve
     assert len({label for _, label in streamed}) == 4
 
 
+def test_the_sampler_caches_each_image_once_and_the_probe_folds_share_none(ray_cluster, fmnist_root, tmp_path):
+    """At a 100:1 imbalance: the sampler's training cache holds the train split's images,
+    each once (no copies of the rare class), and the linear probe, which fits that cache
+    in this order, weights the classes instead: its cross-validation folds never hold one
+    image on both sides. (Fitting the probe itself takes half a minute here: not run.)
+    Then workers that stream the cache train on both classes equally often each epoch
+    (the CLI test below holds it in memory)."""
+    from imgcls.training.cache import shard_batches
+    from imgcls.training.probe import CV_FOLDS, _folds
+    from imgcls.training.trainer import prepare_data, probe_class_weight
+
+    data = tmp_path / "rare"
+    for label, n in (("bag", 200), ("coat", 2)):
+        (data / label).mkdir(parents=True)
+        for name in sorted(os.listdir(os.path.join(fmnist_root, label)))[:n]:
+            os.link(os.path.join(fmnist_root, label, name), data / label / name)
+    job = small_job(str(data), tmp_path, name="rare", class_balance="sampler",
+                    data={"max_per_class": None, "val_fraction": 0.01, "test_fraction": 0.0})
+    prepared = prepare_data(job)
+    prepared.wait_decoded()
+    split = prepared.splits["train"]
+    assert split.labels.count("bag") == 198 and split.labels.count("coat") == 2
+    cache = prepared.caches["train"]
+    batches = list(shard_batches(cache, 0, 1, 64))  # the probe's order of the train cache
+    images = [x.numpy().tobytes() for xs, _ in batches for x in xs]
+    labels = torch.cat([y for _, y in batches])
+    assert cache.num_images == len(split) == len(set(images)) and torch.bincount(labels).tolist() == [198, 2]
+    fold = _folds(labels, CV_FOLDS).tolist()
+    folds_of = {}
+    for image, f in zip(images, fold):
+        folds_of.setdefault(image, set()).add(f)
+    assert all(len(f) == 1 for f in folds_of.values())  # no image on both sides of a fold
+    weights = probe_class_weight(job, prepared.splits, prepared.classes)
+    assert weights[1] / weights[0] == pytest.approx(99)  # the rare class weighs as much as the whole
+
+    result = fit(dataclasses.replace(job, data=dataclasses.replace(job.data, in_memory=False)))
+    assert result.caches["train"].reused  # decoded above, once
+    assert [(h["resident"], h["sampled_class_counts"]) for h in result.history] == [(False, [100, 100])] * 2
+
+
 def test_frozen_backbone_sgd_balanced_sampler_and_resume_from_through_the_cli(ray_cluster, fmnist_root, tmp_path):
     """The README's training flags as a user gives them to ``imgcls train``, on real images
-    with imbalanced classes (60/20/10): the backbone stays as initialised for the frozen
-    first epoch and trains after --unfreeze-after, the balanced sampler draws every class
-    as often as the largest, and --resume-from continues another run's checkpoint (with
-    --class-balance loss)."""
+    with imbalanced classes (train split 98/14/1): the backbone stays as initialised for
+    the frozen first epoch and trains after --unfreeze-after, the balanced sampler trains
+    on every class equally often from a cache that holds each image once, and
+    --resume-from continues another run's checkpoint (with --class-balance loss)."""
     from click.testing import CliRunner
 
     from imgcls.cli import cli
     from imgcls.models import create_model, head_name
 
     data = tmp_path / "imbalanced"
-    for label, n in (("bag", 60), ("coat", 20), ("sneaker", 10)):
+    for label, n in (("bag", 140), ("coat", 20), ("sneaker", 1)):
         (data / label).mkdir(parents=True)
         for name in sorted(os.listdir(os.path.join(fmnist_root, label)))[:n]:
             os.link(os.path.join(fmnist_root, label, name), data / label / name)
@@ -239,9 +279,13 @@ def test_frozen_backbone_sgd_balanced_sampler_and_resume_from_through_the_cli(ra
     assert any(not torch.equal(p0, p2) for p0, p2 in body)  # unfrozen from epoch 1
     cache = read_manifest(str(run / "cache" / "train"))
     labels = torch.cat([torch.as_tensor(load_shard(uri)[1]) for uri in cache.shard_uris()])
-    counts = torch.bincount(labels).tolist()
-    split = pd.read_parquet(run / "splits" / "train.parquet")["label"].value_counts()
-    assert split.tolist() != counts and counts == [split.max()] * 3, (split, counts)  # each as often as the largest
+    split = pd.read_parquet(run / "splits" / "train.parquet")["label"].value_counts().sort_index()
+    assert torch.bincount(labels).tolist() == split.tolist() == [98, 14, 1]  # the split, each image once
+    # Each epoch the workers drew 2 x ceil(113 / 2) images, every class equally often.
+    history = json.loads((by_epoch[1] / "history.json").read_text())
+    for h in history:
+        drawn = h["sampled_class_counts"]
+        assert sum(drawn) == 114 and max(drawn) - min(drawn) <= 2, drawn
 
     # Another run continues from that checkpoint, weighting the loss by class instead.
     train("--name", "continued", "--epochs", "3", "--resume-from", str(by_epoch[1]), "--class-balance", "loss")

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from imgcls.preprocess import ClassificationPresetEval, ClassificationPresetTrain, ImageDecodeError, decode_image
-from imgcls.labelled import (DataError, LabelledImages, balanced_resample, encode_labels, list_labelled_images,
+from imgcls.labelled import (DataError, LabelledImages, encode_labels, list_labelled_images,
     split_stratified)
 
 
@@ -77,13 +77,6 @@ def test_split_is_stratified_deterministic_and_disjoint():
     assert s1["val"].labels.count("a") == 10 and s1["val"].labels.count("c") == 4
     assert s1["test"].labels.count("c") == 2
     assert split_stratified(images, 0.2, 0.1, seed=4)["val"].paths != s1["val"].paths
-
-
-def test_balanced_resample_equalises_classes():
-    images = LabelledImages([f"a{i}" for i in range(30)] + ["b0", "b1"], ["a"] * 30 + ["b"] * 2)
-    out = balanced_resample(images, seed=0)
-    assert out.labels.count("a") == out.labels.count("b") == 30
-    assert set(p for p, label in zip(out.paths, out.labels) if label == "b") == {"b0", "b1"}
 
 
 @pytest.mark.parametrize("augment", ["none", "light", "standard", "trivialaugment", "randaugment"])
