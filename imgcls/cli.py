@@ -33,6 +33,7 @@ USER_ERRORS = (
     ("imgcls.inference.lease", "LeaseHeldError"),  # an output folder that another job is writing
     ("imgcls.training.tune", "TrialsFailedError"),  # every trial failed: the message shows the first one's error
     ("imgcls.evaluation.review", "ReviewError"),  # predictions that cannot be reviewed as asked
+    ("imgcls.evaluation.labelling", "LabelError"),  # a review file the labelling page cannot open
     ("imgcls.evaluation.monitor", "MonitorError"),  # runs that cannot be compared
     ("imgcls.inference.program", "EnsembleError"),  # checkpoints that cannot label as one ensemble
     ("imgcls.serving.deploy", "ServeError"),  # a serve command that cannot be done: no such app, an open --host
@@ -392,12 +393,43 @@ def explain(model, output, images, mistakes_from, split, top, layer):
               help="Skip a pick whose embedding's cosine similarity to an earlier pick is above this (e.g. 0.98); "
                    "needs predictions labelled with --embeddings.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of --strategy random.")
-def review(predictions, output, strategy, n, per_class, dedup, seed):
-    """Pick the predictions a person should check: review.csv (fill in its label column,
-    then train on it) and a contact sheet, review.html."""
+@click.option("--serve", is_flag=True, help="Then answer the picks on the labelling page (as imgcls label does).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="With --serve: the labelling page's address.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8765, show_default=True,
+              help="With --serve: the labelling page's port (0: any free one).")
+def review(predictions, output, strategy, n, per_class, dedup, seed, serve, host, port):
+    """Pick the predictions a person should check: review.csv (answer its picks on the
+    labelling page, imgcls label, or fill in its label column; then train on it), and a
+    contact sheet, review.html."""
+    from imgcls.evaluation.labelling import serve_review, write_context
     from imgcls.evaluation.review import run_review
 
-    echo_json(run_review(local_path(predictions), local_path(output), strategy, n, per_class, dedup, seed))
+    result = run_review(local_path(predictions), local_path(output), strategy, n, per_class, dedup, seed)
+    write_context(result["manifest"], local_path(predictions))
+    echo_json(result)
+    if serve:
+        serve_review(result["manifest"], host, port)
+
+
+@cli.command()
+@click.argument("review_file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on. The page has no login: anyone who reaches it may answer.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8765, show_default=True,
+              help="Port (0: any free one).")
+@click.option("--classes", default=None, help="Comma-separated classes to offer (default: the model's, from "
+                                               "review.json beside the file).")
+@click.option("--predictions", default=None,
+              help="Predictions the file was picked from, to (re)write review.json (the model's classes and "
+                   "each pick's top-k) from; imgcls review writes it.")
+def label(review_file, host, port, classes, predictions):
+    """Answer the picks of a review file (review.csv of imgcls review) on a local page: one
+    image at a time, large, with the model's top classes; a button (and a number key) per
+    class, skip, not any of these. Every answer is saved to the file at once."""
+    from imgcls.evaluation.labelling import serve_review
+
+    serve_review(local_path(review_file), host, port, classes=classes.split(",") if classes else None,
+                 predictions=local_path(predictions) if predictions else None)
 
 
 @cli.command()

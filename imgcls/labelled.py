@@ -7,6 +7,7 @@ scores). Nothing here starts Ray or touches a GPU.
 from __future__ import annotations
 
 import random
+import sys
 from collections import Counter
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -14,11 +15,16 @@ from typing import Optional, Sequence
 import numpy as np
 
 from imgcls import storage
-from imgcls.manifest import MANIFEST_EXTENSIONS, ManifestError, manifest_folder, read_manifest, resolve_paths
+from imgcls.manifest import (MANIFEST_EXTENSIONS, ManifestError, manifest_columns, manifest_folder, read_manifest,
+                             resolve_paths)
 from imgcls.paths import members
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 SPLITS = ("train", "val", "test")
+# A review file (``imgcls review``'s review.csv, answered on the labelling page) has this
+# column: ``skipped`` or ``none-of-these`` on a pick a person gave no class, empty
+# otherwise. As a manifest, its rows without a label are left out, and counted.
+REVIEW_COLUMN, REVIEW_SKIPPED, REVIEW_NONE = "review", "skipped", "none-of-these"
 
 
 class DataError(ValueError):
@@ -92,7 +98,8 @@ def _list_one(root: str, check_paths: bool) -> LabelledImages:
 
 def _read_manifest(uri: str, check_paths: bool) -> LabelledImages:
     try:
-        table = read_manifest(uri, ["path", "label"])
+        review = REVIEW_COLUMN in manifest_columns(uri)
+        table = read_manifest(uri, ["path", "label"] + ([REVIEW_COLUMN] if review else []))
     except ManifestError as e:
         raise DataError(str(e)) from None
     if not table.num_rows:
@@ -100,7 +107,15 @@ def _read_manifest(uri: str, check_paths: bool) -> LabelledImages:
     labels = table.column("label").to_pylist()
     paths = [str(p) for p in table.column("path").to_pylist()]
     unlabelled = [p for p, label in zip(paths, labels) if not label]
-    if unlabelled:
+    if unlabelled and review:
+        answers = Counter(a or "not answered" for a, label in zip(table.column(REVIEW_COLUMN).to_pylist(), labels)
+                          if not label)
+        print(f"imgcls: {uri}: {len(unlabelled)} review pick(s) without a label left out "
+              f"({', '.join(f'{n} {a}' for a, n in sorted(answers.items()))})", file=sys.stderr, flush=True)
+        paths, labels = [p for p, label in zip(paths, labels) if label], [label for label in labels if label]
+        if not paths:
+            raise DataError(f"review file {uri} has no labelled pick yet")
+    elif unlabelled:
         raise DataError(f"manifest {uri} has rows without a label, e.g. {unlabelled[0]}")
     paths = resolve_paths(manifest_folder(uri), paths)
     if check_paths:

@@ -40,3 +40,18 @@ PY
 # several such processes (Ray Train's controller and workers, Ray Data's actors).
 VIRTUAL_ENV="$PWD/.venv" .venv/bin/uv pip install --python .venv/bin/python --constraint constraints.txt \
   --compile-bytecode "${uv_args[@]}" -e ".[${extras}]"
+
+# The pages' tests (tests/integration/test_pages.py, the try page's in test_serve.py) drive
+# a real headless Chromium through chromium-driver, from the system's packages: installed
+# here with the dev extra when missing (CI runs as root; elsewhere through sudo if it asks
+# for no password). Without them those tests are skipped, and say why.
+if [[ ",${extras}," == *",dev,"* ]] && ! { command -v chromium >/dev/null && command -v chromedriver >/dev/null; }; then
+  if command -v apt-get >/dev/null; then
+    sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo -n"
+    { $sudo apt-get update -q && $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; } \
+      >/dev/null || echo "scripts/install.sh: could not install chromium and chromium-driver (apt-get);" \
+                         "the browser tests will be skipped" >&2
+  else
+    echo "scripts/install.sh: no apt-get: install Chromium and its driver (chromedriver) for the browser tests" >&2
+  fi
+fi
