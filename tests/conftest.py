@@ -179,3 +179,43 @@ def train_small_cnn(fmnist_root: str, picks: dict, folder: str, epochs: int, see
     save_checkpoint(folder, model.eval(), JobConfig(model=ModelConfig(arch="small_cnn", image_size=28, width=width)),
                     list(picks), history=[])
     return folder
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """One headless Chromium for every page test: the system's (Debian's ``chromium``,
+    which scripts/install.sh installs with the dev extra), driven by Selenium through
+    ``chromium-driver``. Skipped where they are missing, except under CI, which must run
+    the page tests: there it fails."""
+    import shutil
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        chromium = None
+    if not (chromium and driver):
+        message = "needs Chromium, chromium-driver and selenium (scripts/install.sh installs them with the dev extra)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    # A laptop's screen; no sandbox (CI runs as root); /tmp for shared memory (containers).
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1366,900",
+                "--disable-gpu", "--no-first-run", "--disable-extensions"):
+        options.add_argument(arg)
+    session = webdriver.Chrome(options=options, service=Service(driver))
+    session.set_page_load_timeout(60)
+    yield session
+    session.quit()
+
+
+def screenshot(browser, folder, name: str) -> str:
+    """Saves what ``browser`` shows as ``folder/name``.png, for a reviewer to look at, and says where."""
+    path = os.path.join(str(folder), f"{name}.png")
+    browser.save_screenshot(path)
+    print(f"screenshot: {path}")
+    return path

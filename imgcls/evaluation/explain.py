@@ -86,12 +86,20 @@ def explain_images(checkpoint: str, paths: Sequence[str], output: str, layer: Op
     os.makedirs(output, exist_ok=True)
     results = []
     for i, path in enumerate(paths):
-        chw = preset.decode(read_input(path))  # (3, S, S) uint8, the pixels inference sees
-        heat, logits = grad_cam(loaded.model, preset.normalize(chw)[None], layer=layer)
-        probs = logits.softmax(1)[0]
-        label = loaded.classes[int(probs.argmax())]
+        image, label, score = explain_image(loaded, preset, read_input(path), layer)
         stem = os.path.splitext(os.path.basename(split_member(path)[1] or path))[0]
         name = f"{i:04d}_{safe_name(stem)}_{safe_name(label)}.png"
-        Image.fromarray(overlay(chw.permute(1, 2, 0).numpy(), heat[0].numpy())).save(os.path.join(output, name))
-        results.append({"path": path, "label": label, "score": float(probs.max()), "overlay": os.path.join(output, name)})
+        Image.fromarray(image).save(os.path.join(output, name))
+        results.append({"path": path, "label": label, "score": score, "overlay": os.path.join(output, name)})
     return results
+
+
+def explain_image(loaded, preset, data: bytes, layer: Optional[str] = None) -> tuple[np.ndarray, str, float]:
+    """The Grad-CAM overlay (S, S, 3) uint8 of the predicted class over the pixels
+    inference sees, that class and its probability, for one image's bytes. ``loaded`` is
+    a ``checkpoint.LoadedModel``, ``preset`` its ``ClassificationPresetEval``; ``imgcls
+    explain`` and ``imgcls serve``'s POST /v1/explain both call this."""
+    chw = preset.decode(data)  # (3, S, S) uint8
+    heat, logits = grad_cam(loaded.model, preset.normalize(chw)[None], layer=layer)
+    probs = logits.softmax(1)[0]
+    return overlay(chw.permute(1, 2, 0).numpy(), heat[0].numpy()), loaded.classes[int(probs.argmax())], float(probs.max())

@@ -32,7 +32,6 @@ import threading
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from importlib import resources
 from typing import Optional
 from urllib.parse import parse_qs, urlparse
 
@@ -40,6 +39,7 @@ import pandas as pd
 
 from imgcls import storage
 from imgcls.labelled import REVIEW_COLUMN, REVIEW_NONE, REVIEW_SKIPPED
+from imgcls.pages import page, version
 
 CONTEXT_FILE = "review.json"  # beside review.csv: classes, model, top-k per pick
 # Formats a browser shows as they are; any other (TIFF, PPM, ...) is sent as PNG.
@@ -48,11 +48,6 @@ BROWSER_FORMATS = {"JPEG": "image/jpeg", "PNG": "image/png", "GIF": "image/gif",
 
 class LabelError(ValueError):
     """A review file that cannot be labelled as asked: not a local CSV, no ``path`` column."""
-
-
-def page(name: str) -> bytes:
-    """A file of ``imgcls/pages`` (the pages' HTML and CSS, shipped with the package)."""
-    return resources.files("imgcls.pages").joinpath(name).read_bytes()
 
 
 # -- the context: classes, model, top-k ---------------------------------------------------
@@ -171,7 +166,7 @@ class ReviewFile:
         none = int(((rows["label"] == "") & (rows[REVIEW_COLUMN] == REVIEW_NONE)).sum())
         return {"file": os.path.basename(self.path), "picks": len(rows), "labelled": labelled, "skipped": skipped,
                 "none": none, "open": len(rows) - labelled - skipped - none, "first_open": self.first_open(),
-                "classes": self.classes, "model": self.model, "version": _version()}
+                "classes": self.classes, "model": self.model, "version": version()}
 
     def pick(self, i: int) -> dict:
         row = self.rows.iloc[i]
@@ -213,15 +208,6 @@ class ReviewFile:
             out = io.BytesIO()
             image.convert("RGBA" if "A" in image.getbands() else "RGB").save(out, format="PNG")
             return out.getvalue(), "image/png"
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("imgcls")
-    except PackageNotFoundError:
-        return "unknown"
 
 
 # -- the server ---------------------------------------------------------------------------

@@ -24,6 +24,16 @@ Endpoints:
   ``POST /v2/models/{name}/infer`` with one BYTES input (base64 strings in JSON, or raw
   bytes with the binary-data extension).
 
+- ``POST /v1/explain``: one image as the body; its Grad-CAM overlay as a PNG (the
+  predicted class's heatmap over the pixels the model sees), computed with ``imgcls
+  explain``'s code on the checkpoint's eager model, loaded on the first such request.
+  The traced program has no gradients to take, and an ONNX export no layers to hook:
+  with runtime onnxruntime, or an ensemble, it answers 501 and says so.
+- ``GET /``: the try page (``imgcls/pages/try.html``): drop or pick an image, see the
+  top-k as bars, the heatmap, and the model's name, classes and checkpoint. The page
+  itself holds nothing secret and is served without a token; its calls go to the
+  endpoints above and carry the token typed into its token field, where one is set.
+
 The server reads no file or URI a request names: clients send bytes.
 """
 
@@ -33,17 +43,20 @@ import asyncio
 import base64
 import hashlib
 import hmac
+import html
+import io
 import ipaddress
 import json
 import logging
 import os
 import struct
+import threading
 import uuid
 from dataclasses import dataclass
 from typing import Any, Optional
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from ray import serve
 
 from imgcls.errors import ERROR_DECODE, ERROR_EMPTY, ERROR_TOO_LARGE, ERROR_UNSUPPORTED
@@ -171,6 +184,32 @@ def load_model(config: dict, settings: dict) -> Loaded:
     return Loaded(model, runtime, payload.model_id, payload.classes, payload.image_size, decoder, classifier)
 
 
+class Explainer:
+    """Grad-CAM for one checkpoint: its eager model (the replica's ``Loaded`` holds only the
+    traced program), loaded when first asked, and one explanation at a time (hooks on a
+    shared model)."""
+
+    def __init__(self, model: str):
+        from imgcls.checkpoint import load_checkpoint
+        from imgcls.preprocess import ClassificationPresetEval
+
+        self.model = model
+        self.loaded = load_checkpoint(model)
+        self.preset = ClassificationPresetEval(self.loaded.image_size, self.loaded.mean, self.loaded.std)
+        self.lock = threading.Lock()
+
+    def png(self, data: bytes) -> bytes:
+        from PIL import Image
+
+        from imgcls.evaluation.explain import explain_image
+
+        with self.lock:
+            image, _, _ = explain_image(self.loaded, self.preset, data)
+        out = io.BytesIO()
+        Image.fromarray(image).save(out, format="PNG")
+        return out.getvalue()
+
+
 def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -214,6 +253,7 @@ class ImageClassifier:
             raise RuntimeError(f"refusing to serve on {settings['host']} without a token: set {TOKEN_ENV} in the "
                                "nodes' environment, or deploy with --insecure")
         self.loaded: Optional[Loaded] = None
+        self.explainer: Optional[Explainer] = None
         self.log = OnlineLog(settings["log_dir"], settings["log_flush_rows"], settings["log_flush_s"],
                              settings["log_images"]) if settings.get("log_dir") else None
         self.flusher: Optional[asyncio.Task] = None
@@ -324,6 +364,42 @@ class ImageClassifier:
         row = (await self._rows([body]))[0]
         status = 200 if row["status"] == "ok" else STATUS_FOR_ERROR.get(row["error_type"], 422)
         return JSONResponse(answer(row, embedding), status_code=status)
+
+    def _explainer(self, loaded: Loaded) -> Explainer:
+        if self.explainer is None or self.explainer.model != loaded.model:  # loaded again after an update
+            self.explainer = Explainer(loaded.model)
+        return self.explainer
+
+    @app.post("/v1/explain")
+    async def explain(self, request: Request) -> Response:
+        """One image as the body: its Grad-CAM overlay as image/png. A refused image gets
+        ``/v1/classify``'s answer (status, error, error_type)."""
+        body, refused = await self._body(request)
+        if refused is not None:
+            return refused
+        loaded = self.loaded
+        if loaded.runtime != "torch" or "," in loaded.model:
+            return error_response(501, f"Grad-CAM needs one checkpoint's eager torch model; this server runs "
+                                       f"{'an ensemble' if ',' in loaded.model else loaded.runtime}", "unsupported")
+        row = (await self._rows([body]))[0]  # decodes (and refuses) as classify does, and is logged as one
+        if row["status"] != "ok":
+            return JSONResponse(answer(row, False), status_code=STATUS_FOR_ERROR.get(row["error_type"], 422))
+        explainer = await asyncio.to_thread(self._explainer, loaded)
+        return Response(await asyncio.to_thread(explainer.png, body), media_type="image/png",
+                        headers={"X-Request-Id": row["request_id"]})
+
+    @app.get("/")
+    async def try_page(self) -> HTMLResponse:
+        from imgcls.pages import page, version
+
+        text = page("try.html").decode().replace("__MODEL_NAME__", html.escape(self.name, quote=True))
+        return HTMLResponse(text.replace("__VERSION__", html.escape(version())))
+
+    @app.get("/pages.css")
+    async def page_css(self) -> Response:
+        from imgcls.pages import page
+
+        return Response(page("pages.css"), media_type="text/css")
 
     @app.get("/v2/health/live")
     async def live(self) -> dict:
