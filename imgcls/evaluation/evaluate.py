@@ -189,7 +189,7 @@ def run_evaluation(model: str, output: str, data: str | None = None, predictions
     os.makedirs(output, exist_ok=True)
     write_frame(df, os.path.join(output, PREDICTIONS_FILE))
     history = load_checkpoint(first).history
-    files = write_report(output, report, df, COL_TRUE, history=history)
+    files = write_report(output, report, df, COL_TRUE, history=history, model=model, data=data or predictions)
     counts = {k: report[k] for k in ("num_samples", "errors", "unknown_true_label", "unknown_true_labels")
               if k in report}
     return {**{k: report[k] for k in ("accuracy", topk_key(report), "macro_f1")}, **counts, **overlap, **files}

@@ -52,18 +52,6 @@ class LabelError(ValueError):
 
 # -- the context: classes, model, top-k ---------------------------------------------------
 
-def _job_model(predictions: str) -> Optional[str]:
-    """The model of the labelling job that wrote ``predictions`` (its ``_job.json``), if any."""
-    from imgcls.inference.finished import JOB_FILE
-
-    base = predictions.rstrip("/")
-    for folder in (base, base.rsplit("/", 1)[0] if "/" in base else "."):
-        uri = storage.join(folder, JOB_FILE)
-        if storage.exists(uri):
-            return storage.read_json(uri).get("model")
-    return None
-
-
 def _model_classes(model: str) -> Optional[list[str]]:
     """The classes of ``model`` (a checkpoint or export folder; an ensemble's first member)."""
     from imgcls.checkpoint import CLASSES_FILE
@@ -87,7 +75,9 @@ def write_context(review_csv: str, predictions: str) -> str:
                              filter=pc.field("path").isin(paths) & (pc.field("status") == "ok"))
     topk = {row["path"]: [[label, round(float(score), 6)] for label, score in
                           zip(row["topk_labels"], row["topk_scores"])] for row in table.to_pylist()}
-    model = _job_model(predictions)
+    from imgcls.inference.finished import job_model
+
+    model = job_model(predictions)
     classes = _model_classes(model) if model else None
     if classes is None:  # an online log: no job record; the classes the model ever ranked
         seen = dataset.to_table(columns=["topk_labels"], filter=pc.field("status") == "ok").column("topk_labels")

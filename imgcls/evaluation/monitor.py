@@ -283,11 +283,23 @@ def write_report(result: dict, ref: RunSample, cur: RunSample, output: str) -> d
     verdict = "DRIFT: " + ", ".join(result["drifted"]) if result["drift"] else "no drift"
     with open(os.path.join(output, REPORT_FILE), "w") as f:
         f.write(f"<!doctype html><meta charset=utf-8><title>imgcls monitor</title><style>body{{font-family:sans-serif}}"
-                f"td,th{{padding:2px 10px}}</style><h1>{html.escape(verdict)}</h1>"
-                f"<p>reference {html.escape(ref.uri)} ({ref.rows} rows), current {html.escape(cur.uri)} "
-                f"({cur.rows} rows); each test at alpha {result['alpha']}</p><table><tr><th>test</th><th>p-value</th>"
+                f"td,th{{padding:2px 10px}}</style>{_header(verdict, ref, cur)}"
+                f"<p>each test at alpha {result['alpha']}</p><table><tr><th>test</th><th>p-value</th>"
                 f"<th></th><th>statistic</th></tr>{rows}</table>{body}")
     return {"drift_json": os.path.join(output, DRIFT_FILE), "report": os.path.join(output, REPORT_FILE)}
+
+
+def _header(verdict: str, ref: RunSample, cur: RunSample) -> str:
+    """drift.html's top: the verdict, the model (of the reference's labelling job, or the
+    checkpoint it came from), both runs, the date and the imgcls version."""
+    from imgcls.inference.finished import job_model
+    from imgcls.pages import report_header
+
+    model = job_model(ref.uri) or job_model(cur.uri)
+    if model is None and ref.uri.rstrip("/").endswith("/reference.parquet"):  # a checkpoint's validation split
+        model = ref.uri.rstrip("/").rsplit("/", 1)[0]
+    return report_header(f"imgcls monitor: {verdict}", model,
+                         f"reference {ref.uri} ({ref.rows} rows), current {cur.uri} ({cur.rows} rows)")
 
 
 def _detail(name: str, t: dict) -> str:

@@ -130,8 +130,10 @@ def _save(fig, path: str) -> str:
 
 
 def write_report(output: str, report: dict, predictions: pd.DataFrame, true_col: str,
-                 history: Optional[list[dict]] = None, title: str = "imgcls evaluation") -> dict:
-    """Writes metrics.json, the plots and report.html into the local folder ``output``."""
+                 history: Optional[list[dict]] = None, title: str = "imgcls evaluation",
+                 model: Optional[str] = None, data: str = "") -> dict:
+    """Writes metrics.json, the plots and report.html into the local folder ``output``;
+    ``model`` and ``data`` are named at the top of report.html."""
     os.makedirs(output, exist_ok=True)
     with open(os.path.join(output, METRICS_FILE), "w") as f:
         json.dump(report, f, indent=2)
@@ -147,11 +149,13 @@ def write_report(output: str, report: dict, predictions: pd.DataFrame, true_col:
     }
     plots = {k: v for k, v in plots.items() if v}
     with open(os.path.join(output, REPORT_FILE), "w") as f:
-        f.write(_html(report, plots, title))
+        f.write(_html(report, plots, title, model, data))
     return {"metrics": os.path.join(output, METRICS_FILE), "report": os.path.join(output, REPORT_FILE), **plots}
 
 
-def _html(report: dict, plots: dict, title: str) -> str:
+def _html(report: dict, plots: dict, title: str, model: Optional[str] = None, data: str = "") -> str:
+    from imgcls.pages import report_header
+
     summary = "".join(
         f"<tr><th>{html.escape(k)}</th><td>{report[k]:.4f}</td></tr>" if isinstance(report[k], float)
         else f"<tr><th>{html.escape(k)}</th><td>{report[k]}</td></tr>"
@@ -168,7 +172,7 @@ def _html(report: dict, plots: dict, title: str) -> str:
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}}
 table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;padding:4px 10px;text-align:right}}
 th{{background:#f3f3f3;text-align:left}}img{{max-width:100%;border:1px solid #eee}}</style></head>
-<body><h1>{html.escape(title)}</h1>
+<body>{report_header(title, model, data)}
 <table>{summary}</table>
 <h2>Per class</h2>
 <table><tr><th>class</th><th>precision</th><th>recall</th><th>F1</th><th>support</th></tr>{per_class}</table>

@@ -144,8 +144,12 @@ def _thumbnail(path: str, side: int = 128) -> str:
         return ""
 
 
-def write_review(picks: pd.DataFrame, output: str, strategy: str) -> dict:
-    """Writes review.csv and review.html under ``output``; returns their paths and the count."""
+def write_review(picks: pd.DataFrame, output: str, strategy: str, predictions: str = "") -> dict:
+    """Writes review.csv and review.html under ``output``; returns their paths and the count.
+    ``predictions`` (and the model of the job that wrote them) are named at the sheet's top."""
+    from imgcls.inference.finished import job_model
+    from imgcls.pages import report_header
+
     os.makedirs(output, exist_ok=True)
     csv = os.path.join(output, REVIEW_FILE)
     picks.to_csv(csv, index=False)
@@ -160,9 +164,11 @@ def write_review(picks: pd.DataFrame, output: str, strategy: str) -> dict:
         f.write("<!doctype html><meta charset=utf-8><title>imgcls review</title><style>"
                 "body{font-family:sans-serif}figure{display:inline-block;margin:6px;width:140px;"
                 "vertical-align:top}img{max-width:128px}figcaption{font-size:12px}</style>"
-                f"<h1>{len(picks)} predictions to review ({html.escape(strategy)})</h1>"
-                f"<p>Fill in the <code>label</code> column of {REVIEW_FILE}; the filled-in file "
-                "is training input (<code>imgcls train --root review.csv</code>).</p>" + "".join(cells))
+                + report_header(f"{len(picks)} predictions to review ({strategy})",
+                                job_model(predictions) if predictions else None, predictions)
+                + f"<p>Answer them on the labelling page (<code>imgcls label {REVIEW_FILE}</code>), or fill in "
+                f"the <code>label</code> column of {REVIEW_FILE}; the answered file is training input "
+                "(<code>imgcls train --root review.csv</code>).</p>" + "".join(cells))
     return {"picks": len(picks), "manifest": csv, "contact_sheet": sheet}
 
 
@@ -172,5 +178,5 @@ def run_review(predictions: str, output: str, strategy: str = "margin", n: int =
     if df.empty:
         raise ReviewError(f"{predictions} has no prediction rows with status ok")
     picks = select(df, strategy, n, per_class=per_class, dedup=dedup, seed=seed)
-    return {**write_review(picks, output, strategy), "strategy": strategy, "rows": len(df),
+    return {**write_review(picks, output, strategy, predictions), "strategy": strategy, "rows": len(df),
             "mean_uncertainty": float(picks["uncertainty"].mean())}

@@ -151,6 +151,21 @@ def _value(value) -> str:
     return json.dumps(value) if isinstance(value, (bool, list)) else str(value)
 
 
+def job_model(predictions: str) -> Optional[str]:
+    """The model (checkpoint or export folder) of the labelling job whose output is
+    ``predictions`` (a folder, or a part file in it), from its ``_job.json``; None for
+    predictions without one (an online log, an evaluation's file)."""
+    base = predictions.rstrip("/")
+    for folder in (base, base.rsplit("/", 1)[0] if "/" in base else "."):
+        uri = storage.join(folder, JOB_FILE)
+        try:
+            if storage.exists(uri):
+                return storage.read_json(uri).get("model")
+        except (OSError, ValueError):  # unreadable: no model to name
+            return None
+    return None
+
+
 def finished_summary(cfg: PredictConfig) -> Optional[dict]:
     """The summary of the labelling job ``cfg`` when its output is already complete (the
     shape of ``bulk.LabelSummary``, every shard skipped, none labelled now); else None."""

@@ -228,6 +228,74 @@ def test_a_full_queue_answers_503_with_retry_after(served):
     served.sent += [r.json()["request_id"] for r in responses if r.status_code == 200]
 
 
+def test_try_page_shows_bars_heatmap_and_the_apis_error_in_a_browser(served, browser, bad_corpus, tmp_path):
+    """GET / in headless Chromium: with the token typed in, the page names the model, its
+    classes and checkpoint; a real photo chosen gives the top-k as bars (the scores
+    /v1/classify gives) and the Grad-CAM overlay (the PNG of imgcls explain's code on the
+    checkpoint); a corrupt file gives /v1/classify's own error as one line."""
+    import io
+
+    from conftest import screenshot
+    from PIL import Image
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from imgcls.checkpoint import load_checkpoint
+    from imgcls.evaluation.explain import explain_image
+    from imgcls.preprocess import ClassificationPresetEval
+
+    def wait(condition, what):
+        WebDriverWait(browser, 60).until(lambda _: condition(), message=what)
+
+    def text(element_id):
+        return browser.find_element(By.ID, element_id).text
+
+    page = httpx.get(f"{served.url}/")  # the page itself: no token, nothing secret in it
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    browser.get(f"{served.url}/")
+    wait(lambda: "needs its token" in text("error"), "the page asks for the token")
+    browser.find_element(By.ID, "token").send_keys(TOKEN + "\t")  # typed, then focus moves on: 'change'
+    wait(lambda: "Checkpoint" in text("model"), "the model's details")
+    assert served.models[0] in text("model") and "cat, dog" in text("model") and text("error") == ""
+
+    photo = served.photos[0]
+    browser.find_element(By.ID, "file").send_keys(photo)
+    wait(lambda: len(browser.find_elements(By.CSS_SELECTOR, "#bars li")) == 2, "the bars")
+    wait(lambda: browser.execute_script("const m = document.getElementById('heatmap'); "
+                                        "return !!m.getAttribute('src') && m.complete && m.naturalWidth > 0"),
+         "the heatmap")
+    with httpx.Client() as client:
+        api = client.post(f"{served.url}/v1/classify", content=open(photo, "rb").read(), headers=AUTH).json()
+        heat = client.post(f"{served.url}/v1/explain", content=open(photo, "rb").read(), headers=AUTH)
+        assert client.post(f"{served.url}/v1/explain", content=b"x").status_code == 401
+    bars = [li.text.split("\n") for li in browser.find_elements(By.CSS_SELECTOR, "#bars li")]
+    assert bars == [[label, f"{score:.3f}"] for label, score in zip(api["topk_labels"], api["topk_scores"])]
+    shown = browser.execute_script("""
+        const m = document.getElementById('heatmap'), c = document.createElement('canvas');
+        c.width = m.naturalWidth; c.height = m.naturalHeight; c.getContext('2d').drawImage(m, 0, 0);
+        return c.toDataURL('image/png');""")
+    import base64
+
+    on_page = np.asarray(Image.open(io.BytesIO(base64.b64decode(shown.split(",", 1)[1]))).convert("RGB"))
+    loaded = load_checkpoint(served.models[0])
+    want, label, _ = explain_image(loaded, ClassificationPresetEval(loaded.image_size, loaded.mean, loaded.std),
+                                   open(photo, "rb").read())
+    assert heat.headers["content-type"] == "image/png" and label == api["label"]
+    # The same code on the same weights; other threads may sum in another order (a unit of rounding).
+    served_png = np.asarray(Image.open(io.BytesIO(heat.content)).convert("RGB"))
+    assert served_png.shape == on_page.shape == want.shape == (64, 64, 3)  # the pixels the model sees, overlaid
+    assert np.abs(served_png.astype(int) - want).max() <= 1 and np.abs(on_page.astype(int) - want).max() <= 1
+    screenshot(browser, tmp_path, "try-page")
+
+    corrupt = bad_corpus / "truncated.jpg"
+    browser.find_element(By.ID, "file").send_keys(str(corrupt))
+    wait(lambda: text("error") != "", "the error line")
+    refused = httpx.post(f"{served.url}/v1/classify", content=corrupt.read_bytes(), headers=AUTH).json()
+    assert text("error") == f"truncated.jpg: {refused['error']} ({refused['error_type']})"
+    assert "\n" not in text("error") and not browser.find_element(By.ID, "results").is_displayed()
+    screenshot(browser, tmp_path, "try-page-error")
+
+
 def test_update_swaps_the_model_without_a_failed_request(served, ray_address):
     """imgcls serve --update under a steady load: no request fails, the replica is the
     same process (reconfigured, not replaced), and answers carry the new model_id within

@@ -56,3 +56,38 @@ def test_embedding_map_projects_on_principal_components_and_marks_mistakes(tmp_p
     report = report_from_predictions(df.assign(score=0.9, topk_labels=[["a", "b"]] * 200), ["a", "b"])
     files = write_report(str(tmp_path / "out"), report, df.assign(score=0.9), COL_TRUE)
     assert "embedding_map.png" in open(files["report"]).read()
+
+
+def test_reports_name_model_data_date_and_version_at_the_top(tmp_path):
+    """report.html, drift.html and the review contact sheet open with the same header: the
+    model (for drift and review, the labelling job's, from its _job.json), the data, the
+    date and the imgcls version."""
+    import re
+
+    from imgcls.evaluation import monitor
+    from imgcls.evaluation.review import select, write_review
+    from imgcls.pages import version
+
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    json.dump({"model": "runs/fmnist/best"}, open(labels / "_job.json", "w"))
+    df = pd.DataFrame({"path": [str(tmp_path / f"{i}.png") for i in range(40)], "status": "ok",
+                       "label": ["cat", "dog"] * 20, "score": np.linspace(0.5, 1, 40),
+                       "topk_scores": [[s, 1 - s] for s in np.linspace(0.5, 1, 40)],
+                       "topk_labels": [["cat", "dog"]] * 40, COL_TRUE: ["cat", "dog"] * 20})
+    report = report_from_predictions(df, ["cat", "dog"])
+    pages = [open(write_report(str(tmp_path / "eval"), report, df, COL_TRUE, model="runs/fmnist/best",
+                               data="data/test")["report"]).read()]
+    ref = monitor.frame_sample(df, str(labels))
+    cur = monitor.frame_sample(df, "s3://bucket/labels")
+    pages.append(open(monitor.write_report(monitor.compare(ref, cur, permutations=20), ref, cur,
+                                           str(tmp_path / "drift"))["report"]).read())
+    pages.append(open(write_review(select(df, "margin", 5), str(tmp_path / "review"), "margin",
+                                   str(labels))["contact_sheet"]).read())
+    for page, data in zip(pages, ["data/test", f"reference {labels} (40 rows), current s3://bucket/labels (40 rows)",
+                                  str(labels)]):
+        header = page[page.index('<header class="imgcls-report"'):page.index("</header>")]
+        facts = dict(re.findall(r"<dt[^>]*>(.*?)</dt><dd[^>]*>(.*?)</dd>", header))
+        assert facts["model"] == "runs/fmnist/best" and facts["data"] == data, facts
+        assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d UTC", facts["date"]) and facts["imgcls"] == version()
+        assert page.index("<header") < min(page.index(t) for t in ("<table", "<figure") if t in page)  # at the top
