@@ -70,6 +70,12 @@ SUBSTITUTIONS = [  # (pattern, replacement, why), applied in order
     (r"^(imgcls monitor .*--current out/serve-log\b.*)$", r"\1 || test $? -eq 1",
      "a hundred requests may or may not drift from the validation split: exit status 1 (drift) is an answer too; "
      "the test checks drift.json below"),
+    (r"^imgcls label (\S+).*$",
+     r"imgcls label \1 & pid=$!; for i in $(seq 120); do curl -sf http://127.0.0.1:8765/api/state >/dev/null && "
+     r"break; sleep 1; done; curl -sf http://127.0.0.1:8765/ | grep -q 'imgcls label'; ok=$?; kill $pid; "
+     r"wait $pid; exit $ok",
+     "the labelling page serves until Ctrl-C: started, asked for its state and its page, then stopped "
+     "(tests/integration/test_pages.py answers picks in a real browser)"),
     (r"\bCKPT\b", "out/runs/fashion-mnist/best", "a checkpoint: the walk-through's best"),
     (r"\bout/demo/", "out/", "the demo's data and run: the walk-through made the same recipe's under out/"),
     (r"s3://bucket/images/", "out/data/fashion-mnist/", "a placeholder bucket: the walk-through's images"),
