@@ -39,7 +39,7 @@ import pandas as pd
 
 from imgcls import storage
 from imgcls.labelled import REVIEW_COLUMN, REVIEW_NONE, REVIEW_SKIPPED
-from imgcls.pages import page, version
+from imgcls.web import page, version
 
 CONTEXT_FILE = "review.json"  # beside review.csv: classes, model, top-k per pick
 # Formats a browser shows as they are; any other (TIFF, PPM, ...) is sent as PNG.

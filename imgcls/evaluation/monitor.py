@@ -293,7 +293,7 @@ def _header(verdict: str, ref: RunSample, cur: RunSample) -> str:
     """drift.html's top: the verdict, the model (of the reference's labelling job, or the
     checkpoint it came from), both runs, the date and the imgcls version."""
     from imgcls.inference.finished import job_model
-    from imgcls.pages import report_header
+    from imgcls.web import report_header
 
     model = job_model(ref.uri) or job_model(cur.uri)
     if model is None and ref.uri.rstrip("/").endswith("/reference.parquet"):  # a checkpoint's validation split

@@ -154,7 +154,7 @@ def write_report(output: str, report: dict, predictions: pd.DataFrame, true_col:
 
 
 def _html(report: dict, plots: dict, title: str, model: Optional[str] = None, data: str = "") -> str:
-    from imgcls.pages import report_header
+    from imgcls.web import report_header
 
     summary = "".join(
         f"<tr><th>{html.escape(k)}</th><td>{report[k]:.4f}</td></tr>" if isinstance(report[k], float)

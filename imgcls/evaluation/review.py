@@ -148,7 +148,7 @@ def write_review(picks: pd.DataFrame, output: str, strategy: str, predictions: s
     """Writes review.csv and review.html under ``output``; returns their paths and the count.
     ``predictions`` (and the model of the job that wrote them) are named at the sheet's top."""
     from imgcls.inference.finished import job_model
-    from imgcls.pages import report_header
+    from imgcls.web import report_header
 
     os.makedirs(output, exist_ok=True)
     csv = os.path.join(output, REVIEW_FILE)

@@ -390,14 +390,14 @@ class ImageClassifier:
 
     @app.get("/")
     async def try_page(self) -> HTMLResponse:
-        from imgcls.pages import page, version
+        from imgcls.web import page, version
 
         text = page("try.html").decode().replace("__MODEL_NAME__", html.escape(self.name, quote=True))
         return HTMLResponse(text.replace("__VERSION__", html.escape(version())))
 
     @app.get("/pages.css")
     async def page_css(self) -> Response:
-        from imgcls.pages import page
+        from imgcls.web import page
 
         return Response(page("pages.css"), media_type="text/css")
 

@@ -66,7 +66,7 @@ def test_reports_name_model_data_date_and_version_at_the_top(tmp_path):
 
     from imgcls.evaluation import monitor
     from imgcls.evaluation.review import select, write_review
-    from imgcls.pages import version
+    from imgcls.web import version
 
     labels = tmp_path / "labels"
     labels.mkdir()

@@ -1,6 +1,10 @@
-"""The pages imgcls serves itself: ``label.html`` (``imgcls label``), ``try.html`` (``imgcls
-serve``'s ``GET /``) and their ``pages.css``. Plain HTML, CSS and a little JavaScript,
-shipped as package data: no build step, nothing from a CDN, so they work offline."""
+"""What imgcls shows a person in a browser: the pages it serves itself, and the header of
+its reports.
+
+The pages are files in ``imgcls/pages/``: ``label.html`` (``imgcls label``), ``try.html``
+(``imgcls serve``'s ``GET /``) and their ``pages.css``; plain HTML, CSS and a little
+JavaScript shipped as package data: no build step, nothing from a CDN, so they work
+offline."""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ from importlib import resources
 
 def page(name: str) -> bytes:
     """The bytes of the page file ``name`` (e.g. ``label.html``)."""
-    return resources.files(__name__).joinpath(name).read_bytes()
+    return resources.files("imgcls").joinpath("pages", name).read_bytes()
 
 
 def version() -> str:
