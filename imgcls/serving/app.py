@@ -373,7 +373,7 @@ class ImageClassifier:
     @app.post("/v1/explain")
     async def explain(self, request: Request) -> Response:
         """One image as the body: its Grad-CAM overlay as image/png. A refused image gets
-        ``/v1/classify``'s answer (status, error, error_type)."""
+        ``/v1/classify``'s status, error and error_type."""
         body, refused = await self._body(request)
         if refused is not None:
             return refused
@@ -381,12 +381,15 @@ class ImageClassifier:
         if loaded.runtime != "torch" or "," in loaded.model:
             return error_response(501, f"Grad-CAM needs one checkpoint's eager torch model; this server runs "
                                        f"{'an ensemble' if ',' in loaded.model else loaded.runtime}", "unsupported")
-        row = (await self._rows([body]))[0]  # decodes (and refuses) as classify does, and is logged as one
-        if row["status"] != "ok":
-            return JSONResponse(answer(row, False), status_code=STATUS_FOR_ERROR.get(row["error_type"], 422))
+        # Refused as /v1/classify refuses it (the decoder's checks), but not classified or
+        # logged again: the try page classifies first, and that is the request's log row.
+        checked = await asyncio.to_thread(loaded.decoder.decode, [("request", body)])
+        if checked["status"][0] != "ok":
+            kind = str(checked["error_type"][0])
+            self.refused.inc(tags={"error_type": kind})
+            return error_response(STATUS_FOR_ERROR.get(kind, 422), str(checked["error"][0]), kind)
         explainer = await asyncio.to_thread(self._explainer, loaded)
-        return Response(await asyncio.to_thread(explainer.png, body), media_type="image/png",
-                        headers={"X-Request-Id": row["request_id"]})
+        return Response(await asyncio.to_thread(explainer.png, body), media_type="image/png")
 
     @app.get("/")
     async def try_page(self) -> HTMLResponse:

@@ -292,6 +292,8 @@ def test_try_page_shows_bars_heatmap_and_the_apis_error_in_a_browser(served, bro
     wait(lambda: text("error") != "", "the error line")
     refused = httpx.post(f"{served.url}/v1/classify", content=corrupt.read_bytes(), headers=AUTH).json()
     assert text("error") == f"truncated.jpg: {refused['error']} ({refused['error_type']})"
+    explained = httpx.post(f"{served.url}/v1/explain", content=corrupt.read_bytes(), headers=AUTH)
+    assert explained.status_code == 422 and explained.json()["error"] == refused["error"]
     assert "\n" not in text("error") and not browser.find_element(By.ID, "results").is_displayed()
     screenshot(browser, tmp_path, "try-page-error")
 
