@@ -109,7 +109,7 @@ def plot_embedding_map(df: pd.DataFrame, true_col: str, path: str, max_points: i
         ok = ok.sample(max_points, random_state=0)
     xy = pca_2d(np.stack(ok["embedding"].to_numpy()).astype(np.float64))
     wrong = (ok[COL_LABEL] != ok[true_col]).to_numpy()
-    fig, ax = plt.subplots(figsize=(7, 5.5))
+    fig, ax = plt.subplots(figsize=(8, 5.5))
     for i, c in enumerate(sorted(ok[true_col].unique())):
         right = ((ok[true_col] == c).to_numpy()) & ~wrong
         ax.scatter(xy[right, 0], xy[right, 1], s=6, alpha=0.6, color=plt.cm.tab20(i % 20), label=str(c))
@@ -118,13 +118,14 @@ def plot_embedding_map(df: pd.DataFrame, true_col: str, path: str, max_points: i
     ax.set_xlabel("PC 1")
     ax.set_ylabel("PC 2")
     ax.set_title(f"Embeddings by true class (x: mistakes, {int(wrong.sum())} of {len(ok)})")
-    ax.legend(fontsize=7, markerscale=2, loc="best")
+    # Beside the points, not over them: with ten classes "best" still covers some.
+    ax.legend(fontsize=8, markerscale=2, loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False)
     return _save(fig, path)
 
 
 def _save(fig, path: str) -> str:
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # a legend placed outside the axes is kept
     plt.close(fig)
     return path
 
