@@ -111,3 +111,38 @@ def test_every_answer_is_in_the_file_at_once_and_the_file_trains(fmnist_root, tm
         list_labelled_images(str(tmp_path / "plain.csv"))
     with pytest.raises(LabelError, match="local review CSV"):
         ReviewFile.open("s3://imgcls/review.csv")
+
+
+def test_context_names_the_models_classes_or_those_the_predictions_rank(tmp_path):
+    """review.json: with the labelling job's record (_job.json), the checkpoint's classes
+    (all of them, in its order) and its path; for an online log, which has none, every
+    class the top-k lists name. Each pick gets its own top-k pairs."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from imgcls.evaluation.labelling import write_context
+    from imgcls.inference.schema import output_schema
+
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    rows = [{"path": f"/data/{i}.png", "status": "ok", "error": None, "error_type": None, "label": "coat",
+             "score": 0.6, "topk_labels": ["coat", "bag"] if i else ["shirt", "coat"], "topk_scores": [0.6, 0.3],
+             "model_id": "m"} for i in range(3)]
+    pq.write_table(pa.Table.from_pylist(rows, schema=output_schema()), labels / "part-00000.parquet")
+    csv = tmp_path / "review" / "review.csv"
+    csv.parent.mkdir()
+    pd.DataFrame({"path": ["/data/1.png", "/data/0.png"], "label": ""}).to_csv(csv, index=False)
+
+    context = json.load(open(write_context(str(csv), str(labels))))
+    assert context["classes"] == ["bag", "coat", "shirt"] and context["model"] is None
+    assert context["topk"] == {"/data/1.png": [["coat", 0.6], ["bag", 0.3]], "/data/0.png": [["shirt", 0.6], ["coat", 0.3]]}
+    model = tmp_path / "model"
+    model.mkdir()
+    json.dump(["trouser", "bag", "coat", "shirt"], open(model / "classes.json", "w"))
+    json.dump({"model": str(model)}, open(labels / "_job.json", "w"))
+    context = json.load(open(write_context(str(csv), str(labels))))
+    assert context["classes"] == ["trouser", "bag", "coat", "shirt"] and context["model"] == str(model)
+    review = ReviewFile.open(str(csv))
+    assert review.classes == context["classes"] and review.pick(1)["topk"] == [["shirt", 0.6], ["coat", 0.3]]
