@@ -274,8 +274,6 @@ def test_try_page_shows_bars_heatmap_and_the_apis_error_in_a_browser(served, bro
         const m = document.getElementById('heatmap'), c = document.createElement('canvas');
         c.width = m.naturalWidth; c.height = m.naturalHeight; c.getContext('2d').drawImage(m, 0, 0);
         return c.toDataURL('image/png');""")
-    import base64
-
     on_page = np.asarray(Image.open(io.BytesIO(base64.b64decode(shown.split(",", 1)[1]))).convert("RGB"))
     loaded = load_checkpoint(served.models[0])
     want, label, _ = explain_image(loaded, ClassificationPresetEval(loaded.image_size, loaded.mean, loaded.std),
