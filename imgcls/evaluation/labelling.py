@@ -190,7 +190,10 @@ class ReviewFile:
 
         from imgcls.inference.read import read_input
 
-        data = read_input(self.rows.iloc[i]["path"])
+        from imgcls.manifest import manifest_folder, resolve_paths
+
+        # A relative path is relative to the file's folder, as when the file is a training manifest.
+        data = read_input(resolve_paths(manifest_folder(self.path), [self.rows.iloc[i]["path"]])[0])
         with Image.open(io.BytesIO(data)) as image:
             if image.format in BROWSER_FORMATS:
                 return data, BROWSER_FORMATS[image.format]

@@ -51,7 +51,7 @@ def test_images_stream_from_files_s3_and_tar_members_by_index_only(s3_server, fm
     ppm = tmp_path / "four.ppm"  # a format browsers do not show: sent as PNG
     Image.open(io.BytesIO(raw[3])).save(ppm)
     paths = [os.path.join(fmnist_root, "bag", bags[0]), "s3://imgcls/label-page/one.png",
-             "s3://imgcls/label-page/shard.tar#shard/two.png", f"{local_tar}#three.png", str(ppm),
+             "s3://imgcls/label-page/shard.tar#shard/two.png", f"{local_tar}#three.png", "four.ppm",  # beside the file
              str(tmp_path / "gone.png")]
     csv = tmp_path / "review.csv"
     pd.DataFrame({"path": paths, "predicted_label": "bag", "score": "0.5", "uncertainty": "0.5",
