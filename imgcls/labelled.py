@@ -182,11 +182,12 @@ def split_stratified(
     validation image (for non-zero fractions) and one training image. Only where a
     class would otherwise have none, the file drawn nearest that split's range moves
     into it: the lowest draw to test; the lowest training draw to validation (else the
-    highest test draw); the highest draw to training. A later run with more files may
-    draw a file into that split itself and give the moved one back; so in classes that
-    small, adding files can move a file (only ever out of a split it was moved into).
-    Classes of fewer than 3 files train on all of them. ``pinned`` is how a retrain
-    keeps every earlier file exactly where it was (``pin_to_saved_splits``).
+    highest test draw); the highest draw to training. Classes of fewer than 3 files
+    train on all of them. So in classes that small, adding files can move a file: a
+    later run may draw a new file into that split and give the moved one back, and a
+    class that grows to 3 files splits its first ones by their draws. ``pinned`` is how
+    a retrain keeps every earlier file where it was, whatever the class's size
+    (``pin_to_saved_splits``).
 
     Args:
         images: The labelled files; their order does not matter.

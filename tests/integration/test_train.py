@@ -188,7 +188,7 @@ def test_trains_from_s3_manifest_with_streamed_cache_on_s3(ray_cluster, s3_serve
     here = str(tmp_path / "here.npz")
     write_shard(val.paths, np.array([classes.index(label) for label in val.labels]), here, cache.short_side, cache.side)
     decoded = [(image.tobytes(), int(label)) for image, label in zip(*load_shard(here))]
-    assert len(streamed) == len(val) == 41 and sorted(streamed) == sorted(decoded)
+    assert len(streamed) == len(val) == 47 and sorted(streamed) == sorted(decoded)
     assert len({label for _, label in streamed}) == 4
 
 
