@@ -20,15 +20,17 @@ import ray.train.torch
 import torch
 
 from imgcls import storage
-from imgcls.checkpoint import SPLITS_DIR, read_split_files, save_checkpoint, save_config, write_splits
+from imgcls.checkpoint import SPLITS_DIR, read_split, read_split_files, save_checkpoint, save_config, write_splits
 from imgcls.config import JobConfig
 from imgcls.devices import choose_gpu
 from imgcls.evaluation.metrics import inverse_frequency_weights
 from imgcls.labelled import (
+    SPLITS,
     DataError,
     LabelledImages,
     class_counts,
     list_labelled_images,
+    pin_to_saved_splits,
     split_stratified,
 )
 from imgcls.models import create_model
@@ -74,15 +76,34 @@ class FitResult:
 
 
 def prepare_splits(job: JobConfig) -> tuple[dict[str, LabelledImages], list[str]]:
-    """Lists, validates and splits the labelled data; returns the splits and the class list."""
+    """Lists, validates and splits the labelled data; returns the splits and the class list.
+
+    With ``--init-from``, every file named in that checkpoint's saved splits keeps its
+    split there (found by path, or by key when it moved: ``pin_to_saved_splits``), so the
+    new model is validated and tested on no image the old weights were trained on; the
+    new files are split as any (``split_stratified``).
+    """
     images = list_labelled_images(job.data.root)
     classes = sorted(set(images.labels))
     splits = split_stratified(images, job.data.val_fraction, job.data.test_fraction,
-                              seed=job.data.split_seed, max_per_class=job.data.max_per_class)
+                              seed=job.data.split_seed, max_per_class=job.data.max_per_class,
+                              pinned=init_from_pins(job, images))
     for name in ("train", "val"):
         if not len(splits[name]):
             raise DataError(f"the {name} split is empty: add data or raise data.{name}_fraction")
     return splits, classes
+
+
+def init_from_pins(job: JobConfig, images: LabelledImages) -> dict[str, str]:
+    """The split each of ``images`` had in ``--init-from``'s saved splits (none without
+    ``--init-from``, or when that checkpoint saved none: an older version's, an export)."""
+    if not job.train.init_from:
+        return {}
+    try:
+        saved = {name: read_split(job.train.init_from, name) for name in SPLITS}
+    except FileNotFoundError:
+        return {}
+    return pin_to_saved_splits(images, saved)
 
 
 def cache_uri(job: JobConfig, storage_path: str) -> str:
