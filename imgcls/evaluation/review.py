@@ -235,7 +235,7 @@ def review_predictions(uri: str, strategy: str, n: int, per_class: bool = False,
     if dedup is not None and COL_EMBEDDING not in dataset.schema.names:
         raise ReviewError(f"{uri} has no embeddings: label with --embeddings, or review without --dedup")
     keep, walked = (n if dedup is None else DEDUP_KEEP * n), 0
-    walk = _Dedup(n, dedup if dedup is not None else 1.0)
+    walk = _Dedup(n, dedup) if dedup is not None else None
     while True:
         queue, part_rows = ReviewQueue(strategy, keep, per_class, seed), {}
         for part, batch in scan(dataset, [COL_PATH, COL_LABEL, COL_SCORE, COL_TOPK_SCORES], OK_ROWS,
