@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -119,7 +120,15 @@ def measure(name: str, args: list[str], workdir: str) -> dict:
     summary = open(out).read()
     result = {"seconds": seconds, "peak_rss_mb": int(open(err).read().split()[-1]) / 1024}  # KiB on Linux
     print(f"{name}: {seconds:.1f} s, peak {result['peak_rss_mb']:.0f} MB", flush=True)
-    return {**result, "summary": json.loads(summary[summary.index("{"):]) if "{" in summary else summary}
+    return {**result, "summary": _without_paths(summary)}
+
+
+def _without_paths(output: str):
+    """A command's summary without the paths of its files: review's JSON, evaluate's line."""
+    if "{" in output:
+        return {k: v for k, v in json.loads(output[output.index("{"):]).items()
+                if not (isinstance(v, str) and os.path.isabs(v))}
+    return re.sub(r"\s+report\s+\S+", "", output.strip())
 
 
 def main():
