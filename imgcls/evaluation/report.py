@@ -130,13 +130,21 @@ def _save(fig, path: str) -> str:
 
 
 def write_report(output: str, report: dict, predictions: pd.DataFrame, true_col: str,
-                 history: Optional[list[dict]] = None, title: str = "imgcls evaluation") -> dict:
-    """Writes metrics.json, the plots and report.html into the local folder ``output``."""
+                 history: Optional[list[dict]] = None, title: str = "imgcls evaluation",
+                 class_counts: Optional[dict[str, int]] = None) -> dict:
+    """Writes metrics.json, the plots and report.html into the local folder ``output``.
+
+    ``class_counts`` (rows per true class) stands for the counts of ``predictions`` when
+    those are only the rows the pictures need (``evaluate.score_predictions``).
+    """
     os.makedirs(output, exist_ok=True)
     with open(os.path.join(output, METRICS_FILE), "w") as f:
         json.dump(report, f, indent=2)
     classes = report["classes"]
-    counts = predictions[true_col].value_counts().reindex(classes, fill_value=0).astype(int).to_dict()
+    if class_counts is None:
+        counts = predictions[true_col].value_counts().reindex(classes, fill_value=0).astype(int).to_dict()
+    else:
+        counts = {c: int(class_counts.get(c, 0)) for c in classes}
     plots = {
         "confusion_matrix": plot_confusion_matrix(report["confusion_matrix"], classes,
                                                   os.path.join(output, "confusion_matrix.png")),
