@@ -13,16 +13,15 @@ from dataclasses import dataclass
 
 import ray
 from ray import tune
-from ray._raylet import PlacementGroupID
 from ray.tune import Callback
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
-from ray.util.placement_group import PlacementGroup
 
 from imgcls import storage
 from imgcls.checkpoint import save_config
 from imgcls.config import JobConfig
 from imgcls.paths import resolve_paths
+from imgcls.ray_internals import placement_group
 from imgcls.training.loop import PLACEMENT_GROUP_KEY
 
 METRIC = "val_accuracy"
@@ -87,7 +86,7 @@ class ReleaseWorkerGroups(Callback):
             return
         table = ray.util.placement_group_table().get(group)
         if table is not None and table["state"] != "REMOVED":
-            ray.util.remove_placement_group(PlacementGroup(PlacementGroupID(bytes.fromhex(group))))
+            ray.util.remove_placement_group(placement_group(group))
         self.released.append(group)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
