@@ -70,6 +70,13 @@ def autoscaler_gpu_types(config_path: str = BOOTSTRAP_CONFIG) -> list[str]:
                   if float(t["resources"].get("GPU", 0)) > 0)
 
 
+def autoscaler_capacity(resource: str, config_path: str = BOOTSTRAP_CONFIG) -> float:
+    """How much of ``resource`` the autoscaler's node types hold at their max_workers
+    (0 on a cluster that no autoscaler grows)."""
+    return sum(t["max_workers"] * float(t["resources"].get(resource, 0))
+               for t in autoscaler_node_types(config_path).values())
+
+
 _requester = None  # this process's open request to the autoscaler, if any
 
 

@@ -20,6 +20,7 @@ from ray.tune.schedulers import ASHAScheduler
 from imgcls import storage
 from imgcls.checkpoint import save_config
 from imgcls.config import JobConfig
+from imgcls.devices import node_requests
 from imgcls.paths import resolve_paths
 from imgcls.ray_internals import placement_group
 from imgcls.training.loop import PLACEMENT_GROUP_KEY
@@ -62,8 +63,9 @@ def tune_trial(config: dict) -> None:
     logging.getLogger("ray.train").setLevel(config.get("log_level", "INFO"))
     job = apply_trial(JobConfig.from_dict(config["job"]), config["params"],
                       name=f"{config['job']['train']['name']}-trial-{tune.get_context().get_trial_id()}")
-    trainer, *_ = build_trainer(job, callbacks=[TuneReportCallback()], report_placement_group=True)
-    trainer.fit()
+    with node_requests():  # GPUs this trial asked the autoscaler for, withdrawn however it ends
+        trainer, *_ = build_trainer(job, callbacks=[TuneReportCallback()], report_placement_group=True)
+        trainer.fit()
 
 
 class ReleaseWorkerGroups(Callback):
