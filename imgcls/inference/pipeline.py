@@ -110,6 +110,7 @@ def pool_plan(use_gpu: Optional[bool], num_actors: Optional[int], separate_decod
     # What is not the autoscaler's to add or remove (the head, a static cluster's nodes).
     fixed_cpus, fixed_gpus = _head_resources() if grow else (cpus, gpus)
     max_gpus = max(gpus, fixed_gpus + sum(n * g for n, _, g in grow))
+    max_cpus = max(cpus, fixed_cpus + sum(n * c for n, c, _ in grow))
     if use_gpu is None:
         use_gpu = gpus > 0
     if separate_decode is None:
@@ -117,7 +118,6 @@ def pool_plan(use_gpu: Optional[bool], num_actors: Optional[int], separate_decod
     if use_gpu:
         low, high = (num_actors, num_actors) if num_actors else (max(1, gpus), max(1, max_gpus))
         plan = {"num_gpus": 1, "num_cpus": 1, "threads": None, "use_gpu": True}
-        max_cpus = max(cpus, fixed_cpus + sum(n * c for n, c, _ in grow))
         decode_cpus, decode_max = 1, max(1, int(max_cpus) - high - 1)
     else:
         share = 0.75 if separate_decode else 1.0  # of the cores, for the model
@@ -134,8 +134,8 @@ def pool_plan(use_gpu: Optional[bool], num_actors: Optional[int], separate_decod
             threads = max(1, round(max(cpus, 1) * share / num_actors))
             actor_cpus = max(cpus, 1) * share * 0.75 / num_actors if len(shapes) == 1 else actor_cpus
         plan = {"num_gpus": 0, "num_cpus": actor_cpus, "threads": threads, "use_gpu": False}
-        decode_max = max(1, int(max(cpus, 1) // 4))
-        decode_cpus = max(cpus, 1) * 0.2 / decode_max
+        decode_max = max(1, int(max(max_cpus, 1) // 4))
+        decode_cpus = max(cpus, 1) * 0.2 / max(1, int(max(cpus, 1) // 4))
     plan["min_size"], plan["max_size"] = (num_actors, num_actors) if num_actors else (low, high)
     plan["decode"] = {"max_size": decode_max, "num_cpus": decode_cpus} if separate_decode else None
     return plan

@@ -9,6 +9,7 @@ import time
 import pytest
 
 from imgcls.devices import autoscaler_gpu_types, autoscaler_node_types, choose_gpu, node_requests
+from imgcls.inference.pipeline import pool_plan
 
 pytestmark = pytest.mark.integration
 
@@ -87,3 +88,20 @@ def test_an_interrupted_wait_for_gpus_withdraws_its_request(ray_cluster, tmp_pat
             choose_gpu(None, config_path=str(path), wait_s=300, say=lambda _: None)
     assert requested == [True]
     assert wait_for(lambda: {"GPU": 1} not in autoscaler_request(), 30), autoscaler_request()
+
+
+def test_pools_are_sized_by_what_the_autoscaler_can_add(ray_cluster):
+    """On the suite's 2-CPU cluster (its head): without an autoscaler the pool is fixed,
+    one actor per core; with node types to add, it runs from what fits now to what fits
+    them all at their max_workers; --num-actors fixes it."""
+    static = pool_plan(False, None, node_types={})
+    assert (static["min_size"], static["max_size"], static["num_cpus"]) == (2, 2, 0.75)
+    cpu_types = {"cpu": {"resources": {"CPU": 2}, "min_workers": 0, "max_workers": 3}}
+    grows = pool_plan(False, None, node_types=cpu_types)
+    assert (grows["min_size"], grows["max_size"], grows["num_cpus"]) == (2, 2 + 3 * 2, 0.75)
+    fixed = pool_plan(False, 3, node_types=cpu_types)
+    assert (fixed["min_size"], fixed["max_size"]) == (3, 3)
+    gpu_types = {"gpu": {"resources": {"CPU": 8, "GPU": 1}, "min_workers": 0, "max_workers": 4}}
+    gpus = pool_plan(True, None, node_types=gpu_types)
+    assert (gpus["min_size"], gpus["max_size"], gpus["num_gpus"]) == (1, 4, 1)
+    assert gpus["decode"]["max_size"] == 2 + 4 * 8 - 4 - 1  # the CPUs the GPU nodes bring decode
