@@ -57,8 +57,13 @@ def autoscaler_node_types(config_path: str = BOOTSTRAP_CONFIG) -> dict[str, dict
     elif ray.is_initialized():
         from imgcls.ray_internals import reported_node_types
 
+        try:
+            reported = reported_node_types()
+        except Exception as e:  # noqa: BLE001 - a Ray that moved it: sized as without an autoscaler
+            log.warning("the autoscaler's node types could not be read from Ray: %s", e)
+            reported = {}
         types = {name: dict(t, max_workers=10**6 if t["max_workers"] < 0 else t["max_workers"])
-                 for name, t in reported_node_types().items()}
+                 for name, t in reported.items()}
     else:
         types = {}
     return {name: t for name, t in types.items() if t["max_workers"] > 0}
