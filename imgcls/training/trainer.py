@@ -22,7 +22,7 @@ import torch
 from imgcls import storage
 from imgcls.checkpoint import SPLITS_DIR, read_split, read_split_files, save_checkpoint, save_config, write_splits
 from imgcls.config import JobConfig
-from imgcls.devices import choose_gpu
+from imgcls.devices import autoscaler_capacity, choose_gpu, node_requests
 from imgcls.evaluation.metrics import inverse_frequency_weights
 from imgcls.labelled import (
     SPLITS,
@@ -357,6 +357,26 @@ def probe(job: JobConfig, data: PreparedData, use_gpu: bool) -> dict:
     return result
 
 
+def worker_count_note(num_workers: int, batch_size: int, use_gpu: bool) -> Optional[str]:
+    """On a cluster that an autoscaler grows, why training keeps ``num_workers`` workers
+    rather than growing with the nodes (None elsewhere).
+
+    Ray Train's elastic ``ScalingConfig(num_workers=(min, max))`` restarts a run with
+    another worker count as nodes come and go; imgcls plans a run for one count: the
+    global batch (workers x batch size), which the learning rate is set for, and each
+    worker's share of the cached images. So the count stays as given, and the run says
+    how many the node types would hold.
+    """
+    resource = "GPU" if use_gpu else "CPU"
+    capacity = int(autoscaler_capacity(resource))
+    if capacity <= 0:
+        return None
+    return (f"training: {num_workers} workers (--num-workers), a fixed count: the autoscaler adds the nodes they "
+            f"need (its node types hold {capacity} {resource}s), but a run keeps one worker count from start to end, "
+            f"since its global batch ({num_workers} x {batch_size} images, which the learning rate is set for) and "
+            f"each worker's share of the cached images are planned for it; give --num-workers to use more")
+
+
 def ray_train_log_level() -> str:
     """The level of the driver's "ray.train" logger, by name, for Ray Train's LoggingConfig."""
     import logging
@@ -387,6 +407,9 @@ def build_trainer(job: JobConfig, callbacks: Optional[list] = None, data: Option
     resident = fits_in_memory(caches, t.num_workers, whole_train=sampler) if job.data.in_memory is None \
         else job.data.in_memory
     use_gpu = choose_gpu(t.use_gpu, gpus=t.num_workers, what="training")
+    note = worker_count_note(t.num_workers, t.batch_size, use_gpu)
+    if note:
+        print(note, flush=True)
     probe_head = None
     if wants_probe_head(job, data.resuming):
         result = probe(job, data, use_gpu)
@@ -510,7 +533,15 @@ def best_of(best_checkpoints: list) -> Optional[str]:
 
 
 def fit(job: JobConfig) -> FitResult:
-    """Trains ``job`` on the running Ray cluster and returns its checkpoints and metrics."""
+    """Trains ``job`` on the running Ray cluster and returns its checkpoints and metrics.
+
+    The GPUs requested for it (``choose_gpu``) are withdrawn from the autoscaler when it
+    ends, however it ends, so that their nodes idle out."""
+    with node_requests():
+        return _fit(job)
+
+
+def _fit(job: JobConfig) -> FitResult:
     data = prepare_data(job)
     if job.train.linear_probe:
         return fit_linear_probe(job, data)
