@@ -25,6 +25,10 @@ INTERNALS = {
     "ray.data._internal.cluster_autoscaler:DefaultAutoscalingCoordinator": "node requests beside Ray Data's",
     # The node types and their max counts, where an autoscaler v2 (KubeRay) reported them.
     "ray._private.state:state": "the autoscaler's node types from the GCS",
+    # imgcls serve deploys its config through Serve's controller client, as `serve
+    # deploy` does through the dashboard's REST API, which a cluster started without a
+    # dashboard lacks: deploying by config is what lets an update only reconfigure.
+    "ray.serve.context:_get_global_client": "Serve's controller client, to deploy a config",
 }
 
 
@@ -68,3 +72,9 @@ def reported_node_types() -> dict[str, dict]:
     return {group.name: {"resources": dict(group.resources), "min_workers": int(group.min_count),
                          "max_workers": int(group.max_count)}
             for group in config.node_group_configs}
+
+
+def serve_client():
+    """Serve's controller client (``ServeControllerClient``: ``deploy_apps``,
+    ``get_serve_details``); raises ``RayServeException`` where Serve does not run."""
+    return resolve("ray.serve.context:_get_global_client")()

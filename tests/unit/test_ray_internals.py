@@ -19,7 +19,7 @@ def test_no_other_module_imports_ray_internals():
     import imgcls
 
     package = Path(imgcls.__file__).parent
-    private = re.compile(r"\bray(\.\w+)*\._\w+")
+    private = re.compile(r"\bray(\.\w+)*\._\w+|\bfrom ray(\.\w+)* import .*\b_[a-z]\w*")
     found = [f"{path.relative_to(package)}: {line.strip()}" for path in package.rglob("*.py")
              if path.name != "ray_internals.py"
              for line in path.read_text().splitlines() if private.search(line) and not line.lstrip().startswith("#")]
