@@ -374,7 +374,7 @@ def explain(model, output, images, mistakes_from, split, top, layer):
         from imgcls.checkpoint import split_manifest
         from imgcls.labelled import list_labelled_images
 
-        paths += list_labelled_images(split_manifest(model, split), check_paths=False).paths[:top]
+        paths += list_labelled_images(split_manifest(model, split)).paths[:top]
     if not paths:
         raise click.UsageError("give --image, --split or --mistakes-from")
     echo_json(explain_images(model, paths, output, layer=layer))

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import posixpath
-import random
 from collections import Counter
 from dataclasses import dataclass
 from typing import Mapping, Optional, Sequence
@@ -52,19 +51,24 @@ def is_image_path(path: str) -> bool:
     return path.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def list_labelled_images(root: str, check_paths: bool = True) -> LabelledImages:
+def list_labelled_images(root: str) -> LabelledImages:
     """Lists an ImageFolder tree or a path,label manifest, on any fsspec filesystem.
+
+    A manifest's paths are not checked here: that would be one request per row, one
+    after the other, on the driver (a million HEAD requests on S3 before training
+    starts). The parallel tasks that read them report a missing one by name instead
+    (``training.cache.write_shard``; ``evaluation.evaluate.evaluate_images``).
 
     Args:
         root: A folder whose subfolders name the classes, or a ``.csv``/``.parquet``
-            manifest with ``path`` and ``label`` columns. Relative manifest paths are
-            taken relative to the manifest's folder. Several, comma-separated, are
-            listed together; a file in two takes its label from the later one and its
-            key (``file_key``) from the first.
-        check_paths: Whether to check that every manifest path exists.
+            manifest with ``path`` and ``label`` columns: files, or tar members named
+            ``TAR#MEMBER`` (as ``imgcls predict`` and ``review.csv`` name them).
+            Relative manifest paths are taken relative to the manifest's folder.
+            Several, comma-separated, are listed together; a file in two takes its
+            label from the later one and its key (``file_key``) from the first.
 
     Raises:
-        DataError: empty folder, missing manifest column or path, or fewer than two classes.
+        DataError: empty folder, missing manifest column or label, or fewer than two classes.
     """
     if not root:
         raise DataError("no data given: set --root (or root in the YAML file's data section) to an ImageFolder "
@@ -75,23 +79,23 @@ def list_labelled_images(root: str, check_paths: bool = True) -> LabelledImages:
         # its key from the first (where the file lives), so that a correction keeps its split.
         labels: dict[str, str] = {}
         keys: dict[str, str] = {}
-        for part in (_list_one(r, check_paths) for r in roots):
+        for part in (_list_one(r) for r in roots):
             labels.update(zip(part.paths, part.labels))
             for p, k in zip(part.paths, part.split_keys()):
                 keys.setdefault(p, k)
         images = LabelledImages(list(labels), list(labels.values()), [keys[p] for p in labels])
     else:
-        images = _list_one(roots[0], check_paths)
+        images = _list_one(roots[0])
     classes = sorted(set(images.labels))
     if len(classes) < 2:
         raise DataError(f"{root} has a single class {classes}; classification needs at least two")
     return images
 
 
-def _list_one(root: str, check_paths: bool) -> LabelledImages:
+def _list_one(root: str) -> LabelledImages:
     fs, path = storage.filesystem(root)
     if root.lower().endswith(MANIFEST_EXTENSIONS):
-        images = _read_manifest(root, check_paths)
+        images = _read_manifest(root)
     else:
         if not fs.isdir(path):
             raise DataError(f"{root} is neither a folder nor a .csv/.parquet manifest")
@@ -127,7 +131,7 @@ def file_key(folder: str, path: str) -> str:
     return posixpath.relpath(storage.strip(path), storage.strip(folder) or ".")
 
 
-def _read_manifest(uri: str, check_paths: bool) -> LabelledImages:
+def _read_manifest(uri: str) -> LabelledImages:
     try:
         table = read_manifest(uri, ["path", "label"])
     except ManifestError as e:
@@ -141,13 +145,7 @@ def _read_manifest(uri: str, check_paths: bool) -> LabelledImages:
         raise DataError(f"manifest {uri} has rows without a label, e.g. {unlabelled[0]}")
     folder = manifest_folder(uri)
     keys = [file_key(folder, p) for p in paths]
-    paths = resolve_paths(folder, paths)
-    if check_paths:
-        fs, _ = storage.filesystem(paths[0])
-        missing = [p for p in paths if not fs.exists(storage.strip(p))]
-        if missing:
-            raise DataError(f"manifest {uri} names {len(missing)} missing file(s), e.g. {missing[:3]}")
-    return LabelledImages(paths=paths, labels=labels, keys=keys)
+    return LabelledImages(paths=resolve_paths(folder, paths), labels=labels, keys=keys)
 
 
 def encode_labels(labels: Sequence[str], classes: Sequence[str]) -> np.ndarray:

@@ -29,7 +29,7 @@ from imgcls.evaluation.scan import BATCH_ROWS, open_predictions, scan
 from imgcls.paths import members
 from imgcls.inference.pipeline import input_rows, predict, predict_here
 from imgcls.inference.read import TAR_MEMBER_SEP, source_file
-from imgcls.inference.schema import (COL_EMBEDDING, COL_LABEL, COL_PATH, COL_SCORE, COL_STATUS,
+from imgcls.inference.schema import (COL_EMBEDDING, COL_ERROR, COL_LABEL, COL_PATH, COL_SCORE, COL_STATUS,
                                      COL_TOPK_LABELS, STATUS_OK)
 from imgcls.labelled import DataError, LabelledImages, encode_labels, list_labelled_images
 
@@ -179,10 +179,19 @@ def _encode(labels: pa.Array, classes: Sequence[str]) -> np.ndarray:
 
 def evaluate_images(model: str, images: LabelledImages, **kwargs) -> tuple[dict, pd.DataFrame]:
     """Runs the model (or comma-separated ensemble) over ``images`` and returns (metrics
-    report, predictions)."""
+    report, predictions).
+
+    An image that cannot be decoded is an error row, counted in ``errors``; one that is
+    missing (a file, a tar or a tar member: nothing checked the listing) fails the
+    evaluation with a DataError naming it, found by the tasks that read the images.
+    """
     classes = read_model_info(members(model)[0]).classes
     encode_labels(images.labels, classes)  # fail fast on unknown labels, before any inference
     df = predict_labelled(model, images, **kwargs)
+    missing = df[df[COL_ERROR].fillna("").str.startswith(f"{FileNotFoundError.__name__}:")]
+    if len(missing):
+        raise DataError(f"{len(missing)} of the {len(df)} labelled images cannot be found, e.g. "
+                        f"{missing[COL_PATH].iloc[0]} ({missing[COL_ERROR].iloc[0]})")
     return report_from_predictions(df, classes), df
 
 
@@ -367,7 +376,7 @@ def training_overlap(model: str, paths: list[str]) -> int:
     from imgcls.checkpoint import split_manifest
 
     try:
-        train = list_labelled_images(split_manifest(model, "train"), check_paths=False)
+        train = list_labelled_images(split_manifest(model, "train"))
     except FileNotFoundError:
         return 0
     seen = {os.path.normpath(p) for p in train.paths}

@@ -276,20 +276,29 @@ def _embeddings_of(dataset, rows: pa.Table, batch_rows: int) -> np.ndarray:
     return np.stack(out)
 
 
-def _thumbnail(path: str, side: int = 128) -> str:
-    """A data: URI of the image at ``path`` (file or tar member), or '' if unreadable."""
+def _thumbnails(paths: list[str], side: int = 128) -> dict[str, str]:
+    """A data: URI per path of ``paths`` (files or tar members), '' for an unreadable one.
+
+    Read as labelling reads (``read.iter_inputs``): each tar streamed once for all of its
+    picks, not once per pick; only the small thumbnails are kept.
+    """
     from PIL import Image
 
-    from imgcls.inference.read import read_input
+    from imgcls.inference.read import iter_inputs
 
-    try:
-        image = Image.open(io.BytesIO(read_input(path))).convert("RGB")
-        image.thumbnail((side, side))
-        buf = io.BytesIO()
-        image.save(buf, format="JPEG", quality=85)
-        return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
-    except Exception:  # noqa: BLE001 - a file gone since labelling shows as a blank cell
-        return ""
+    out = {}
+    for path, data in iter_inputs(paths):
+        try:
+            if isinstance(data, BaseException):
+                raise data
+            image = Image.open(io.BytesIO(data)).convert("RGB")
+            image.thumbnail((side, side))
+            buf = io.BytesIO()
+            image.save(buf, format="JPEG", quality=85)
+            out[path] = "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+        except Exception:  # noqa: BLE001 - a file gone since labelling shows as a blank cell
+            out[path] = ""
+    return out
 
 
 def write_review(picks: pd.DataFrame, output: str, strategy: str) -> dict:
@@ -298,8 +307,9 @@ def write_review(picks: pd.DataFrame, output: str, strategy: str) -> dict:
     csv = os.path.join(output, REVIEW_FILE)
     picks.to_csv(csv, index=False)
     cells = []
+    thumbnails = _thumbnails(picks["path"].tolist())
     for row in picks.itertuples():
-        src = _thumbnail(row.path)
+        src = thumbnails.get(row.path, "")
         image = f'<img src="{src}" alt="">' if src else "<div class=missing>unreadable</div>"
         cells.append(f'<figure>{image}<figcaption>{html.escape(str(row.predicted_label))} '
                      f'{row.score:.3f}<br><small>{html.escape(os.path.basename(row.path))}</small></figcaption></figure>')
