@@ -4,7 +4,8 @@ A checkpoint is a folder (local or fsspec URI) holding:
 ``model.pt`` (state dict of the unwrapped model), ``train_state.pt`` (optimizer,
 scheduler, scaler, epoch), ``classes.json``, ``config.yaml`` (the resolved JobConfig),
 ``history.json`` (per-epoch metrics), ``meta.json`` (arch, input size, normalisation) and
-``splits/{train,val,test}.parquet`` (the ``path,label`` manifests of the run's splits).
+``splits/{train,val,test}.parquet`` (the ``path,label`` manifests of the run's splits, with
+each file's split ``key``).
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from torch import nn
 
 from imgcls import storage
 from imgcls.config import JobConfig
-from imgcls.labelled import SPLITS
+from imgcls.labelled import SPLITS, LabelledImages
+from imgcls.manifest import manifest_columns, read_manifest
 from imgcls.models import create_model, get_spec
 
 MODEL_FILE = "model.pt"
@@ -75,15 +77,36 @@ def read_split_files(folder: str) -> dict[str, bytes]:
 def write_splits(folder: str, splits: dict) -> None:
     """Writes each split's ``path,label`` manifest to ``folder/{train,val,test}.parquet``:
     what the run trained, validated and tested on. A split manifest is valid data input."""
+    storage.makedirs(folder)
+    for name in SPLITS:
+        write_manifest(storage.join(folder, f"{name}.parquet"), splits[name])
+
+
+def write_manifest(uri: str, images: LabelledImages) -> None:
+    """Writes ``images`` as a ``path,label`` Parquet manifest, with their split keys as a
+    ``key`` column when they have them (what ``--init-from`` matches a moved file by)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    storage.makedirs(folder)
-    for name in SPLITS:
-        images = splits[name]
-        table = pa.table({"path": pa.array(images.paths, pa.string()), "label": pa.array(images.labels, pa.string())})
-        with storage.open_uri(storage.join(folder, f"{name}.parquet"), "wb") as f:
-            pq.write_table(table, f)
+    columns = {"path": pa.array(images.paths, pa.string()), "label": pa.array(images.labels, pa.string())}
+    if images.keys is not None:
+        columns["key"] = pa.array(images.keys, pa.string())
+    with storage.open_uri(uri, "wb") as f:
+        pq.write_table(pa.table(columns), f)
+
+
+def read_split(checkpoint: str, split: str) -> LabelledImages:
+    """A checkpoint's saved ``split`` as written: paths, labels, and keys when it saved
+    them (checkpoints of older versions did not). No file is listed or checked.
+
+    Raises:
+        FileNotFoundError: the checkpoint saved no splits (see ``split_manifest``).
+    """
+    uri = split_manifest(checkpoint, split)
+    has_keys = "key" in manifest_columns(uri)
+    table = read_manifest(uri, ["path", "label", "key"] if has_keys else ["path", "label"])
+    return LabelledImages(table.column("path").to_pylist(), table.column("label").to_pylist(),
+                          table.column("key").to_pylist() if has_keys else None)
 
 
 def split_manifest(checkpoint: str, split: str) -> str:

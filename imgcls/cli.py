@@ -12,8 +12,8 @@ from typing import Callable
 
 import click
 
-from imgcls.config import (PACKAGED_WEIGHTS_MODELS, TORCHVISION_MODELS, DataConfig, JobConfig, ModelConfig,
-                           PredictConfig, ServeConfig, TrainConfig)
+from imgcls.config import (PACKAGED_WEIGHTS_MODELS, TORCHVISION_MODELS, DataConfig, DriftThresholds, JobConfig,
+                           ModelConfig, PredictConfig, ServeConfig, TrainConfig)
 from imgcls.options import config_options, load_yaml, resolve
 from imgcls.paths import local_path, resolve_paths
 
@@ -375,7 +375,7 @@ def explain(model, output, images, mistakes_from, split, top, layer):
         from imgcls.checkpoint import split_manifest
         from imgcls.labelled import list_labelled_images
 
-        paths += list_labelled_images(split_manifest(model, split), check_paths=False).paths[:top]
+        paths += list_labelled_images(split_manifest(model, split)).paths[:top]
     if not paths:
         raise click.UsageError("give --image, --split or --mistakes-from")
     echo_json(explain_images(model, paths, output, layer=layer))
@@ -439,9 +439,10 @@ def label(review_file, host, port, classes, predictions):
 @click.option("--current", required=True, help="Predictions Parquet (file or folder) of the new run.")
 @click.option("--output", required=True, type=click.Path(file_okay=False), help="Folder for drift.json and drift.html.")
 @click.option("--alpha", type=click.FloatRange(0, 1, min_open=True), default=0.01, show_default=True,
-              help="A test whose p-value is below this reports drift.")
+              help="A test whose p-value is below this, and whose effect size is at least its threshold "
+                   "(--class-threshold etc.), reports drift.")
 @click.option("--sample", type=click.IntRange(min=10), default=10_000, show_default=True,
-              help="Confidence scores sampled from each run for the KS test.")
+              help="Rows of each run the class, error and confidence tests see (the effect sizes count all rows).")
 @click.option("--embedding-sample", type=click.IntRange(min=0), default=500, show_default=True,
               help="Embeddings sampled from each run for the MMD test (0: leave the embeddings out; they need "
                    "predictions labelled with --embeddings).")
@@ -449,14 +450,20 @@ def label(review_file, host, port, classes, predictions):
               help="Permutations of the MMD test's p-value.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the samples and permutations.")
 @click.option("--num-cpus", type=int, default=None, help="CPUs of a local Ray cluster started by this command.")
-def monitor(reference, current, output, alpha, sample, embedding_sample, permutations, seed, num_cpus):
+@config_options(DriftThresholds)
+def monitor(reference, current, output, alpha, sample, embedding_sample, permutations, seed, num_cpus, **flags):
     """Drift of a labelling run against a reference: predicted classes, confidence, error
     rows, embeddings. Writes drift.json and drift.html; exits with status 1 on drift."""
-    init_ray_while_importing(num_cpus, "imgcls.evaluation.monitor")
+    from imgcls.evaluation.monitor import check_runs
+
+    thresholds = resolve(DriftThresholds, {}, flags)
+    current = local_path(current)
+    reference = check_runs(local_path(reference), current, embedding_sample)  # at once, not after Ray's start
+    init_ray_while_importing(num_cpus, "scipy.stats")  # the tests' module, meanwhile
     from imgcls.evaluation.monitor import run_monitor
 
-    result = run_monitor(local_path(reference), local_path(current), local_path(output), alpha, sample,
-                         embedding_sample, permutations, seed)
+    result = run_monitor(reference, current, local_path(output), alpha, sample, embedding_sample, permutations, seed,
+                         thresholds)
     echo_json(result)
     if result["drift"]:
         click.echo(f"imgcls monitor: drift in {', '.join(result['drifted'])} (report {result['report']})", err=True)

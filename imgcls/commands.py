@@ -22,6 +22,7 @@ from imgcls.labelled import LabelledImages
 from imgcls.training.trainer import fit
 
 TEST_METRICS_FILE = "test_metrics.json"
+INIT_FROM_TEST_FILE = "init_from_test.parquet"  # the test images an --init-from run compares both models on
 
 
 def run_training(job: JobConfig) -> dict:
@@ -40,17 +41,53 @@ def run_training(job: JobConfig) -> dict:
         storage.write_json(storage.join(result.best_checkpoint, TEST_METRICS_FILE), report)
         print(f"test accuracy {report['accuracy']:.4f}  macro F1 {report['macro_f1']:.4f}  "
               f"on {report['num_samples']} images", flush=True)
-        if job.train.init_from:  # the model it started from, on the same test split
-            known = set(read_model_info(job.train.init_from).classes)  # new classes: the old model cannot say them
-            keep = [i for i, c in enumerate(test.labels) if c in known]
-            old, _ = evaluate_images(job.train.init_from, LabelledImages([test.paths[i] for i in keep],
-                                                                         [test.labels[i] for i in keep]))
-            summary["init_from_test"] = {k: old[k] for k in ("accuracy", "macro_f1", "num_samples")}
-            print(f"test accuracy {old['accuracy']:.4f}  macro F1 {old['macro_f1']:.4f}  on "
-                  f"{old['num_samples']} images for --init-from {job.train.init_from} (new: {report['accuracy']:.4f})",
-                  flush=True)
+        if job.train.init_from:  # the model it started from, on the test images neither trained on
+            summary["init_from_test"] = compare_with_init_from(job.train.init_from, result.best_checkpoint,
+                                                               test, result.splits["train"])
     summary["reference"] = write_reference(result.best_checkpoint, result.splits["val"])
     return summary
+
+
+def compare_with_init_from(old: str, new: str, test: LabelledImages, train: LabelledImages) -> dict:
+    """The old (``--init-from``) and the new model side by side on the test images
+    neither trained on, of the classes the old model knows; prints how many there are.
+
+    Neither model's training images count: the new model's ``train`` split, and the old
+    one's saved training split (matched by path or by key, as ``prepare_splits`` pins
+    files). A retrain keeps every earlier file's split, so those are usually all of the
+    test split; an old checkpoint that saved no splits cannot say what it trained on,
+    and the line says so. The images compared on are written beside the new model's
+    test metrics as ``init_from_test.parquet``, a manifest to score them again.
+    """
+    from imgcls.checkpoint import read_split, write_manifest
+
+    try:
+        old_train = read_split(old, "train")
+    except FileNotFoundError:
+        old_train = None
+    seen = set(train.paths) | set(train.split_keys())
+    if old_train is not None:
+        seen |= set(old_train.paths) | set(old_train.split_keys())
+    untrained = [i for i, (p, k) in enumerate(zip(test.paths, test.split_keys())) if p not in seen and k not in seen]
+    known = set(read_model_info(old).classes)  # new classes: the old model cannot say them
+    keep = [i for i in untrained if test.labels[i] in known]
+    compared = LabelledImages([test.paths[i] for i in keep], [test.labels[i] for i in keep],
+                              [test.split_keys()[i] for i in keep])
+    manifest = storage.join(new, INIT_FROM_TEST_FILE)
+    write_manifest(manifest, compared)
+    note = "" if old_train is not None else f" ({old} saved no training split: the images it trained on are not known)"
+    print(f"test images neither model trained on: {len(untrained)} of {len(test)}{note}; "
+          f"{len(keep)} of them of the {len(known)} classes --init-from {old} knows", flush=True)
+    out = {"num_samples": len(keep), "untrained_test_images": len(untrained), "test_images": len(test),
+           "manifest": manifest}
+    if not len(compared):
+        return out
+    before, _ = evaluate_images(old, compared)
+    after, _ = evaluate_images(new, compared)
+    print(f"test accuracy {before['accuracy']:.4f}  macro F1 {before['macro_f1']:.4f}  on those {len(keep)} images "
+          f"for --init-from {old} (new: {after['accuracy']:.4f}  macro F1 {after['macro_f1']:.4f})", flush=True)
+    return {"accuracy": before["accuracy"], "macro_f1": before["macro_f1"], "new_accuracy": after["accuracy"],
+            "new_macro_f1": after["macro_f1"], **out}
 
 
 def demo_job(data_root: str, runs: str, epochs: Optional[int] = None) -> JobConfig:

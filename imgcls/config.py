@@ -365,6 +365,41 @@ class ServeConfig:
 
 
 @dataclass(frozen=True)
+class DriftThresholds:
+    """The least effect size at which each of ``imgcls monitor``'s tests reports drift
+    (when its p-value is also below alpha; see imgcls.evaluation.monitor)."""
+
+    class_threshold: float = 0.03
+    """Predicted classes: Jensen-Shannon distance of the class shares (natural log, 0 to
+    0.83), Evidently's distance for categories. Its default there, 0.1 (about PSI 0.1,
+    the "moderate" level), lets a 10% prior shift through (0.057 in bench/monitor.py's
+    predictions at a million rows a side), while a 1% shift is 0.009 there and two runs of
+    one mix 0.007. Over 0.833, its largest value, the class mix is left out of the
+    verdict."""
+    confidence_threshold: float = 0.1
+    """Top-1 scores: Wasserstein distance over the reference's standard deviation;
+    Evidently's default for this distance (in bench/monitor.py: blurred images 0.44, a
+    30% prior shift 0.07)."""
+    error_threshold: float = 0.03
+    """Error rows: Jensen-Shannon distance of the error and ok shares, as for the classes
+    (an error rate from 0 to 0.26%, or from 1% to 1.9%)."""
+    embedding_threshold: float = 0.005
+    """Embeddings: unbiased MMD^2 (Gaussian kernel at the median distance). No tool sets
+    one (alibi-detect decides by the p-value alone); 0.005 is about three standard
+    deviations of it between 500 embeddings a side of one distribution in
+    bench/monitor.py (a 30% prior shift: 0.011, blurred images: 0.049)."""
+
+    def __post_init__(self):
+        if min(self.class_threshold, self.confidence_threshold, self.error_threshold, self.embedding_threshold) < 0:
+            raise ValueError("drift thresholds must be 0 or more")
+
+    def by_test(self) -> dict[str, float]:
+        """The thresholds by the name of the test they apply to."""
+        return {"classes": self.class_threshold, "confidence": self.confidence_threshold,
+                "errors": self.error_threshold, "embeddings": self.embedding_threshold}
+
+
+@dataclass(frozen=True)
 class JobConfig:
     """Everything a training job needs; written beside each checkpoint."""
 

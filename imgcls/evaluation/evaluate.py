@@ -10,20 +10,27 @@ so that evaluation scores what ``imgcls predict`` outputs.
 from __future__ import annotations
 
 import os
+import re
+import shutil
+from collections import Counter
 from typing import Optional, Sequence
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 
 from imgcls import storage
 from imgcls.checkpoint import load_checkpoint, read_model_info
 from imgcls.devices import runs_here
-from imgcls.evaluation.metrics import classification_report, confusion_matrix
+from imgcls.evaluation.metrics import classification_report
+from imgcls.evaluation.scan import BATCH_ROWS, open_predictions, scan
 from imgcls.paths import members
 from imgcls.inference.pipeline import input_rows, predict, predict_here
-from imgcls.inference.read import source_file
-from imgcls.inference.schema import COL_LABEL, COL_PATH, COL_STATUS, COL_TOPK_LABELS, STATUS_OK
+from imgcls.inference.read import TAR_MEMBER_SEP, source_file
+from imgcls.inference.schema import (COL_EMBEDDING, COL_ERROR, COL_LABEL, COL_PATH, COL_SCORE, COL_STATUS,
+                                     COL_TOPK_LABELS, STATUS_OK)
 from imgcls.labelled import DataError, LabelledImages, encode_labels, list_labelled_images
 
 COL_TRUE = "true_label"
@@ -53,7 +60,10 @@ def predict_labelled(model: str, images: LabelledImages, batch_size: Optional[in
 
 
 def topk_key(report: dict) -> str:
-    """The report's top-k accuracy key: 'top5_accuracy', or 'top2_accuracy' for 2 classes."""
+    """The report's top-k accuracy key, named by the k of the top-k lists the rows carry
+    (``imgcls predict --top-k``, at most the number of classes): 'top5_accuracy' by
+    default, 'top2_accuracy' for 2 classes, 'top1_accuracy' for predictions made with
+    ``--top-k 1``."""
     return f"top{report['top_k']}_accuracy"
 
 
@@ -68,16 +78,27 @@ def scorable_rows(df: pd.DataFrame, classes: Sequence[str]) -> tuple[pd.DataFram
     """
     ok = df[COL_STATUS] == STATUS_OK
     known = df[COL_TRUE].astype(str).isin(set(classes))
-    unknown = df[ok & ~known][COL_TRUE].astype(str).value_counts()
+    unknown = Counter(df[ok & ~known][COL_TRUE].astype(str))
     if not (ok & known).any():
-        found = ", ".join(f"{label!r}: {n}" for label, n in unknown.head(5).items())
-        raise DataError(
-            f"no row to score: of {len(df)} predictions, {int((~ok).sum())} are error rows and {int(unknown.sum())} "
-            f"have a true label the model does not know ({found or 'none'}); the model knows {list(classes)}; "
-            "true labels come from a 'true_label' column, else from each file's parent folder name")
-    left_out = {"unknown_true_label": int(unknown.sum()),
-                "unknown_true_labels": {str(k): int(v) for k, v in unknown.head(10).items()}}
-    return df[~ok | known], left_out
+        raise no_row_to_score(len(df), int((~ok).sum()), unknown, classes)
+    return df[~ok | known], left_out(unknown)
+
+
+def no_row_to_score(rows: int, errors: int, unknown: Counter, classes: Sequence[str]) -> DataError:
+    """The error of predictions with no row to score: ``rows`` in all, ``errors`` of them
+    error rows, ``unknown`` the counts of the true labels the model does not know."""
+    found = ", ".join(f"{label!r}: {n}" for label, n in unknown.most_common(5))
+    return DataError(
+        f"no row to score: of {rows} predictions, {errors} are error rows and {sum(unknown.values())} "
+        f"have a true label the model does not know ({found or 'none'}); the model knows {list(classes)}; "
+        "true labels come from a 'true_label' column, else from each file's parent folder name")
+
+
+def left_out(unknown: Counter) -> dict:
+    """``unknown_true_label`` and ``unknown_true_labels`` (the 10 commonest) of the counts
+    of true labels the model does not know."""
+    return {"unknown_true_label": sum(unknown.values()),
+            "unknown_true_labels": {str(k): int(v) for k, v in unknown.most_common(10)}}
 
 
 def left_out_line(report: dict) -> str | None:
@@ -101,28 +122,76 @@ def report_from_predictions(df: pd.DataFrame, classes: Sequence[str]) -> dict:
     metrics. Raises DataError on a true label the model does not know (``scorable_rows``
     leaves such rows out first).
     """
-    import torch
+    tally = Tally(classes)
+    tally.add(pa.Table.from_pandas(df[[COL_STATUS, COL_LABEL, COL_TOPK_LABELS, COL_TRUE]], preserve_index=False))
+    return tally.report()
 
-    ok = df[df[COL_STATUS] == STATUS_OK]
-    y = encode_labels(ok[COL_TRUE].astype(str).tolist(), classes)
-    pred = encode_labels(ok[COL_LABEL].astype(str).tolist(), classes)
-    cm = confusion_matrix(torch.from_numpy(y), torch.from_numpy(pred), len(classes))
-    report = classification_report(cm, classes)
-    k = min(5, len(classes))  # top-5, or top-k for fewer classes: the key names its k
-    hits = [t in list(top)[:k] for t, top in zip(ok[COL_TRUE], ok[COL_TOPK_LABELS])]
-    report["top_k"] = k
-    report[topk_key(report)] = float(np.mean(hits)) if hits else 0.0
-    report["errors"] = int(len(df) - len(ok))
-    report["classes"] = list(classes)
-    return report
+
+class Tally:
+    """``report_from_predictions``'s counts, taken batch by batch: the confusion matrix,
+    the top-k hits and the error rows, so that a table of any size is scored in the
+    memory of one batch."""
+
+    def __init__(self, classes: Sequence[str]):
+        self.classes = list(classes)
+        self.cm = np.zeros((len(classes), len(classes)), np.int64)  # (true, predicted)
+        self.hits = self.k = self.errors = 0
+
+    def add(self, rows: pa.Table | pa.RecordBatch) -> None:
+        """Counts ``rows`` (columns status, label, topk_labels, true_label)."""
+        ok = rows.filter(pc.fill_null(pc.equal(rows.column(COL_STATUS), STATUS_OK), False))
+        self.errors += rows.num_rows - ok.num_rows
+        true, pred = _as_strings(ok.column(COL_TRUE)), _as_strings(ok.column(COL_LABEL))
+        n = len(self.classes)
+        self.cm += np.bincount(_encode(true, self.classes) * n + _encode(pred, self.classes),
+                               minlength=n * n).reshape(n, n)
+        topk = ok.column(COL_TOPK_LABELS)
+        topk = topk.combine_chunks() if isinstance(topk, pa.ChunkedArray) else topk
+        if len(topk):
+            self.k = max(self.k, pc.max(pc.list_value_length(topk)).as_py() or 0)
+        # A hit: the true label among the row's top-k labels (each listed once).
+        parents = pc.list_parent_indices(topk)
+        same = pc.fill_null(pc.equal(_as_strings(pc.list_flatten(topk)), true.take(parents)), False)
+        self.hits += len(np.unique(parents.filter(same).to_numpy()))
+
+    def report(self) -> dict:
+        report = classification_report(self.cm, self.classes)
+        # The k the rows carry; with none, imgcls predict's default --top-k.
+        report["top_k"] = self.k or min(5, len(self.classes))
+        report[topk_key(report)] = self.hits / report["num_samples"] if report["num_samples"] else 0.0
+        report["errors"] = self.errors
+        report["classes"] = self.classes
+        return report
+
+
+def _as_strings(values: pa.Array | pa.ChunkedArray) -> pa.Array:
+    values = values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
+    return values if values.type == pa.string() else values.cast(pa.string())
+
+
+def _encode(labels: pa.Array, classes: Sequence[str]) -> np.ndarray:
+    """``encode_labels`` of an Arrow column: indices of ``classes``; unknown names raise DataError."""
+    index = pc.index_in(labels, value_set=pa.array(classes, pa.string()))
+    if index.null_count:
+        encode_labels([str(v) for v in pc.unique(labels.filter(pc.is_null(index))).to_pylist()], classes)
+    return index.to_numpy(zero_copy_only=False).astype(np.int64)
 
 
 def evaluate_images(model: str, images: LabelledImages, **kwargs) -> tuple[dict, pd.DataFrame]:
     """Runs the model (or comma-separated ensemble) over ``images`` and returns (metrics
-    report, predictions)."""
+    report, predictions).
+
+    An image that cannot be decoded is an error row, counted in ``errors``; one that is
+    missing (a file, a tar or a tar member: nothing checked the listing) fails the
+    evaluation with a DataError naming it, found by the tasks that read the images.
+    """
     classes = read_model_info(members(model)[0]).classes
     encode_labels(images.labels, classes)  # fail fast on unknown labels, before any inference
     df = predict_labelled(model, images, **kwargs)
+    missing = df[df[COL_ERROR].fillna("").str.startswith(f"{FileNotFoundError.__name__}:")]
+    if len(missing):
+        raise DataError(f"{len(missing)} of the {len(df)} labelled images cannot be found, e.g. "
+                        f"{missing[COL_PATH].iloc[0]} ({missing[COL_ERROR].iloc[0]})")
     return report_from_predictions(df, classes), df
 
 
@@ -164,35 +233,143 @@ def run_evaluation(model: str, output: str, data: str | None = None, predictions
     Writes metrics.json, the PNG plots, report.html and predictions.parquet to ``output``.
     Predictions whose true label the model does not know are left out (counted in
     ``unknown_true_label``; ``evaluate.scorable_rows``), as are error rows (``errors``);
-    DataError when none is left. Returns the headline metrics, those counts, ``num_samples``
+    DataError when none is left. ``predictions`` are read and written back a batch at a
+    time (``score_predictions``). Returns the headline metrics, those counts, ``num_samples``
     (rows scored) and the files written.
     """
-    import pyarrow.parquet as pq
-
     from imgcls.evaluation.report import write_report
 
     first = members(model)[0]
     classes = read_model_info(first).classes
-    overlap = {}
+    overlap, counts = {}, None
     if data:
         images = list_labelled_images(data)
         overlap = {"training_overlap": max(training_overlap(m, images.paths) for m in members(model))}
         report, df = evaluate_images(model, images, embeddings=True, tta=tta)  # for the report's embedding map
+        os.makedirs(output, exist_ok=True)
+        write_frame(df, os.path.join(output, PREDICTIONS_FILE))
     else:
-        fs, path = storage.filesystem(predictions)
-        df = pq.read_table(path, filesystem=fs).to_pandas()
-        if COL_TRUE not in df.columns:
-            # the parent folder of each file (of the tar, for tar members)
-            df[COL_TRUE] = df["path"].map(source_file).str.rsplit("/", n=2).str[-2]
-        df, left_out = scorable_rows(df, classes)
-        report = {**report_from_predictions(df, classes), **left_out}
-    os.makedirs(output, exist_ok=True)
-    write_frame(df, os.path.join(output, PREDICTIONS_FILE))
+        made = not os.path.isdir(output)
+        os.makedirs(output, exist_ok=True)
+        try:
+            report, df, counts = score_predictions(predictions, classes, os.path.join(output, PREDICTIONS_FILE))
+        except BaseException:
+            if made:
+                shutil.rmtree(output, ignore_errors=True)
+            raise
     history = load_checkpoint(first).history
-    files = write_report(output, report, df, COL_TRUE, history=history, model=model, data=data or predictions)
+    files = write_report(output, report, df, COL_TRUE, history=history, class_counts=counts, model=model,
+                         data=data or predictions)
     counts = {k: report[k] for k in ("num_samples", "errors", "unknown_true_label", "unknown_true_labels")
               if k in report}
     return {**{k: report[k] for k in ("accuracy", topk_key(report), "macro_f1")}, **counts, **overlap, **files}
+
+
+MISTAKES = 16  # rows of report.plot_confident_mistakes
+MAP_POINTS = 5000  # points of report.plot_embedding_map
+PANDAS_INDEX = re.compile(r"__index_level_\d+__")  # an index pandas wrote as a column, not a column of the rows
+
+
+def score_predictions(uri: str, classes: Sequence[str], output_file: str,
+                      batch_rows: int = BATCH_ROWS) -> tuple[dict, pd.DataFrame, dict[str, int]]:
+    """``evaluate --predictions``: the predictions folder or file at ``uri`` scored against
+    ``classes`` in batches, in the memory of one batch whatever the number of rows.
+
+    Each batch gets its true labels (``true_labels``, where no ``true_label`` column has
+    them), loses the rows whose true label the model does not know (counted, as
+    ``scorable_rows`` counts them), and is written to ``output_file`` (Parquet, the rows
+    with their true labels) and counted (``Tally``). Kept for the report's pictures: the
+    most confident mistakes, and a uniform sample of MAP_POINTS rows with embeddings (all
+    of them when fewer).
+
+    Returns (report with ``left_out``'s counts, the rows kept for the pictures, rows per
+    true label); DataError when no row is left to score (``output_file`` not written).
+    """
+    import pyarrow.parquet as pq
+
+    dataset = open_predictions(uri)
+    names = [n for n in dataset.schema.names if not PANDAS_INDEX.fullmatch(n)]
+    fields = [dataset.schema.field(n) for n in names]
+    if COL_TRUE not in names:
+        fields.append(pa.field(COL_TRUE, pa.string()))
+    picture_columns = [COL_PATH, COL_STATUS, COL_LABEL, COL_SCORE, COL_TRUE] + \
+        ([COL_EMBEDDING] if COL_EMBEDDING in names else [])
+    tally, unknown, counts = Tally(classes), Counter(), Counter()
+    rows = errors = scored_rows = 0
+    mistakes, sample = _Firsts(MISTAKES), _Firsts(MAP_POINTS)
+    rng = np.random.default_rng(0)
+    partial = output_file + ".partial"
+    try:
+        with pq.ParquetWriter(partial, pa.schema(fields)) as writer:
+            for _, batch in scan(dataset, names, batch_rows=batch_rows):
+                if COL_TRUE not in names:
+                    batch = batch.append_column(COL_TRUE, true_labels(batch.column(COL_PATH)))
+                ok = pc.fill_null(pc.equal(batch.column(COL_STATUS), STATUS_OK), False)
+                true = _as_strings(batch.column(COL_TRUE))
+                known = pc.is_in(true, value_set=pa.array(classes, pa.string()))
+                rows, errors = rows + batch.num_rows, errors + batch.num_rows - pc.sum(ok).as_py()
+                _count(unknown, true.filter(pc.and_not(ok, known)))
+                batch = batch.filter(pc.or_(pc.invert(ok), known))
+                writer.write_batch(batch)
+                tally.add(batch)
+                _count(counts, batch.column(COL_TRUE))
+                kept = pa.Table.from_batches([batch.select(picture_columns)]).append_column(
+                    "_row", pa.array(np.arange(scored_rows, scored_rows + batch.num_rows)))
+                scored_rows += batch.num_rows
+                scored = pc.fill_null(pc.equal(kept.column(COL_STATUS), STATUS_OK), False)
+                wrong = kept.filter(pc.and_(scored, pc.not_equal(kept.column(COL_LABEL), kept.column(COL_TRUE))))
+                mistakes.add(wrong.drop_columns([c for c in (COL_EMBEDDING,) if c in wrong.column_names]),
+                             -wrong.column(COL_SCORE).to_numpy(zero_copy_only=False).astype(np.float64))
+                if COL_EMBEDDING in names:  # random keys, the smallest kept: a uniform sample
+                    mapped = kept.filter(pc.and_(scored, pc.is_valid(kept.column(COL_EMBEDDING))))
+                    sample.add(mapped, rng.random(mapped.num_rows))
+        if not tally.cm.sum():
+            raise no_row_to_score(rows, errors, unknown, classes)
+        os.replace(partial, output_file)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+    report = {**tally.report(), **left_out(unknown)}
+    return report, _pictures(mistakes.table, sample.table), {c: counts.get(c, 0) for c in classes}
+
+
+def _count(counter: Counter, labels: pa.Array | pa.ChunkedArray) -> None:
+    """Adds the count of each of ``labels`` (null as 'None') to ``counter``."""
+    counts = pc.value_counts(_as_strings(labels))
+    counter.update({str(v): c for v, c in zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist())})
+
+
+class _Firsts:
+    """The ``n`` rows with the lowest keys of the rows added (ties: the first added)."""
+
+    def __init__(self, n: int):
+        self.n, self.table, self.keys = n, None, np.zeros(0)
+
+    def add(self, rows: pa.Table, keys: np.ndarray) -> None:
+        table = rows if self.table is None else pa.concat_tables([self.table, rows])
+        keys = np.concatenate([self.keys, keys])
+        first = np.argsort(keys, kind="stable")[:self.n]
+        self.table, self.keys = table.take(first), keys[first]
+
+
+def _pictures(mistakes: Optional[pa.Table], sample: Optional[pa.Table]) -> pd.DataFrame:
+    """The rows the report draws, in row order: the sample with its embeddings, and the
+    mistakes outside it without theirs (so that the embedding map holds the sample only)."""
+    frames = [t.to_pandas() for t in (sample, mistakes) if t is not None]
+    if not frames:
+        return pd.DataFrame(columns=[COL_PATH, COL_STATUS, COL_LABEL, COL_SCORE, COL_TRUE])
+    df = pd.concat(frames, ignore_index=True).drop_duplicates("_row")  # the sample's rows first
+    return df.sort_values("_row").drop(columns="_row").reset_index(drop=True)
+
+
+def true_labels(paths: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """The true label a path gives: the name of its file's parent folder (of the tar, for a
+    tar member; ``read.source_file``); null for a path without a folder."""
+    paths = _as_strings(paths)
+    members = pc.match_substring(paths, TAR_MEMBER_SEP).to_numpy(zero_copy_only=False)
+    if members.any():  # only these need parsing one by one
+        paths = pa.array([source_file(p) if m else p for p, m in zip(paths.to_pylist(), members)], pa.string())
+    return pc.struct_field(pc.extract_regex(paths, r"(?P<folder>[^/]*)/[^/]*$"), [0])
 
 
 def training_overlap(model: str, paths: list[str]) -> int:
@@ -200,7 +377,7 @@ def training_overlap(model: str, paths: list[str]) -> int:
     from imgcls.checkpoint import split_manifest
 
     try:
-        train = list_labelled_images(split_manifest(model, "train"), check_paths=False)
+        train = list_labelled_images(split_manifest(model, "train"))
     except FileNotFoundError:
         return 0
     seen = {os.path.normpath(p) for p in train.paths}

@@ -4,22 +4,42 @@ In: two predictions folders or files (``imgcls predict``'s Parquet), a reference
 current run. Only the columns each test needs are read: class and error counts in full,
 the confidence scores and embeddings sampled (``--sample``, ``--embedding-sample``); a
 run of over IN_PROCESS_ROWS rows is read with Ray Data (``_read_with_ray_data``), so
-runs of tens of millions of rows work.
-Out: ``drift.json`` (every statistic, its p-value and whether it crossed its threshold),
-``drift.html`` with the plots, and a verdict: drift when any test's p-value is below
-``alpha`` (each test at ``alpha``: four tests at 0.01 give at most about 4% false
-alarms between two samples of one distribution).
+runs of tens of millions of rows work. ``check_runs`` checks both inputs (paths,
+columns, embeddings where asked) first, in well under a second, before any of that.
+Out: ``drift.json`` (every test's p-value beside ``alpha`` and its effect size beside
+its threshold, and which of the two decided), ``drift.html`` with the same table and
+the plots, and a verdict.
 
-The tests, from scipy (``scipy.stats``: maintained, 35 MB; frouros pins numpy < 2.2 and
-matplotlib < 3.10, which imgcls's versions are past, and alibi-detect brings hundreds
-of MB of dependencies for the same tests):
+The verdict, as the established drift tools reach theirs (Evidently's presets switch
+from a statistical test to a distance with a threshold above 1,000 rows): a test
+reports drift when the change is both significant and large, that is when its p-value
+is below ``alpha`` and its effect size is at least its threshold
+(``config.DriftThresholds``, whose fields say where each default comes from). The
+significance tests see a sample of fixed size, at most ``--sample`` rows a side
+(``--embedding-sample`` for the embeddings), so that their power stops growing with
+the runs: over a million rows a side, a chi-square test of the full counts calls a
+0.5% change of the class shares significant. The effect sizes use every row counted.
+On small runs the test is what holds an alarm back (two samples of 1,000 rows of one
+class mix are 0.05 apart in Jensen-Shannon distance, above the class threshold); on
+large ones the effect size is. Each test is at ``alpha``: four tests at 0.01 give at
+most about 4% false alarms between two samples of one distribution, fewer where an
+effect size holds one back. The tests, from scipy (``scipy.stats``: maintained, 35 MB;
+frouros pins numpy < 2.2 and matplotlib < 3.10, which imgcls's versions are past, and
+alibi-detect brings hundreds of MB of dependencies for the same tests):
+
 - predicted classes: chi-square test of the two runs' class counts
-  (``chi2_contingency``), and the population stability index beside it (the usual
+  (``chi2_contingency``) on ``--sample`` rows a side drawn from the counts; effect:
+  the Jensen-Shannon distance of the class shares (natural log, Evidently's
+  categorical distance), with the population stability index beside it (the usual
   reading: < 0.1 stable, 0.1-0.25 a moderate shift, > 0.25 a large one);
-- confidence (the top-1 score): two-sample Kolmogorov-Smirnov (``ks_2samp``);
-- error rows: chi-square test of the error and ok counts;
+- confidence (the top-1 score): two-sample Kolmogorov-Smirnov (``ks_2samp``); effect:
+  the Wasserstein distance over the reference's standard deviation (Evidently's
+  numerical distance);
+- error rows: chi-square test of the error and ok counts, on ``--sample`` rows a side;
+  effect: the Jensen-Shannon distance of the error and ok shares;
 - embeddings: maximum mean discrepancy with a Gaussian kernel (bandwidth by the median
-  heuristic), its p-value by ``scipy.stats.permutation_test`` over the pooled sample.
+  heuristic), its p-value by ``scipy.stats.permutation_test`` over the pooled sample;
+  effect: the unbiased estimate of MMD^2 (Gretton et al. 2012).
 """
 
 from __future__ import annotations
@@ -35,8 +55,13 @@ from typing import Optional
 import numpy as np
 
 from imgcls import storage
+from imgcls.config import DriftThresholds
 
 DRIFT_FILE, REPORT_FILE = "drift.json", "drift.html"
+
+EFFECTS = {"classes": "Jensen-Shannon distance", "confidence": "Wasserstein distance / reference std",
+           "errors": "Jensen-Shannon distance", "embeddings": "MMD^2 (unbiased)"}
+REQUIRED_COLUMNS = ("status", "label", "score")
 
 
 class MonitorError(ValueError):
@@ -59,18 +84,49 @@ class RunSample:
 IN_PROCESS_ROWS = 2_000_000  # up to this many rows a run is read here, with pyarrow; beyond, with Ray Data
 
 
+def resolve_reference(reference: str) -> str:
+    """The predictions a reference names: a checkpoint folder's validation predictions
+    (``reference.parquet``, saved by ``imgcls train``), or ``reference`` itself."""
+    saved = storage.join(reference, "reference.parquet")
+    return saved if storage.exists(saved) else reference
+
+
+def open_run(uri: str, embedding_sample: int = 0, what: str = ""):
+    """The Parquet dataset of a predictions run (a pyarrow ``Dataset``; footers only,
+    no rows read), checked: the path exists, it holds ``imgcls predict``'s columns,
+    and embeddings where ``embedding_sample`` asks for them. ``what`` (e.g. the flag)
+    leads the error messages."""
+    named = f"{what} {uri}" if what else uri
+    fs, path = storage.filesystem(uri)
+    if not fs.exists(path):
+        raise FileNotFoundError(f"{named}: no such file or folder")
+    import pyarrow.dataset as pads  # 0.5 s of imports (pandas)
+
+    dataset = pads.dataset(path, filesystem=fs, format="parquet", exclude_invalid_files=True)
+    missing = [c for c in REQUIRED_COLUMNS if c not in dataset.schema.names]
+    if missing:
+        raise MonitorError(f"{named} holds no imgcls predictions: no Parquet with the column(s) {', '.join(missing)}")
+    if embedding_sample and "embedding" not in dataset.schema.names:
+        raise MonitorError(f"{named} has no embeddings: label with --embeddings, or monitor with --embedding-sample 0")
+    return dataset
+
+
+def check_runs(reference: str, current: str, embedding_sample: int = 0) -> str:
+    """Both inputs checked as ``open_run`` does, before anything slow starts (Ray takes
+    seconds); returns the reference's predictions (``resolve_reference``)."""
+    reference = resolve_reference(reference)
+    open_run(reference, embedding_sample, "--reference")
+    open_run(current, embedding_sample, "--current")
+    return reference
+
+
 def read_run(uri: str, sample: int = 10_000, embedding_sample: int = 0, seed: int = 0) -> RunSample:
     """What the tests need of one run, reading only the columns needed: up to
     IN_PROCESS_ROWS rows in this process (status, label and score whole, embeddings only
     for the sampled rows); beyond, with Ray Data (counts per block summed here, scores
     and embeddings sampled by the cluster), where starting Ray Data's operators would
     take longer than the reading for a small run (500 rows: 60 s against under 1 s)."""
-    import pyarrow.dataset as pads
-
-    fs, path = storage.filesystem(uri)
-    dataset = pads.dataset(path, filesystem=fs, format="parquet", exclude_invalid_files=True)
-    if embedding_sample and "embedding" not in dataset.schema.names:
-        raise MonitorError(f"{uri} has no embeddings: label with --embeddings, or monitor with --embedding-sample 0")
+    dataset = open_run(uri, embedding_sample)
     if dataset.count_rows() > IN_PROCESS_ROWS:
         return _read_with_ray_data(uri, sample, embedding_sample, seed)
     df = dataset.to_table(columns=["status", "label", "score"]).to_pandas()
@@ -125,7 +181,8 @@ def _read_with_ray_data(uri: str, sample: int, embedding_sample: int, seed: int)
 
 def frame_sample(df, uri: str = "(frame)", sample: int = 10_000, embedding_sample: int = 0,
                  seed: int = 0) -> RunSample:
-    """``read_run`` of predictions already in a pandas DataFrame (a few thousand rows)."""
+    """``read_run`` of predictions already in a pandas DataFrame; only the sampled rows'
+    embeddings are stacked, so a frame of a million rows takes a fraction of a second."""
     ok = df[df["status"] == "ok"]
     if ok.empty:
         raise MonitorError(f"{uri} has no prediction rows with status ok")
@@ -135,9 +192,10 @@ def frame_sample(df, uri: str = "(frame)", sample: int = 10_000, embedding_sampl
         scores = rng.choice(scores, sample, replace=False)
     embeddings = None
     if embedding_sample:
-        embeddings = np.stack(ok["embedding"].to_numpy()).astype(np.float32)
-        if len(embeddings) > embedding_sample:
-            embeddings = embeddings[rng.choice(len(embeddings), embedding_sample, replace=False)]
+        column = ok["embedding"].to_numpy()
+        if len(column) > embedding_sample:
+            column = column[rng.choice(len(column), embedding_sample, replace=False)]
+        embeddings = np.stack(column).astype(np.float32)
     return RunSample(uri=uri, rows=len(df), errors=len(df) - len(ok),
                      class_counts={str(k): int(v) for k, v in ok["label"].value_counts().items()},
                      scores=scores, embeddings=embeddings)
@@ -150,42 +208,72 @@ def psi(expected: np.ndarray, actual: np.ndarray, floor: float = 1e-4) -> float:
     return float(((q - p) * np.log(q / p)).sum())
 
 
-def class_drift(ref: dict[str, int], cur: dict[str, int]) -> dict:
+def jensen_shannon(expected: np.ndarray, actual: np.ndarray) -> float:
+    """Jensen-Shannon distance (natural log: 0 to 0.83) of two count vectors over the same bins."""
+    from scipy.spatial.distance import jensenshannon
+
+    return float(jensenshannon(expected, actual)) if expected.sum() and actual.sum() else 0.0
+
+
+def subsample_counts(table: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
+    """Each row of a count table cut to the counts of ``n`` rows drawn from it without
+    replacement (a row of fewer stays whole): what a test of a fixed-size sample of
+    each run sees, so that its power does not grow with the runs."""
+    rng = np.random.default_rng(seed)
+    return np.stack([row if row.sum() <= n else rng.multivariate_hypergeometric(row.astype(np.int64), n)
+                     for row in table]).astype(np.float64)
+
+
+def class_drift(ref: dict[str, int], cur: dict[str, int], sample: int = 10_000, seed: int = 0) -> dict:
+    """Chi-square test of the class counts of ``sample`` rows a side; the Jensen-Shannon
+    distance and the PSI of the shares of all rows."""
     from scipy.stats import chi2_contingency
 
     classes = sorted(set(ref) | set(cur))
     table = np.array([[ref.get(c, 0) for c in classes], [cur.get(c, 0) for c in classes]], dtype=np.float64)
     table = table[:, table.sum(0) > 0]
     if table.shape[1] < 2:
-        return {"classes": classes, "chi2": 0.0, "p_value": 1.0, "psi": 0.0}
-    result = chi2_contingency(table)
+        return {"classes": classes, "chi2": 0.0, "p_value": 1.0, "psi": 0.0, "effect": 0.0}
+    tested = subsample_counts(table, sample, seed)
+    tested = tested[:, tested.sum(0) > 0]
+    result = chi2_contingency(tested) if tested.shape[1] > 1 else None
     return {"classes": classes, "reference_share": (table[0] / table[0].sum()).round(4).tolist(),
-            "current_share": (table[1] / table[1].sum()).round(4).tolist(), "chi2": float(result.statistic),
-            "p_value": float(result.pvalue), "psi": psi(table[0], table[1])}
+            "current_share": (table[1] / table[1].sum()).round(4).tolist(),
+            "chi2": float(result.statistic) if result else 0.0, "p_value": float(result.pvalue) if result else 1.0,
+            "n": [int(tested[0].sum()), int(tested[1].sum())], "psi": psi(table[0], table[1]),
+            "effect": jensen_shannon(table[0], table[1])}
 
 
 def confidence_drift(ref: np.ndarray, cur: np.ndarray) -> dict:
-    from scipy.stats import ks_2samp
+    """Kolmogorov-Smirnov test of the sampled top-1 scores; the Wasserstein distance over
+    the reference's standard deviation (at least 0.001, as Evidently floors it)."""
+    from scipy.stats import ks_2samp, wasserstein_distance
 
     result = ks_2samp(ref, cur)
     return {"ks": float(result.statistic), "p_value": float(result.pvalue), "reference_mean": float(ref.mean()),
-            "current_mean": float(cur.mean()), "n": [len(ref), len(cur)]}
+            "current_mean": float(cur.mean()), "n": [len(ref), len(cur)],
+            "effect": float(wasserstein_distance(ref, cur) / max(float(ref.std()), 1e-3))}
 
 
-def error_drift(ref: RunSample, cur: RunSample) -> dict:
+def error_drift(ref: RunSample, cur: RunSample, sample: int = 10_000, seed: int = 0) -> dict:
+    """Chi-square test of the error and ok counts of ``sample`` rows a side; the
+    Jensen-Shannon distance of the error and ok shares of all rows."""
     from scipy.stats import chi2_contingency
 
     table = np.array([[ref.errors, ref.rows - ref.errors], [cur.errors, cur.rows - cur.errors]], dtype=np.float64)
-    rates = [ref.errors / max(1, ref.rows), cur.errors / max(1, cur.rows)]
-    if table[:, 0].sum() == 0:  # no errors in either run
-        return {"reference_rate": rates[0], "current_rate": rates[1], "p_value": 1.0}
-    return {"reference_rate": rates[0], "current_rate": rates[1], "p_value": float(chi2_contingency(table).pvalue)}
+    rates = {"reference_rate": ref.errors / max(1, ref.rows), "current_rate": cur.errors / max(1, cur.rows)}
+    tested = subsample_counts(table, sample, seed)
+    p_value = float(chi2_contingency(tested).pvalue) if tested[:, 0].sum() else 1.0  # no errors: nothing to test
+    return {**rates, "p_value": p_value, "n": [int(tested[0].sum()), int(tested[1].sum())],
+            "effect": jensen_shannon(table[0], table[1])}
 
 
 def embedding_drift(ref: np.ndarray, cur: np.ndarray, permutations: int = 500, seed: int = 0) -> dict:
     """MMD^2 (biased estimate, Gaussian kernel at the median pairwise distance) and its
-    permutation p-value. The kernel matrix of the pooled sample is computed once; the
-    permutation test permutes indices into it."""
+    permutation p-value, and the unbiased estimate as the effect size (the biased one
+    is above 0 between samples of one distribution: 0.002 at 500 a side). The kernel
+    matrix of the pooled sample is computed once; the permutation test permutes indices
+    into it."""
     from scipy.stats import permutation_test
 
     pooled = np.concatenate([ref, cur]).astype(np.float64)
@@ -195,32 +283,54 @@ def embedding_drift(ref: np.ndarray, cur: np.ndarray, permutations: int = 500, s
     kernel = np.exp(-d2 / bandwidth)
 
     def mmd2(x, y, axis=-1):  # x, y: index arrays, (n,) or a batch of permutations (b, n)
+        # The mean kernel within x, within y, and across, at once: the quadratic form
+        # w K w with w = 1/n on x and -1/m on y (a matrix product, where gathering the
+        # three blocks of K per permutation took seconds).
         single = np.ndim(x) == 1
         x, y = np.atleast_2d(x).astype(int), np.atleast_2d(y).astype(int)
-        kxx = kernel[x[:, :, None], x[:, None, :]].mean((1, 2))
-        kyy = kernel[y[:, :, None], y[:, None, :]].mean((1, 2))
-        kxy = kernel[x[:, :, None], y[:, None, :]].mean((1, 2))
-        value = kxx + kyy - 2 * kxy
+        w = np.zeros((len(x), len(pooled)))  # (b, n + m)
+        np.put_along_axis(w, x, 1 / x.shape[1], axis=1)
+        np.put_along_axis(w, y, -1 / y.shape[1], axis=1)
+        value = ((w @ kernel) * w).sum(1)
         return value[0] if single else value
 
-    n = len(ref)
+    n, m = len(ref), len(cur)
     result = permutation_test((np.arange(n), np.arange(n, len(pooled))), mmd2, permutation_type="independent",
                               vectorized=True, n_resamples=permutations, alternative="greater",
-                              batch=max(1, 2_000_000 // max(1, len(pooled) ** 2 // 4)), rng=seed)
-    return {"mmd2": float(result.statistic), "p_value": float(result.pvalue),
-            "n": [len(ref), len(cur)], "permutations": permutations}
+                              batch=max(1, 20_000_000 // len(pooled) ** 2), rng=seed)
+    kxx, kyy = kernel[:n, :n], kernel[n:, n:]  # the unbiased estimate leaves out each point's kernel with itself
+    unbiased = ((kxx.sum() - np.trace(kxx)) / max(1, n * (n - 1)) + (kyy.sum() - np.trace(kyy)) / max(1, m * (m - 1))
+                - 2 * kernel[:n, n:].mean())
+    return {"mmd2": float(result.statistic), "p_value": float(result.pvalue), "n": [n, m],
+            "permutations": permutations, "effect": float(unbiased)}
 
 
-def compare(ref: RunSample, cur: RunSample, alpha: float = 0.01, permutations: int = 500, seed: int = 0) -> dict:
-    """Every test of the two runs, each with ``drift`` (its p-value below ``alpha``)."""
-    tests = {"classes": class_drift(ref.class_counts, cur.class_counts),
+def decide(test: dict, alpha: float, threshold: float) -> dict:
+    """A test's verdict: drift when its p-value is below ``alpha`` and its effect size is
+    at least ``threshold``; ``decided_by`` names what the verdict rests on: both for
+    drift, else whichever of the two (or both) held it back."""
+    significant, large = test["p_value"] < alpha, test["effect"] >= threshold
+    held = [name for name, crossed in (("p-value", significant), ("effect", large)) if not crossed]
+    return {"threshold": threshold, "significant": bool(significant), "large": bool(large),
+            "drift": bool(significant and large), "decided_by": " and ".join(held or ["p-value", "effect"])}
+
+
+def compare(ref: RunSample, cur: RunSample, alpha: float = 0.01, permutations: int = 500, seed: int = 0,
+            thresholds: Optional[DriftThresholds] = None, sample: int = 10_000) -> dict:
+    """Every test of the two runs, each with its effect size and ``drift`` (``decide``);
+    ``sample`` is the rows a side the class and error tests see (the confidence scores
+    and embeddings come sampled)."""
+    limits = (thresholds or DriftThresholds()).by_test()
+    tests = {"classes": class_drift(ref.class_counts, cur.class_counts, sample, seed),
              "confidence": confidence_drift(ref.scores, cur.scores),
-             "errors": error_drift(ref, cur)}
+             "errors": error_drift(ref, cur, sample, seed + 1)}
     if ref.embeddings is not None and cur.embeddings is not None:
         tests["embeddings"] = embedding_drift(ref.embeddings, cur.embeddings, permutations, seed)
-    for t in tests.values():
-        t["drift"] = bool(t["p_value"] < alpha)
-    return {"reference": ref.uri, "current": cur.uri, "alpha": alpha,
+    for name, t in tests.items():
+        t["effect_size"] = EFFECTS[name]
+        t.update(decide(t, alpha, limits[name]))
+    return {"reference": ref.uri, "current": cur.uri, "alpha": alpha, "thresholds": limits,
+            "rule": "drift where p-value < alpha and effect >= threshold",
             "rows": {"reference": ref.rows, "current": cur.rows}, "tests": tests,
             "drift": any(t["drift"] for t in tests.values()),
             "drifted": sorted(name for name, t in tests.items() if t["drift"])}
@@ -276,16 +386,20 @@ def write_report(result: dict, ref: RunSample, cur: RunSample, output: str) -> d
         ax.legend()
         plots.append(("Embeddings on the reference's principal components", _png(fig)))
         plt.close(fig)
-    rows = "".join(f"<tr><td>{html.escape(name)}</td><td>{t['p_value']:.3g}</td>"
-                   f"<td>{'<b>drift</b>' if t['drift'] else 'no drift'}</td><td>{html.escape(_detail(name, t))}</td></tr>"
+    rows = "".join(f"<tr><td>{html.escape(name)}</td><td>{'<b>drift</b>' if t['drift'] else 'no drift'}</td>"
+                   f"<td>{html.escape(t['decided_by'])}</td><td>{t['p_value']:.3g}</td><td>{result['alpha']}</td>"
+                   f"<td>{html.escape(t['effect_size'])}</td><td>{t['effect']:.4f}</td><td>{t['threshold']}</td>"
+                   f"<td>{html.escape(_detail(name, t))}</td></tr>"
                    for name, t in result["tests"].items())
     body = "".join(f"<h2>{html.escape(title)}</h2><img src='data:image/png;base64,{data}'>" for title, data in plots)
     verdict = "DRIFT: " + ", ".join(result["drifted"]) if result["drift"] else "no drift"
     with open(os.path.join(output, REPORT_FILE), "w") as f:
         f.write(f"<!doctype html><meta charset=utf-8><title>imgcls monitor</title><style>body{{font-family:sans-serif}}"
                 f"td,th{{padding:2px 10px}}</style>{_header(verdict, ref, cur)}"
-                f"<p>each test at alpha {result['alpha']}</p><table><tr><th>test</th><th>p-value</th>"
-                f"<th></th><th>statistic</th></tr>{rows}</table>{body}")
+                f"<p>A test reports drift where its p-value is below alpha and its effect size "
+                f"is at least its threshold; <i>decided by</i> names what the verdict rests on.</p>"
+                f"<table><tr><th>test</th><th>verdict</th><th>decided by</th><th>p-value</th><th>alpha</th>"
+                f"<th>effect size</th><th>effect</th><th>threshold</th><th>statistics</th></tr>{rows}</table>{body}")
     return {"drift_json": os.path.join(output, DRIFT_FILE), "report": os.path.join(output, REPORT_FILE)}
 
 
@@ -313,15 +427,14 @@ def _detail(name: str, t: dict) -> str:
 
 
 def run_monitor(reference: str, current: str, output: str, alpha: float = 0.01, sample: int = 10_000,
-                embedding_sample: int = 500, permutations: int = 500, seed: int = 0) -> dict:
+                embedding_sample: int = 500, permutations: int = 500, seed: int = 0,
+                thresholds: Optional[DriftThresholds] = None) -> dict:
     """Compares ``current`` with ``reference`` (predictions, or a checkpoint folder that
     holds its validation predictions: ``evaluate.REFERENCE_FILE``) and writes the report;
     ``embedding_sample`` 0 leaves the embeddings out."""
-    saved = storage.join(reference, "reference.parquet")
-    if storage.exists(saved):
-        reference = saved
+    reference = check_runs(reference, current, embedding_sample)
     ref = read_run(reference, sample, embedding_sample, seed)
     cur = read_run(current, sample, embedding_sample, seed + 1)
-    result = compare(ref, cur, alpha, permutations, seed)
+    result = compare(ref, cur, alpha, permutations, seed, thresholds, sample)
     return {**result, **write_report(result, ref, cur, output)}
 

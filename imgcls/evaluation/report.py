@@ -15,7 +15,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from imgcls.inference.schema import COL_LABEL, COL_PATH, COL_SCORE, COL_STATUS, STATUS_OK
-from imgcls.inference.read import read_input  # noqa: E402
+from imgcls.inference.read import iter_inputs  # noqa: E402
 
 METRICS_FILE = "metrics.json"
 REPORT_FILE = "report.html"
@@ -81,10 +81,11 @@ def plot_confident_mistakes(df: pd.DataFrame, true_col: str, path: str, n: int =
     fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3.3 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
+    read = dict(iter_inputs(wrong[COL_PATH].tolist()))  # each tar streamed once for all its mistakes
     for ax, (_, r) in zip(axes.flat, wrong.iterrows()):
         try:
-            ax.imshow(decode_image(read_input(r[COL_PATH])))
-        except Exception:  # unreadable now; still show the row's text
+            ax.imshow(decode_image(read[r[COL_PATH]]))
+        except Exception:  # unreadable now (the read's error in its place); still show the row's text
             pass
         ax.set_title(f"true {r[true_col]}\npred {r[COL_LABEL]} ({r[COL_SCORE]:.2f})", fontsize=9)
     fig.suptitle("Most confident mistakes")
@@ -132,14 +133,22 @@ def _save(fig, path: str) -> str:
 
 def write_report(output: str, report: dict, predictions: pd.DataFrame, true_col: str,
                  history: Optional[list[dict]] = None, title: str = "imgcls evaluation",
-                 model: Optional[str] = None, data: str = "") -> dict:
+                 class_counts: Optional[dict[str, int]] = None, model: Optional[str] = None,
+                 data: str = "") -> dict:
     """Writes metrics.json, the plots and report.html into the local folder ``output``;
-    ``model`` and ``data`` are named at the top of report.html."""
+    ``model`` and ``data`` are named at the top of report.html.
+
+    ``class_counts`` (rows per true class) stands for the counts of ``predictions`` when
+    those are only the rows the pictures need (``evaluate.score_predictions``).
+    """
     os.makedirs(output, exist_ok=True)
     with open(os.path.join(output, METRICS_FILE), "w") as f:
         json.dump(report, f, indent=2)
     classes = report["classes"]
-    counts = predictions[true_col].value_counts().reindex(classes, fill_value=0).astype(int).to_dict()
+    if class_counts is None:
+        counts = predictions[true_col].value_counts().reindex(classes, fill_value=0).astype(int).to_dict()
+    else:
+        counts = {c: int(class_counts.get(c, 0)) for c in classes}
     plots = {
         "confusion_matrix": plot_confusion_matrix(report["confusion_matrix"], classes,
                                                   os.path.join(output, "confusion_matrix.png")),

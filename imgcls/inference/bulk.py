@@ -36,13 +36,13 @@ from ray.data import ActorPoolStrategy, ExecutionResources
 
 from imgcls import storage
 from imgcls.config import PredictConfig
-from imgcls.devices import choose_gpu, runs_here
+from imgcls.devices import choose_gpu, node_requests, runs_here
 from imgcls.inference.decode import Decoder, DecodeShards
 from imgcls.inference.finished import JOB_FILE, fingerprint, refusal
 from imgcls.inference.inputs import InputPlan, OutputFolderError, plan_inputs
 from imgcls.inference.lease import Lease
 from imgcls.inference.model_stage import Classifier, ModelPayload
-from imgcls.inference.pipeline import model_batch_size, pool_plan
+from imgcls.inference.pipeline import actor_pool, model_batch_size, pool_plan
 from imgcls.inference.program import build_program
 from imgcls.inference.read import MAX_FILE_BYTES, is_tar, read_shard_list
 from imgcls.inference.schema import COL_ROW, COL_SHARD, COL_SHARD_ROWS, output_schema
@@ -181,7 +181,7 @@ def _run_one_pool(todo: pa.Table, payload: ModelPayload, cfg: PredictConfig, pla
             "payload": payload, "output": cfg.output, "max_pixels": cfg.max_pixels, "max_images": cfg.batch_size,
             "top_k": cfg.top_k, "embeddings": cfg.embeddings, "threads": plan["threads"], "use_gpu": plan["use_gpu"],
             "precision": cfg.precision},
-        batch_size=1, compute=ActorPoolStrategy(size=plan["size"]), num_cpus=plan["num_cpus"],
+        batch_size=1, compute=actor_pool(plan), num_cpus=plan["num_cpus"],
         num_gpus=plan["num_gpus"])
     progress, rows = Progress(todo), []
     for batch in ds.iter_batches(batch_size=None, batch_format="pandas"):
@@ -202,7 +202,7 @@ def _run_two_pools(todo: pa.Table, payload: ModelPayload, cfg: PredictConfig, pl
                                             "embeddings": cfg.embeddings, "threads": plan["threads"],
                                             "use_gpu": plan["use_gpu"], "precision": cfg.precision,
                                             "max_pixels": cfg.max_pixels},
-        batch_size=cfg.batch_size, compute=ActorPoolStrategy(size=plan["size"]), num_cpus=plan["num_cpus"],
+        batch_size=cfg.batch_size, compute=actor_pool(plan), num_cpus=plan["num_cpus"],
         num_gpus=plan["num_gpus"], batch_format="numpy")
     staged.context.execution_options.resource_limits = ExecutionResources.for_limits(
         object_store_memory=cfg.buffer_mb * 2**20)
@@ -259,10 +259,13 @@ def _record_auto_precision(cfg: PredictConfig, job_uri: str, use_gpu: bool, resu
 def label_images(cfg: PredictConfig) -> LabelSummary:
     """Labels every input of ``cfg`` on the running Ray cluster and writes Parquet shards,
     holding the output folder's lease throughout (``lease.Lease``: a second job fails at
-    once, saying whose it is)."""
+    once, saying whose it is).
+
+    The nodes requested for the job (``choose_gpu``'s GPUs) are withdrawn from the
+    autoscaler when it ends, however it ends, so that they idle out."""
     start = time.perf_counter()
     storage.makedirs(cfg.output)
-    with Lease(cfg.output) as lease:
+    with node_requests(), Lease(cfg.output) as lease:
         summary = _label_images(cfg, start)
         lease.check()
     return summary

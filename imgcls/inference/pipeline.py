@@ -69,11 +69,20 @@ def model_batch_size(batch_size: Optional[int], use_gpu: bool) -> int:
     return batch_size or (GPU_BATCH if use_gpu else CPU_BATCH)
 
 
-def pool_plan(use_gpu: Optional[bool], num_actors: Optional[int], separate_decode: Optional[bool] = None) -> dict:
-    """Sizes and per-actor resources of the actor pools, from the running cluster.
+def pool_plan(use_gpu: Optional[bool], num_actors: Optional[int], separate_decode: Optional[bool] = None,
+              node_types: Optional[dict] = None) -> dict:
+    """Sizes and per-actor resources of the actor pools, from the running cluster and
+    what its autoscaler can add.
 
     - Model actors: one per GPU. On CPUs, one single-threaded actor per core
       (two-threaded from 8 CPUs).
+    - The pool grows with the cluster: from the actors that fit the nodes there now
+      (at least 1, ``min_size``) up to those that fit when the autoscaler's node types
+      (``devices.autoscaler_node_types``, or ``node_types``) have all started
+      (``max_size``). Ray Data adds actors as the backlog asks for them, and the
+      autoscaler nodes for the actors that fit nowhere; sized from the cluster at the
+      start alone, a job on a cluster that starts with no workers kept one actor for
+      its whole life. ``num_actors`` fixes the size. Without an autoscaler, min = max.
     - Decoding: by default in its own CPU actor pool only when the model runs on GPUs,
       so that the GPUs never wait for the CPU work. On CPUs the model actors read and
       decode their own batches (``decode`` is None): both stages would compete for the
@@ -88,28 +97,84 @@ def pool_plan(use_gpu: Optional[bool], num_actors: Optional[int], separate_decod
       CPU and hundreds of MB of memory.
     - CPU requests are fractional and leave a quarter of the CPUs unclaimed, so that a
       2-core machine cannot deadlock (whole-CPU actors there starve the other tasks).
+      On an autoscaling cluster each node type is shared out so, and actors claim the
+      smallest type's share, so that they fit every node type.
     """
+    from imgcls.devices import autoscaler_node_types
+
     res = ray.cluster_resources()
-    cpus, gpus = float(res.get("CPU", 1)), int(res.get("GPU", 0))
+    cpus, gpus = float(res.get("CPU", 0)), int(res.get("GPU", 0))
+    types = autoscaler_node_types() if node_types is None else node_types
+    grow = [(int(t["max_workers"]), float(t["resources"].get("CPU", 0)), int(t["resources"].get("GPU", 0)))
+            for t in types.values()]
+    # What is not the autoscaler's to add or remove (the head, a static cluster's nodes).
+    fixed_cpus, fixed_gpus = _head_resources() if grow else (cpus, gpus)
+    max_gpus = max(gpus, fixed_gpus + sum(n * g for n, _, g in grow))
+    max_cpus = max(cpus, fixed_cpus + sum(n * c for n, c, _ in grow))
     if use_gpu is None:
         use_gpu = gpus > 0
     if separate_decode is None:
         separate_decode = use_gpu
     if use_gpu:
-        n = num_actors or max(1, gpus)
-        plan = {"size": n, "num_gpus": 1, "num_cpus": 1, "threads": None, "use_gpu": True}
-        decode_cpus, decode_max = 1, max(1, int(cpus) - n - 1)
+        low, high = (num_actors, num_actors) if num_actors else (max(1, gpus), max(1, max_gpus))
+        plan = {"num_gpus": 1, "num_cpus": 1, "threads": None, "use_gpu": True}
+        decode_cpus, decode_max = 1, max(1, int(max_cpus) - high - 1)
     else:
         share = 0.75 if separate_decode else 1.0  # of the cores, for the model
-        threads = 1 if cpus < 8 else 2
-        n = num_actors or max(1, round(cpus * share / threads))
+        shapes = [_cpu_actors(c, share) for c in [cpus or 1] + [c for _, c, _ in grow if c > 0]]
+        low, threads, actor_cpus = shapes[0]
+        if len(shapes) > 1:  # an autoscaling cluster: what fits each node type
+            threads, actor_cpus = min(s[1] for s in shapes[1:]), min(s[2] for s in shapes[1:])
+            low = max(1, int(cpus * share * 0.75 // actor_cpus))
+            high = max(low, _cpu_actors(fixed_cpus, share)[0] * (fixed_cpus > 0) + sum(
+                n * int(c * share * 0.75 // actor_cpus) for n, c, _ in grow))
+        else:
+            high = low
         if num_actors:  # a given pool size shares the same cores
-            threads = max(1, round(cpus * share / n))
-        plan = {"size": n, "num_gpus": 0, "num_cpus": cpus * share * 0.75 / n, "threads": threads, "use_gpu": False}
-        decode_max = max(1, int(cpus // 4))
-        decode_cpus = cpus * 0.2 / decode_max
+            threads = max(1, round(max(cpus, 1) * share / num_actors))
+            actor_cpus = max(cpus, 1) * share * 0.75 / num_actors if len(shapes) == 1 else actor_cpus
+        plan = {"num_gpus": 0, "num_cpus": actor_cpus, "threads": threads, "use_gpu": False}
+        decode_max = max(1, int(max(max_cpus, 1) // 4))
+        decode_cpus = max(cpus, 1) * 0.2 / max(1, int(max(cpus, 1) // 4))
+    plan["min_size"], plan["max_size"] = (num_actors, num_actors) if num_actors else (low, high)
     plan["decode"] = {"max_size": decode_max, "num_cpus": decode_cpus} if separate_decode else None
     return plan
+
+
+def _cpu_actors(cpus: float, share: float) -> tuple[int, int, float]:
+    """(actors, threads each, CPUs each) of the CPU model pool on ``cpus`` CPUs, of
+    which the model takes ``share``: one single-threaded actor per core (two-threaded
+    from 8 CPUs), claiming three quarters of its cores."""
+    threads = 1 if cpus < 8 else 2
+    n = max(1, round(cpus * share / threads))
+    return n, threads, cpus * share * 0.75 / n
+
+
+def _head_resources() -> tuple[float, int]:
+    """The head node's (CPUs, GPUs): on an autoscaling cluster, the part of it that the
+    autoscaler neither adds nor removes."""
+    for node in ray.nodes():
+        if node["Alive"] and "node:__internal_head__" in node["Resources"]:
+            return float(node["Resources"].get("CPU", 0)), int(node["Resources"].get("GPU", 0))
+    return 0.0, 0
+
+
+GROWING_TASKS_IN_FLIGHT = 4  # per actor of a pool that grows (Ray Data's default: 2)
+
+
+def actor_pool(plan: dict) -> ActorPoolStrategy:
+    """The model pool of ``plan``: fixed, or growing with the cluster up to its max.
+
+    A growing pool lets each actor hold GROWING_TASKS_IN_FLIGHT tasks. Ray Data adds
+    ceil(size x (utilisation / 1.75 - 1)) actors at a time, and utilisation (tasks in
+    flight per actor) cannot pass the tasks an actor may hold: with its default of 2
+    the pool grew by one actor at a time, each new one waited for (a node, then a
+    process importing torch: tens of seconds), so a job could end before it reached a
+    second node. With 4 it about doubles at each step."""
+    if plan["min_size"] == plan["max_size"]:
+        return ActorPoolStrategy(size=plan["min_size"])
+    return ActorPoolStrategy(min_size=plan["min_size"], max_size=plan["max_size"],
+                             max_tasks_in_flight_per_actor=GROWING_TASKS_IN_FLIGHT)
 
 
 def predict(rows: ray.data.Dataset, model: str, *, batch_size: Optional[int] = None, top_k: int = 5,
@@ -140,7 +205,7 @@ def predict(rows: ray.data.Dataset, model: str, *, batch_size: Optional[int] = N
     payload = build_program(model, runtime, tta, program)
     classifier_kwargs = {"top_k": top_k, "embeddings": embeddings, "threads": plan["threads"],
                          "use_gpu": plan["use_gpu"], "precision": precision, "max_pixels": max_pixels}
-    model_pool = dict(compute=ActorPoolStrategy(size=plan["size"]), num_cpus=plan["num_cpus"],
+    model_pool = dict(compute=actor_pool(plan), num_cpus=plan["num_cpus"],
                       num_gpus=plan["num_gpus"], batch_format="numpy")
     if plan["decode"] is None:  # CPU only: each model actor reads and decodes its own batches
         predictions = rows.map_batches(

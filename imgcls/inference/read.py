@@ -2,12 +2,15 @@
 
 Tar members are named ``<tar path>#<member name>`` (``TAR_MEMBER_SEP``), a form that
 round-trips on s3:// (fsspec's ``::`` would chain filesystems); ``evaluate`` and
-``explain`` read such paths back with ``read_input``. Importing this brings no torch.
+``explain`` read such paths back with ``read_input``, and every reader of a labelled
+manifest (``review.csv``'s rows) reads them with ``iter_inputs``. Importing this
+brings no torch.
 """
 
 from __future__ import annotations
 
 import tarfile
+from collections import Counter
 
 from imgcls import storage
 from imgcls.errors import ERROR_EMPTY, ERROR_READ, ERROR_TAR, InputError, stable_text
@@ -158,26 +161,26 @@ def _hard_links(uri: str, links: dict[str, list[str]], max_bytes: int):
 
 
 def read_input(path: str, max_bytes: int = MAX_FILE_BYTES) -> bytes:
-    """The bytes of one input as named in a predictions table: a file, or a tar member
-    (found by reading the tar up to it)."""
-    tar, member = split_member(path)
-    if member is None:
-        return storage.read_bytes(path)
-    for name, data in iter_tar(tar, max_bytes):
-        if name == path:
-            if isinstance(data, BaseException):
-                raise data
-            return data
-    raise FileNotFoundError(f"{member} is not in {tar}")
+    """The bytes of one input as named in a predictions table or a labelled manifest: a
+    file, or a tar member (found by reading the tar up to it). Raises the read's error."""
+    [(_, data)] = iter_inputs([path], max_bytes)
+    if isinstance(data, BaseException):
+        raise data
+    return data
 
 
 def iter_inputs(paths, max_bytes: int = MAX_FILE_BYTES, fetch: int = 64):
-    """Yields (path, bytes or exception) per input file, and per member of each tar.
+    """Yields (path, bytes or exception) per input file, per tar member named, and per
+    member of each tar named whole.
 
     Plain files are fetched ``fetch`` at a time, concurrently (``storage.read_many``),
     so that an actor reading from S3 is not bound by one request's latency per file.
+    Tar members named one by one (``TAR#MEMBER``, as a labelling run's rows and
+    ``review.csv`` name them) come after the plain files, each tar streamed once for
+    all of its members named here (``iter_members``). A path named twice gives two rows.
     """
     pending: list[str] = []
+    named: dict[str, list[str]] = {}  # tar URI -> the member paths named, in order
 
     def flush():
         yield from zip(pending, storage.read_many(pending, max_bytes))
@@ -188,10 +191,42 @@ def iter_inputs(paths, max_bytes: int = MAX_FILE_BYTES, fetch: int = 64):
             yield from flush()
             yield from iter_tar(path, max_bytes)
             continue
+        tar, member = split_member(path)
+        if member is not None:
+            named.setdefault(tar, []).append(path)
+            continue
         pending.append(path)
         if len(pending) == fetch:
             yield from flush()
     yield from flush()
+    for tar, members in named.items():
+        yield from iter_members(tar, members, max_bytes)
+
+
+def iter_members(tar: str, paths: list[str], max_bytes: int = MAX_FILE_BYTES):
+    """Yields (path, bytes or exception) for each of ``paths`` (member paths of the tar
+    at ``tar``; a repeat gives a repeated row) from one pass over the tar, which stops
+    once every one is found. A member the tar lacks is a FileNotFoundError naming it; a
+    tar that is missing or cannot be read gives its error to every member not read before.
+    """
+    wanted = Counter(paths)
+    tar_error = None
+    stream = iter_tar(tar, max_bytes)
+    try:
+        for name, data in stream:
+            if name == tar:  # the tar's own error row: missing, broken, empty
+                tar_error = data
+                continue
+            for _ in range(wanted.pop(name, 0)):
+                yield name, data
+            if not wanted:
+                return
+    finally:
+        stream.close()  # closes the tar when every member was found before its end
+    for path, count in wanted.items():
+        error = tar_error or FileNotFoundError(f"{split_member(path)[1]} is not in {tar}")
+        for _ in range(count):
+            yield path, error
 
 
 def read_shard_list(uri: str) -> list[str]:

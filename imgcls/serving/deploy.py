@@ -73,14 +73,12 @@ def serve_config(cfg: ServeConfig, token: Optional[str] = None) -> dict:
 
 
 def _client():
-    # Serve's controller client: the one way to deploy a config from Python without the
-    # dashboard's REST API (which `serve deploy` uses, and which a cluster started
-    # without a dashboard lacks).
-    from ray.serve.context import _get_global_client
     from ray.serve.exceptions import RayServeException
 
+    from imgcls.ray_internals import serve_client
+
     try:
-        return _get_global_client()
+        return serve_client()
     except RayServeException:
         raise ServeError("Serve does not run on this Ray cluster: no imgcls serve application to act on") from None
 

@@ -38,7 +38,9 @@ import torch
 
 from imgcls import storage
 from imgcls.devices import runs_here
-from imgcls.labelled import LabelledImages, encode_labels
+from imgcls.errors import error_text
+from imgcls.inference.read import iter_inputs
+from imgcls.labelled import DataError, LabelledImages, encode_labels
 from imgcls.preprocess import ImageDecodeError, decode_image, resize_center_crop
 
 CACHE_VERSION = 2  # of the decode and resize below; part of every cache key (2: float and 16-bit images scaled by their range)
@@ -121,15 +123,37 @@ def resize_many(images: Sequence[np.ndarray], short_side: int, side: int) -> np.
 
 
 def write_shard(paths: list[str], labels: np.ndarray, uri: str, short_side: int, side: int) -> int:
-    """Decodes ``paths`` into one shard file at ``uri``; returns how many images it holds."""
-    decoded = []
-    for path in paths:
-        try:
-            decoded.append(decode_image(storage.read_bytes(path), target_size=short_side))
-        except (ImageDecodeError, OSError) as e:
-            from imgcls.labelled import DataError
+    """Reads and decodes ``paths`` into one shard file at ``uri``; returns how many images it holds.
 
-            raise DataError(f"cannot read training image {path}: {e}") from None
+    Read as labelling reads them (``read.iter_inputs``): files fetched a batch at a time,
+    concurrently, and each tar streamed once for all of its members (``TAR#MEMBER``) in
+    the shard. Nothing checked the paths before (a listing would cost one request per
+    file on the driver): a file that is missing, unreadable or not an image fails the
+    shard with a DataError naming it.
+    """
+    slots: dict[str, list[int]] = {}  # a path -> its places in the shard (resampling repeats paths)
+    for i, path in enumerate(paths):
+        slots.setdefault(path, []).append(i)
+    decoded: list[Optional[np.ndarray]] = [None] * len(paths)
+    failed: dict[int, str] = {}  # a place -> why its image is missing
+    for name, data in iter_inputs(paths):
+        if not slots.get(name):  # a member of a tar named whole: not a row of the split
+            continue
+        i = slots[name].pop()
+        if isinstance(data, BaseException):  # the read's own error: missing, a broken tar, ...
+            failed[i] = error_text(data)
+            continue
+        try:
+            decoded[i] = decode_image(data, target_size=short_side)
+        except (ImageDecodeError, OSError) as e:
+            failed[i] = error_text(e)
+    for i, image in enumerate(decoded):
+        if image is None and i not in failed:  # its rows were the members: a tar named whole
+            failed[i] = "a tar archive, not an image (a manifest names its images as TAR#MEMBER)"
+    if failed:
+        first = min(failed)
+        more = f" ({len(failed)} of this shard's {len(paths)} images cannot be read)" if len(failed) > 1 else ""
+        raise DataError(f"cannot read training image {paths[first]}: {failed[first]}{more}")
     buf = io.BytesIO()
     np.savez(buf, images=resize_many(decoded, short_side, side), labels=labels)
     with storage.open_uri(uri, "wb") as f:

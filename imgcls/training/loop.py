@@ -33,6 +33,7 @@ from imgcls.checkpoint import load_train_state, read_split_files, save_checkpoin
 from imgcls.config import JobConfig
 from imgcls.evaluation.metrics import classification_report, confusion_matrix, inverse_frequency_weights
 from imgcls.models import create_model, get_spec, head_name, set_backbone_trainable
+from imgcls.ray_internals import train_report_logger_name
 from imgcls.progress import EpochProgress
 from imgcls.training.augment import BatchAugment, BatchEval, mixup_cutmix, soft_cross_entropy
 from imgcls.training.cache import ImageCache, load_indices, load_labels, shard_batches, wait_for_cache, worker_range
@@ -321,11 +322,9 @@ def quiet_report_logs(level: str) -> None:
     and below), but Ray 2.60 logs each ``ray.train.report`` on a logger named by its
     module's file path, which that filter misses: two long lines per epoch at INFO.
     """
-    try:
-        from ray.train.v2._internal.execution import context
-    except ImportError:  # another Ray Train: nothing to adjust
-        return
-    logging.getLogger(context.__file__).setLevel(level)
+    name = train_report_logger_name()
+    if name is not None:  # None: another Ray Train, nothing to adjust
+        logging.getLogger(name).setLevel(level)
 
 
 def train_loop_per_worker(config: dict) -> None:

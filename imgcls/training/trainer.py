@@ -20,15 +20,17 @@ import ray.train.torch
 import torch
 
 from imgcls import storage
-from imgcls.checkpoint import SPLITS_DIR, read_split_files, save_checkpoint, save_config, write_splits
+from imgcls.checkpoint import SPLITS_DIR, read_split, read_split_files, save_checkpoint, save_config, write_splits
 from imgcls.config import JobConfig
-from imgcls.devices import choose_gpu
+from imgcls.devices import autoscaler_capacity, choose_gpu, node_requests
 from imgcls.evaluation.metrics import inverse_frequency_weights
 from imgcls.labelled import (
+    SPLITS,
     DataError,
     LabelledImages,
     class_counts,
     list_labelled_images,
+    pin_to_saved_splits,
     split_stratified,
 )
 from imgcls.models import create_model
@@ -74,15 +76,34 @@ class FitResult:
 
 
 def prepare_splits(job: JobConfig) -> tuple[dict[str, LabelledImages], list[str]]:
-    """Lists, validates and splits the labelled data; returns the splits and the class list."""
+    """Lists, validates and splits the labelled data; returns the splits and the class list.
+
+    With ``--init-from``, every file named in that checkpoint's saved splits keeps its
+    split there (found by path, or by key when it moved: ``pin_to_saved_splits``), so the
+    new model is validated and tested on no image the old weights were trained on; the
+    new files are split as any (``split_stratified``).
+    """
     images = list_labelled_images(job.data.root)
     classes = sorted(set(images.labels))
     splits = split_stratified(images, job.data.val_fraction, job.data.test_fraction,
-                              seed=job.data.split_seed, max_per_class=job.data.max_per_class)
+                              seed=job.data.split_seed, max_per_class=job.data.max_per_class,
+                              pinned=init_from_pins(job, images))
     for name in ("train", "val"):
         if not len(splits[name]):
             raise DataError(f"the {name} split is empty: add data or raise data.{name}_fraction")
     return splits, classes
+
+
+def init_from_pins(job: JobConfig, images: LabelledImages) -> dict[str, str]:
+    """The split each of ``images`` had in ``--init-from``'s saved splits (none without
+    ``--init-from``, or when that checkpoint saved none: an older version's, an export)."""
+    if not job.train.init_from:
+        return {}
+    try:
+        saved = {name: read_split(job.train.init_from, name) for name in SPLITS}
+    except FileNotFoundError:
+        return {}
+    return pin_to_saved_splits(images, saved)
 
 
 def cache_uri(job: JobConfig, storage_path: str) -> str:
@@ -336,6 +357,26 @@ def probe(job: JobConfig, data: PreparedData, use_gpu: bool) -> dict:
     return result
 
 
+def worker_count_note(num_workers: int, batch_size: int, use_gpu: bool) -> Optional[str]:
+    """On a cluster that an autoscaler grows, why training keeps ``num_workers`` workers
+    rather than growing with the nodes (None elsewhere).
+
+    Ray Train's elastic ``ScalingConfig(num_workers=(min, max))`` restarts a run with
+    another worker count as nodes come and go; imgcls plans a run for one count: the
+    global batch (workers x batch size), which the learning rate is set for, and each
+    worker's share of the cached images. So the count stays as given, and the run says
+    how many the node types would hold.
+    """
+    resource = "GPU" if use_gpu else "CPU"
+    capacity = int(autoscaler_capacity(resource))
+    if capacity <= 0:
+        return None
+    return (f"training: {num_workers} workers (--num-workers), a fixed count: the autoscaler adds the nodes they "
+            f"need (its node types hold {capacity} {resource}s), but a run keeps one worker count from start to end, "
+            f"since its global batch ({num_workers} x {batch_size} images, which the learning rate is set for) and "
+            f"each worker's share of the cached images are planned for it; give --num-workers to use more")
+
+
 def ray_train_log_level() -> str:
     """The level of the driver's "ray.train" logger, by name, for Ray Train's LoggingConfig."""
     import logging
@@ -366,6 +407,9 @@ def build_trainer(job: JobConfig, callbacks: Optional[list] = None, data: Option
     resident = fits_in_memory(caches, t.num_workers, whole_train=sampler) if job.data.in_memory is None \
         else job.data.in_memory
     use_gpu = choose_gpu(t.use_gpu, gpus=t.num_workers, what="training")
+    note = worker_count_note(t.num_workers, t.batch_size, use_gpu)
+    if note:
+        print(note, flush=True)
     probe_head = None
     if wants_probe_head(job, data.resuming):
         result = probe(job, data, use_gpu)
@@ -489,7 +533,15 @@ def best_of(best_checkpoints: list) -> Optional[str]:
 
 
 def fit(job: JobConfig) -> FitResult:
-    """Trains ``job`` on the running Ray cluster and returns its checkpoints and metrics."""
+    """Trains ``job`` on the running Ray cluster and returns its checkpoints and metrics.
+
+    The GPUs requested for it (``choose_gpu``) are withdrawn from the autoscaler when it
+    ends, however it ends, so that their nodes idle out."""
+    with node_requests():
+        return _fit(job)
+
+
+def _fit(job: JobConfig) -> FitResult:
     data = prepare_data(job)
     if job.train.linear_probe:
         return fit_linear_probe(job, data)

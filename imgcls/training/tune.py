@@ -13,16 +13,16 @@ from dataclasses import dataclass
 
 import ray
 from ray import tune
-from ray._raylet import PlacementGroupID
 from ray.tune import Callback
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
-from ray.util.placement_group import PlacementGroup
 
 from imgcls import storage
 from imgcls.checkpoint import save_config
 from imgcls.config import JobConfig
+from imgcls.devices import node_requests
 from imgcls.paths import resolve_paths
+from imgcls.ray_internals import placement_group
 from imgcls.training.loop import PLACEMENT_GROUP_KEY
 
 METRIC = "val_accuracy"
@@ -63,8 +63,9 @@ def tune_trial(config: dict) -> None:
     logging.getLogger("ray.train").setLevel(config.get("log_level", "INFO"))
     job = apply_trial(JobConfig.from_dict(config["job"]), config["params"],
                       name=f"{config['job']['train']['name']}-trial-{tune.get_context().get_trial_id()}")
-    trainer, *_ = build_trainer(job, callbacks=[TuneReportCallback()], report_placement_group=True)
-    trainer.fit()
+    with node_requests():  # GPUs this trial asked the autoscaler for, withdrawn however it ends
+        trainer, *_ = build_trainer(job, callbacks=[TuneReportCallback()], report_placement_group=True)
+        trainer.fit()
 
 
 class ReleaseWorkerGroups(Callback):
@@ -87,7 +88,7 @@ class ReleaseWorkerGroups(Callback):
             return
         table = ray.util.placement_group_table().get(group)
         if table is not None and table["state"] != "REMOVED":
-            ray.util.remove_placement_group(PlacementGroup(PlacementGroupID(bytes.fromhex(group))))
+            ray.util.remove_placement_group(placement_group(group))
         self.released.append(group)
 
     def on_trial_complete(self, iteration, trials, trial, **info):

@@ -273,3 +273,54 @@ def test_review_picks_uncertain_predictions_as_a_manifest_to_train_on(ray_cluste
     result = CliRunner().invoke(cli, ["review", "--predictions", str(tmp_path / "no-emb"), "--output",
                                       str(tmp_path / "x"), "--dedup", "0.9"])
     assert "has no embeddings: label with --embeddings" in error_line(result)
+
+
+@pytest.mark.slow  # four commands, one of them a training run: in CI, not in the quick loop
+def test_a_labelled_tar_is_reviewed_filled_in_and_trained_and_evaluated_on(ray_cluster, fmnist_root, tmp_path):
+    """The review loop on a tar of real images: `imgcls predict` names its rows TAR#MEMBER,
+    `imgcls review` picks them and shows each (the tar read once for all), the person
+    fills in the labels, and the filled-in review.csv is `imgcls train --init-from` input
+    (decoded, split, tested with the model it started from) and `imgcls evaluate --data`
+    input. A row naming a member the tar lacks fails evaluate in one line naming it."""
+    import tarfile
+
+    from conftest import add_tar_member
+    from imgcls.inference.read import member_path
+
+    classes = ["bag", "coat", "sneaker"]
+    model = str(tmp_path / "model")
+    torch.manual_seed(0)
+    save_checkpoint(model, create_model("small_cnn", 3), JobConfig(model=ModelConfig(arch="small_cnn", image_size=28)),
+                    classes, history=[])
+    shard, truth = str(tmp_path / "inbox.tar"), {}
+    with tarfile.open(shard, "w") as tar:
+        for c in classes:
+            for name in sorted(os.listdir(os.path.join(fmnist_root, c)))[:12]:
+                member = f"scans/{len(truth):03d}.png"
+                add_tar_member(tar, member, (Path(fmnist_root) / c / name).read_bytes())
+                truth[member_path(shard, member)] = c
+    run("predict", "--model", model, "--input", shard, "--output", str(tmp_path / "labels"))
+    out = run("review", "--predictions", str(tmp_path / "labels"), "--output", str(tmp_path / "review"), "--n", "100")
+    picks = pd.read_csv(json.loads(out[out.index("{"):])["manifest"], keep_default_na=False)
+    assert sorted(picks["path"]) == sorted(truth)
+    assert open(tmp_path / "review" / "review.html").read().count('<img src="data:image/jpeg;base64,') == 36
+
+    filled = str(tmp_path / "filled.csv")
+    picks.assign(label=picks["path"].map(truth)).to_csv(filled, index=False)
+    out = run("train", "--root", filled, "--init-from", model, "--arch", "small_cnn", "--image-size", "28",
+              "--epochs", "1", "--batch-size", "16", "--num-workers", "1", "--val-fraction", "0.2",
+              "--test-fraction", "0.2", "--storage-path", str(tmp_path / "runs"), "--name", "from-tar")
+    summary, _ = json.JSONDecoder().raw_decode(out[out.index("\n{") + 1:])  # Ray's log lines may follow
+    assert summary["classes"] == classes and summary["val"]["val_samples"] == 6
+    assert summary["test"]["num_samples"] == summary["init_from_test"]["num_samples"] == 6
+    run("evaluate", "--model", summary["checkpoint"], "--data", filled, "--output", str(tmp_path / "eval"))
+    metrics = json.load(open(tmp_path / "eval" / "metrics.json"))
+    assert metrics["num_samples"] == 36 and metrics["errors"] == 0
+
+    lacking = member_path(shard, "scans/999.png")
+    with open(filled, "a") as f:
+        f.write(f"{lacking},,,,bag\n")
+    result = CliRunner().invoke(cli, ["evaluate", "--model", model, "--data", filled, "--output",
+                                      str(tmp_path / "eval-bad")])
+    line = error_line(result)
+    assert "1 of the 37 labelled images cannot be found" in line and f"{lacking} (FileNotFoundError: " in line

@@ -1,8 +1,15 @@
 """Device choice on a real local Ray cluster without GPUs: each branch of the decision."""
 
+import json
+import os
+import signal
+import threading
+import time
+
 import pytest
 
-from imgcls.devices import autoscaler_gpu_types, choose_gpu
+from imgcls.devices import autoscaler_gpu_types, autoscaler_node_types, choose_gpu, node_requests
+from imgcls.inference.pipeline import pool_plan
 
 pytestmark = pytest.mark.integration
 
@@ -19,6 +26,9 @@ def test_autoscaler_gpu_types_are_read_from_the_launcher_config(tmp_path):
     path.write_text(LAUNCHER)
     assert autoscaler_gpu_types(str(path)) == ["gpu_workers"]
     assert autoscaler_gpu_types(str(tmp_path / "absent.yaml")) == []
+    types = autoscaler_node_types(str(path))
+    assert set(types) == {"gpu_workers", "cpu_workers"}  # the head is no type the autoscaler adds
+    assert types["cpu_workers"] == {"resources": {"CPU": 16}, "min_workers": 0, "max_workers": 4}
 
 
 def test_cpu_cluster_without_autoscaling_gpus_runs_on_cpus_and_says_why(ray_cluster, tmp_path):
@@ -40,3 +50,58 @@ def test_gpus_are_requested_and_waited_for_when_the_autoscaler_can_add_them(ray_
     with pytest.raises(RuntimeError, match="--use-gpu: no GPU joined the cluster"):
         choose_gpu(True, gpus=2, config_path=str(tmp_path / "absent.yaml"), wait_s=0.5, say=said.append)
     assert "requesting 2 (--use-gpu)" in said[-1]
+
+
+def autoscaler_request() -> list:
+    """The bundles the cluster's Ray autoscaler (v1, as ``ray.init``'s and the launcher's
+    clusters run it) is asked to keep room for."""
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    value = _internal_kv_get(b"autoscaler_resource_request")
+    return json.loads(value) if value else []
+
+
+def wait_for(condition, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def test_an_interrupted_wait_for_gpus_withdraws_its_request(ray_cluster, tmp_path):
+    """Ctrl-C while a job waits for the GPUs it asked for: the request to the autoscaler
+    goes with the job (``node_requests``), or the GPU nodes would start and never idle out."""
+    path = tmp_path / "bootstrap.yaml"
+    path.write_text(LAUNCHER)
+    requested = []
+
+    def interrupt_once_requested():
+        # Made through Ray Data's coordinator actor, which may take a while to start.
+        requested.append(wait_for(lambda: {"GPU": 1} in autoscaler_request(), 120))
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=interrupt_once_requested, daemon=True).start()
+    with pytest.raises(KeyboardInterrupt):
+        with node_requests():
+            choose_gpu(None, config_path=str(path), wait_s=300, say=lambda _: None)
+    assert requested == [True]
+    assert wait_for(lambda: {"GPU": 1} not in autoscaler_request(), 30), autoscaler_request()
+
+
+def test_pools_are_sized_by_what_the_autoscaler_can_add(ray_cluster):
+    """On the suite's 2-CPU cluster (its head): without an autoscaler the pool is fixed,
+    one actor per core; with node types to add, it runs from what fits now to what fits
+    them all at their max_workers; --num-actors fixes it."""
+    static = pool_plan(False, None, node_types={})
+    assert (static["min_size"], static["max_size"], static["num_cpus"]) == (2, 2, 0.75)
+    cpu_types = {"cpu": {"resources": {"CPU": 2}, "min_workers": 0, "max_workers": 3}}
+    grows = pool_plan(False, None, node_types=cpu_types)
+    assert (grows["min_size"], grows["max_size"], grows["num_cpus"]) == (2, 2 + 3 * 2, 0.75)
+    fixed = pool_plan(False, 3, node_types=cpu_types)
+    assert (fixed["min_size"], fixed["max_size"]) == (3, 3)
+    gpu_types = {"gpu": {"resources": {"CPU": 8, "GPU": 1}, "min_workers": 0, "max_workers": 4}}
+    gpus = pool_plan(True, None, node_types=gpu_types)
+    assert (gpus["min_size"], gpus["max_size"], gpus["num_gpus"]) == (1, 4, 1)
+    assert gpus["decode"]["max_size"] == 2 + 4 * 8 - 4 - 1  # the CPUs the GPU nodes bring decode

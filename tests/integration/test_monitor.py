@@ -80,6 +80,22 @@ def test_shifted_sets_drift_and_a_like_set_does_not(runs):
     assert removed["tests"]["classes"]["psi"] > same["tests"]["classes"]["psi"]
     inverted = check("inverted")
     assert {"embeddings", "confidence"} <= set(inverted["drifted"]), inverted["tests"]
+    for name in inverted["drifted"]:  # drift: significant and large
+        t = inverted["tests"][name]
+        assert t["p_value"] < 0.01 and t["effect"] >= t["threshold"] and t["decided_by"] == "p-value and effect", t
+
+
+def test_a_threshold_leaves_a_large_enough_change_out(runs):
+    """A class gone is a Jensen-Shannon distance of about 0.2: significant, but under a
+    class threshold of 0.5, so it is not drift, and the report says the effect decided."""
+    from imgcls.config import DriftThresholds
+
+    ref = frame_sample(frame(runs["reference"]))
+    removed = frame_sample(frame(runs["removed"]), seed=1)
+    default = compare(ref, removed)["tests"]["classes"]
+    relaxed = compare(ref, removed, thresholds=DriftThresholds(class_threshold=0.5))["tests"]["classes"]
+    assert default["drift"] and 0.1 < default["effect"] < 0.5 and default["threshold"] == 0.03
+    assert relaxed["significant"] and not relaxed["drift"] and relaxed["decided_by"] == "effect"
 
 
 def test_random_halves_of_one_set_rarely_drift(runs):
@@ -103,12 +119,22 @@ def test_monitor_command_writes_the_report_and_exits_1_on_drift(runs, tmp_path):
     report = json.loads((tmp_path / "same" / "drift.json").read_text())
     assert not report["drift"] and set(report["tests"]) == {"classes", "confidence", "errors", "embeddings"}
     assert report["rows"] == {"reference": 500, "current": 500}
+    assert report["thresholds"] == {"classes": 0.03, "confidence": 0.1, "errors": 0.03, "embeddings": 0.005}
+    for name, t in report["tests"].items():  # each effect size beside its threshold, and what decided
+        assert t["threshold"] == report["thresholds"][name] and isinstance(t["effect"], float), t
+        assert t["decided_by"] in ("p-value", "effect", "p-value and effect") and t["effect_size"], t
     drifted = CliRunner().invoke(cli, ["monitor", "--reference", runs["reference"], "--current", runs["inverted"],
-                                       "--output", str(tmp_path / "inv"), "--permutations", "100"])
+                                       "--output", str(tmp_path / "inv"), "--permutations", "100",
+                                       "--confidence-threshold", "0.25"])
     assert drifted.exit_code == 1, drifted.output[-2000:]
     assert "imgcls monitor: drift in" in drifted.stderr
+    inverted = json.loads((tmp_path / "inv" / "drift.json").read_text())
+    assert inverted["tests"]["confidence"]["threshold"] == 0.25
     html = (tmp_path / "inv" / "drift.html").read_text()
     assert html.count("data:image/png;base64,") == 3 and "DRIFT" in html
+    confidence = inverted["tests"]["confidence"]
+    assert (f"<td>Wasserstein distance / reference std</td><td>{confidence['effect']:.4f}</td><td>0.25</td>"
+            in html), html[:3000]
 
 
 def test_large_runs_read_with_ray_data_count_the_same(runs, monkeypatch):

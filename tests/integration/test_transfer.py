@@ -38,8 +38,8 @@ def test_linear_probe_is_a_normal_checkpoint_with_its_splits(ray_cluster, dogs_c
     best = summary["checkpoint"]
     metrics = summary["val"]
     splits, _ = prepare_splits(job)
-    assert metrics["probe_l2"] > 0 and metrics["val_samples"] == len(splits["val"]) == 12
-    assert metrics["train_samples"] == len(splits["train"]) == 48 and metrics["train_accuracy"] >= 0.9
+    assert metrics["probe_l2"] > 0 and metrics["val_samples"] == len(splits["val"]) == 11
+    assert metrics["train_samples"] == len(splits["train"]) == 45 and metrics["train_accuracy"] >= 0.9
     # Saved splits: exactly the run's, in the checkpoint and the run folder, as manifests
     # that read back as data input.
     for name in SPLITS:
@@ -49,14 +49,14 @@ def test_linear_probe_is_a_normal_checkpoint_with_its_splits(ray_cluster, dogs_c
     # The probe's val accuracy, from features of the cached val images, is what the
     # inference path gives on the same files: one preprocessing for both.
     report, _ = evaluate_images(best, splits["val"])
-    assert report["num_samples"] == 12
-    assert abs(report["accuracy"] - metrics["val_accuracy"]) <= 1 / 12 + 1e-9  # at most one image flips
+    assert report["num_samples"] == 11
+    assert abs(report["accuracy"] - metrics["val_accuracy"]) <= 1 / 11 + 1e-9  # at most one image flips
     assert summary["test"]["num_samples"] == len(splits["test"])
     loaded = load_checkpoint(best)
     assert loaded.job.train.linear_probe and loaded.history[0]["epoch"] == 0
     # The L2 strength is the one with the lowest cross-validated loss (accuracy on held-out
-    # photos is measured by bench/finetune.py, over 600 test photos; 20 here say little).
-    assert summary["test"]["num_samples"] == 20
+    # photos is measured by bench/finetune.py, over 600 test photos; 24 here say little).
+    assert summary["test"]["num_samples"] == 24
     grid = json.loads(open(os.path.join(best, "probe.json")).read())["probe_grid"]
     assert metrics["probe_l2"] == min(grid, key=lambda r: r["cv_loss"])["l2"] and len(grid) >= 5
 
@@ -99,34 +99,22 @@ def test_lp_ft_starts_fine_tuning_from_the_probe_head(ray_cluster, dogs_cats_roo
 
 
 def test_warm_started_retrain_on_more_labelled_data_beats_the_model_it_started_from(ray_cluster, fmnist_root,
-                                                                                     tmp_path):
-    """The first model saw 10 real images a class of 4 classes; `imgcls train --init-from`
-    retrains from it on 120 a class of those and a fifth class, from two roots (old data,
-    new rows), and its report puts both models on the same held-out test split (the old
-    one on the classes it knows)."""
+                                                                                     tmp_path, capsys):
+    """The first model saw 10 real images a class of 4 classes, saved as its train split;
+    `imgcls train --init-from` retrains from it on 120 a class of those and a fifth class,
+    from two roots (old data, new rows). Every file of the old splits keeps its split, and
+    the report puts both models side by side on the test images neither trained on (the
+    old one's classes), read back here from the saved manifests."""
     import numpy as np
+    import pyarrow.parquet as pq
     from PIL import Image
 
-    from imgcls.checkpoint import save_checkpoint
+    from imgcls.checkpoint import save_checkpoint, write_splits
+    from imgcls.labelled import LabelledImages
     from imgcls.models import SmallCNN, get_spec
 
     old_classes, new_class = ["bag", "coat", "sneaker", "trouser"], "sandal"
-    spec = get_spec("small_cnn")
-    mean, std = torch.tensor(spec.mean).view(1, 3, 1, 1), torch.tensor(spec.std).view(1, 3, 1, 1)
     names = {c: sorted(os.listdir(os.path.join(fmnist_root, c))) for c in [*old_classes, new_class]}
-    x = torch.stack([torch.from_numpy(np.asarray(Image.open(os.path.join(fmnist_root, c, n)).convert("RGB")))
-                     for c in old_classes for n in names[c][-10:]]).permute(0, 3, 1, 2).float().div(255)
-    y = torch.arange(4).repeat_interleave(10)
-    torch.manual_seed(0)
-    first = SmallCNN(4)
-    opt = torch.optim.AdamW(first.parameters(), 3e-3)
-    for _ in range(5):  # 40 images: a weak first model
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(first(x.sub(mean).div(std)), y).backward()
-        opt.step()
-    old = str(tmp_path / "first")
-    save_checkpoint(old, first.eval(), JobConfig(model=ModelConfig(arch="small_cnn", image_size=28)), old_classes, [])
-
     # The old data and the newly labelled rows (the new class among them) in two folders,
     # given as two roots.
     for part, (lo, hi) in (("old", (0, 60)), ("new", (60, 120))):
@@ -134,6 +122,28 @@ def test_warm_started_retrain_on_more_labelled_data_beats_the_model_it_started_f
             (tmp_path / part / c).mkdir(parents=True)
             for n in names[c][lo:hi] if c != new_class else names[c][:120]:
                 os.link(os.path.join(fmnist_root, c, n), tmp_path / part / c / n)
+
+    def old_split(lo, hi):  # names[c][lo:hi] of the old folder as a saved split
+        keys = [f"{c}/{n}" for c in old_classes for n in names[c][lo:hi]]
+        return LabelledImages([str(tmp_path / "old" / k) for k in keys], [k.split("/")[0] for k in keys], keys)
+
+    saved = {"train": old_split(0, 10), "val": old_split(10, 13), "test": old_split(13, 16)}
+    spec = get_spec("small_cnn")
+    mean, std = torch.tensor(spec.mean).view(1, 3, 1, 1), torch.tensor(spec.std).view(1, 3, 1, 1)
+    x = torch.stack([torch.from_numpy(np.asarray(Image.open(p).convert("RGB")))
+                     for p in saved["train"].paths]).permute(0, 3, 1, 2).float().div(255)
+    y = torch.arange(4).repeat_interleave(10)
+    torch.manual_seed(0)
+    first = SmallCNN(4)
+    opt = torch.optim.AdamW(first.parameters(), 3e-3)
+    for _ in range(5):  # its 40 training images: a weak first model
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(first(x.sub(mean).div(std)), y).backward()
+        opt.step()
+    old = str(tmp_path / "first")
+    save_checkpoint(old, first.eval(), JobConfig(model=ModelConfig(arch="small_cnn", image_size=28)), old_classes, [])
+    write_splits(os.path.join(old, "splits"), saved)
+
     roots = f"{tmp_path / 'old'},{tmp_path / 'new'}"
     job = JobConfig(data=DataConfig(root=roots, augment="light", val_fraction=0.1, test_fraction=0.25),
                     model=ModelConfig(arch="small_cnn", image_size=28),
@@ -141,6 +151,20 @@ def test_warm_started_retrain_on_more_labelled_data_beats_the_model_it_started_f
                                       storage_path=str(tmp_path / "runs"), name="retrain"))
     summary = run_training(job)
     test, before = summary["test"], summary["init_from_test"]
-    assert test["num_samples"] == 150 and before["num_samples"] == 120  # the old model's 4 classes only
-    assert test["accuracy"] > before["accuracy"] + 0.1, (before, test)
-    assert load_checkpoint(summary["checkpoint"]).classes == sorted([*old_classes, new_class])
+    best = summary["checkpoint"]
+    manifest = {name: set(pq.read_table(os.path.join(best, "splits", f"{name}.parquet")).column("path").to_pylist())
+                for name in SPLITS}
+    for name, part in saved.items():  # every file of the old splits kept its split
+        assert set(part.paths) <= manifest[name], name
+    old_train = set(pq.read_table(os.path.join(old, "splits", "train.parquet")).column("path").to_pylist())
+    compared = pq.read_table(before["manifest"]).to_pydict()
+    assert not set(compared["path"]) & old_train and not set(compared["path"]) & manifest["train"]
+    assert set(compared["path"]) <= manifest["test"] and new_class not in compared["label"]
+    assert test["num_samples"] == len(manifest["test"]) == before["untrained_test_images"]
+    new_class_tests = sum(f"/{new_class}/" in p for p in manifest["test"])  # the old model cannot score them
+    assert before["num_samples"] == len(compared["path"]) == len(manifest["test"]) - new_class_tests > 0
+    assert (f"test images neither model trained on: {len(manifest['test'])} of {len(manifest['test'])}"
+            in capsys.readouterr().out)
+    assert before["new_accuracy"] > before["accuracy"] + 0.1, before
+    assert load_checkpoint(best).classes == sorted([*old_classes, new_class])
+

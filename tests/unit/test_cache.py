@@ -2,6 +2,7 @@
 
 import io
 import os
+import re
 import threading
 import time
 
@@ -191,3 +192,49 @@ def test_images_resized_together_are_each_as_resized_alone():
     assert together.shape == (5, 28, 28, 3)
     for i, data in enumerate(datas):
         assert np.array_equal(together[i], decode_resized(data, 32, 28)), i
+
+
+def test_a_shard_reads_files_and_tar_members_as_labelling_does(fmnist_root, tmp_path):
+    """A filled-in review.csv names tar members (TAR#MEMBER) beside files: the shard
+    holds each one's pixels, a path named twice (a resampled split) twice."""
+    import tarfile
+
+    from conftest import add_tar_member
+    from imgcls.inference.read import member_path
+    from imgcls.training.cache import load_shard, write_shard
+
+    files = [os.path.join(fmnist_root, c, sorted(os.listdir(os.path.join(fmnist_root, c)))[0]) for c in ("bag", "coat")]
+    shard = str(tmp_path / "labelled.tar")
+    with tarfile.open(shard, "w") as tar:
+        for i, f in enumerate(files):
+            add_tar_member(tar, f"m/{i}.png", open(f, "rb").read())
+    paths = [member_path(shard, "m/1.png"), files[0], member_path(shard, "m/0.png"), member_path(shard, "m/1.png")]
+    assert write_shard(paths, np.arange(4), str(tmp_path / "s.npz"), 28, 28) == 4
+    images, labels = load_shard(str(tmp_path / "s.npz"))
+    want = [decode_resized(open(files[i], "rb").read(), 28, 28) for i in (1, 0, 0, 1)]
+    assert labels.tolist() == [0, 1, 2, 3] and all(np.array_equal(a, b) for a, b in zip(images, want))
+
+
+def test_a_missing_file_tar_or_member_fails_its_shard_with_its_name(fmnist_root, tmp_path):
+    """Nothing checks a manifest's paths before the decode (one request a row on the
+    driver): the task that reads them names the first one missing, and counts them."""
+    import tarfile
+
+    from conftest import add_tar_member
+    from imgcls.inference.read import member_path
+    from imgcls.labelled import DataError
+    from imgcls.training.cache import write_shard
+
+    good = os.path.join(fmnist_root, "bag", sorted(os.listdir(os.path.join(fmnist_root, "bag")))[0])
+    shard = str(tmp_path / "s.tar")
+    with tarfile.open(shard, "w") as tar:
+        add_tar_member(tar, "a.png", open(good, "rb").read())
+    for missing, why in ((str(tmp_path / "gone.png"), "FileNotFoundError"),
+                         (member_path(shard, "b.png"), f"FileNotFoundError: b.png is not in {shard}"),
+                         (member_path(str(tmp_path / "gone.tar"), "a.png"), "FileNotFoundError")):
+        with pytest.raises(DataError, match=f"^cannot read training image {re.escape(missing)}: {re.escape(why)}"):
+            write_shard([good, member_path(shard, "a.png"), missing], np.arange(3), str(tmp_path / "x.npz"), 28, 28)
+    with pytest.raises(DataError, match=r"gone-1\.png: .*\(2 of this shard's 3 images cannot be read\)"):
+        write_shard([str(tmp_path / f"gone-{i}.png") for i in (1, 2)] + [good], np.arange(3), str(tmp_path / "x.npz"),
+                    28, 28)
+    assert not os.path.exists(tmp_path / "x.npz")

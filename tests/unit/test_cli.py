@@ -141,6 +141,29 @@ def test_missing_weights_file_fails_at_once_naming_it(command, weights, tmp_path
     assert "\n" not in line and line.startswith(f"imgcls {command}: error:") and weights in line and "--weights" in line
 
 
+def test_monitor_checks_its_inputs_before_ray_starts(tmp_path, no_ray):
+    """A wrong path, a file that holds no predictions, predictions without the embeddings
+    asked for: one line naming the flag, the path and the problem, status 2, and Ray
+    never started (``no_ray``)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    predictions, other = str(tmp_path / "labels.parquet"), str(tmp_path / "other.parquet")
+    pq.write_table(pa.table({"path": ["a.png"], "status": ["ok"], "label": ["cat"], "score": [0.9]}), predictions)
+    pq.write_table(pa.table({"path": ["a.png"]}), other)
+    cases = [(["--reference", str(tmp_path / "missing"), "--current", predictions, "--embedding-sample", "0"],
+              f"--reference {tmp_path / 'missing'}: no such file or folder"),
+             (["--reference", predictions, "--current", other, "--embedding-sample", "0"],
+              f"--current {other} holds no imgcls predictions: no Parquet with the column(s) status, label, score"),
+             (["--reference", predictions, "--current", predictions],
+              f"--reference {predictions} has no embeddings: label with --embeddings, or monitor with "
+              "--embedding-sample 0")]
+    for args, message in cases:
+        result = CliRunner().invoke(cli, ["monitor", *args, "--output", str(tmp_path / "drift")])
+        assert result.exit_code == 2, result.output
+        assert result.stderr == f"imgcls monitor: error: {message}\n"
+
+
 def test_weights_that_need_no_file_pass_the_check(tmp_path):
     from imgcls.cli import check_weights
 

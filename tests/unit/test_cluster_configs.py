@@ -57,6 +57,18 @@ def test_launcher_configs_pass_rays_own_schema(name):
 
 
 @pytest.mark.parametrize("name", ["aws.yaml", "gcp.yaml"])
+def test_launcher_dashboard_listens_on_the_heads_loopback_only(name):
+    """The dashboard serves Ray's job-submission API, which runs whatever it is sent: the
+    head binds it to 127.0.0.1, reached through ``ray dashboard``'s SSH tunnel."""
+    cfg = load(name)
+    [start] = [c for c in cfg["head_start_ray_commands"] if " start --head" in c]
+    assert "--dashboard-host=127.0.0.1" in start.split(), start
+    assert not [c for c in cfg["head_start_ray_commands"] + cfg["worker_start_ray_commands"] if "0.0.0.0" in c]
+    text = (ROOT / "cluster" / name).read_text() + (ROOT / "README.md").read_text()
+    assert f"ray dashboard cluster/{name}" in text
+
+
+@pytest.mark.parametrize("name", ["aws.yaml", "gcp.yaml"])
 def test_launcher_ships_the_repository_without_local_artefacts(name):
     cfg = load(name)
     assert {".venv", "out", ".git"} <= set(cfg["rsync_exclude"])

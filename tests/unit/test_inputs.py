@@ -159,6 +159,47 @@ def test_a_hard_link_read_before_a_tar_breaks_keeps_its_row(jpeg, tmp_path):
     assert got[0][1] == got[2][1] == jpeg and error_type(got[1][1]) == ERROR_TAR
 
 
+def bytes_read() -> int:
+    """Bytes this process has read through system calls so far (Linux's /proc/self/io)."""
+    with open("/proc/self/io") as f:
+        return int(next(line for line in f if line.startswith("rchar:")).split()[1])
+
+
+def test_named_tar_members_are_read_in_one_pass_per_tar(jpeg, tmp_path):
+    """review.csv and labelled manifests name tar members one by one (TAR#MEMBER), mixed
+    with plain files: each tar is streamed once for all of its members named, not once
+    per member; a member named twice gives two rows; a member the tar lacks and a
+    member of a missing tar are FileNotFoundErrors naming them."""
+    from imgcls.inference.read import iter_inputs
+
+    tars = {}
+    for t in ("a", "b"):
+        tars[t] = str(tmp_path / f"{t}.tar")
+        with tarfile.open(tars[t], "w") as tar:
+            for i in range(30):
+                add_tar_member(tar, f"{t}/{i}.jpg", jpeg + bytes([i]))
+    (tmp_path / "plain.jpg").write_bytes(jpeg)
+    wanted = [member_path(tars[t], f"{t}/{i}.jpg") for i in range(0, 30, 2) for t in ("a", "b")]
+    lacking, lost = member_path(tars["a"], "a/nope.jpg"), member_path(str(tmp_path / "gone.tar"), "x.jpg")
+    paths = wanted + [str(tmp_path / "plain.jpg"), wanted[0], lacking, lost]
+    before = bytes_read()
+    got = list(iter_inputs(paths))
+    read = bytes_read() - before
+    assert sorted(name for name, _ in got) == sorted(paths)
+    found = dict(got)
+    for t in ("a", "b"):
+        assert found[member_path(tars[t], f"{t}/4.jpg")] == jpeg + bytes([4])
+    assert [data for name, data in got if name == wanted[0]] == [jpeg + bytes([0])] * 2
+    assert found[str(tmp_path / "plain.jpg")] == jpeg
+    assert isinstance(found[lacking], FileNotFoundError) and str(found[lacking]) == f"a/nope.jpg is not in {tars['a']}"
+    assert isinstance(found[lost], FileNotFoundError) and "gone.tar" in str(found[lost])
+    # One pass each (the 'a' tar read to its end, for the member it lacks); a pass per
+    # member would read them about 15 times over.
+    whole = sum(os.path.getsize(t) for t in tars.values()) + len(jpeg)
+    assert read < 1.5 * whole, (read, whole)
+    assert read_input(member_path(tars["b"], "b/29.jpg")) == jpeg + bytes([29])
+
+
 def test_read_many_keeps_order_and_returns_errors(jpeg, tmp_path):
     (tmp_path / "a.jpg").write_bytes(jpeg)
     (tmp_path / "big.bin").write_bytes(b"x" * (len(jpeg) + 1))
@@ -260,7 +301,7 @@ def test_hidden_files_and_folders_are_skipped_by_both_listings(tmp_path):
         (tmp_path / "data" / folder).mkdir(parents=True, exist_ok=True)
         (tmp_path / "data" / folder / "a.png").write_bytes(b"x")
     (tmp_path / "data" / "dog" / ".DS_Store").write_bytes(b"x")
-    images = list_labelled_images(str(tmp_path / "data"), check_paths=False)
+    images = list_labelled_images(str(tmp_path / "data"))
     assert sorted(set(images.labels)) == ["cat", "dog"] and len(images.paths) == 2
     assert list_prefix(str(tmp_path / "data")) == [str(tmp_path / "data" / c / "a.png") for c in ("cat", "dog")]
     plan = plan_inputs(str(tmp_path / "data" / "*" / "*"), str(tmp_path / "out"), files_per_shard=10)

@@ -38,7 +38,6 @@ def test_manifest_csv_with_relative_paths(tmp_path):
 @pytest.mark.parametrize("case,message", [
     ("empty", "no images in class subfolders"),
     ("single", "single class"),
-    ("missing", "missing file"),
     ("nocol", "has no 'path' column"),
     ("nothing", "neither a folder"),
 ])
@@ -48,10 +47,6 @@ def test_bad_inputs_fail_early_with_clear_errors(tmp_path, case, message):
         root = str(tmp_path / "data")
     elif case == "single":
         root = write_tree(tmp_path, {"only": 3})
-    elif case == "missing":
-        write_tree(tmp_path, {"a": 1, "b": 1})
-        pd.DataFrame({"path": ["a/0.png", "b/7.png"], "label": ["a", "b"]}).to_csv(tmp_path / "m.csv", index=False)
-        root = str(tmp_path / "m.csv")
     elif case == "nocol":
         pd.DataFrame({"file": ["x.png"], "label": ["a"]}).to_parquet(tmp_path / "m.parquet")
         root = str(tmp_path / "m.parquet")
@@ -61,22 +56,129 @@ def test_bad_inputs_fail_early_with_clear_errors(tmp_path, case, message):
         list_labelled_images(root)
 
 
+def test_a_manifest_is_listed_without_a_request_per_row(tmp_path):
+    """Its paths are not checked on the driver (a million HEAD requests on S3): tar
+    members (TAR#MEMBER, review.csv's rows) and files alike; the reading tasks name a
+    missing one (test_cache)."""
+    pd.DataFrame({"path": ["a/0.png", "shards/0.tar#cat/1.jpg", "s3://bucket/gone.png"], "label": ["a", "b", "b"]}) \
+        .to_csv(tmp_path / "m.csv", index=False)
+    images = list_labelled_images(str(tmp_path / "m.csv"))
+    assert images.paths == [str(tmp_path / "a/0.png"), str(tmp_path / "shards/0.tar#cat/1.jpg"), "s3://bucket/gone.png"]
+
+
 def test_unknown_label_is_named():
     with pytest.raises(DataError, match="zebra"):
         encode_labels(["cat", "zebra"], ["cat", "dog"])
 
 
 def test_split_is_stratified_deterministic_and_disjoint():
-    paths = [f"/d/{c}/{i}.png" for c in "abc" for i in range(50 if c != "c" else 20)]
+    counts = {"a": 2000, "b": 600, "c": 5, "d": 3, "e": 2}
+    paths = [f"/d/{c}/{i}.png" for c, n in counts.items() for i in range(n)]
     images = LabelledImages(paths, [p.split("/")[2] for p in paths])
     s1 = split_stratified(images, 0.2, 0.1, seed=3)
     s2 = split_stratified(LabelledImages(paths[::-1], images.labels[::-1]), 0.2, 0.1, seed=3)
     assert all(s1[k].paths == s2[k].paths for k in s1)  # input order does not matter
     all_paths = s1["train"].paths + s1["val"].paths + s1["test"].paths
     assert sorted(all_paths) == sorted(paths)
-    assert s1["val"].labels.count("a") == 10 and s1["val"].labels.count("c") == 4
-    assert s1["test"].labels.count("c") == 2
+    for c in ("a", "b"):  # each class in the fractions' proportions (binomial: within 4 standard deviations)
+        for name, fraction in (("val", 0.2), ("test", 0.1)):
+            n = s1[name].labels.count(c)
+            assert abs(n - fraction * counts[c]) <= 4 * (fraction * (1 - fraction) * counts[c]) ** 0.5, (c, name, n)
+    for c in ("c", "d"):  # a class of 3 or more has at least one image in each split
+        assert all(s1[name].labels.count(c) >= 1 for name in ("train", "val", "test")), c
+    assert s1["train"].labels.count("e") == 2  # fewer than 3: all trained on
     assert split_stratified(images, 0.2, 0.1, seed=4)["val"].paths != s1["val"].paths
+    assert s1["val"].keys == s1["val"].paths  # no keys given: the paths are the keys
+
+
+def split_of(splits) -> dict:
+    """Each file's split, by its key (its path below the root)."""
+    return {k: name for name, part in splits.items() for k in part.split_keys()}
+
+
+def link_tree(dest, source_root, names) -> None:
+    """Hard links the real images ``names[class]`` of ``source_root`` as an ImageFolder tree at ``dest``."""
+    for c, files in names.items():
+        os.makedirs(dest / c, exist_ok=True)
+        for n in files:
+            if not os.path.exists(dest / c / n):
+                os.link(os.path.join(source_root, c, n), dest / c / n)
+
+
+def test_adding_and_relabelling_files_moves_no_file_to_another_split(fmnist_root, tmp_path):
+    """A month's new files (1%, then 10%, then 50% more real images) and review
+    corrections (a later root relabelling files) leave every earlier file in its split:
+    a model trained on the old train split is never tested on it."""
+    classes = ["bag", "coat", "sandal", "shirt"]
+    names = {c: sorted(os.listdir(os.path.join(fmnist_root, c))) for c in classes}
+    data = tmp_path / "data"
+    link_tree(data, fmnist_root, {c: names[c][:100] for c in classes})  # 400 images
+    before = split_of(split_stratified(list_labelled_images(str(data)), 0.1, 0.1, seed=0))
+    assert set(before) == {f"{c}/{n}" for c in classes for n in names[c][:100]}
+    for added in (1, 10, 50):  # per class: 1%, 10%, 50% more files
+        link_tree(data, fmnist_root, {c: names[c][100:100 + added] for c in classes})
+        images = list_labelled_images(str(data))
+        assert len(images) == 400 + 4 * added
+        after = split_of(split_stratified(images, 0.1, 0.1, seed=0))
+        moved = {k: (s, after[k]) for k, s in before.items() if after[k] != s}
+        assert not moved, f"{len(moved)} files moved after adding {added} a class: {list(moved.items())[:5]}"
+    # Review corrections: 40 files relabelled (each to the next class) by a later manifest root.
+    fixed = {f"{c}/{n}": classes[(i + 1) % 4] for i, c in enumerate(classes) for n in names[c][90:100]}
+    pd.DataFrame({"path": [str(data / k) for k in fixed], "label": list(fixed.values())}) \
+        .to_csv(tmp_path / "fixes.csv", index=False)
+    images = list_labelled_images(f"{data},{tmp_path / 'fixes.csv'}")
+    labels = dict(zip(images.keys, images.labels))
+    assert len(images) == 600 and all(labels[k] == label for k, label in fixed.items())
+    after = split_of(split_stratified(images, 0.1, 0.1, seed=0))
+    assert {k: after[k] for k in before} == before  # the relabelled 40 included
+
+
+def test_the_same_files_under_another_root_get_the_same_splits(fmnist_root, tmp_path, s3_server):
+    """A file's split follows its path below its root: the tree in a local folder, the
+    same tree copied to a bucket with a month's new files, and a manifest of relative
+    paths in that bucket split every old file alike."""
+    import fsspec
+
+    classes = ["bag", "coat", "sandal"]
+    names = {c: sorted(os.listdir(os.path.join(fmnist_root, c))) for c in classes}
+    link_tree(tmp_path / "local", fmnist_root, {c: names[c][:30] for c in classes})
+    fs = fsspec.filesystem("s3")
+    files = [f"{c}/{n}" for c in classes for n in names[c][:33]]  # 3 new files a class
+    fs.put([os.path.join(fmnist_root, f) for f in files], [f"imgcls/moved/{f}" for f in files])
+    with fs.open("imgcls/moved/manifest.csv", "w") as f:
+        pd.DataFrame({"path": files, "label": [f.split("/")[0] for f in files]}).to_csv(f, index=False)
+    local = list_labelled_images(str(tmp_path / "local"))
+    assert sorted(local.keys) == sorted(files[i] for i in range(len(files)) if int(i % 33) < 30)
+    split = split_of(split_stratified(local, 0.2, 0.2, seed=1))
+    for root in ("s3://imgcls/moved/", "s3://imgcls/moved/manifest.csv"):
+        moved = list_labelled_images(root)
+        assert len(moved) == 99 and all(p.startswith("s3://imgcls/moved/") for p in moved.paths)
+        there = split_of(split_stratified(moved, 0.2, 0.2, seed=1))
+        assert {k: there[k] for k in split} == split, root
+
+
+def test_file_keys_are_paths_relative_to_the_root():
+    from imgcls.labelled import file_key
+
+    assert file_key("/data", "bag/1.png") == "bag/1.png"
+    assert file_key("/data", "./bag/../bag/1.png") == "bag/1.png"
+    assert file_key("/data/m", "/data/bag/1.png") == "../bag/1.png"  # as if written relative
+    assert file_key("s3://b/x", "s3://b/x/shards/a.tar#bag/1.png") == "shards/a.tar#bag/1.png"
+    assert file_key("/data", "s3://b/x/bag/1.png") == "s3://b/x/bag/1.png"  # another filesystem: as written
+
+
+def test_max_per_class_caps_by_a_draw_and_keeps_pinned_files():
+    paths = [f"/d/{c}/{i}.png" for c in "ab" for i in range(100)]
+    images = LabelledImages(paths, [p.split("/")[2] for p in paths])
+    capped = split_stratified(images, 0.2, 0.2, seed=0, max_per_class=40)
+    kept = set(capped["train"].paths + capped["val"].paths + capped["test"].paths)
+    assert len(kept) == 80
+    full = split_of(split_stratified(images, 0.2, 0.2, seed=0))
+    assert all(full[p] == name for name, part in capped.items() for p in part.paths)  # the cap moves no file
+    pinned = {f"/d/a/{i}.png": "test" for i in range(50)}
+    capped = split_stratified(images, 0.2, 0.2, seed=0, max_per_class=40, pinned=pinned)
+    test_a = [p for p, label in zip(capped["test"].paths, capped["test"].labels) if label == "a"]
+    assert len(test_a) == 40 and set(test_a) < set(pinned)  # 40 of the 50 pinned files: the cap keeps them first
 
 
 @pytest.mark.parametrize("augment", ["none", "light", "standard", "trivialaugment", "randaugment"])
@@ -269,5 +371,5 @@ def test_one_manifest_reader_keeps_labels_as_written_and_names_missing_columns(t
     with pytest.raises(ManifestError, match=r"has no 'label' column .*columns: \['path', 'note'\]"):
         (tmp_path / "p.csv").write_text("path,note\na.png,x\n")
         read_manifest(str(tmp_path / "p.csv"), ["path", "label"])
-    images = list_labelled_images(str(tmp_path / "m.csv"), check_paths=False)
+    images = list_labelled_images(str(tmp_path / "m.csv"))
     assert images.labels == ["007", "7"] and images.paths == [str(tmp_path / "a/0.png"), str(tmp_path / "b/1.png")]

@@ -3,6 +3,7 @@ import os
 
 import numpy as np
 import pandas as pd
+import pytest
 from PIL import Image
 
 from imgcls.evaluation.evaluate import COL_TRUE, report_from_predictions
@@ -91,3 +92,105 @@ def test_reports_name_model_data_date_and_version_at_the_top(tmp_path):
         assert facts["model"] == "runs/fmnist/best" and facts["data"] == data, facts
         assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d UTC", facts["date"]) and facts["imgcls"] == version()
         assert page.index("<header") < min(page.index(t) for t in ("<table", "<figure") if t in page)  # at the top
+
+
+@pytest.fixture(scope="module")
+def checkpoint(fmnist_root, tmp_path_factory):
+    """An untrained small CNN over the Fashion-MNIST classes (plenty of mistakes to count)."""
+    import torch
+
+    from imgcls.checkpoint import save_checkpoint
+    from imgcls.config import JobConfig, ModelConfig
+    from imgcls.models import create_model
+
+    classes = sorted(d for d in os.listdir(fmnist_root) if os.path.isdir(os.path.join(fmnist_root, d)))
+    torch.manual_seed(0)
+    folder = str(tmp_path_factory.mktemp("ckpt"))
+    save_checkpoint(folder, create_model("small_cnn", 10), JobConfig(model=ModelConfig(image_size=28)), classes,
+                    history=[])
+    return folder, classes
+
+
+@pytest.fixture(scope="module")
+def labelled(fmnist_root, checkpoint, tmp_path_factory):
+    """Real labelling output (in process, the pipeline's own stage, with embeddings) of
+    <class>/ files of three classes, a tar of coats, an 'inbox' of files the model has no
+    class for, and a corrupt file."""
+    import shutil
+    import tarfile
+
+    from imgcls.inference.pipeline import predict_here
+
+    folder, paths = tmp_path_factory.mktemp("images"), []
+    for c in ("bag", "coat", "sneaker", "inbox"):
+        os.makedirs(folder / c)
+        for name in sorted(os.listdir(os.path.join(fmnist_root, "shirt" if c == "inbox" else c)))[:6]:
+            paths.append(str(shutil.copy(os.path.join(fmnist_root, "shirt" if c == "inbox" else c, name),
+                                         folder / c / name)))
+    with tarfile.open(folder / "coat" / "shard.tar", "w") as tar:
+        for name in sorted(os.listdir(os.path.join(fmnist_root, "coat")))[6:10]:
+            tar.add(os.path.join(fmnist_root, "coat", name), arcname=f"inner/{name}")
+    (folder / "bag" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    return predict_here(paths + [str(folder / "coat" / "shard.tar"), str(folder / "bag" / "corrupt.png")],
+                        checkpoint[0], embeddings=True)
+
+
+def test_predictions_scored_in_batches_as_in_one_frame(labelled, checkpoint, tmp_path, monkeypatch):
+    """evaluate --predictions over parts read 4 rows at a time: the report of the whole
+    frame (true labels from parent folders, a tar member's from its tar's; the inbox left
+    out and counted; the error row counted), the rows it scored written back with their
+    true labels, and for the pictures the 16 most confident mistakes and a sample of the
+    rows with embeddings (5 here)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from imgcls.evaluation import evaluate
+    from imgcls.evaluation.evaluate import score_predictions, scorable_rows
+    from imgcls.inference.read import source_file
+
+    monkeypatch.setattr(evaluate, "MAP_POINTS", 5)
+    classes = checkpoint[1]
+    (tmp_path / "labels").mkdir()
+    for part, (lo, hi) in enumerate([(0, 9), (9, 10), (10, labelled.num_rows)]):
+        pq.write_table(labelled.slice(lo, hi - lo), tmp_path / "labels" / f"part-{part:06d}.parquet")
+    report, pictures, counts = score_predictions(str(tmp_path / "labels"), classes,
+                                                 str(tmp_path / "scored.parquet"), batch_rows=4)
+
+    df = labelled.to_pandas()
+    df[COL_TRUE] = df["path"].map(source_file).str.rsplit("/", n=2).str[-2]
+    assert (df[df["path"].str.contains("shard.tar#")][COL_TRUE] == "coat").sum() == 4
+    kept, left_out = scorable_rows(df, classes)
+    assert report == {**report_from_predictions(kept, classes), **left_out}
+    assert report["num_samples"] == 22 and report["errors"] == 1 and left_out["unknown_true_labels"] == {"inbox": 6}
+    assert counts == {c: int((kept[COL_TRUE] == c).sum()) for c in classes}
+    scored = pq.read_table(tmp_path / "scored.parquet")
+    assert scored.equals(pa.Table.from_pandas(kept, preserve_index=False).cast(scored.schema))
+    ok = kept[kept["status"] == "ok"]
+    wrong = ok[ok["label"] != ok[COL_TRUE]].sort_values("score", ascending=False, kind="stable")
+    assert len(wrong) > 16 and set(wrong["path"][:16]) <= set(pictures["path"])
+    assert pictures["embedding"].notna().sum() == 5 and set(pictures["path"]) <= set(ok["path"])
+    assert pictures["path"].tolist() == sorted(pictures["path"], key=ok["path"].tolist().index)
+
+
+def test_topk_accuracy_is_named_by_the_k_the_rows_carry(labelled, checkpoint, tmp_path):
+    """Predictions made with --top-k 1 carry one label a row (the first of the top 5):
+    their top-k accuracy is top-1, the accuracy itself, and its key says so (not
+    top5_accuracy); with --top-k 3, top-3."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from imgcls.evaluation.evaluate import score_predictions, topk_key
+
+    classes = checkpoint[1]
+    reports = {}
+    for k in (1, 3, 5):
+        rows = labelled.set_column(labelled.schema.get_field_index("topk_labels"), "topk_labels",
+                                   pc.list_slice(labelled.column("topk_labels"), 0, k))
+        pq.write_table(rows, tmp_path / f"top{k}.parquet")
+        reports[k] = score_predictions(str(tmp_path / f"top{k}.parquet"), classes, str(tmp_path / f"out{k}.parquet"))[0]
+        assert reports[k]["top_k"] == k and topk_key(reports[k]) == f"top{k}_accuracy"
+        assert [key for key in reports[k] if key.startswith("top") and key != "top_k"] == [f"top{k}_accuracy"]
+        frame = rows.to_pandas().assign(**{COL_TRUE: "coat"})
+        assert report_from_predictions(frame, classes)["top_k"] == k
+    assert reports[1]["top1_accuracy"] == reports[1]["accuracy"] <= reports[3]["top3_accuracy"] <= reports[5][
+        "top5_accuracy"]
