@@ -363,7 +363,7 @@ def write_report(result: dict, ref: RunSample, cur: RunSample, output: str) -> d
         present = [k for k in c["classes"] if ref.class_counts.get(k, 0) + cur.class_counts.get(k, 0)]
         ax.set_xticks(x, present, rotation=45, ha="right")
         ax.set_ylabel("share of predictions")
-        ax.legend()
+        ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)  # beside the bars, not over them
         plots.append(("Predicted classes", _png(fig)))
         plt.close(fig)
     fig, ax = plt.subplots(figsize=(5, 3))
@@ -396,11 +396,27 @@ def write_report(result: dict, ref: RunSample, cur: RunSample, output: str) -> d
     with open(os.path.join(output, REPORT_FILE), "w") as f:
         f.write(f"<!doctype html><meta charset=utf-8><title>imgcls monitor</title><style>body{{font-family:sans-serif}}"
                 f"td,th{{padding:2px 10px}}</style>{_header(verdict, ref, cur)}"
+                f"<p><b>{html.escape(verdict_in_words(result))}</b></p>"
                 f"<p>A test reports drift where its p-value is below alpha and its effect size "
                 f"is at least its threshold; <i>decided by</i> names what the verdict rests on.</p>"
                 f"<table><tr><th>test</th><th>verdict</th><th>decided by</th><th>p-value</th><th>alpha</th>"
                 f"<th>effect size</th><th>effect</th><th>threshold</th><th>statistics</th></tr>{rows}</table>{body}")
     return {"drift_json": os.path.join(output, DRIFT_FILE), "report": os.path.join(output, REPORT_FILE)}
+
+
+def verdict_in_words(result: dict) -> str:
+    """The verdict as a sentence, with the numbers it rests on: each drifted test's p-value
+    against alpha and effect against its threshold, or, without drift, every test's."""
+    def numbers(name: str, t: dict) -> str:
+        return (f"{name} (p-value {t['p_value']:.3g} {'<' if t['significant'] else '>='} alpha {result['alpha']:g}; "
+                f"{t['effect_size']} {t['effect']:.4g} {'>=' if t['large'] else '<'} threshold {t['threshold']:g})")
+
+    tests = result["tests"]
+    if result["drift"]:
+        return (f"Drift: the current run differs from the reference in "
+                f"{', '.join(numbers(n, tests[n]) for n in result['drifted'])}.")
+    return ("No drift: no test has both a p-value below alpha and an effect at least its threshold: "
+            f"{', '.join(numbers(n, t) for n, t in tests.items())}.")
 
 
 def _header(verdict: str, ref: RunSample, cur: RunSample) -> str:

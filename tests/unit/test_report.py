@@ -81,8 +81,18 @@ def test_reports_name_model_data_date_and_version_at_the_top(tmp_path):
                                data="data/test")["report"]).read()]
     ref = monitor.frame_sample(df, str(labels))
     cur = monitor.frame_sample(df, "s3://bucket/labels")
-    pages.append(open(monitor.write_report(monitor.compare(ref, cur, permutations=20), ref, cur,
-                                           str(tmp_path / "drift"))["report"]).read())
+    drift = monitor.compare(ref, cur, permutations=20)
+    pages.append(open(monitor.write_report(drift, ref, cur, str(tmp_path / "drift"))["report"]).read())
+    # The verdict in words, with its numbers: the same runs, so no drift, and every test's figures.
+    classes = drift["tests"]["classes"]
+    assert (f"No drift: no test has both a p-value below alpha and an effect at least its threshold: classes "
+            f"(p-value {classes['p_value']:.3g} &gt;= alpha 0.01; {classes['effect_size']} {classes['effect']:.4g} &lt; "
+            f"threshold {classes['threshold']:g}), confidence (p-value") in pages[-1]
+    shifted = monitor.compare(ref, monitor.frame_sample(df.assign(label="cat"), "s3://bucket/cats"), permutations=20)
+    moved = shifted["tests"]["classes"]
+    assert monitor.verdict_in_words(shifted).startswith(
+        f"Drift: the current run differs from the reference in classes (p-value {moved['p_value']:.3g} < alpha 0.01; "
+        f"{moved['effect_size']} {moved['effect']:.4g} >= threshold {moved['threshold']:g})")
     pages.append(open(write_review(select(df, "margin", 5), str(tmp_path / "review"), "margin",
                                    str(labels))["contact_sheet"]).read())
     for page, data in zip(pages, ["data/test", f"reference {labels} (40 rows), current s3://bucket/labels (40 rows)",
