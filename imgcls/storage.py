@@ -260,7 +260,7 @@ def iter_files(uri: str, recursive: bool = False, maxdepth: Optional[int] = None
     fs, path = filesystem(uri)
     path = path.rstrip("/")
     depth = None if recursive and maxdepth is None else (maxdepth or 1)
-    if getattr(fs, "async_impl", False) and hasattr(fs, "_iterdir") and hasattr(fs, "split_path"):
+    if _pages(fs):
         entries = _s3_entries(fs, path, depth, stem)
     elif protocol(uri) in ("file", "local"):
         entries = _sorted_runs(_local_entries(path, depth, stem))
@@ -274,6 +274,23 @@ def iter_files(uri: str, recursive: bool = False, maxdepth: Optional[int] = None
                 subdirs.append(unstrip(uri, name))
         else:
             yield unstrip(uri, name), size
+
+
+def _pages(fs: fsspec.AbstractFileSystem) -> bool:
+    """Whether ``fs`` lists a page at a time here (s3fs's ``_iterdir``)."""
+    return getattr(fs, "async_impl", False) and hasattr(fs, "_iterdir") and hasattr(fs, "split_path")
+
+
+def is_folder(uri: str) -> bool:
+    """Whether ``uri`` is a folder (on S3, a prefix with objects below it), from the first
+    entries of its listing: s3fs's ``isdir`` lists the whole prefix and keeps it cached."""
+    fs, path = filesystem(uri)
+    if not _pages(fs):
+        return fs.isdir(path)
+    subdirs: list[str] = []
+    for _ in iter_files(uri, subdirs=subdirs):
+        return True
+    return bool(subdirs)
 
 
 def _s3_entries(fs, path: str, depth: Optional[int], stem: str) -> Iterator[tuple[str, Optional[int], bool]]:

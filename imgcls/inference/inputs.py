@@ -257,7 +257,7 @@ def plan_inputs(input_uri: str, output_uri: str, files_per_shard: int, cpus: Opt
         summary = _summary_rows(ds)
     elif any(ch in in_path for ch in "*?["):
         summary = _driver_lists(glob_files(input_uri), lists_uri, files_per_shard)
-    elif in_fs.isdir(in_path):
+    elif storage.is_folder(input_uri):
         # The files directly under the folder (all of a flat prefix's) are written here as
         # the listing's pages come; its sub-folders are listed by tasks or threads.
         base, found = _base(input_uri), []
