@@ -145,25 +145,26 @@ def make_linked_tree(folder: str, sources: list[str], files: int) -> str:
 
 def make_flat_tree(folder: str, real: list[str], paths: int, every: int, empties: str) -> dict:
     """``paths`` files directly under ``folder``, named ``{j:07d}.jpg``: file ``j`` a hard
-    link to ``real[j // every]`` when ``j % every == 0``, else to one of the zero-byte
-    files under ``empties`` (a new one every 60,000 links)."""
+    link to ``real[j // every]`` when ``j % every == 0``, else to one of this tree's
+    zero-byte files under ``empties`` (a new one every 60,000 links)."""
     n_real = (paths + every - 1) // every
     if n_real > len(real):
         raise ValueError(f"{paths} paths with every {every}th real need {n_real} real files, have {len(real)}")
     marker = os.path.join(folder, f".complete-{paths}-every{every}")
     if not os.path.exists(marker):
-        shutil.rmtree(folder, ignore_errors=True)
-        os.makedirs(folder)
-        os.makedirs(empties, exist_ok=True)
-        empty = None
+        own = os.path.join(empties, os.path.basename(folder))
+        for stale in (folder, own):
+            shutil.rmtree(stale, ignore_errors=True)
+            os.makedirs(stale)
+        empty, links = None, 0
         for j in range(paths):
             if j % every == 0:
                 src = real[j // every]
             else:
-                if empty is None or (j - j // every) % 60_000 == 0:
-                    empty = os.path.join(empties, f"empty-{j:07d}")
+                if empty is None or links == 60_000:
+                    empty, links = os.path.join(own, f"empty-{j:07d}"), 0
                     open(empty, "wb").close()
-                src = empty
+                src, links = empty, links + 1
             os.link(src, os.path.join(folder, f"{j:07d}.jpg"))
         open(marker, "w").close()
     return {"paths": paths, "real": n_real, "empty": paths - n_real, "real_every": every}
