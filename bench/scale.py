@@ -13,14 +13,23 @@ local Ray cluster (``python -m imgcls.cli predict --model CKPT --input IN --outp
    Parquet writes, the driver), not of the model.
 2. ``manifest_10k``: the same construction at 10,000 paths (the same real/missing mix):
    the base of the driver-memory ratio.
-3. ``files_10k`` and ``files_100k``: folders of real JPEGs only, no missing paths,
+3. ``flat_1m`` and ``flat_10k``: a flat folder (every file directly under it, as the
+   objects under one S3 prefix) of 1,000,000 and 10,000 files, listed by the driver a
+   page at a time into shard lists (``storage.iter_files``). Every 100th file is a real
+   JPEG of the corpus (a hard link to it), the rest zero-byte files (hard links to a few
+   empty files outside the folder, at most 60,000 links each: ext4's limit is 65,000),
+   which must come out as ``empty`` error rows; labelled by the manifest cases' small
+   CNN. A local folder, as 1,000,000 keys on the loopback S3 server (moto) take hours
+   to write (2,500 took 17 s); the driver lists a local folder in bounded memory too
+   (``os.scandir``, sorted in runs spilled to disk), where S3 gives its keys sorted.
+4. ``files_10k`` and ``files_100k``: folders of real JPEGs only, no missing paths,
    labelled by MobileNetV3-Small at 224 px, ``bench/predict.py``'s setup (on 2 cores the
    small CNN at 224 px is slower: about 6 ms per image on one core at width 8, against
    2.8 ms for MobileNetV3-Small). The larger folder is not 100,000 distinct files: the
    10,000 JPEGs of the corpus, hard-linked (``os.link``) under distinct names to reach
    100,000 (``distinct_files`` in each case says how many are distinct); every file is
    read and decoded all the same, but from the page cache.
-4. ``resume``: a job over the smaller folder killed once half its shards are written,
+5. ``resume``: a job over the smaller folder killed once half its shards are written,
    rerun, and set against a clean job over exactly the files the rerun labelled
    (``rerun_vs_clean_process_seconds``: what a resume costs over the remaining work).
 
@@ -54,7 +63,7 @@ when model and image size are the same. A run's JSON is rewritten after each cas
 
 ``peak_memory_mb`` counts every process on the machine, and ``PeakMemory`` waits (up to
 60 s) before each case until no Ray process is left on it, anyone's: run alone on a quiet
-machine (about 10 minutes on 2 cores; the first run also writes the corpus, from the
+machine (about 15 minutes on 2 cores; the first run also writes the corpus, from the
 photos that ``imgcls fetch-data dogs-cats`` fetches into the work folder):
     .venv/bin/python bench/scale.py [--workdir out/bench-scale] [--out bench/results/scale.json]
 A quick smoke run at small sizes:
@@ -132,6 +141,33 @@ def make_linked_tree(folder: str, sources: list[str], files: int) -> str:
         os.link(src, os.path.join(folder, label, f"{i:07d}.jpg"))
     open(marker, "w").close()
     return folder
+
+
+def make_flat_tree(folder: str, real: list[str], paths: int, every: int, empties: str) -> dict:
+    """``paths`` files directly under ``folder``, named ``{j:07d}.jpg``: file ``j`` a hard
+    link to ``real[j // every]`` when ``j % every == 0``, else to one of this tree's
+    zero-byte files under ``empties`` (a new one every 60,000 links)."""
+    n_real = (paths + every - 1) // every
+    if n_real > len(real):
+        raise ValueError(f"{paths} paths with every {every}th real need {n_real} real files, have {len(real)}")
+    marker = os.path.join(folder, f".complete-{paths}-every{every}")
+    if not os.path.exists(marker):
+        own = os.path.join(empties, os.path.basename(folder))
+        for stale in (folder, own):
+            shutil.rmtree(stale, ignore_errors=True)
+            os.makedirs(stale)
+        empty, links = None, 0
+        for j in range(paths):
+            if j % every == 0:
+                src = real[j // every]
+            else:
+                if empty is None or links == 60_000:
+                    empty, links = os.path.join(own, f"empty-{j:07d}"), 0
+                    open(empty, "wb").close()
+                src, links = empty, links + 1
+            os.link(src, os.path.join(folder, f"{j:07d}.jpg"))
+        open(marker, "w").close()
+    return {"paths": paths, "real": n_real, "empty": paths - n_real, "real_every": every}
 
 
 def _status_kb(pid: int, keys: tuple) -> dict:
@@ -331,12 +367,14 @@ def main():
     p.add_argument("--paths-10k", type=int, default=10_000, help="paths in the small manifest")
     p.add_argument("--real", type=int, default=10_000,
                    help="real JPEGs among the large manifest's paths (one every paths-1m / real paths)")
+    p.add_argument("--flat-1m", type=int, default=1_000_000, help="files in the large flat folder")
+    p.add_argument("--flat-10k", type=int, default=10_000, help="files in the small flat folder")
     p.add_argument("--files-small", type=int, default=10_000, help="real JPEGs in the smaller folder (distinct)")
     p.add_argument("--files-large", type=int, default=100_000,
                    help="real JPEGs in the larger folder (hard links to the smaller set's files)")
     p.add_argument("--quick", action="store_true",
-                   help="smoke sizes: --paths-1m 20000 --paths-10k 2000 --real 1000 --files-small 2000 "
-                        "--files-large 5000")
+                   help="smoke sizes: --paths-1m 20000 --paths-10k 2000 --real 1000 --flat-1m 20000 "
+                        "--flat-10k 2000 --files-small 2000 --files-large 5000")
     p.add_argument("--manifest-arch", default="small_cnn")
     p.add_argument("--manifest-image-size", type=int, default=32)
     p.add_argument("--manifest-width", type=int, default=8, help="small_cnn width; 0 for the arch's default")
@@ -345,13 +383,15 @@ def main():
     p.add_argument("--files-width", type=int, default=0, help="small_cnn width; 0 for the arch's default")
     p.add_argument("--files-per-shard", type=int, default=None, help="passed to imgcls predict (default: its own)")
     p.add_argument("--num-cpus", type=int, default=os.cpu_count())
-    p.add_argument("--cases", default="manifest,files,resume", help="comma-separated: manifest, files, resume")
+    p.add_argument("--cases", default="manifest,flat,files,resume",
+                   help="comma-separated: manifest, flat, files, resume")
     p.add_argument("--workdir", default="out/bench-scale")
     p.add_argument("--predict-json", default="bench/results/predict.json")
     p.add_argument("--out", default="bench/results/scale.json")
     args = p.parse_args()
     if args.quick:
         args.paths_1m, args.paths_10k, args.real = 20_000, 2_000, 1_000
+        args.flat_1m, args.flat_10k = 20_000, 2_000
         args.files_small, args.files_large = 2_000, 5_000
     cases = set(args.cases.split(","))
     every = max(1, args.paths_1m // args.real)
@@ -361,7 +401,8 @@ def main():
 
     work = os.path.abspath(args.workdir)
     logs = os.path.join(work, "logs")
-    corpus_size = max(args.real if "manifest" in cases else 0, args.files_small if cases & {"files", "resume"} else 0)
+    corpus_size = max(args.real if cases & {"manifest", "flat"} else 0,
+                      args.files_small if cases & {"files", "resume"} else 0)
     t = time.perf_counter()
     corpus = make_corpus(os.path.join(work, f"jpeg-{corpus_size}"), corpus_size)
     real = corpus_files(corpus)[:corpus_size]
@@ -407,6 +448,23 @@ def main():
             problems += check(key, r, info["paths"], info["real"])
             save(False)
         big, small = results["manifest_1m"], results["manifest_10k"]
+        big["steady_rows_per_s"] = steady(small, big)
+    if "flat" in cases:
+        width = args.manifest_width or None
+        name = f"ckpt-{args.manifest_arch}-{args.manifest_image_size}-w{width}"
+        ckpt = make_small_checkpoint(os.path.join(work, name), args.manifest_arch, args.manifest_image_size, width)
+        model = {"arch": args.manifest_arch, "image_size": args.manifest_image_size, "width": width}
+        flat_every = max(1, args.flat_1m // args.real)
+        for key, paths in (("flat_1m", args.flat_1m), ("flat_10k", args.flat_10k)):
+            t = time.perf_counter()
+            folder = os.path.join(work, f"flat-{paths}-every{flat_every}-of{corpus_size}")
+            info = make_flat_tree(folder, real, paths, flat_every, os.path.join(work, "flat-empties"))
+            setup[f"{key}_tree_seconds"] = time.perf_counter() - t
+            r = run_case(key, folder, ckpt)
+            results[key] = {**info, "model": model, "input": "flat folder", **r}
+            problems += check(key, r, info["paths"], info["real"])
+            save(False)
+        big, small = results["flat_1m"], results["flat_10k"]
         big["steady_rows_per_s"] = steady(small, big)
     if "files" in cases:
         width = args.files_width or None
@@ -462,6 +520,15 @@ def main():
         ratios["tree_peak_rss_1m_vs_10k"] = big["tree_peak_rss_mb"] / small["tree_peak_rss_mb"]
         ratios["peak_memory_manifest_1m_vs_10k"] = big["peak_memory_mb"] / small["peak_memory_mb"]
         ratios["paths_1m_vs_10k"] = big["paths"] / small["paths"]
+    if "flat" in cases:
+        big, small = results["flat_1m"], results["flat_10k"]
+        ratios["driver_peak_memory_flat_1m_vs_10k"] = big["driver_peak_rss_mb"] / small["driver_peak_rss_mb"]
+        ratios["first_shard_seconds_flat_1m"] = big["first_shard_seconds"]
+        ratios["first_shard_seconds_flat_10k"] = small["first_shard_seconds"]
+        ratios["tree_peak_rss_flat_1m_vs_10k"] = big["tree_peak_rss_mb"] / small["tree_peak_rss_mb"]
+        ratios["peak_memory_flat_1m_vs_10k"] = big["peak_memory_mb"] / small["peak_memory_mb"]
+        ratios["plan_seconds_flat_1m"] = big["plan_seconds"]
+        ratios["paths_flat_1m_vs_10k"] = big["paths"] / small["paths"]
     if "files" in cases:
         big, small = results["files_100k"], results["files_10k"]
         ratios["peak_memory_100k_vs_10k"] = big["peak_memory_mb"] / small["peak_memory_mb"]

@@ -262,6 +262,9 @@ class PredictConfig:
     """Input files per output shard, the unit of resumption."""
     max_pixels: int = 64_000_000
     """Images with more pixels are refused as decompression bombs."""
+    max_file_mb: int = 256
+    """Files (and tar members) larger than this many MiB are error rows (too-large),
+    refused by their size before a byte is read."""
     buffer_mb: int = 512
     """Object-store memory the pipeline may fill with blocks in flight (decoded images
     waiting for the model, predictions waiting to be written); it keeps peak memory
@@ -269,8 +272,8 @@ class PredictConfig:
 
     def __post_init__(self):
         if (self.batch_size is not None and self.batch_size < 1) or self.top_k < 1 or self.files_per_shard < 1 \
-                or self.buffer_mb < 1:
-            raise ValueError("batch_size, top_k, files_per_shard and buffer_mb must be positive")
+                or self.buffer_mb < 1 or self.max_file_mb < 1:
+            raise ValueError("batch_size, top_k, files_per_shard, buffer_mb and max_file_mb must be positive")
         if self.tta not in TTAS:
             raise ValueError(f"tta must be one of {TTAS}, got {self.tta!r}")
         if self.precision not in PRECISIONS:

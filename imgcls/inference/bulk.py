@@ -44,7 +44,7 @@ from imgcls.inference.lease import Lease
 from imgcls.inference.model_stage import Classifier, ModelPayload
 from imgcls.inference.pipeline import actor_pool, model_batch_size, pool_plan
 from imgcls.inference.program import build_program
-from imgcls.inference.read import MAX_FILE_BYTES, is_tar, read_shard_list
+from imgcls.inference.read import MAX_FILE_BYTES, is_tar, read_shard, read_shard_list
 from imgcls.inference.schema import COL_ROW, COL_SHARD, COL_SHARD_ROWS, output_schema
 from imgcls.inference.sink import (
     commit_shard,
@@ -96,7 +96,7 @@ class LabelShards:
         """Labels the files that ``list_uri`` lists and writes them as part ``shard``;
         returns the summary row."""
         began = time.perf_counter()
-        tables = [self.classify.label(chunk) for chunk in self.decoder.chunks(read_shard_list(list_uri))]
+        tables = [self.classify.label(chunk) for chunk in self.decoder.chunks(*read_shard(list_uri))]
         counts = write_part_atomic(finish_part(pa.concat_tables(tables), self.classify.schema), self.output, shard)
         return summary_row(shard, counts, time.perf_counter() - began)
 
@@ -166,8 +166,9 @@ def labels_here(plan: InputPlan, todo: pa.Table, cfg: PredictConfig, pools: dict
 def _run_here(todo: pa.Table, payload: ModelPayload, cfg: PredictConfig, plan: dict) -> list[dict]:
     """The CPU pool's own stage (``LabelShards``: read, decode, label, write each shard's
     part) run here over the shards to do, on this process's threads."""
-    stage = LabelShards(payload, cfg.output, max_pixels=cfg.max_pixels, max_images=cfg.batch_size, top_k=cfg.top_k,
-                        embeddings=cfg.embeddings, precision=cfg.precision)
+    stage = LabelShards(payload, cfg.output, max_pixels=cfg.max_pixels, max_images=cfg.batch_size,
+                        max_bytes=cfg.max_file_mb * 2**20, top_k=cfg.top_k, embeddings=cfg.embeddings,
+                        precision=cfg.precision)
     progress, rows = Progress(todo), []
     for shard, list_uri in zip(todo[COL_SHARD].to_pylist(), todo["list"].to_pylist()):
         rows.append(stage.label_shard(shard, list_uri))
@@ -179,8 +180,8 @@ def _run_one_pool(todo: pa.Table, payload: ModelPayload, cfg: PredictConfig, pla
     ds = _shard_rows(todo).map_batches(
         LabelShards, fn_constructor_kwargs={
             "payload": payload, "output": cfg.output, "max_pixels": cfg.max_pixels, "max_images": cfg.batch_size,
-            "top_k": cfg.top_k, "embeddings": cfg.embeddings, "threads": plan["threads"], "use_gpu": plan["use_gpu"],
-            "precision": cfg.precision},
+            "max_bytes": cfg.max_file_mb * 2**20, "top_k": cfg.top_k, "embeddings": cfg.embeddings,
+            "threads": plan["threads"], "use_gpu": plan["use_gpu"], "precision": cfg.precision},
         batch_size=1, compute=actor_pool(plan), num_cpus=plan["num_cpus"],
         num_gpus=plan["num_gpus"])
     progress, rows = Progress(todo), []
@@ -195,7 +196,8 @@ def _run_two_pools(todo: pa.Table, payload: ModelPayload, cfg: PredictConfig, pl
     decode = plan["decode"]
     decoded = _shard_rows(todo).map_batches(
         DecodeShards, fn_constructor_kwargs={"image_size": payload.image_size, "max_pixels": cfg.max_pixels,
-                                             "max_images": cfg.batch_size, "defer_jpeg": cfg.gpu_decode},
+                                             "max_images": cfg.batch_size, "defer_jpeg": cfg.gpu_decode,
+                                             "max_bytes": cfg.max_file_mb * 2**20},
         batch_size=1, compute=ActorPoolStrategy(min_size=1, max_size=decode["max_size"]), num_cpus=decode["num_cpus"])
     staged = decoded.map_batches(
         LabelChunks, fn_constructor_kwargs={"payload": payload, "output": cfg.output, "top_k": cfg.top_k,

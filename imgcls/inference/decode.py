@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from imgcls.errors import ERROR_DECODE, ERROR_READ, error_text, error_type
-from imgcls.inference.read import MAX_FILE_BYTES, iter_inputs, read_shard_list
+from imgcls.inference.read import MAX_FILE_BYTES, iter_inputs, read_shard
 from imgcls.inference.schema import (
     COL_ERROR,
     COL_ERROR_TYPE,
@@ -32,8 +32,9 @@ class Decoder:
     ``chunks(paths)`` yields dicts of at most ``max_images`` rows with columns ``path``,
     ``status``, ``error``, ``error_type`` and ``image`` (n, S, S, 3) uint8 (zeros on error rows). Never
     raises for bad input: every file and tar member gives exactly one row. At most one
-    tar member's bytes, ``max_images`` files' bytes and ``max_images`` decoded images
-    are held at a time. Images are channels-last (HWC), the layout the model computes in.
+    tar member's bytes, ``max_images`` files' bytes (and no more than ``read.MAX_BYTES_IN_FLIGHT``
+    of them, plus one file) and ``max_images`` decoded images are held at a time. A file
+    over ``max_bytes`` is an error row, refused by its size before it is read. Images are channels-last (HWC), the layout the model computes in.
 
     With ``defer_jpeg``, a JPEG that the model's device decodes (``preprocess.device_decodable_jpeg``)
     is not decoded here: its row carries the file's bytes in a ``jpeg`` column (empty on
@@ -86,9 +87,10 @@ class Decoder:
         or refused exactly as a file with those bytes would be in bulk labelling."""
         return self._chunk([self._row(name, data) for name, data in named])
 
-    def chunks(self, paths):
+    def chunks(self, paths, sizes=None):
+        """``sizes``: each path's size where known (a shard list's), None where not."""
         rows = []
-        for name, data in iter_inputs(paths, self.max_bytes, fetch=self.max_images):
+        for name, data in iter_inputs(paths, self.max_bytes, fetch=self.max_images, sizes=sizes):
             rows.append(self._row(name, data))
             if len(rows) == self.max_images:
                 yield self._chunk(rows)
@@ -134,7 +136,7 @@ class DecodeShards:
     def __call__(self, batch: dict[str, np.ndarray]):
         for shard, list_uri in zip(batch[COL_SHARD], batch["list"]):
             previous, rows = None, 0
-            for chunk in self.decoder.chunks(read_shard_list(list_uri)):
+            for chunk in self.decoder.chunks(*read_shard(list_uri)):
                 if previous is not None:
                     yield self._tag(previous, shard, rows - len(previous[COL_PATH]), -1)
                 previous = chunk

@@ -75,6 +75,7 @@ ROW_SETTINGS = (
     "model", "runtime",  # the model (its weights' hash is model_id) and what runs it
     "tta", "program", "precision",  # the scores: mirrored images averaged; traced or exported program; dtype
     "max_pixels",  # which images are refused as decompression bombs (an error row instead of a label)
+    "max_file_mb",  # which files are refused as too large, unread (an error row instead of a label)
     "gpu_decode",  # JPEGs decoded by nvjpeg or torchvision instead of PIL: other pixels, other scores
     "top_k", "embeddings",  # the columns and their lengths
 )

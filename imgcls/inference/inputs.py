@@ -5,15 +5,20 @@ manifest (.csv or .parquet with a ``path`` column; relative paths are relative t
 manifest's folder). ``plan_inputs`` turns it into shards under ``OUTPUT/_inputs/``:
 
 - ``lists/*.parquet``: one small Parquet file of paths per shard, at most
-  ``files_per_shard`` plain files, or one tar (whose members are its rows);
+  ``files_per_shard`` plain files, or one tar (whose members are its rows), with each
+  file's size where a listing gave it (null in a manifest's), so that a reader refuses
+  a file over the byte cap without a request;
 - ``shards.parquet``: the plan, one row per shard (``shard``, ``list``, ``files``);
 - ``_plan.json``: written last, so that a plan without it is rebuilt; it holds the
   inputs' hash, which the job's fingerprint records.
 
 The paths never pass through the driver: a manifest is read by Ray Data's readers and
 each block writes its own shard lists; a folder is listed in parallel, one Ray Data task
-per sub-folder (sub-prefix), each writing the lists of what it found. The driver
-only collects one small row per shard. A rerun reads the plan instead of listing again,
+per sub-folder (sub-prefix), each writing the lists of what it found. The files directly
+under the folder (a flat prefix) and the files a glob matches are listed by the driver,
+a page at a time (``storage.iter_files``), each shard list written as soon as it is
+full: neither the driver nor a task holds a listing whole. The driver only collects
+one small row per shard. A rerun reads the plan instead of listing again,
 so the shards, and the output parts named after them, stay the same; files added to
 the folder after the first run are not picked up by a rerun (use a new output folder).
 """
@@ -21,10 +26,11 @@ the folder after the first run are not picked up by a rerun (use a new output fo
 from __future__ import annotations
 
 import hashlib
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from typing import Iterable, Optional
+from typing import Iterable, Iterator, Optional
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -33,7 +39,7 @@ import ray
 
 from imgcls import storage
 from imgcls.inference.finished import PLAN_DIR, PLAN_FILE, source_stat
-from imgcls.inference.read import is_tar
+from imgcls.inference.read import LIST_SIZE, is_tar
 from imgcls.inference.schema import COL_PATH, COL_SHARD
 from imgcls.manifest import manifest_dataset, manifest_folder, resolve_paths
 
@@ -67,36 +73,50 @@ class InputPlan:
             return pq.read_table(f)
 
 
-def cut_runs(paths: list[str], size: int) -> list[list[str]]:
-    """Consecutive runs of at most ``size`` paths, each tar in a run of its own."""
-    runs, current = [], []
-    for path in paths:
-        if is_tar(path):
-            runs.append([path])
+def iter_runs(items: Iterable, size: int, path=lambda item: item) -> Iterator[list]:
+    """Consecutive runs of at most ``size`` items (paths, or what ``path`` takes the path
+    of), each tar in a run of its own, as ``items`` arrive."""
+    current = []
+    for item in items:
+        if is_tar(path(item)):
+            yield [item]
             continue
-        current.append(path)
+        current.append(item)
         if len(current) == size:
-            runs.append(current)
+            yield current
             current = []
     if current:
-        runs.append(current)
-    return runs
+        yield current
 
 
-def write_lists(paths: list[str], lists_uri: str, prefix: str, files_per_shard: int) -> dict[str, list]:
-    """Writes the shard lists of ``paths`` as ``{prefix}-{j:06d}.parquet``; returns one row
-    per list (list URI, files, first path, sha256 of its paths). Names depend only on the
-    paths, so a retried task writes the same files again."""
+def cut_runs(paths: list[str], size: int) -> list[list[str]]:
+    """Consecutive runs of at most ``size`` paths, each tar in a run of its own."""
+    return list(iter_runs(paths, size))
+
+
+def write_entries(entries: Iterable[tuple[str, Optional[int]]], lists_uri: str, prefix: str,
+                  files_per_shard: int) -> dict[str, list]:
+    """Writes the shard lists of ``entries`` ((path, size or None), consumed as they come:
+    a listing's pages) as ``{prefix}-{j:06d}.parquet``; returns one row per list (list
+    URI, files, first path, sha256 of its paths). Names depend only on the paths, so a
+    retried task writes the same files again."""
     rows = {"list": [], "files": [], "first": [], "sha256": []}
-    for j, run in enumerate(cut_runs(paths, files_per_shard)):
+    for j, run in enumerate(iter_runs(entries, files_per_shard, path=lambda entry: entry[0])):
+        paths = [p for p, _ in run]
         uri = storage.join(lists_uri, f"{prefix}-{j:06d}.parquet")
         with storage.open_uri(uri, "wb") as f:
-            pq.write_table(pa.table({COL_PATH: pa.array(run, pa.string())}), f)
+            pq.write_table(pa.table({COL_PATH: pa.array(paths, pa.string()),
+                                     LIST_SIZE: pa.array([s for _, s in run], pa.int64())}), f)
         rows["list"].append(uri)
         rows["files"].append(len(run))
-        rows["first"].append(run[0])
-        rows["sha256"].append(hashlib.sha256("\n".join(run).encode()).hexdigest())
+        rows["first"].append(paths[0])
+        rows["sha256"].append(hashlib.sha256("\n".join(paths).encode()).hexdigest())
     return rows
+
+
+def write_lists(paths: Iterable[str], lists_uri: str, prefix: str, files_per_shard: int) -> dict[str, list]:
+    """``write_entries`` of paths whose sizes are not known (a manifest's)."""
+    return write_entries(((p, None) for p in paths), lists_uri, prefix, files_per_shard)
 
 
 def manifest_block_lists(batch: pa.Table, base: str, lists_uri: str, files_per_shard: int) -> dict[str, list]:
@@ -109,23 +129,52 @@ def manifest_block_lists(batch: pa.Table, base: str, lists_uri: str, files_per_s
     return write_lists(paths, lists_uri, prefix, files_per_shard)
 
 
+def _base(uri: str) -> str:
+    """``uri`` as its listing's URIs begin (local paths absolute, no trailing '/'): the
+    folder below which ``storage.hidden_below`` looks for hidden parts."""
+    return storage.unstrip(uri, storage.strip(uri).rstrip("/"))
+
+
+def visible(base: str, entries: Iterable[tuple[str, Optional[int]]]) -> Iterator[tuple[str, Optional[int]]]:
+    """The (URI, size) entries of a listing of ``base`` without the hidden ones."""
+    return (entry for entry in entries if not storage.hidden_below(base, entry[0]))
+
+
 def list_prefix(uri: str) -> list[str]:
     """Every non-hidden file under ``uri`` (recursively), as URIs, sorted."""
-    fs, path = storage.filesystem(uri)
-    found = fs.find(path)
-    return sorted(storage.unstrip(uri, f) for f in found if not storage.hidden_below(path, f))
+    return [path for path, _ in visible(_base(uri), storage.iter_files(uri, recursive=True))]
 
 
 def prefix_lists(batch: dict, lists_uri: str, files_per_shard: int) -> dict[str, list]:
     """Ray Data stage: sub-prefixes (``index``, ``prefix``) -> the shard lists of the files
-    under each, named after the sub-prefix's index."""
+    under each (listed a page at a time), named after the sub-prefix's index."""
     out = {"list": [], "files": [], "first": [], "sha256": []}
     for index, prefix in zip(batch["index"], batch["prefix"]):
-        paths = list_prefix(str(prefix))
-        if paths:
-            for key, values in write_lists(paths, lists_uri, f"p{int(index):06d}", files_per_shard).items():
-                out[key].extend(values)
+        prefix = str(prefix)
+        entries = visible(_base(prefix), storage.iter_files(prefix, recursive=True))
+        for key, values in write_entries(entries, lists_uri, f"p{int(index):06d}", files_per_shard).items():
+            out[key].extend(values)
     return out
+
+
+def glob_files(uri: str) -> Iterator[tuple[str, Optional[int]]]:
+    """(URI, size) of the non-hidden files that the glob ``uri`` matches, sorted, from a
+    paged listing of the folder before its first wildcard (``storage.iter_files``): to
+    the pattern's depth, server-side filtered by the name's stem up to the wildcard, and
+    matched as ``fs.glob`` matches (``fsspec.utils.glob_translate``). Folders that match
+    are not inputs: only files are."""
+    from fsspec.utils import glob_translate
+
+    path = storage.strip(uri)
+    cut = min(path.find(ch) for ch in "*?[" if ch in path)
+    root, _, stem = path[:cut].rpartition("/")
+    depth = None if "**" in path else path[len(root) + 1:].count("/") + 1
+    pattern = re.compile(glob_translate(path))
+    skip = len(storage.unstrip(uri, ""))  # the protocol's "s3://" before each listed path
+    root_uri = storage.unstrip(uri, root)
+    return (entry for entry in visible(root_uri, storage.iter_files(root_uri, recursive=True, maxdepth=depth,
+                                                                    stem=stem))
+            if pattern.match(entry[0], skip))
 
 
 LISTS_SCHEMA = pa.schema([("list", pa.string()), ("files", pa.int64()), ("first", pa.string()),
@@ -142,8 +191,9 @@ def _lists_table(rows: dict[str, list]) -> pa.Table:
     return pa.table({f.name: pa.array(rows[f.name], f.type) for f in LISTS_SCHEMA})
 
 
-def _driver_lists(paths: Iterable[str], lists_uri: str, files_per_shard: int, sort: bool = True) -> pa.Table:
-    return _lists_table(write_lists(sorted(paths) if sort else list(paths), lists_uri, "d", files_per_shard))
+def _driver_lists(entries: Iterable[tuple[str, Optional[int]]], lists_uri: str, files_per_shard: int) -> pa.Table:
+    """The shard lists of ``entries`` (sorted), written here as they arrive."""
+    return _lists_table(write_entries(entries, lists_uri, "d", files_per_shard))
 
 
 def _recut_small(summary: pa.Table, lists_uri: str, files_per_shard: int, cpus: Optional[float] = None) -> pa.Table:
@@ -159,14 +209,15 @@ def _recut_small(summary: pa.Table, lists_uri: str, files_per_shard: int, cpus: 
     if summary.num_rows >= want or files > RECUT_MAX_FILES or per_shard >= files_per_shard:
         return summary
     ordered = summary["list"].to_pylist()  # one row per list, in shard order
-    paths = []
+    entries = []
     for uri in ordered:
         with storage.open_uri(uri, "rb") as f:
-            paths.extend(pq.read_table(f)[COL_PATH].to_pylist())
+            table = pq.read_table(f)
+        entries.extend(zip(table[COL_PATH].to_pylist(), table[LIST_SIZE].to_pylist()))
     fs, _ = storage.filesystem(lists_uri)
     for uri in ordered:
         fs.rm(storage.strip(uri))
-    return _driver_lists(paths, lists_uri, per_shard, sort=False).sort_by(SHARD_ORDER)
+    return _driver_lists(entries, lists_uri, per_shard).sort_by(SHARD_ORDER)
 
 
 def plan_inputs(input_uri: str, output_uri: str, files_per_shard: int, cpus: Optional[float] = None) -> InputPlan:
@@ -205,16 +256,14 @@ def plan_inputs(input_uri: str, output_uri: str, files_per_shard: int, cpus: Opt
             batch_format="pyarrow", batch_size=files_per_shard * 32, num_cpus=0.25)
         summary = _summary_rows(ds)
     elif any(ch in in_path for ch in "*?["):
-        static = in_path[:min(in_path.find(ch) for ch in "*?[" if ch in in_path)].rsplit("/", 1)[0]
-        summary = _driver_lists((storage.unstrip(input_uri, f) for f in in_fs.glob(in_path)
-                                 if not storage.hidden_below(static, f)), lists_uri, files_per_shard)
-    elif in_fs.isdir(in_path):
-        entries = in_fs.ls(in_path, detail=True)
-        top = [storage.unstrip(input_uri, e["name"]) for e in entries
-               if e["type"] != "directory" and not storage.hidden_below(in_path, e["name"])]
-        subdirs = sorted(storage.unstrip(input_uri, e["name"]) for e in entries
-                         if e["type"] == "directory" and not storage.hidden_below(in_path, e["name"]))
-        parts = [_driver_lists(top, lists_uri, files_per_shard)] if top else []
+        summary = _driver_lists(glob_files(input_uri), lists_uri, files_per_shard)
+    elif storage.is_folder(input_uri):
+        # The files directly under the folder (all of a flat prefix's) are written here as
+        # the listing's pages come; its sub-folders are listed by tasks or threads.
+        base, found = _base(input_uri), []
+        parts = [_driver_lists(visible(base, storage.iter_files(input_uri, subdirs=found)), lists_uri,
+                               files_per_shard)]
+        subdirs = sorted(d for d in found if not storage.hidden_below(base, d))
         if subdirs and storage.protocol(input_uri) in LOCAL_PROTOCOLS:
             # A local disk lists in milliseconds, less than starting Ray tasks takes (300
             # files in 10 folders on 2 cores: 3.4 s through tasks); threads here.
@@ -230,7 +279,7 @@ def plan_inputs(input_uri: str, output_uri: str, files_per_shard: int, cpus: Opt
             parts.append(_summary_rows(ds))
         summary = pa.concat_tables(parts) if parts else None
     elif in_fs.isfile(in_path):
-        summary = _driver_lists([input_uri], lists_uri, files_per_shard)
+        summary = _driver_lists([(input_uri, None)], lists_uri, files_per_shard)
     else:
         raise FileNotFoundError(f"no input at {input_uri}")
     if summary is None or summary.num_rows == 0:

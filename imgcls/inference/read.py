@@ -9,6 +9,7 @@ brings no torch.
 
 from __future__ import annotations
 
+import itertools
 import tarfile
 from collections import Counter
 
@@ -20,7 +21,12 @@ from imgcls.inference.schema import COL_PATH
 # e.g. ``s3://bucket/shards/000001.tar#images/cat.jpg``. Not ``::``, which fsspec
 # reads as URL chaining; '#' is kept as-is by s3://, gs://, az:// and local paths.
 TAR_MEMBER_SEP = "#"
-MAX_FILE_BYTES = 256 * 2**20  # per input file or tar member; larger ones give error rows
+MAX_FILE_BYTES = 256 * 2**20  # per input file or tar member; larger ones give error rows (PredictConfig.max_file_mb)
+# Per reading actor: the bytes of files fetched and not yet decoded. A batch of files is
+# fetched in waves of at most this many bytes (at least one file a wave), so a shard of
+# large files never has 64 of them in memory at once (16 GB at the cap).
+MAX_BYTES_IN_FLIGHT = 256 * 2**20
+LIST_SIZE = "size"  # a shard list's column beside its paths: each file's size where a listing gave it
 
 
 def is_tar(path: str) -> bool:
@@ -169,24 +175,31 @@ def read_input(path: str, max_bytes: int = MAX_FILE_BYTES) -> bytes:
     return data
 
 
-def iter_inputs(paths, max_bytes: int = MAX_FILE_BYTES, fetch: int = 64):
+def iter_inputs(paths, max_bytes: int = MAX_FILE_BYTES, fetch: int = 64, sizes=None,
+                budget: int = MAX_BYTES_IN_FLIGHT):
     """Yields (path, bytes or exception) per input file, per tar member named, and per
     member of each tar named whole.
 
-    Plain files are fetched ``fetch`` at a time, concurrently (``storage.read_many``),
-    so that an actor reading from S3 is not bound by one request's latency per file.
+    Plain files are fetched ``fetch`` at a time, concurrently (``storage.iter_read``),
+    so that an actor reading from S3 is not bound by one request's latency per file, and
+    at most ``budget`` bytes at a time (see MAX_BYTES_IN_FLIGHT): what this holds is
+    that, plus the file the caller is working on. ``sizes`` (the listing's, aligned with
+    ``paths``; None where unknown) lets a file over ``max_bytes`` be refused without a
+    request; without one, a remote file's size is asked first, a batch's at once.
     Tar members named one by one (``TAR#MEMBER``, as a labelling run's rows and
     ``review.csv`` name them) come after the plain files, each tar streamed once for
     all of its members named here (``iter_members``). A path named twice gives two rows.
     """
     pending: list[str] = []
+    pending_sizes: list = []
     named: dict[str, list[str]] = {}  # tar URI -> the member paths named, in order
 
     def flush():
-        yield from zip(pending, storage.read_many(pending, max_bytes))
+        yield from zip(pending, storage.iter_read(pending, max_bytes, pending_sizes, budget))
         pending.clear()
+        pending_sizes.clear()
 
-    for path in paths:
+    for path, size in zip(paths, sizes if sizes is not None else itertools.repeat(None)):
         if is_tar(path):
             yield from flush()
             yield from iter_tar(path, max_bytes)
@@ -196,6 +209,7 @@ def iter_inputs(paths, max_bytes: int = MAX_FILE_BYTES, fetch: int = 64):
             named.setdefault(tar, []).append(path)
             continue
         pending.append(path)
+        pending_sizes.append(size)
         if len(pending) == fetch:
             yield from flush()
     yield from flush()
@@ -229,9 +243,19 @@ def iter_members(tar: str, paths: list[str], max_bytes: int = MAX_FILE_BYTES):
             yield path, error
 
 
-def read_shard_list(uri: str) -> list[str]:
-    """The input paths of one shard, from its list file (see ``imgcls.inference.inputs``)."""
+def read_shard(uri: str) -> tuple[list[str], list]:
+    """The input paths of one shard and their sizes (None where unknown, as in a manifest's
+    lists or a plan written before sizes were), from its list file (see
+    ``imgcls.inference.inputs``)."""
     import pyarrow.parquet as pq
 
     with storage.open_uri(uri, "rb") as f:
-        return pq.read_table(f, columns=[COL_PATH]).column(COL_PATH).to_pylist()
+        table = pq.read_table(f)
+    paths = table.column(COL_PATH).to_pylist()
+    sizes = table.column(LIST_SIZE).to_pylist() if LIST_SIZE in table.column_names else [None] * len(paths)
+    return paths, sizes
+
+
+def read_shard_list(uri: str) -> list[str]:
+    """The input paths of one shard, from its list file (see ``imgcls.inference.inputs``)."""
+    return read_shard(uri)[0]

@@ -444,6 +444,26 @@ def test_reads_from_and_writes_to_s3(ray_cluster, s3_server, checkpoint, bad_cor
     assert got[2] == (bad_corpus / "cmyk.jpg").read_bytes()
 
 
+def test_an_object_over_the_cap_on_s3_is_an_error_row_without_being_read(ray_cluster, s3_server, checkpoint,
+                                                                         bad_corpus, tmp_path):
+    """A prefix of real photos and one 3 MB object, labelled with a 1 MB cap
+    (--max-file-mb): the object's row is too-large, its size taken from the listing,
+    and every other object is labelled."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem(endpoint_url=s3_server)
+    for name in ("plain.jpg", "cmyk.jpg", "nested/gray.png"):
+        fs.put(str(bad_corpus / name), f"imgcls/capped/{name}")
+    fs.pipe("imgcls/capped/huge.jpg", bytes(3 * 2**20))
+    summary = label_images(PredictConfig(model=checkpoint, input="s3://imgcls/capped", output=str(tmp_path / "out"),
+                                         max_file_mb=1))
+    df = read_output(tmp_path / "out")
+    assert (summary.rows, summary.ok, summary.errors) == (4, 3, 1) and df["path"].is_unique
+    [huge] = df[df.status == "error"].to_dict("records")
+    assert (huge["path"], huge["error_type"]) == ("s3://imgcls/capped/huge.jpg", "too-large")
+    assert huge["error"] == f"FileTooLargeError: file of {3 * 2**20} bytes exceeds the {2**20}-byte limit"
+
+
 @pytest.mark.gpu
 @requires_gpu
 def test_gpu_labelling_gives_every_file_one_row_and_the_cpu_scores(ray_cluster, checkpoint, bad_corpus, tmp_path):

@@ -307,3 +307,103 @@ def test_hidden_files_and_folders_are_skipped_by_both_listings(tmp_path):
     plan = plan_inputs(str(tmp_path / "data" / "*" / "*"), str(tmp_path / "out"), files_per_shard=10)
     [listed] = planned_paths(plan)
     assert listed == [str(tmp_path / "data" / c / "a.png") for c in ("cat", "dog")]
+
+
+def test_local_listings_are_sorted_in_runs_spilled_to_disk_and_planned_as_they_come(tmp_path, monkeypatch):
+    """A flat folder larger than a sort run: the listing comes in sorted runs merged from
+    disk, never all in memory, and its shard lists are those of the sorted paths."""
+    inbox = tmp_path / "inbox"
+    (inbox / "sub").mkdir(parents=True)
+    names = [f"{i:03d}.jpg" for i in range(40)]
+    for name in reversed(names):
+        (inbox / name).write_bytes(b"x")
+    (inbox / "sub" / "a.jpg").write_bytes(b"x")
+    monkeypatch.setattr(storage, "SORT_RUN", 7)  # 40 files: 6 runs on disk
+    subdirs = []
+    listed = list(storage.iter_files(str(inbox), subdirs=subdirs))
+    assert listed == [(str(inbox / n), None) for n in names] and subdirs == [str(inbox / "sub")]
+    plan = plan_inputs(str(inbox), str(tmp_path / "out"), files_per_shard=16, cpus=1)
+    assert planned_paths(plan) == [[str(inbox / n) for n in names[:16]], [str(inbox / n) for n in names[16:32]],
+                                   [str(inbox / n) for n in names[32:]], [str(inbox / "sub" / "a.jpg")]]
+
+
+def test_a_flat_prefix_and_a_glob_on_s3_are_planned_page_by_page_with_their_sizes(s3_server, tmp_path,
+                                                                                 monkeypatch):
+    """The driver writes a flat prefix's shard lists as the listing's pages come (taken
+    3 keys at a time here), in key order, each path with its size; a glob's files the same
+    way, to the pattern's depth, without the folders it matches."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem(endpoint_url=s3_server)
+    files = {f"imgcls/flat/{i:02d}.jpg": b"x" * i for i in range(11)}
+    files.update({"imgcls/flat/.hidden.jpg": b"h", "imgcls/flat/shard.tar": b"t" * 5, "imgcls/tree/top.jpg": b"a",
+                  "imgcls/tree/sub/a.jpg": b"ab", "imgcls/tree/sub/deep/b.jpg": b"abc", "imgcls/tree/sub/.c.jpg": b"",
+                  "imgcls/tree/sub.jpg/x.png": b"x"})
+    fs.pipe(files)
+    monkeypatch.setattr(storage, "LIST_PAGE", 3)
+    plan = plan_inputs("s3://imgcls/flat", str(tmp_path / "flat"), files_per_shard=4, cpus=1)
+    lists = [pq.read_table(u) for u in plan.shard_table()["list"].to_pylist()]
+    flat = [f"s3://imgcls/flat/{i:02d}.jpg" for i in range(11)]
+    assert [t[COL_PATH].to_pylist() for t in lists] == [flat[:4], flat[4:8], flat[8:], ["s3://imgcls/flat/shard.tar"]]
+    assert sum((t["size"].to_pylist() for t in lists), []) == list(range(11)) + [5]
+    assert not storage.filesystem("s3://imgcls/flat")[0].dircache  # no listing kept (s3fs's isdir would keep one)
+    again = plan_inputs("s3://imgcls/flat", str(tmp_path / "flat"), files_per_shard=4, cpus=1)
+    assert again.reused and again.sha256 == plan.sha256
+    glob = plan_inputs("s3://imgcls/tree/*/*.jpg", str(tmp_path / "glob"), files_per_shard=4, cpus=1)
+    assert planned_paths(glob) == [["s3://imgcls/tree/sub/a.jpg"]]  # not sub.jpg/, a folder; not .c.jpg
+    assert [p for p, _ in storage.iter_files("s3://imgcls/tree", recursive=True)] == [
+        f"s3://imgcls/tree/{n}" for n in ("sub.jpg/x.png", "sub/.c.jpg", "sub/a.jpg", "sub/deep/b.jpg", "top.jpg")]
+    glob = plan_inputs("s3://imgcls/flat/0*", str(tmp_path / "glob0"), files_per_shard=100, cpus=1)
+    assert planned_paths(glob) == [flat[:10]]
+
+
+def test_reads_refuse_a_file_over_the_cap_unread_and_keep_a_budget(s3_server):
+    """On the S3 server, a 64 MB object over a 16 MB cap is an error row without a byte
+    read (its size asked first, as for a manifest's paths; or taken from the listing),
+    and six 16 MB objects under a 16 MB budget are fetched one at a time: the reading
+    process's peak memory (VmHWM, reset after warming up) grows by neither 64 MB nor
+    96 MB. Before the cap came first it grew by 192 MB and 124 MB (four objects)."""
+    import subprocess
+    import sys
+
+    import s3fs
+
+    fs = s3fs.S3FileSystem(endpoint_url=s3_server)
+    mb = 2**20
+    fs.pipe({"imgcls/cap/small.jpg": b"x" * 1000, "imgcls/cap/big.bin": bytes(64 * mb),
+             **{f"imgcls/cap/part{i}.bin": bytes([i]) * (16 * mb) for i in range(6)}})
+    script = f"""
+import json
+from imgcls import storage
+from imgcls.inference.read import iter_inputs
+
+def status(key):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) // 1024 for line in f if line.startswith(key + ":"))
+
+def reset():
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # the peak resident memory (VmHWM) starts again from here
+    return status("VmRSS")
+
+storage.read_many(["s3://imgcls/cap/small.jpg"], 1000)  # connections and clients made
+rows, base = [], reset()
+for name, data in iter_inputs(["s3://imgcls/cap/small.jpg", "s3://imgcls/cap/big.bin"], max_bytes={16 * mb}):
+    rows.append(type(data).__name__)
+capped = status("VmHWM") - base
+base = reset()
+for name, data in iter_inputs(["s3://imgcls/cap/part%d.bin" % i for i in range(6)], max_bytes={16 * mb},
+                              budget={16 * mb}):
+    rows.append(len(data))
+    del data
+print(json.dumps({{"rows": rows, "capped_mb": capped, "budget_mb": status("VmHWM") - base}}))
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["rows"] == ["bytes", "FileTooLargeError"] + [16 * mb] * 6
+    assert got["capped_mb"] < 16, got  # the 64 MB object was never read
+    assert got["budget_mb"] < 96, got  # one 16 MB object at a time (its read's copies aside; 46 MB), not six
+    [refused] = storage.read_many(["s3://imgcls/cap/big.bin"], max_bytes=16 * mb, sizes=[64 * mb])  # a listing's
+    assert isinstance(refused, storage.FileTooLargeError) and error_type(refused) == ERROR_TOO_LARGE
+    assert str(refused) == f"file of {64 * mb} bytes exceeds the {16 * mb}-byte limit"
