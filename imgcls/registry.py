@@ -20,10 +20,14 @@ This module imports ``mlflow``: import it only where a registry is used.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import re
 import shutil
 import tempfile
+import warnings
+from importlib import metadata
 from typing import Optional
 
 import mlflow
@@ -31,7 +35,8 @@ import mlflow.pyfunc
 import pandas as pd
 
 from imgcls import storage
-from imgcls.tracking import MODELS_SCHEME, REGISTERED_FILE, RUN_ID_KEY, client, start_run
+from imgcls.paths import MODELS_SCHEME
+from imgcls.tracking import REGISTERED_FILE, RUN_ID_KEY, client, start_run
 
 MODEL_CACHE_ENV = "IMGCLS_MODEL_CACHE"
 CHECKPOINT_ARTIFACT = "checkpoint"  # the pyfunc model's artifact: the checkpoint folder
@@ -56,6 +61,17 @@ class CheckpointModel(mlflow.pyfunc.PythonModel):
 
         paths = [str(p) for p in model_input["path"]]
         return predict_here(paths, self.checkpoint).to_pandas()
+
+
+@contextlib.contextmanager
+def quiet_logger(name: str):
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def parse(uri: str) -> tuple[str, Optional[str], Optional[str]]:
@@ -130,8 +146,6 @@ def register(checkpoint: str, name: str, alias: Optional[str] = None, tracking_u
     it (meta.json's run id; a new run 'register' for a checkpoint trained without
     tracking), registers it as a new version of ``name`` and, with ``alias``, points the
     alias at it. Returns the version's name, number, URI and run id."""
-    import imgcls
-
     if not storage.exists(storage.join(checkpoint, "model.pt")):
         raise FileNotFoundError(f"{checkpoint} is not an imgcls checkpoint (no model.pt)")
     meta = storage.read_json(storage.join(checkpoint, "meta.json"))
@@ -146,9 +160,12 @@ def register(checkpoint: str, name: str, alias: Optional[str] = None, tracking_u
         fs.get(path.rstrip("/") + "/", local, recursive=True)
         saved = os.path.join(tmp, MODEL_ARTIFACT)
         # Requirements given, not inferred: inferring them loads the model in a subprocess.
-        mlflow.pyfunc.save_model(saved, python_model=CheckpointModel(), artifacts={CHECKPOINT_ARTIFACT: local},
-                                 pip_requirements=[f"imgcls=={imgcls.__version__}" if hasattr(imgcls, "__version__")
-                                                   else "imgcls"])
+        # MLflow warns that a Python object is pickled (CheckpointModel holds no state but
+        # the checkpoint's path) and that no signature is inferred (its input is paths).
+        with warnings.catch_warnings(), quiet_logger("mlflow.pyfunc"):
+            warnings.simplefilter("ignore", UserWarning)
+            mlflow.pyfunc.save_model(saved, python_model=CheckpointModel(), artifacts={CHECKPOINT_ARTIFACT: local},
+                                     pip_requirements=[f"imgcls=={metadata.version('imgcls')}"])
         c.log_artifacts(run_id, saved, MODEL_ARTIFACT)
     from mlflow.exceptions import MlflowException
 

@@ -21,19 +21,20 @@ and nested under it. The registry (``imgcls register``, ``models:/`` URIs) is
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import tempfile
 from typing import Any, Iterable, Optional
 
 from imgcls import storage
-from imgcls.paths import MODELS_SCHEME, is_registry_uri
+from imgcls.paths import is_registry_uri
 
 TRACKING_ENV = "MLFLOW_TRACKING_URI"
 EXPERIMENT_ENV = "MLFLOW_EXPERIMENT_NAME"  # MLflow's own variable; default experiment DEFAULT_EXPERIMENT
 DEFAULT_EXPERIMENT = "imgcls"
 RUN_ID_KEY = "mlflow_run_id"  # in a checkpoint's meta.json: the training run that made it
+QUIET = {"MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",  # "View run ... at" on stdout at every run's end
+         "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
 MODEL_RUN_TAG = "imgcls.model_run_id"  # on evaluate's and monitor's runs: the model's training run
 PARENT_TAG = "mlflow.parentRunId"  # MLflow's own tag: the UI nests a run under its parent
 COMMAND_TAG = "imgcls.command"
@@ -64,18 +65,25 @@ def registered_id(folder: str) -> Optional[str]:
 
 def model_run_id(folder: str) -> Optional[str]:
     """The MLflow run that trained the checkpoint in ``folder`` (a checkpoint folder, or a
-    ``models:/`` URI already fetched), from its meta.json; None when it was trained
-    without tracking, or ``folder`` is no checkpoint."""
+    ``models:/`` URI), from its meta.json, else for a registered version the run it was
+    registered in; None when it was trained without tracking, or is no checkpoint."""
     try:
-        meta = storage.read_json(storage.join(local_model(folder), "meta.json"))
+        folder = local_model(folder)
+        meta = storage.read_json(storage.join(folder, "meta.json"))
     except (FileNotFoundError, OSError, ValueError):
         return None
+    registered = storage.join(folder, REGISTERED_FILE)  # a version registered from an untracked checkpoint
+    if RUN_ID_KEY not in meta and storage.protocol(folder) == "file" and storage.exists(registered):
+        return storage.read_json(registered).get("run_id")
     return meta.get(RUN_ID_KEY)
 
 
 def client(tracking_uri: Optional[str] = None):
     """An ``MlflowClient`` of ``tracking_uri`` (None: MLflow's default, ``MLFLOW_TRACKING_URI``),
-    whose registry is the same server."""
+    whose registry is the same server. MLflow's own output is kept off stdout, which
+    carries the commands' JSON summaries, and its download bars off the log (``QUIET``)."""
+    for key, value in QUIET.items():
+        os.environ.setdefault(key, value)
     from mlflow import MlflowClient
 
     return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
@@ -128,7 +136,9 @@ def start_run(tracking_uri: Optional[str], run_name: str, command: str, params: 
     all_tags = {COMMAND_TAG: command, "mlflow.runName": run_name, **(tags or {})}
     if parent:
         all_tags[PARENT_TAG] = parent
-    run = c.create_run(experiment_id(c, os.environ.get(EXPERIMENT_ENV)), run_name=run_name)
+    # A child run is in its parent's experiment (a Tune trial's actor lacks the driver's environment).
+    experiment = c.get_run(parent).info.experiment_id if parent else experiment_id(c)
+    run = c.create_run(experiment, run_name=run_name)
     _log(c, run.info.run_id, params=params, tags=all_tags)
     return run.info.run_id
 

@@ -262,6 +262,7 @@ def record_model_runs(model: str, job_uri: str) -> None:
     per member of an ensemble, ``model_run_ids``), when its checkpoint names one: for
     reading only, never compared, so a resume is not refused for it (``finished.refusal``
     compares the fingerprint's keys alone)."""
+    from imgcls.paths import members
     from imgcls.tracking import model_run_id
 
     runs = [model_run_id(m) for m in members(model)]
