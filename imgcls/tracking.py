@@ -89,11 +89,20 @@ def client(tracking_uri: Optional[str] = None):
     return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
 
 
-def experiment_id(mlflow_client, name: Optional[str] = None) -> str:
-    """The id of experiment ``name`` (default: ``MLFLOW_EXPERIMENT_NAME``, else 'imgcls'), created if new."""
+def experiment_id(mlflow_client, tracking_uri: Optional[str], name: Optional[str] = None) -> str:
+    """The id of experiment ``name`` (default: ``MLFLOW_EXPERIMENT_NAME``, else 'imgcls')
+    at ``tracking_uri`` (None: ``MLFLOW_TRACKING_URI``),
+    created if new; in a SQLite store its artifacts go to ``mlartifacts/`` beside the
+    database file, not to MLflow's default ``./mlruns`` of whichever folder a command ran in."""
     name = name or os.environ.get(EXPERIMENT_ENV) or DEFAULT_EXPERIMENT
     found = mlflow_client.get_experiment_by_name(name)
-    return found.experiment_id if found is not None else mlflow_client.create_experiment(name)
+    if found is not None:
+        return found.experiment_id
+    uri, location = tracking_uri or os.environ.get(TRACKING_ENV, ""), None
+    if uri.startswith("sqlite:///"):
+        location = os.path.join(os.path.dirname(uri[len("sqlite:///"):]) or ".", "mlartifacts")
+        location = os.path.abspath(location)
+    return mlflow_client.create_experiment(name, artifact_location=location)
 
 
 def flat_params(config: dict, prefix: str = "") -> dict[str, str]:
@@ -137,7 +146,7 @@ def start_run(tracking_uri: Optional[str], run_name: str, command: str, params: 
     if parent:
         all_tags[PARENT_TAG] = parent
     # A child run is in its parent's experiment (a Tune trial's actor lacks the driver's environment).
-    experiment = c.get_run(parent).info.experiment_id if parent else experiment_id(c)
+    experiment = c.get_run(parent).info.experiment_id if parent else experiment_id(c, tracking_uri)
     run = c.create_run(experiment, run_name=run_name)
     _log(c, run.info.run_id, params=params, tags=all_tags)
     return run.info.run_id
