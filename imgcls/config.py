@@ -196,7 +196,7 @@ class TrainConfig:
 
     def __post_init__(self):
         if self.register_alias and not self.register:
-            raise ValueError("register_alias needs register (the model name)")
+            raise ValueError("register_alias needs register: the registered model to give the alias to")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.class_balance not in CLASS_BALANCE:

@@ -6,8 +6,9 @@ saves a pickled module (or its state dict) and nothing else, so the classes, the
 size and normalisation (meta.json), the resolved config, the history and the split
 manifests would not come back; the checkpoint folder round-trips byte for byte, every
 imgcls command reads it as it reads any checkpoint, and its ``model.pt`` hashes to the
-same weights id. The pyfunc wrapper makes the version loadable by ``mlflow.pyfunc`` too
-(``predict`` takes a frame with a ``path`` column and labels those images).
+same weights id. The pyfunc wrapper (``imgcls/inference/pyfunc.py``) makes the version
+loadable by ``mlflow.pyfunc`` too (``predict`` takes a frame with a ``path`` column and
+labels those images).
 
 ``models:/NAME@ALIAS`` and ``models:/NAME/VERSION`` resolve through MLflow's client to
 a version, downloaded once to ``MODEL_CACHE_ENV`` (default ``~/.cache/imgcls/models``)
@@ -32,35 +33,22 @@ from typing import Optional
 
 import mlflow
 import mlflow.pyfunc
-import pandas as pd
 
 from imgcls import storage
 from imgcls.paths import MODELS_SCHEME
 from imgcls.tracking import REGISTERED_FILE, RUN_ID_KEY, client, start_run
 
 MODEL_CACHE_ENV = "IMGCLS_MODEL_CACHE"
-CHECKPOINT_ARTIFACT = "checkpoint"  # the pyfunc model's artifact: the checkpoint folder
+CHECKPOINT_ARTIFACT = "checkpoint"  # the pyfunc model's artifact: the checkpoint folder (inference/pyfunc.py)
+# The pyfunc model's code, logged as MLflow's "models from code" (a file, not a pickled
+# object): a path, not an import, as the registry is shared below the feature packages.
+PYFUNC_CODE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "inference", "pyfunc.py")
 MODEL_ARTIFACT = "model"  # the run's artifact path of the logged model
 _URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))/?$")
 
 
 class RegistryError(ValueError):
     """A ``models:/`` URI that names no registered version, or cannot be parsed."""
-
-
-class CheckpointModel(mlflow.pyfunc.PythonModel):
-    """An imgcls checkpoint as an MLflow pyfunc model: ``mlflow.pyfunc.load_model`` then
-    ``predict(pd.DataFrame({'path': [...]}))`` labels those image files (local or fsspec
-    URIs) with imgcls's own inference pipeline, in this process."""
-
-    def load_context(self, context) -> None:
-        self.checkpoint = context.artifacts[CHECKPOINT_ARTIFACT]
-
-    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
-        from imgcls.inference.pipeline import predict_here
-
-        paths = [str(p) for p in model_input["path"]]
-        return predict_here(paths, self.checkpoint).to_pandas()
 
 
 @contextlib.contextmanager
@@ -160,11 +148,10 @@ def register(checkpoint: str, name: str, alias: Optional[str] = None, tracking_u
         fs.get(path.rstrip("/") + "/", local, recursive=True)
         saved = os.path.join(tmp, MODEL_ARTIFACT)
         # Requirements given, not inferred: inferring them loads the model in a subprocess.
-        # MLflow warns that a Python object is pickled (CheckpointModel holds no state but
-        # the checkpoint's path) and that no signature is inferred (its input is paths).
+        # MLflow warns that no signature is inferred (the model's input is image paths).
         with warnings.catch_warnings(), quiet_logger("mlflow.pyfunc"):
             warnings.simplefilter("ignore", UserWarning)
-            mlflow.pyfunc.save_model(saved, python_model=CheckpointModel(), artifacts={CHECKPOINT_ARTIFACT: local},
+            mlflow.pyfunc.save_model(saved, python_model=PYFUNC_CODE, artifacts={CHECKPOINT_ARTIFACT: local},
                                      pip_requirements=[f"imgcls=={metadata.version('imgcls')}"])
         c.log_artifacts(run_id, saved, MODEL_ARTIFACT)
     from mlflow.exceptions import MlflowException
