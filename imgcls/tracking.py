@@ -182,17 +182,23 @@ def resumed_run_id(run_folder: str, resume_from: Optional[str] = None) -> Option
 
 def start_training(job, run_folder: str, resuming: bool, parent: Optional[str] = None) -> Optional[str]:
     """The MLflow run of ``imgcls train`` (``job``'s), when ``job.train.tracking_uri`` is
-    set: the run continued by ``--resume`` when its checkpoints name one that still
-    exists, else a new run with the flattened config as params. None without tracking."""
+    set: the run continued by ``--resume`` when its checkpoints name one that the server
+    holds, else a new run with the flattened config as params (a resumed run's new run
+    then gets the epochs before the resume from the checkpoint's history). None without
+    tracking."""
     uri = job.train.tracking_uri
     if not uri:
         return None
     if resuming:
         found = resumed_run_id(run_folder, job.train.resume_from)
         if found:
-            c = client(uri)
-            c.update_run(found, status="RUNNING")
-            return found
+            from mlflow.exceptions import MlflowException
+
+            try:
+                client(uri).update_run(found, status="RUNNING")
+                return found
+            except MlflowException:  # another tracking server than the run's: a new run there
+                pass
     return start_run(uri, job.train.name, "train", params=flat_params(job.to_dict()),
                      tags={"imgcls.run_folder": run_folder}, parent=parent)
 
