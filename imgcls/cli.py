@@ -168,9 +168,10 @@ def resolve_job(config_path, flags) -> JobConfig:
     job = resolve_paths(JobConfig(data=resolve(DataConfig, raw.get("data", {}), flags),
                                   model=resolve(ModelConfig, raw.get("model", {}), flags), train=train))
     if is_registry_uri(job.train.init_from):
-        use_tracking(job.train.tracking_uri)
-        job = dataclasses.replace(job, train=dataclasses.replace(job.train,
-                                                                 init_from=registered_model(job.train.init_from)))
+        # The downloaded version's folder, which the training workers read as any checkpoint
+        # (its registered_model.json names the version and its run) without asking MLflow.
+        init_from = model_arg(job.train.init_from, job.train.tracking_uri, local=True)
+        job = dataclasses.replace(job, train=dataclasses.replace(job.train, init_from=init_from))
     return job
 
 

@@ -12,7 +12,7 @@ labels those images).
 
 ``models:/NAME@ALIAS`` and ``models:/NAME/VERSION`` resolve through MLflow's client to
 a version, downloaded once to ``MODEL_CACHE_ENV`` (default ``~/.cache/imgcls/models``)
-under ``NAME/VERSION``: a registered version never changes, so the cached folder is used
+under the registry's folder and ``NAME/VERSION`` (``cache_folder``): a registered version never changes, so the cached folder is used
 without asking MLflow again. Promoting or rolling back is moving an alias
 (``set_alias``); registry stages are deprecated and not used.
 
@@ -22,6 +22,7 @@ This module imports ``mlflow``: import it only where a registry is used.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import re
@@ -70,8 +71,13 @@ def parse(uri: str) -> tuple[str, Optional[str], Optional[str]]:
     return match["name"], match["alias"], match["version"]
 
 
-def cache_root() -> str:
-    return os.environ.get(MODEL_CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "imgcls", "models")
+def cache_folder(name: str, version: str, tracking_uri: Optional[str] = None) -> str:
+    """Where version ``version`` of ``name`` is kept once downloaded: under the cache root,
+    a folder per registry (a hash of its tracking URI: two registries may each hold a
+    version 2 of the same name), then ``NAME/VERSION``."""
+    root = os.environ.get(MODEL_CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "imgcls", "models")
+    registry = hashlib.sha256((tracking_uri or mlflow.get_tracking_uri()).encode()).hexdigest()[:12]
+    return os.path.join(root, registry, name, version)
 
 
 def pin(uri: str, tracking_uri: Optional[str] = None) -> str:
@@ -96,7 +102,7 @@ def checkpoint_folder(uri: str, tracking_uri: Optional[str] = None) -> str:
     from mlflow.exceptions import MlflowException
 
     name, _, version = parse(pin(uri, tracking_uri))
-    folder = os.path.join(cache_root(), name, version)
+    folder = cache_folder(name, version, tracking_uri)
     if os.path.exists(os.path.join(folder, REGISTERED_FILE)):
         return folder
     c = client(tracking_uri)

@@ -105,11 +105,13 @@ def mlflow_server(s3_server, tmp_path_factory):
 @pytest.fixture
 def mlflow_experiment(mlflow_server, monkeypatch, request) -> str:
     """An experiment of this test's own on the MLflow server (``MLFLOW_EXPERIMENT_NAME``),
-    so that its runs are counted apart from other tests'."""
+    so that its runs are counted apart from other tests'. ``MLFLOW_TRACKING_URI``, which a
+    command given ``--tracking-uri`` sets in this process, is unset again after the test."""
     import uuid
 
     name = f"{request.node.name}-{uuid.uuid4().hex[:6]}"
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", name)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     return name
 
 
