@@ -262,6 +262,14 @@ def test_readme_blocks_run_as_written(tmp_path, ray_address):
     assert len(ensemble) == test_split.num_rows > 0 and ensemble["model_id"].str.startswith("ens-").all()
     drift = json.loads((walk / "out/drift/drift.json").read_text())  # the same images, model and runtime
     assert not drift["drift"] and drift["rows"]["current"] == drift["rows"]["reference"] > 0
+    # the monthly retrain: two registered versions, the retrain tracked in the SQLite store,
+    # and the predictions made through the alias name the version it pointed at then
+    champion = pq.read_table(walk / "out/labels-champion").to_pandas()
+    assert set(champion["model_id"]) == {"models:/fashion-mnist/2"}
+    retrain_meta = json.loads((walk / "out/runs/fashion-mnist-2026-02/best/meta.json").read_text())
+    assert json.loads((walk / "out/labels-champion/_job.json").read_text())["model_run_id"] == \
+        retrain_meta["mlflow_run_id"]
+    assert (walk / "out/mlflow.db").is_file() and (walk / "out/mlartifacts").is_dir()
     # the serving example: every request a row of the log, from the two models; monitor and review read it
     log = pq.read_table(walk / "out/serve-log").to_pandas()
     assert len(log) == 102 and log["model_id"].nunique() == 2 and log["path"].map(os.path.isfile).all()
@@ -273,11 +281,3 @@ def test_readme_blocks_run_as_written(tmp_path, ray_address):
     metrics = json.loads((walk / "out/eval-photos/metrics.json").read_text())
     held_out = pq.read_table(walk / "out/runs/my-photos/splits/test.parquet")
     assert metrics["num_samples"] == held_out.num_rows > 0, metrics  # exactly the run's test split
-    # the monthly retrain: two registered versions, the retrain tracked in the SQLite store,
-    # and the predictions made through the alias name the version it pointed at then
-    champion = pq.read_table(walk / "out/labels-champion").to_pandas()
-    assert set(champion["model_id"]) == {"models:/fashion-mnist/2"}
-    retrain_meta = json.loads((walk / "out/runs/fashion-mnist-2026-02/best/meta.json").read_text())
-    assert json.loads((walk / "out/labels-champion/_job.json").read_text())["model_run_id"] == \
-        retrain_meta["mlflow_run_id"]
-    assert (walk / "out/mlflow.db").is_file() and (walk / "out/mlartifacts").is_dir()
