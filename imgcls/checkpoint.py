@@ -25,6 +25,7 @@ from imgcls.config import JobConfig
 from imgcls.labelled import SPLITS, LabelledImages
 from imgcls.manifest import manifest_columns, read_manifest
 from imgcls.models import create_model, get_spec
+from imgcls.tracking import local_model, registered_id
 
 MODEL_FILE = "model.pt"
 TRAIN_STATE_FILE = "train_state.pt"
@@ -42,9 +43,10 @@ def save_config(uri: str, job: JobConfig) -> None:
 
 def save_checkpoint(folder: str, model: nn.Module, job: JobConfig, classes: list[str],
                     history: list[dict], train_state: Optional[dict] = None,
-                    files: Optional[dict[str, bytes]] = None) -> None:
+                    files: Optional[dict[str, bytes]] = None, meta: Optional[dict] = None) -> None:
     """Writes a checkpoint folder; ``model`` must be unwrapped (not DDP). ``files`` maps
-    relative paths to bytes written as they are (the run's split manifests)."""
+    relative paths to bytes written as they are (the run's split manifests); ``meta``
+    adds keys to meta.json (the MLflow run, ``tracking.RUN_ID_KEY``)."""
     storage.makedirs(folder)
     for name, data in (files or {}).items():
         storage.makedirs(storage.join(folder, os.path.dirname(name)))
@@ -62,7 +64,7 @@ def save_checkpoint(folder: str, model: nn.Module, job: JobConfig, classes: list
     storage.write_json(storage.join(folder, META_FILE), {
         "arch": job.model.arch, "num_classes": len(classes), "image_size": job.model.image_size,
         "mean": list(spec.mean), "std": list(spec.std), "epoch": history[-1]["epoch"] if history else None,
-        "width": job.model.width,
+        "width": job.model.width, **(meta or {}),
     })
     save_config(storage.join(folder, CONFIG_FILE), job)
 
@@ -117,6 +119,7 @@ def split_manifest(checkpoint: str, split: str) -> str:
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    checkpoint = local_model(checkpoint)
     uri = storage.join(checkpoint, SPLITS_DIR, f"{split}.parquet")
     if not storage.exists(uri):
         raise FileNotFoundError(f"{checkpoint} holds no {split} split ({SPLITS_DIR}/{split}.parquet): it was not "
@@ -151,6 +154,7 @@ class ModelInfo:
 
 
 def read_model_info(folder: str) -> ModelInfo:
+    folder = local_model(folder)
     meta = storage.read_json(storage.join(folder, META_FILE))
     return ModelInfo(classes=storage.read_json(storage.join(folder, CLASSES_FILE)), image_size=meta["image_size"],
                      mean=tuple(meta["mean"]), std=tuple(meta["std"]), arch=meta["arch"], width=meta.get("width"))
@@ -172,7 +176,10 @@ def model_with_state(info: ModelInfo, state: dict[str, torch.Tensor]) -> nn.Modu
 
 
 def load_checkpoint(folder: str) -> LoadedModel:
-    """Rebuilds the trained model from a checkpoint folder (local or fsspec URI)."""
+    """Rebuilds the trained model from a checkpoint folder (local or fsspec URI), or the
+    registered version a ``models:/`` URI names, whose ``model_id`` is then
+    ``models:/NAME/VERSION`` (``tracking.registered_id``) instead of the weights' hash."""
+    folder = local_model(folder)
     if not storage.exists(storage.join(folder, MODEL_FILE)):
         raise FileNotFoundError(f"{folder} is not an imgcls checkpoint (no {MODEL_FILE})")
     raw = storage.read_bytes(storage.join(folder, MODEL_FILE))
@@ -188,7 +195,7 @@ def load_checkpoint(folder: str) -> LoadedModel:
     model.eval()
     return LoadedModel(
         model=model, classes=info.classes, image_size=info.image_size, mean=info.mean, std=info.std,
-        model_id=hashlib.sha256(raw).hexdigest()[:16], job=job, history=history,
+        model_id=registered_id(folder) or hashlib.sha256(raw).hexdigest()[:16], job=job, history=history,
     )
 
 

@@ -15,7 +15,7 @@ import click
 from imgcls.config import (PACKAGED_WEIGHTS_MODELS, TORCHVISION_MODELS, DataConfig, DriftThresholds, JobConfig,
                            ModelConfig, PredictConfig, ServeConfig, TrainConfig)
 from imgcls.options import config_options, load_yaml, resolve
-from imgcls.paths import local_path, resolve_paths
+from imgcls.paths import is_registry_uri, local_path, resolve_paths
 
 
 VERBOSE = False  # set by ``imgcls --verbose``
@@ -38,6 +38,7 @@ USER_ERRORS = (
     ("imgcls.inference.program", "EnsembleError"),  # checkpoints that cannot label as one ensemble
     ("imgcls.serving.deploy", "ServeError"),  # a serve command that cannot be done: no such app, an open --host
     ("builtins", "FileNotFoundError"),  # a path given that does not exist
+    ("imgcls.registry", "RegistryError"),  # a models:/ URI that names no registered version
 )
 
 
@@ -154,11 +155,78 @@ def echo_json(obj) -> None:
 
 
 def resolve_job(config_path, flags) -> JobConfig:
+    import dataclasses
+    import os
+
     raw = load_yaml(config_path)
+    train = resolve(TrainConfig, raw.get("train", {}), flags)
+    if train.tracking_uri is None and os.environ.get(TRACKING_ENV):  # neither the flag nor the YAML gave one
+        train = dataclasses.replace(train, tracking_uri=os.environ[TRACKING_ENV])
+    if train.register and not train.tracking_uri:
+        raise click.UsageError("--register needs a tracking URI: --tracking-uri, the YAML's train.tracking_uri, "
+                               f"or {TRACKING_ENV}")
     # Paths made absolute here: Ray's tasks and Tune's trials run in folders of their own.
-    return resolve_paths(JobConfig(data=resolve(DataConfig, raw.get("data", {}), flags),
-                                   model=resolve(ModelConfig, raw.get("model", {}), flags),
-                                   train=resolve(TrainConfig, raw.get("train", {}), flags)))
+    job = resolve_paths(JobConfig(data=resolve(DataConfig, raw.get("data", {}), flags),
+                                  model=resolve(ModelConfig, raw.get("model", {}), flags), train=train))
+    if is_registry_uri(job.train.init_from):
+        # The downloaded version's folder, which the training workers read as any checkpoint
+        # (its registered_model.json names the version and its run) without asking MLflow.
+        init_from = model_arg(job.train.init_from, job.train.tracking_uri, local=True)
+        job = dataclasses.replace(job, train=dataclasses.replace(job.train, init_from=init_from))
+    return job
+
+
+TRACKING_ENV = "MLFLOW_TRACKING_URI"
+
+
+def tracking_option(fn):
+    """``--tracking-uri`` of the commands that log to MLflow or take a ``models:/`` URI."""
+    return click.option("--tracking-uri", envvar=TRACKING_ENV, default=None,
+                        help=f"MLflow tracking URI (e.g. sqlite:///out/mlflow.db): the command's run is logged there, "
+                             f"and models:/NAME@ALIAS is looked up there. Default: {TRACKING_ENV}; none: no tracking.")(fn)
+
+
+def use_tracking(tracking_uri: str | None) -> str | None:
+    """``tracking_uri`` with a relative SQLite path made absolute, also set as this process's
+    ``MLFLOW_TRACKING_URI``, which the library's own ``models:/`` lookups then use."""
+    import os
+
+    from imgcls.paths import tracking_path
+
+    tracking_uri = tracking_path(tracking_uri)
+    if tracking_uri:
+        os.environ[TRACKING_ENV] = tracking_uri
+    return tracking_uri
+
+
+def registered_model(uri: str) -> str:
+    """A ``models:/NAME@ALIAS`` pinned to the version the alias names now (``models:/NAME/3``)
+    and downloaded to the model cache (``registry.checkpoint_folder``): the job keeps that
+    version if the alias moves while it runs, and its workers find it without asking MLflow."""
+    from imgcls.registry import checkpoint_folder, pin
+
+    pinned = pin(uri)
+    checkpoint_folder(pinned)
+    return pinned
+
+
+def model_arg(value: str, tracking_uri: str | None = None, local: bool = False) -> str:
+    """A command's ``--model`` (a comma-separated ensemble too): local paths made absolute,
+    ``models:/`` URIs pinned to their version (``registered_model``), or with ``local`` its
+    downloaded checkpoint folder."""
+    from imgcls.paths import members
+
+    out = []
+    for one in members(value):
+        if is_registry_uri(one):
+            use_tracking(tracking_uri)
+            one = registered_model(one)
+            if local:
+                from imgcls.tracking import local_model
+
+                one = local_model(one)
+        out.append(local_path(one))
+    return ",".join(out)
 
 
 def check_local_roots(root: str) -> None:
@@ -257,12 +325,17 @@ def train(config_path, num_cpus, **flags):
 @cli.command()
 @click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False), help="YAML file with a predict section.")
 @click.option("--num-cpus", type=int, default=None, help="CPUs of a local Ray cluster started by this command.")
+@tracking_option
 @config_options(PredictConfig)
-def predict(config_path, num_cpus, **flags):
+def predict(config_path, num_cpus, tracking_uri, **flags):
     """Label every file under --input and write Parquet shards to --output."""
     cfg = resolve_paths(resolve(PredictConfig, load_yaml(config_path).get("predict", {}), flags))
     if not (cfg.model and cfg.input and cfg.output):
         raise click.UsageError("--model, --input and --output are required")
+    if "models:/" in cfg.model:  # pinned to a version, which _job.json then names
+        from dataclasses import replace
+
+        cfg = replace(cfg, model=model_arg(cfg.model, tracking_uri))
     from imgcls.inference.finished import finished_summary
     from imgcls.inference.lease import refuse_if_held
 
@@ -290,6 +363,9 @@ def predict(config_path, num_cpus, **flags):
 @config_options(DataConfig, ModelConfig, TrainConfig)
 def tune(config_path, num_cpus, num_samples, grace_period, max_concurrent, search, **flags):
     """Search lr, weight decay, batch size and augmentation strength with Ray Tune and ASHA."""
+    if flags.get("register"):
+        raise click.UsageError("a sweep registers no model: train its best settings (tune_best.yaml) with --register, "
+                               "or imgcls register that run's checkpoint")
     job = resolve_job(config_path, flags)
     check_weights(job.model)
     check_local_roots(job.data.root)
@@ -313,10 +389,14 @@ def tune(config_path, num_cpus, num_samples, grace_period, max_concurrent, searc
               help="Instead of --data: the checkpoint's own held-out split, as saved by imgcls train.")
 @click.option("--output", required=True, type=click.Path(file_okay=False), help="Folder for metrics.json, PNGs, report.html.")
 @click.option("--num-cpus", type=int, default=None, help="CPUs of a local Ray cluster started by this command.")
-def evaluate(models, tta, data, predictions, split, output, num_cpus):
+@tracking_option
+def evaluate(models, tta, data, predictions, split, output, num_cpus, tracking_uri):
     """Metrics, confusion matrix, plots and report.html for a labelled set (of one model,
     or of an ensemble: its members' probabilities averaged)."""
-    model = ",".join(local_path(m) for m in models)
+    tracking_uri = use_tracking(tracking_uri)
+    asked = list(models)
+    models = [model_arg(m, tracking_uri, local=True) for m in models]
+    model = ",".join(models)
     data, predictions, output = (local_path(p) for p in (data, predictions, output))
     if predictions and (len(models) > 1 or tta != "none"):
         raise click.UsageError("--predictions scores predictions already made: give one --model and no --tta")
@@ -339,6 +419,18 @@ def evaluate(models, tta, data, predictions, split, output, num_cpus):
         click.echo(f"imgcls evaluate: warning: {result['training_overlap']} of the {result['num_samples']} images "
                    "were in the checkpoint's training split, so these figures overstate accuracy on new images; "
                    "--split test scores the held-out split", err=True)
+    if tracking_uri:
+        import os
+
+        from imgcls import storage
+        from imgcls.tracking import log_result_run
+
+        files = {name: os.path.join(output, name) for name in sorted(os.listdir(output))
+                 if name.endswith((".json", ".html", ".png"))}
+        run = log_result_run(tracking_uri, "evaluate", models[0], storage.read_json(result["metrics"]), files,
+                             params={"model": ",".join(asked), "data": data or predictions or "", "split": split or "",
+                                     "tta": tta})
+        click.echo(f"imgcls evaluate: logged to MLflow run {run}", err=True)
     click.echo(f"accuracy {result['accuracy']:.4f}  macro F1 {result['macro_f1']:.4f}  report {result['report']}")
 
 
@@ -348,9 +440,12 @@ def evaluate(models, tta, data, predictions, split, output, num_cpus):
 @click.option("--format", "formats", multiple=True, type=click.Choice(["onnx", "torchscript", "safetensors"]),
               help="Formats to write (repeatable); default all.")
 @click.option("--opset", type=click.IntRange(min=17), default=17, show_default=True, help="ONNX opset (17 or newer).")
-def export(model, output, formats, opset):
+@tracking_option
+def export(model, output, formats, opset, tracking_uri):
     """Export a checkpoint to ONNX (dynamic batch), TorchScript and safetensors."""
     from imgcls.inference.export import FORMATS, export_checkpoint
+
+    model = model_arg(model, tracking_uri, local=True) if is_registry_uri(model) else model
 
     echo_json(export_checkpoint(model, output, formats or FORMATS, opset=opset))
 
@@ -365,10 +460,13 @@ def export(model, output, formats, opset):
               help="Explain the first --top images of the checkpoint's own split, as saved by imgcls train.")
 @click.option("--top", type=int, default=8, show_default=True, help="How many mistakes (or split images) to explain.")
 @click.option("--layer", default=None, help="Module name to explain at (default: the last Conv2d).")
-def explain(model, output, images, mistakes_from, split, top, layer):
+@tracking_option
+def explain(model, output, images, mistakes_from, split, top, layer, tracking_uri):
     """Grad-CAM heatmap overlays for chosen images, a split's images or the worst mistakes."""
     from imgcls.evaluation.explain import explain_images
     from imgcls.evaluation.evaluate import worst_mistakes
+
+    model = model_arg(model, tracking_uri, local=True) if is_registry_uri(model) else model
 
     paths = list(images) + (worst_mistakes(mistakes_from, top) if mistakes_from else [])
     if split:
@@ -451,19 +549,27 @@ def label(review_file, host, port, classes, predictions):
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the samples and permutations.")
 @click.option("--num-cpus", type=int, default=None, help="CPUs of a local Ray cluster started by this command.")
 @config_options(DriftThresholds)
-def monitor(reference, current, output, alpha, sample, embedding_sample, permutations, seed, num_cpus, **flags):
+@tracking_option
+def monitor(reference, current, output, alpha, sample, embedding_sample, permutations, seed, num_cpus, tracking_uri,
+            **flags):
     """Drift of a labelling run against a reference: predicted classes, confidence, error
     rows, embeddings. Writes drift.json and drift.html; exits with status 1 on drift."""
     from imgcls.evaluation.monitor import check_runs
 
+    tracking_uri = use_tracking(tracking_uri)
     thresholds = resolve(DriftThresholds, {}, flags)
     current = local_path(current)
-    reference = check_runs(local_path(reference), current, embedding_sample)  # at once, not after Ray's start
+    model = model_arg(reference, tracking_uri, local=True) if is_registry_uri(reference) else local_path(reference)
+    reference = check_runs(model, current, embedding_sample)  # at once, not after Ray's start
     init_ray_while_importing(num_cpus, "scipy.stats")  # the tests' module, meanwhile
     from imgcls.evaluation.monitor import run_monitor
 
     result = run_monitor(reference, current, local_path(output), alpha, sample, embedding_sample, permutations, seed,
                          thresholds)
+    if tracking_uri:
+        from imgcls.tracking import log_monitor_run
+
+        result["mlflow_run_id"] = log_monitor_run(tracking_uri, model, current, result)
     echo_json(result)
     if result["drift"]:
         click.echo(f"imgcls monitor: drift in {', '.join(result['drifted'])} (report {result['report']})", err=True)
@@ -481,14 +587,22 @@ def monitor(reference, current, output, alpha, sample, embedding_sample, permuta
 @click.option("--shutdown", is_flag=True, help="Stop the running application (--name); its replicas write their log.")
 @click.option("--write-config", type=click.Path(dir_okay=False), default=None,
               help="Write the config that `serve deploy` takes to this file, and deploy nothing.")
+@tracking_option
 @config_options(ServeConfig)
-def serve(config_path, num_cpus, detach, update, shutdown, write_config, **flags):
+def serve(config_path, num_cpus, detach, update, shutdown, write_config, tracking_uri, **flags):
     """Classify images sent over HTTP, on Ray Serve: POST /v1/classify and the Open Inference
     Protocol (/v2), with dynamic batching and replicas that scale with the load."""
     import os
     import time
 
     cfg = resolve_paths(resolve(ServeConfig, load_yaml(config_path).get("serve", {}), flags))
+    if cfg.model and "models:/" in cfg.model:
+        # The alias is resolved here, once, to its version's checkpoint (downloaded to this
+        # node's model cache), which the replicas load: moving the alias never changes a
+        # running server unnoticed; --update with the alias moves it to the new version.
+        from dataclasses import replace
+
+        cfg = replace(cfg, model=model_arg(cfg.model, tracking_uri, local=True))
     if sum((detach, update, shutdown, bool(write_config))) > 1:
         raise click.UsageError("give at most one of --detach, --update, --shutdown and --write-config")
     if not (cfg.model or shutdown):
@@ -541,6 +655,39 @@ def serve(config_path, num_cpus, detach, update, shutdown, write_config, **flags
             time.sleep(3600)
     except KeyboardInterrupt:
         deploy.shutdown(cfg.name)
+
+
+@cli.command()
+@click.option("--model", "model", required=True, help="Checkpoint folder to register, e.g. runs/NAME/best.")
+@click.option("--name", required=True, help="Registered model name; each registration adds a version.")
+@click.option("--alias", default=None, help="Point this alias (e.g. champion) at the new version.")
+@tracking_option
+def register(model, name, alias, tracking_uri):
+    """Register a checkpoint as a new version of a model in MLflow's registry (in the run
+    that trained it); use it anywhere as models:/NAME/VERSION or models:/NAME@ALIAS."""
+    tracking_uri = use_tracking(tracking_uri)
+    if not tracking_uri:
+        raise click.UsageError(f"a tracking URI is needed: --tracking-uri or {TRACKING_ENV}")
+    from imgcls.registry import register as register_model
+
+    echo_json(register_model(local_path(model), name, alias, tracking_uri))
+
+
+@cli.command()
+@click.option("--name", required=True, help="Registered model name.")
+@click.option("--alias", required=True, help="Alias to move, e.g. champion.")
+@click.option("--version", "version", type=click.IntRange(min=1), required=True,
+              help="Version the alias points to from now on: promoting a new one, or rolling back.")
+@tracking_option
+def alias(name, alias, version, tracking_uri):
+    """Point models:/NAME@ALIAS at another version (promote, or roll back)."""
+    tracking_uri = use_tracking(tracking_uri)
+    if not tracking_uri:
+        raise click.UsageError(f"a tracking URI is needed: --tracking-uri or {TRACKING_ENV}")
+    from imgcls.registry import set_alias
+
+    set_alias(name, alias, version, tracking_uri)
+    click.echo(f"models:/{name}@{alias} -> models:/{name}/{version}")
 
 
 @cli.command("fetch-data")

@@ -28,7 +28,9 @@ INIT_FROM_TEST_FILE = "init_from_test.parquet"  # the test images an --init-from
 def run_training(job: JobConfig) -> dict:
     """Trains ``job``, evaluates the best checkpoint on the test split, returns a summary.
 
-    The test metrics are written beside the run's checkpoints as test_metrics.json.
+    The test metrics are written beside the run's checkpoints as test_metrics.json. A
+    tracked run (``train.tracking_uri``) then logs them, the splits, the history and the
+    report to its MLflow run, and ``train.register`` registers the best checkpoint.
     """
     result = fit(job)
     summary = {"checkpoint": result.best_checkpoint, "latest_checkpoint": result.checkpoint,
@@ -45,6 +47,19 @@ def run_training(job: JobConfig) -> dict:
             summary["init_from_test"] = compare_with_init_from(job.train.init_from, result.best_checkpoint,
                                                                test, result.splits["train"])
     summary["reference"] = write_reference(result.best_checkpoint, result.splits["val"])
+    t = job.train
+    if result.mlflow_run_id:
+        from imgcls.tracking import finish_training
+
+        summary["mlflow_run_id"] = result.mlflow_run_id
+        report = storage.join(result.best_checkpoint, TEST_METRICS_FILE) if len(test) else None
+        finish_training(t.tracking_uri, result.mlflow_run_id, summary, result.run, result.best_checkpoint, report)
+    if t.register:
+        from imgcls.registry import register
+
+        summary["registered"] = register(result.best_checkpoint, t.register, t.register_alias, t.tracking_uri)
+        print(f"registered {summary['registered']['uri']}"
+              + (f" as models:/{t.register}@{t.register_alias}" if t.register_alias else ""), flush=True)
     return summary
 
 

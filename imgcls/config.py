@@ -184,8 +184,19 @@ class TrainConfig:
     """Checkpoints to keep (None keeps all)."""
     seed: int = 0
     """Seed of weights init and data order."""
+    tracking_uri: Optional[str] = None
+    """MLflow tracking URI (e.g. sqlite:///out/mlflow.db, http://host:5000): the run, its
+    per-epoch metrics, test metrics and artifacts are logged there (``imgcls.tracking``);
+    None: MLFLOW_TRACKING_URI if set, else no tracking."""
+    register: Optional[str] = None
+    """After training, register the best checkpoint as a new version of this model name in
+    MLflow's registry (needs a tracking URI)."""
+    register_alias: Optional[str] = None
+    """With --register: point this alias (e.g. champion) at the new version."""
 
     def __post_init__(self):
+        if self.register_alias and not self.register:
+            raise ValueError("register_alias needs register: the registered model to give the alias to")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.class_balance not in CLASS_BALANCE:

@@ -20,13 +20,20 @@ from typing import Optional, TypeVar
 from imgcls.config import JobConfig, PredictConfig, ServeConfig
 
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
+MODELS_SCHEME = "models:/"  # a registered model, models:/NAME@ALIAS or models:/NAME/VERSION (imgcls.registry)
 
 Config = TypeVar("Config", JobConfig, PredictConfig, ServeConfig)
 
 
 def is_uri(path: str) -> bool:
-    """Whether ``path`` names its filesystem (``s3://...``, ``file://...``, ``a::b://...``)."""
-    return bool(_SCHEME.match(path)) or "::" in path
+    """Whether ``path`` names its filesystem (``s3://...``, ``file://...``, ``a::b://...``)
+    or a registered model (``models:/NAME@ALIAS``, ``imgcls.registry``)."""
+    return bool(_SCHEME.match(path)) or "::" in path or is_registry_uri(path)
+
+
+def is_registry_uri(uri: Optional[str]) -> bool:
+    """Whether ``uri`` names a registered model: ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``."""
+    return bool(uri) and uri.startswith(MODELS_SCHEME)
 
 
 def local_path(path: Optional[str], base: Optional[str] = None) -> Optional[str]:
@@ -51,6 +58,16 @@ def weights_path(weights: Optional[str], base: Optional[str] = None) -> Optional
     return weights
 
 
+def tracking_path(uri: Optional[str], base: Optional[str] = None) -> Optional[str]:
+    """An MLflow tracking URI with a relative SQLite path (``sqlite:///out/mlflow.db``, three
+    slashes) made absolute against ``base`` (``sqlite:////abs/out/mlflow.db``): the training
+    workers log from folders of their own. Any other URI comes back unchanged."""
+    prefix = "sqlite:///"
+    if not uri or not uri.startswith(prefix) or uri.startswith(prefix + "/"):
+        return uri
+    return prefix + local_path(uri[len(prefix):], base)
+
+
 def resolve_paths(cfg: Config, base: Optional[str] = None) -> Config:
     """``cfg`` (a JobConfig, PredictConfig or ServeConfig) with its local paths made absolute
     against ``base``, by default the current folder: call it where the command starts,
@@ -72,7 +89,8 @@ def resolve_paths(cfg: Config, base: Optional[str] = None) -> Config:
             model=dataclasses.replace(m, weights=weights_path(m.weights, base)),
             train=dataclasses.replace(t, storage_path=local_path(t.storage_path, base),
                                       resume_from=local_path(t.resume_from, base),
-                                      init_from=local_path(t.init_from, base)),
+                                      init_from=local_path(t.init_from, base),
+                                      tracking_uri=tracking_path(t.tracking_uri, base)),
         )
     raise TypeError(f"resolve_paths takes a JobConfig or a PredictConfig, not {type(cfg).__name__}")
 

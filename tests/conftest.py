@@ -1,6 +1,7 @@
 """Shared fixtures: real data on disk, a real local Ray cluster, a real S3 server on loopback."""
 
 import os
+import time
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
@@ -58,6 +59,60 @@ def s3_server():
     fs.mkdir("imgcls")
     yield endpoint
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(s3_server, tmp_path_factory):
+    """A real MLflow tracking server (``mlflow server``) on 127.0.0.1 at a free port: runs
+    and the registry in SQLite, artifacts on the loopback S3 server (s3://imgcls/mlflow),
+    served through the tracking server. Started by the first test that asks for it; its
+    value is the tracking URI."""
+    import socket
+    import subprocess
+    import sys
+    import urllib.request
+
+    folder = tmp_path_factory.mktemp("mlflow-server")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "MLFLOW_S3_ENDPOINT_URL": s3_server,
+           "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no job runner process: not used here
+    log = open(folder / "server.log", "w")
+    server = subprocess.Popen(
+        [os.path.join(os.path.dirname(sys.executable), "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1", "--backend-store-uri", f"sqlite:///{folder}/mlflow.db",
+         "--artifacts-destination", "s3://imgcls/mlflow"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 300  # its first start creates the database: a minute or more on 2 busy cores
+    while True:
+        try:
+            with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            pass
+        if server.poll() is not None or time.time() > deadline:
+            server.kill()
+            raise RuntimeError(f"mlflow server did not start: {open(folder / 'server.log').read()[-3000:]}")
+        time.sleep(0.5)
+    yield uri
+    server.terminate()
+    server.wait(timeout=30)
+    log.close()
+
+
+@pytest.fixture
+def mlflow_experiment(mlflow_server, monkeypatch, request) -> str:
+    """An experiment of this test's own on the MLflow server (``MLFLOW_EXPERIMENT_NAME``),
+    so that its runs are counted apart from other tests'. ``MLFLOW_TRACKING_URI``, which a
+    command given ``--tracking-uri`` sets in this process, is unset again after the test."""
+    import uuid
+
+    name = f"{request.node.name}-{uuid.uuid4().hex[:6]}"
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", name)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    return name
 
 
 def start_local_ray(folder: str) -> None:

@@ -23,6 +23,7 @@ end, so that a second job started meanwhile fails instead of deleting the first'
 from __future__ import annotations
 
 import dataclasses
+import re
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -258,6 +259,23 @@ def _record_auto_precision(cfg: PredictConfig, job_uri: str, use_gpu: bool, resu
     storage.write_json(job_uri, {**job, AUTO_PRECISION_ON: now})
 
 
+def record_model_runs(model: str, job_uri: str) -> None:
+    """Adds to ``_job.json`` the MLflow run that trained the model (``model_run_id``; one
+    per member of an ensemble, ``model_run_ids``), when its checkpoint names one: for
+    reading only, never compared, so a resume is not refused for it (``finished.refusal``
+    compares the fingerprint's keys alone)."""
+    from imgcls.paths import members
+    from imgcls.tracking import model_run_id
+
+    runs = [model_run_id(m) for m in members(model)]
+    if not any(runs):
+        return
+    job = storage.read_json(job_uri)
+    extra = {"model_run_id": runs[0]} if len(runs) == 1 else {"model_run_ids": runs}
+    if any(job.get(k) != v for k, v in extra.items()):
+        storage.write_json(job_uri, {**job, **extra})
+
+
 def label_images(cfg: PredictConfig) -> LabelSummary:
     """Labels every input of ``cfg`` on the running Ray cluster and writes Parquet shards,
     holding the output folder's lease throughout (``lease.Lease``: a second job fails at
@@ -284,6 +302,7 @@ def _label_images(cfg: PredictConfig, start: float) -> LabelSummary:
             raise OutputFolderError(refused)
     else:
         storage.write_json(job_uri, job)
+    record_model_runs(cfg.model, job_uri)
     fs, folder = storage.filesystem(cfg.output)
     for stale in fs.glob(f"{folder.rstrip('/')}/.tmp-*"):  # left by a killed run
         fs.rm(stale)
@@ -293,7 +312,8 @@ def _label_images(cfg: PredictConfig, start: float) -> LabelSummary:
     todo = shards.filter(pc.invert(pc.is_in(shards[COL_SHARD], pa.array(sorted(skip), pa.int64()))))
     labelled: list[dict] = []
     if todo.num_rows:
-        payload = payload.stored(storage.join(cfg.output, MODEL_DIR, f"{payload.model_id}.bin"))
+        stored_name = re.sub(r"[^\w.-]", "_", payload.model_id)  # a registered version's id is models:/NAME/3
+        payload = payload.stored(storage.join(cfg.output, MODEL_DIR, f"{stored_name}.bin"))
         use_gpu = choose_gpu(cfg.use_gpu, gpus=cfg.num_actors or 1, what="labelling")
         pools = pool_plan(use_gpu, cfg.num_actors, cfg.separate_decode)
         _record_auto_precision(cfg, job_uri, pools["use_gpu"], resumes=bool(skip))

@@ -61,10 +61,14 @@ def combined_id(ids: list[str], tta: str) -> str:
 
 
 def model_id(model: str, runtime: str, tta: str = "none") -> str:
-    """The id ``program.build_program`` gives ``model``: the hash of its weights' file
-    (of each member's, combined, for an ensemble or with test-time augmentation)."""
-    return combined_id([hashlib.sha256(storage.read_bytes(storage.join(m, MODEL_FILES[runtime]))).hexdigest()[:16]
-                        for m in members(model)], tta)
+    """The id ``program.build_program`` gives ``model``: the hash of its weights' file, or
+    ``models:/NAME/VERSION`` for a registered version (of each member's, combined, for an
+    ensemble or with test-time augmentation)."""
+    from imgcls.tracking import local_model, registered_id
+
+    folders = [local_model(m) for m in members(model)]
+    return combined_id([registered_id(m) or hashlib.sha256(storage.read_bytes(storage.join(m, MODEL_FILES[runtime])))
+                        .hexdigest()[:16] for m in folders], tta)
 
 
 # The settings (PredictConfig's fields) that change a row, recorded in ``_job.json``: a

@@ -78,12 +78,14 @@ def build_program(model: str, runtime: str = "torch", tta: str = "none", program
     from imgcls.inference.finished import combined_id, program_form
     from imgcls.paths import members
 
-    names = members(model)
+    from imgcls.tracking import local_model
+
+    names = [local_model(name) for name in members(model)]  # a models:/ URI: its downloaded version
     if runtime == "onnxruntime":
         if len(names) > 1 or tta != "none":
             raise EnsembleError("ensembles and --tta run with --runtime torch (checkpoint folders)")
-        info = read_model_info(model)
-        raw = storage.read_bytes(storage.join(model, "model.onnx"))
+        info = read_model_info(names[0])
+        raw = storage.read_bytes(storage.join(names[0], "model.onnx"))
         return ModelPayload("onnxruntime", raw, tuple(info.classes), info.image_size, tuple(info.mean),
                             tuple(info.std), hashlib.sha256(raw).hexdigest()[:16])
     loaded_all = [load_checkpoint(name) for name in names]

@@ -39,6 +39,7 @@ from imgcls.training.augment import BatchAugment, BatchEval, mixup_cutmix, soft_
 from imgcls.training.cache import ImageCache, load_indices, load_labels, shard_batches, wait_for_cache, worker_range
 from imgcls.training.probe import set_head
 from imgcls.training.sampler import sampled_batches, worker_sample
+from imgcls.tracking import RUN_ID_KEY
 
 log = logging.getLogger(__name__)
 SHUFFLE_BUFFER = 2048  # rows; local shuffle of a streamed split, on top of the cache's shuffled order
@@ -367,6 +368,7 @@ def train_loop_per_worker(config: dict) -> None:
         head = torch.load(io.BytesIO(storage.read_bytes(config["probe_head"])), map_location="cpu", weights_only=True)
         set_head(model, head["weight"], head["bias"])
     split_files = read_split_files(config["splits"]) if rank == 0 and config.get("splits") else {}
+    epoch_log = tracked_epochs(job, config.get("mlflow_run_id"), history) if rank == 0 else None
     frozen = m.freeze_backbone and (m.unfreeze_after is None or start_epoch < m.unfreeze_after)
     set_backbone_trainable(model, not frozen)
     if channels_last:
@@ -505,9 +507,24 @@ def train_loop_per_worker(config: dict) -> None:
                     train_state.update(raw_model={k: v.detach().cpu() for k, v in _unwrap(model).state_dict().items()},
                                        ema_updates=ema.updates)
                 save_checkpoint(tmp, ema.module if ema is not None else _unwrap(model), job, classes, history,
-                                train_state=train_state, files=split_files)
+                                train_state=train_state, files=split_files,
+                                meta={RUN_ID_KEY: config["mlflow_run_id"]} if config.get("mlflow_run_id") else None)
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report({**metrics, **tune_extra}, checkpoint=checkpoint)
+        if epoch_log is not None:  # after the checkpoint: a restart from it catches up, never repeats
+            epoch_log.sync(history)
+
+
+def tracked_epochs(job: JobConfig, run_id: Optional[str], history: list[dict]):
+    """Rank 0's ``tracking.EpochLog`` of the training's MLflow run, caught up with the
+    epochs of ``history`` (a resumed checkpoint's) that the run lacks; None without tracking."""
+    if not run_id:
+        return None
+    from imgcls.tracking import EpochLog
+
+    epoch_log = EpochLog(job.train.tracking_uri, run_id)
+    epoch_log.sync(history)
+    return epoch_log
 
 
 def warm_start(model: nn.Module, checkpoint: str, classes: list[str]) -> list[str]:

@@ -39,6 +39,7 @@ from imgcls.training.augment import stored_geometry
 from imgcls.training.cache import CachePlan, ImageCache, cache_dataset, plan_cache
 from imgcls.training.loop import say, train_loop_per_worker
 from imgcls.training.probe import PROBE_CHECKPOINT, PROBE_HEAD_FILE, run_probe
+from imgcls.tracking import RUN_ID_KEY, EpochLog, end_run, start_training
 
 BEST_DIR = "best"  # copy of the best checkpoint inside the run folder
 RESIDENT_MEMORY_SHARE = 0.25  # of a worker's share of node memory that its resident data may take
@@ -73,6 +74,8 @@ class FitResult:
     splits: dict[str, LabelledImages]
     caches: dict[str, ImageCache] = field(default_factory=dict)
     resident: bool = False
+    mlflow_run_id: Optional[str] = None  # the run's MLflow run, when tracked (``imgcls.tracking``)
+    run: str = ""  # the run folder
 
 
 def prepare_splits(job: JobConfig) -> tuple[dict[str, LabelledImages], list[str]]:
@@ -205,7 +208,8 @@ class RunFolderError(ValueError):
 
 
 # Settings a resumed run may change: how long it runs and how it keeps checkpoints.
-RESUME_MAY_CHANGE = {"epochs", "resume", "overwrite", "resume_from", "max_failures", "num_to_keep"}
+RESUME_MAY_CHANGE = {"epochs", "resume", "overwrite", "resume_from", "max_failures", "num_to_keep",
+                     "tracking_uri", "register", "register_alias"}  # and where it is logged and registered
 
 
 def config_differences(old: JobConfig, new: JobConfig) -> dict[str, tuple]:
@@ -387,13 +391,15 @@ def ray_train_log_level() -> str:
 
 
 def build_trainer(job: JobConfig, callbacks: Optional[list] = None, data: Optional[PreparedData] = None,
-                  overlap_decode: bool = False, report_placement_group: bool = False) -> tuple[ray.train.torch.TorchTrainer, dict[str, LabelledImages], list[str], str]:
+                  overlap_decode: bool = False, report_placement_group: bool = False,
+                  mlflow_run_id: Optional[str] = None) -> tuple[ray.train.torch.TorchTrainer, dict[str, LabelledImages], list[str], str]:
     """Prepares data and the TorchTrainer for ``job``; returns (trainer, splits, classes, storage_path).
 
     The trainer's ``train_loop_config`` carries the caches (``caches``), whether the
     workers hold them in memory (``resident``) and must wait for them to be decoded
     (``decoding``), the split manifests to save with every checkpoint (``splits``) and,
-    for LP-FT, the linear probe's head (``probe_head``). With ``report_placement_group``
+    for LP-FT, the linear probe's head (``probe_head``), and the MLflow run that rank 0
+    logs each epoch to (``mlflow_run_id``, ``tracking.EpochLog``). With ``report_placement_group``
     (Tune's trials), every report also names the workers' placement group.
 
     With ``overlap_decode``, caches still to decode for resident workers are decoded on a
@@ -439,6 +445,7 @@ def build_trainer(job: JobConfig, callbacks: Optional[list] = None, data: Option
             "splits": storage.join(data.run, SPLITS_DIR), "probe_head": probe_head,
             "init_from": job.train.init_from if job.train.init_from and not data.resuming else None,
             "report_placement_group": report_placement_group, "log_level": log_level,
+            "mlflow_run_id": mlflow_run_id,
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=t.num_workers, use_gpu=use_gpu,
@@ -465,7 +472,7 @@ def build_trainer(job: JobConfig, callbacks: Optional[list] = None, data: Option
     return trainer, data.splits, data.classes, data.storage_path
 
 
-def fit_linear_probe(job: JobConfig, data: PreparedData) -> FitResult:
+def fit_linear_probe(job: JobConfig, data: PreparedData, mlflow_run_id: Optional[str] = None) -> FitResult:
     """``--linear-probe``: the probe's head on the pretrained backbone, saved as the run's
     only checkpoint (``checkpoint_linear_probe``) and as ``best``."""
     use_gpu = choose_gpu(job.train.use_gpu, gpus=1, what="the linear probe")
@@ -475,12 +482,16 @@ def fit_linear_probe(job: JobConfig, data: PreparedData) -> FitResult:
     history = [{k: v for k, v in result["metrics"].items() if k != "probe_grid"}]
     checkpoint = storage.join(data.run, PROBE_CHECKPOINT)
     save_checkpoint(checkpoint, model, job, data.classes, history,
-                    files=read_split_files(storage.join(data.run, SPLITS_DIR)))
+                    files=read_split_files(storage.join(data.run, SPLITS_DIR)),
+                    meta={RUN_ID_KEY: mlflow_run_id} if mlflow_run_id else None)
+    if mlflow_run_id:
+        EpochLog(job.train.tracking_uri, mlflow_run_id).sync(history)
     storage.write_json(storage.join(checkpoint, "probe.json"), result["metrics"])
     best_link = storage.join(data.run, BEST_DIR)
     promote_best(checkpoint, best_link)
     return FitResult(checkpoint=checkpoint, best_checkpoint=best_link, metrics=history[-1], history=history,
-                     classes=data.classes, splits=data.splits, caches=data.caches, resident=False)
+                     classes=data.classes, splits=data.splits, caches=data.caches, resident=False,
+                     mlflow_run_id=mlflow_run_id, run=data.run)
 
 
 def promote_best(checkpoint: str, dest: str) -> None:
@@ -543,13 +554,18 @@ def fit(job: JobConfig) -> FitResult:
 
 def _fit(job: JobConfig) -> FitResult:
     data = prepare_data(job)
+    # A tracked run: a new MLflow run, or with --resume the one its checkpoints name.
+    mlflow_run_id = start_training(job, data.run, data.resuming)
     if job.train.linear_probe:
-        return fit_linear_probe(job, data)
-    trainer, splits, classes, storage_path = build_trainer(job, data=data, overlap_decode=True)
+        return fit_linear_probe(job, data, mlflow_run_id)
+    trainer, splits, classes, storage_path = build_trainer(job, data=data, overlap_decode=True,
+                                                           mlflow_run_id=mlflow_run_id)
     t = job.train
     try:
         result = trainer.fit()
     except Exception:
+        if mlflow_run_id:
+            end_run(t.tracking_uri, mlflow_run_id, "FAILED")  # --resume continues it
         data.wait_decoded()  # the decode's own error, when that is why training failed
         raise
     data.wait_decoded()
@@ -563,4 +579,5 @@ def _fit(job: JobConfig) -> FitResult:
     history = storage.read_json(storage.join(latest, "history.json"))
     config = trainer.train_loop_config
     return FitResult(checkpoint=latest, best_checkpoint=best_link, metrics=result.metrics, history=history,
-                     classes=classes, splits=splits, caches=data.caches, resident=config["resident"])
+                     classes=classes, splits=splits, caches=data.caches, resident=config["resident"],
+                     mlflow_run_id=mlflow_run_id, run=data.run)

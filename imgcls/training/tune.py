@@ -26,6 +26,8 @@ from imgcls.ray_internals import placement_group
 from imgcls.training.loop import PLACEMENT_GROUP_KEY
 
 METRIC = "val_accuracy"
+TRIAL_TAG = "imgcls.trial_id"  # on each trial's MLflow run
+BEST_TAG = "imgcls.best_trial"  # 'true' on the best trial's MLflow run
 BEST_CONFIG_FILE = "tune_best.yaml"
 
 
@@ -61,11 +63,23 @@ def tune_trial(config: dict) -> None:
     # Ray Train's logs at the level the driver set (``trainer.ray_train_log_level``), not
     # this trial actor's default.
     logging.getLogger("ray.train").setLevel(config.get("log_level", "INFO"))
+    trial_id = tune.get_context().get_trial_id()
     job = apply_trial(JobConfig.from_dict(config["job"]), config["params"],
-                      name=f"{config['job']['train']['name']}-trial-{tune.get_context().get_trial_id()}")
+                      name=f"{config['job']['train']['name']}-trial-{trial_id}")
+    run_id = None
+    if config.get("mlflow_parent"):  # the trial's own run, nested under the sweep's
+        from imgcls.tracking import flat_params, start_run
+
+        run_id = start_run(job.train.tracking_uri, job.train.name, "tune", params=flat_params(job.to_dict()),
+                           tags={TRIAL_TAG: trial_id}, parent=config["mlflow_parent"])
     with node_requests():  # GPUs this trial asked the autoscaler for, withdrawn however it ends
-        trainer, *_ = build_trainer(job, callbacks=[TuneReportCallback()], report_placement_group=True)
+        trainer, *_ = build_trainer(job, callbacks=[TuneReportCallback()], report_placement_group=True,
+                                    mlflow_run_id=run_id)
         trainer.fit()
+    if run_id:
+        from imgcls.tracking import end_run
+
+        end_run(job.train.tracking_uri, run_id)
 
 
 class ReleaseWorkerGroups(Callback):
@@ -158,6 +172,24 @@ def searcher(search: str, num_samples: int, seed: int):
     return OptunaSearch(sampler=optuna.samplers.TPESampler(n_startup_trials=startup, seed=seed))
 
 
+def finish_sweep(tracking_uri: str, parent: str, best_trial: str, best_value: float) -> None:
+    """Tags the best trial's run (``BEST_TAG``), names it on the sweep's run with the best
+    value, and ends the trials' runs that ASHA stopped (their actors were killed)."""
+    from imgcls.tracking import client
+
+    c = client(tracking_uri)
+    children = c.search_runs([c.get_run(parent).info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent}'")
+    for run in children:
+        if run.data.tags.get(TRIAL_TAG) == best_trial:
+            c.set_tag(run.info.run_id, BEST_TAG, "true")
+            c.set_tag(parent, "imgcls.best_run_id", run.info.run_id)
+        if run.info.status == "RUNNING":
+            c.set_terminated(run.info.run_id, "KILLED")  # stopped early by ASHA
+    c.log_metric(parent, f"best_{METRIC}", best_value)
+    c.set_tag(parent, "imgcls.best_trial_id", best_trial)
+    c.set_terminated(parent, "FINISHED")
+
+
 def run_tune(job: JobConfig, num_samples: int = 4, grace_period: int = 1, max_concurrent: int = 1,
              space: dict | None = None, search: str = "random") -> TuneSummary:
     """Searches ``space`` around ``job`` and returns the best configuration found.
@@ -187,18 +219,32 @@ def run_tune(job: JobConfig, num_samples: int = 4, grace_period: int = 1, max_co
     # The data is listed and checked once, before any trial: a bad root fails here, once.
     splits, classes = prepare_splits(job)
     build_caches(job, splits["train"], splits["val"], classes, root)
+    parent = None
+    if job.train.tracking_uri:  # one MLflow run for the sweep; each trial's run nests under it
+        from imgcls.tracking import flat_params, start_run
+
+        parent = start_run(job.train.tracking_uri, f"{job.train.name}-tune", "tune",
+                           params={**flat_params(job.to_dict()), "tune.num_samples": str(num_samples),
+                                   "tune.search": search, "tune.grace_period": str(grace_period)})
     tuner = tune.Tuner(
         # The trial only drives its trainer, whose workers hold the real resources.
         tune.with_resources(tune_trial, {"CPU": 0.01}),
-        param_space={"job": job.to_dict(), "params": space or search_space(), "log_level": ray_train_log_level()},
+        param_space={"job": job.to_dict(), "params": space or search_space(), "log_level": ray_train_log_level(),
+                     "mlflow_parent": parent},
         tune_config=tune.TuneConfig(metric=METRIC, mode="max", scheduler=scheduler, num_samples=num_samples,
                                     max_concurrent_trials=max_concurrent, search_alg=search_alg),
         run_config=tune.RunConfig(name=f"{job.train.name}-tune", storage_path=root, callbacks=[ReleaseWorkerGroups()]),
     )
     results = tuner.fit()
     if not any((r.metrics or {}).get(METRIC) is not None for r in results):
+        if parent:
+            from imgcls.tracking import end_run
+
+            end_run(job.train.tracking_uri, parent, "FAILED")
         raise TrialsFailedError(failed_trials_message(results))
     best = results.get_best_result(metric=METRIC, mode="max")
+    if parent:
+        finish_sweep(job.train.tracking_uri, parent, best.metrics["trial_id"], best.metrics[METRIC])
     best_job = apply_trial(job, best.config["params"], name=job.train.name)
     best_file = storage.join(run_dir, BEST_CONFIG_FILE)
     save_config(best_file, best_job)

@@ -112,9 +112,11 @@ def test_random_halves_of_one_set_rarely_drift(runs):
     assert sum(bool(a) for a in alarms) <= 2, alarms
 
 
-def test_monitor_command_writes_the_report_and_exits_1_on_drift(runs, tmp_path):
+def test_monitor_command_writes_the_report_and_exits_1_on_drift(runs, tmp_path, mlflow_server, mlflow_experiment):
+    """... and, with a tracking URI, logs each verdict as an MLflow run (see test_tracking.py)."""
     ok = CliRunner().invoke(cli, ["monitor", "--reference", runs["reference"], "--current", runs["current"],
-                                  "--output", str(tmp_path / "same"), "--permutations", "100"])
+                                  "--output", str(tmp_path / "same"), "--permutations", "100",
+                                  "--tracking-uri", mlflow_server])
     assert ok.exit_code == 0, ok.output[-2000:]
     report = json.loads((tmp_path / "same" / "drift.json").read_text())
     assert not report["drift"] and set(report["tests"]) == {"classes", "confidence", "errors", "embeddings"}
@@ -125,7 +127,7 @@ def test_monitor_command_writes_the_report_and_exits_1_on_drift(runs, tmp_path):
         assert t["decided_by"] in ("p-value", "effect", "p-value and effect") and t["effect_size"], t
     drifted = CliRunner().invoke(cli, ["monitor", "--reference", runs["reference"], "--current", runs["inverted"],
                                        "--output", str(tmp_path / "inv"), "--permutations", "100",
-                                       "--confidence-threshold", "0.25"])
+                                       "--confidence-threshold", "0.25", "--tracking-uri", mlflow_server])
     assert drifted.exit_code == 1, drifted.output[-2000:]
     assert "imgcls monitor: drift in" in drifted.stderr
     inverted = json.loads((tmp_path / "inv" / "drift.json").read_text())
@@ -135,6 +137,15 @@ def test_monitor_command_writes_the_report_and_exits_1_on_drift(runs, tmp_path):
     confidence = inverted["tests"]["confidence"]
     assert (f"<td>Wasserstein distance / reference std</td><td>{confidence['effect']:.4f}</td><td>0.25</td>"
             in html), html[:3000]
+    from imgcls.tracking import client
+
+    c = client(mlflow_server)
+    logged = c.search_runs([c.get_experiment_by_name(mlflow_experiment).experiment_id], order_by=["start_time ASC"])
+    assert [r.data.metrics["drift"] for r in logged] == [0.0, 1.0]
+    for run, folder in zip(logged, ("same", "inv")):
+        verdict = json.loads((tmp_path / folder / "drift.json").read_text())
+        assert run.data.metrics["tests.confidence.p_value"] == pytest.approx(verdict["tests"]["confidence"]["p_value"])
+        assert {a.path for a in c.list_artifacts(run.info.run_id)} == {"drift.json", "drift.html"}
 
 
 def test_large_runs_read_with_ray_data_count_the_same(runs, monkeypatch):

@@ -43,7 +43,8 @@ RUNS = {
                      "Retraining from the last model, and ensembles", "Monitoring drift between labelling runs",
                      "Serving",
                      "Training",
-                     "Fine-tuning a small photo collection"],
+                     "Fine-tuning a small photo collection",
+                     "Tracking runs and the model registry"],
 }
 # Headings whose bash blocks are not run here, and why; every other block must be in RUNS.
 SKIPPED_BLOCKS = {
@@ -55,6 +56,8 @@ SKIPPED = [  # (pattern, why the line is not run)
     (r"^ray job submit\b", "needs a Ray head with a job server (dashboard); tests/integration/test_job_submit.py "
                            "submits jobs/train.py to a real one"),
     (r"^ray start --head\b", "the commands join the test session's cluster (RAY_ADDRESS), which stands in for it"),
+    (r"^mlflow ui\b", "a web server that runs until stopped; tests/integration/test_tracking.py reads a real "
+                     "mlflow server's runs"),
 ]
 
 SUBSTITUTIONS = [  # (pattern, replacement, why), applied in order
@@ -267,6 +270,14 @@ def test_readme_blocks_run_as_written(tmp_path, ray_address):
     assert len(ensemble) == test_split.num_rows > 0 and ensemble["model_id"].str.startswith("ens-").all()
     drift = json.loads((walk / "out/drift/drift.json").read_text())  # the same images, model and runtime
     assert not drift["drift"] and drift["rows"]["current"] == drift["rows"]["reference"] > 0
+    # the monthly retrain: two registered versions, the retrain tracked in the SQLite store,
+    # and the predictions made through the alias name the version it pointed at then
+    champion = pq.read_table(walk / "out/labels-champion").to_pandas()
+    assert set(champion["model_id"]) == {"models:/fashion-mnist/2"}
+    retrain_meta = json.loads((walk / "out/runs/fashion-mnist-2026-02/best/meta.json").read_text())
+    assert json.loads((walk / "out/labels-champion/_job.json").read_text())["model_run_id"] == \
+        retrain_meta["mlflow_run_id"]
+    assert (walk / "out/mlflow.db").is_file() and (walk / "out/mlartifacts").is_dir()
     # the serving example: every request a row of the log, from the two models; monitor and review read it
     log = pq.read_table(walk / "out/serve-log").to_pandas()
     assert len(log) == 102 and log["model_id"].nunique() == 2 and log["path"].map(os.path.isfile).all()

@@ -42,7 +42,8 @@ def _train_worker_pids():
     return pids
 
 
-def test_fit_checkpoints_every_epoch_survives_a_killed_worker_and_resumes(ray_cluster, fmnist_root, tmp_path):
+def test_fit_checkpoints_every_epoch_survives_a_killed_worker_and_resumes(ray_cluster, mlflow_server,
+                                                                          mlflow_experiment, fmnist_root, tmp_path):
     """One run of the whole checkpoint life: a worker killed mid-run, training resumed
     from the checkpoint and its cache, the best checkpoint kept, then a rerun refused
     without --resume or with other settings. (A rerun with --resume continues the S3
@@ -52,9 +53,12 @@ def test_fit_checkpoints_every_epoch_survives_a_killed_worker_and_resumes(ray_cl
     Only one checkpoint is kept besides the latest: ``best`` must still be the best of
     the run. (At lr 0.01 with no warm-up this run stayed near chance, at most 0.36 in
     three runs on two machines, and failed the accuracy check; at 0.005 it reaches 0.67.)
+
+    The run is tracked: its 2 workers make one MLflow run, whose per-epoch metrics are
+    history.json's, each epoch once although a worker was killed and the group resumed.
     """
     job = small_job(fmnist_root, tmp_path, data={"augment": "standard"}, epochs=3, max_failures=2, lr=0.005,
-                    warmup_epochs=0, num_to_keep=1)
+                    warmup_epochs=0, num_to_keep=1, tracking_uri=mlflow_server)
     run_dir = tmp_path / "runs" / "t"
     killed = []
 
@@ -89,6 +93,19 @@ def test_fit_checkpoints_every_epoch_survives_a_killed_worker_and_resumes(ray_cl
     meta = json.loads(open(os.path.join(result.best_checkpoint, "meta.json")).read())
     assert meta["epoch"] == accuracies.index(max(accuracies)), accuracies
     assert len([p for p in run_dir.glob("checkpoint_*") if p.is_dir()]) <= 2  # the best and the latest
+
+    from imgcls.tracking import client, resumed_run_id
+
+    c = client(mlflow_server)
+    runs = c.search_runs([c.get_experiment_by_name(mlflow_experiment).experiment_id])
+    assert len(runs) == 1 and runs[0].info.run_id == result.mlflow_run_id == meta["mlflow_run_id"]
+    history = json.loads(open(os.path.join(result.checkpoint, "history.json")).read())
+    for key in ("train_loss", "val_accuracy", "val_loss", "lr", "started_at_epoch"):
+        logged = c.get_metric_history(result.mlflow_run_id, key)
+        assert [(m.step, m.value) for m in sorted(logged, key=lambda m: m.step)] == \
+            [(h["epoch"], pytest.approx(h[key])) for h in history], key
+    assert runs[0].data.params["train.lr"] == "0.005" and runs[0].data.params["data.augment"] == "standard"
+    assert resumed_run_id(str(run_dir)) == result.mlflow_run_id  # what --resume continues
 
     # Validation covers the whole val split over both workers, not rank 0's half.
     n_val = len(prepare_splits(job)[0]["val"])

@@ -21,11 +21,13 @@ def live_placement_groups() -> set[str]:
     return {i for i, g in placement_group_table().items() if g["state"] != "REMOVED"}
 
 
-def test_tune_reports_best_config(ray_cluster, fmnist_root, tmp_path):
+def test_tune_reports_best_config(ray_cluster, mlflow_server, mlflow_experiment, fmnist_root, tmp_path):
+    """The sweep is tracked too: one MLflow parent run, one child run per trial, the best tagged."""
     before = live_placement_groups()
     job = JobConfig(data=DataConfig(root=fmnist_root, augment="light", max_per_class=20),
                     model=ModelConfig(arch="small_cnn", image_size=28),
-                    train=TrainConfig(epochs=2, num_workers=1, storage_path=str(tmp_path), name="tt"))
+                    train=TrainConfig(epochs=2, num_workers=1, storage_path=str(tmp_path), name="tt",
+                                      tracking_uri=mlflow_server))
     # Optuna's TPE: two random start-up trials, then one it proposes from their results
     # (the random search runs in the README test's `imgcls tune`).
     summary = run_tune(job, num_samples=3, grace_period=1, search="optuna")
@@ -36,6 +38,20 @@ def test_tune_reports_best_config(ray_cluster, fmnist_root, tmp_path):
     best = JobConfig.from_dict(yaml.safe_load(open(summary.best_config_file)))
     assert best.train.lr == summary.best_params["lr"] and 1e-4 <= best.train.lr <= 1e-2
     assert best.data.augment_magnitude == summary.best_params["augment_magnitude"]
+    from imgcls.tracking import client
+
+    c = client(mlflow_server)
+    runs = c.search_runs([c.get_experiment_by_name(mlflow_experiment).experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1 and len(runs) == 4, [r.data.tags for r in runs]
+    parent = parents[0]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(children) == 3 and all(r.info.status != "RUNNING" for r in runs)
+    best_runs = [r for r in children if r.data.tags.get("imgcls.best_trial") == "true"]
+    assert len(best_runs) == 1 and parent.data.tags["imgcls.best_run_id"] == best_runs[0].info.run_id
+    assert best_runs[0].data.metrics["val_accuracy"] == summary.best_val_accuracy \
+        == parent.data.metrics["best_val_accuracy"]
+    assert sorted(float(r.data.params["train.lr"]) for r in children) == sorted(t["params"]["lr"] for t in summary.trials)
     # Every trial's workers gave their CPUs back: Tune kills a trial's actor, and before
     # ReleaseWorkerGroups each trial's placement group stayed reserved (on 2 CPUs, the
     # eighth trial of `imgcls tune --num-samples 8` waited for ever).
