@@ -15,13 +15,18 @@ negative almost everywhere, and the final ReLU left 18 of 39 real test photos wi
 all-zero map on a fine-tuned EfficientNet-Lite0. The default is therefore the last
 activation with spatial extent, the tensor that only pooling and the head follow
 (``default_target_layer``), which is where the maintained libraries point (ResNet's
-``layer4``, torchvision's ``features``).
+``layer4``, torchvision's ``features``). Even there a map can be all zero (no channel
+with positive evidence: on a Lite0 with a fitted head, 6% of the maps at its activated
+head, none at the BatchNorm before it; the issue's fine-tune had it the other way round
+at the last block), so such an image is explained at the next output back instead.
 
-Kept in imgcls rather than taken from pytorch-grad-cam or captum: on the registry's
-architectures both were slower (bench/explain.py: they move maps to NumPy and resize
-them one image at a time), and pytorch-grad-cam explains a module that runs twice (the
-packaged Lite0 applies one ``_swish`` ReLU6 to its stem and to its head) at its *first*
-call, the stem; here a module is explained at its last call.
+Kept in imgcls rather than taken from a library (bench/explain.py, same layer, same
+images): captum's LayerGradCam draws the very same Grad-CAM maps at about the same speed,
+but has none of the other three methods; pytorch-grad-cam has all four but ran 3 to 6
+times slower (it moves the maps to NumPy and scales them an image at a time), and it
+explains a module that runs twice (the packaged Lite0 applies one ``_swish`` ReLU6 to
+its stem and to its head) at its *first* call, the stem. Here a module is explained at
+its last call.
 """
 
 from __future__ import annotations
@@ -64,18 +69,25 @@ def _record_outputs(model: nn.Module, x: torch.Tensor, names: Optional[Sequence[
     return logits, outputs
 
 
-def _pick_spatial(model: nn.Module, outputs: dict[str, torch.Tensor]) -> str:
-    """The name of the last output with spatial extent (above 1x1) that is not a pooling
-    layer's: what only pooling and the head follow. Of the modules that returned that
-    same tensor (ResNet's ``layer4``, ``layer4.1`` and its ReLU), the outermost, which
-    finished last; it runs once where its children may run twice."""
+def _spatial_candidates(model: nn.Module, outputs: dict[str, torch.Tensor], n: int = 3) -> list[str]:
+    """The names of the last ``n`` distinct outputs with spatial extent (above 1x1) that
+    are not a pooling layer's, deepest first: the first is what only pooling and the head
+    follow. Of the modules that returned one same tensor (ResNet's ``layer4``,
+    ``layer4.1`` and its ReLU), the outermost, which finished last; it runs once where its
+    children may run twice."""
     modules = dict(model.named_modules())
-    pooled = {id(t) for n, t in outputs.items() if isinstance(modules[n], POOLING)}
+    pooled = {id(t) for name, t in outputs.items() if isinstance(modules[name], POOLING)}
+    names, seen = [], set()
     for name in reversed(outputs):
         t = outputs[name]
-        if t.shape[-1] * t.shape[-2] > 1 and id(t) not in pooled:
-            return name
-    raise ValueError(f"{type(model).__name__} yields no 4-D map with spatial extent to explain")
+        if t.shape[-1] * t.shape[-2] > 1 and id(t) not in pooled and id(t) not in seen:
+            names.append(name)
+            seen.add(id(t))
+            if len(names) == n:
+                break
+    if not names:
+        raise ValueError(f"{type(model).__name__} yields no 4-D map with spatial extent to explain")
+    return names
 
 
 def default_target_layer(model: nn.Module, image_size: int = 224) -> str:
@@ -85,7 +97,7 @@ def default_target_layer(model: nn.Module, image_size: int = 224) -> str:
     ReLU before its max-pool. Found by one forward pass of a zero image."""
     with torch.no_grad():
         _, outputs = _record_outputs(model, torch.zeros(1, 3, image_size, image_size))
-    return _pick_spatial(model, outputs)
+    return _spatial_candidates(model, outputs, n=1)[0]
 
 
 def _weights(method: str, act: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
@@ -136,41 +148,56 @@ def grad_cam(model: nn.Module, x: torch.Tensor, target_class: Optional[Sequence[
         model: A classifier in eval mode.
         x: (B, 3, H, W) normalised input.
         target_class: Class per image; None explains the predicted class.
-        layer: Module name to explain at (at its last call if it runs more than once);
-            default ``default_target_layer``'s choice, found in this same forward pass.
+        layer: Module name to explain at (at its last call if it runs more than once).
+            None: ``default_target_layer``'s choice, found in this same forward pass;
+            where an image's map there is all zero (no positive evidence: the weighted
+            activations are negative everywhere), the next output back, up to two
+            more (on a Lite0 with a fitted head, 6% of the maps at its activated head were
+            empty and none at the BatchNorm before it; another fine-tune had the reverse).
         method: One of ``METHODS``.
         return_raw: Also return the maps' peaks before scaling (0 for an empty map) and
-            the layer explained.
+            the layer explained for each image.
 
     Returns:
         (heatmaps (B, H, W) in [0, 1], logits (B, C)); with ``return_raw`` also (peaks
-        (B,), layer name).
+        (B,), layer names (B,)).
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; one of {', '.join(METHODS)}")
     x = x.detach().requires_grad_(True)  # keeps the graph even with frozen weights
     with torch.enable_grad():
         logits, outputs = _record_outputs(model, x, None if layer is None else [layer])
-        if layer is None:
-            layer = _pick_spatial(model, outputs)
-        if layer not in outputs:
+        if layer is not None and layer not in outputs:
             raise ValueError(f"layer {layer!r} returned no 4-D map to explain")
-        act = outputs[layer]
+        layers = [layer] if layer is not None else _spatial_candidates(model, outputs)
+        acts = [outputs[name] for name in layers]
         cls = logits.argmax(1) if target_class is None else torch.as_tensor(target_class, device=logits.device)
+        grads = [None] * len(acts)
         if method in ("gradcam", "gradcam++"):
-            score = logits.gather(1, cls.view(-1, 1)).sum()
-            [grad] = torch.autograd.grad(score, act)
-    act = act.detach()
-    if method == "eigencam":
-        cam = _eigen(act)
-    else:
-        weights = _score_weights(model, x.detach(), act, cls) if method == "scorecam" else _weights(method, act, grad)
-        cam = (weights * act).sum(1, keepdim=True)  # (B, 1, h, w)
-    cam = F.interpolate(F.relu(cam.float()), size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
-    peak = cam.flatten(1).max(1).values  # (B,)
-    heat = cam / peak.clamp(min=1e-12)[:, None, None]
+            grads = torch.autograd.grad(logits.gather(1, cls.view(-1, 1)).sum(), acts)
+    x = x.detach()
+    heat = torch.zeros(x.shape[0], *x.shape[-2:], device=x.device)
+    peak = torch.zeros(x.shape[0], device=x.device)
+    used = [layers[0]] * x.shape[0]
+    todo = torch.arange(x.shape[0], device=x.device)  # images whose maps are still all zero
+    for name, act, grad in zip(layers, acts, grads):
+        act = act.detach()[todo]
+        if method == "eigencam":
+            cam = _eigen(act)
+        elif method == "scorecam":
+            cam = (_score_weights(model, x[todo], act, cls[todo]) * act).sum(1, keepdim=True)
+        else:
+            cam = (_weights(method, act, grad[todo]) * act).sum(1, keepdim=True)  # (b, 1, h, w)
+        cam = F.interpolate(F.relu(cam.float()), size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+        top = cam.flatten(1).max(1).values  # (b,)
+        heat[todo], peak[todo] = cam / top.clamp(min=1e-12)[:, None, None], top
+        for i in todo[top > 0].tolist():
+            used[i] = name
+        todo = todo[top <= 0]
+        if len(todo) == 0:
+            break
     if return_raw:
-        return heat, logits.detach(), peak, layer
+        return heat, logits.detach(), peak, used
     return heat, logits.detach()
 
 
@@ -277,11 +304,11 @@ def explain_images(checkpoint: str, paths: Sequence[str], output: str, layer: Op
             name = f"{i:04d}_{safe_name(stem)}_{safe_name(label)}"
             pixels = chw[j].permute(1, 2, 0).numpy()
             caption = [f"pred {label} {score:.2f}" + ("" if truth is None else f"  true {truth}"),
-                       f"{method} at {used}"]
+                       f"{method} at {used[j]}"]
             Image.fromarray(captioned(overlay(pixels, heat[j].numpy()), caption)).save(
                 os.path.join(output, name + ".png"))
             Image.fromarray(pixels).save(os.path.join(output, name + "_input.png"))
-            results.append({"path": path, "label": label, "score": score, "true_label": truth, "layer": used,
+            results.append({"path": path, "label": label, "score": score, "true_label": truth, "layer": used[j],
                             "method": method, "empty": bool(peak[j] <= 0),
                             "overlay": os.path.join(output, name + ".png"),
                             "input": os.path.join(output, name + "_input.png")})
