@@ -384,7 +384,7 @@ def explain(model, output, images, mistakes_from, split, top, layer, method, bat
         from imgcls.checkpoint import split_manifest
         from imgcls.labelled import list_labelled_images
 
-        chosen = list_labelled_images(split_manifest(model, split), check_paths=False)
+        chosen = list_labelled_images(split_manifest(model, split))
         paths += chosen.paths[:top]
         truths += chosen.labels[:top]
     if not paths:
