@@ -133,7 +133,7 @@ def _score_weights(model: nn.Module, x: torch.Tensor, act: torch.Tensor, cls: to
     maps = F.interpolate(act, size=x.shape[-2:], mode="bilinear", align_corners=False)
     low, high = maps.flatten(2).min(2).values[..., None, None], maps.flatten(2).max(2).values[..., None, None]
     maps = (maps - low) / (high - low).clamp(min=1e-12)  # (B, K, H, W) in [0, 1]
-    scores = torch.empty(b, k)
+    scores = torch.empty(b, k, device=x.device)
     with torch.no_grad():
         for i in range(b):
             for j in range(0, k, chunk):
