@@ -20,14 +20,14 @@ with positive evidence: on a Lite0 with a fitted head, 6% of the maps at its act
 head, none at the BatchNorm before it; the issue's fine-tune had it the other way round
 at the last block), so such an image is explained at the next output back instead.
 
-Kept in imgcls rather than taken from a library (bench/explain.py, same layer, same 50
-held-out images an architecture, one thread on a busy machine): captum's LayerGradCam
-draws the very same Grad-CAM maps (same deletion drops to four digits), in 0.95x the
-time on Lite0 at 224 px but 2 to 3x on the ResNet-18 and the small CNN, and has none of
-the other three methods; pytorch-grad-cam has all four but took 2.5 to 6x the time (it
-moves the maps to NumPy and scales them an image at a time), and it explains a module
-that runs twice (the packaged Lite0 applies one ``_swish`` ReLU6 to its stem and to its
-head) at its *first* call, the stem: 26% empty maps there and a deletion drop no larger
+Kept in imgcls rather than taken from a library (bench/explain.py, same layer, same
+held-out images, one thread on a busy machine): captum's LayerGradCam draws the very same
+Grad-CAM maps (same deletion drops to four digits), in 0.67 to 0.95x the time on Lite0
+at 224 px but 1.4 to 3x on the ResNet-18 and the small CNN, and has none of the other
+three methods; pytorch-grad-cam has all four but took 2 to 6x the time (it moves the
+maps to NumPy and scales them an image at a time), and it explains a module that runs
+twice (the packaged Lite0 applies one ``_swish`` ReLU6 to its stem and to its head) at
+its *first* call, the stem: 17 to 26% empty maps there and a deletion drop no larger
 than random's. Here a module is explained at its last call.
 """
 
