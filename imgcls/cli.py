@@ -459,24 +459,41 @@ def export(model, output, formats, opset, tracking_uri):
 @click.option("--split", type=click.Choice(["test", "val", "train"]), default=None,
               help="Explain the first --top images of the checkpoint's own split, as saved by imgcls train.")
 @click.option("--top", type=int, default=8, show_default=True, help="How many mistakes (or split images) to explain.")
-@click.option("--layer", default=None, help="Module name to explain at (default: the last Conv2d).")
+@click.option("--layer", default=None,
+              help="Module name to explain at (default: the last activation with spatial extent, the one only "
+                   "pooling and the head follow: resnet layer4, torchvision features, Lite0's activated head).")
+@click.option("--method", type=click.Choice(["gradcam", "gradcam++", "scorecam", "eigencam"]), default="gradcam",
+              show_default=True, help="Class activation map (scorecam runs the model once per channel: slow).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Images explained in one forward and backward pass.")
 @tracking_option
-def explain(model, output, images, mistakes_from, split, top, layer, tracking_uri):
-    """Grad-CAM heatmap overlays for chosen images, a split's images or the worst mistakes."""
+def explain(model, output, images, mistakes_from, split, top, layer, method, batch_size, tracking_uri):
+    """Captioned class activation maps (Grad-CAM by default) for chosen images, a split's
+    images or the worst mistakes, and explain.html showing each beside its input."""
     from imgcls.evaluation.explain import explain_images
     from imgcls.evaluation.evaluate import worst_mistakes
 
     model = model_arg(model, tracking_uri, local=True) if is_registry_uri(model) else model
-
-    paths = list(images) + (worst_mistakes(mistakes_from, top) if mistakes_from else [])
+    paths, truths = list(images), [None] * len(images)
+    mistakes = worst_mistakes(mistakes_from, top, with_truth=True) if mistakes_from else []
+    paths += [p for p, _ in mistakes]
+    truths += [t for _, t in mistakes]
     if split:
         from imgcls.checkpoint import split_manifest
         from imgcls.labelled import list_labelled_images
 
-        paths += list_labelled_images(split_manifest(model, split)).paths[:top]
+        chosen = list_labelled_images(split_manifest(model, split))
+        paths += chosen.paths[:top]
+        truths += chosen.labels[:top]
     if not paths:
         raise click.UsageError("give --image, --split or --mistakes-from")
-    echo_json(explain_images(model, paths, output, layer=layer))
+    results = explain_images(model, paths, output, layer=layer, method=method, true_labels=truths,
+                             batch_size=batch_size)
+    if mistakes_from:
+        from imgcls.evaluation.report import link_explanations
+
+        link_explanations(mistakes_from, results[len(images):len(images) + len(mistakes)])
+    echo_json(results)
 
 
 @cli.command()

@@ -384,8 +384,9 @@ def training_overlap(model: str, paths: list[str]) -> int:
     return sum(os.path.normpath(p) in seen for p in paths)
 
 
-def worst_mistakes(evaluation_folder: str, n: int) -> list[str]:
-    """Paths of the ``n`` most confident wrong predictions of an evaluation run."""
+def worst_mistakes(evaluation_folder: str, n: int, with_truth: bool = False) -> list:
+    """Paths of the ``n`` most confident wrong predictions of an evaluation run; with
+    ``with_truth``, (path, true label) pairs."""
     import pyarrow.parquet as pq
 
     # Only the columns needed, without the pandas metadata: the file holds list columns
@@ -398,4 +399,7 @@ def worst_mistakes(evaluation_folder: str, n: int) -> list[str]:
                                 "imgcls evaluate run")
     df = pq.read_table(path, columns=columns).to_pandas(ignore_metadata=True)
     wrong = df[(df["status"] == "ok") & df[COL_TRUE].notna() & (df["label"] != df[COL_TRUE])]
-    return wrong.sort_values("score", ascending=False).head(n)["path"].tolist()
+    worst = wrong.sort_values("score", ascending=False).head(n)
+    if with_truth:
+        return list(zip(worst["path"].tolist(), worst[COL_TRUE].astype(str).tolist()))
+    return worst["path"].tolist()

@@ -189,3 +189,36 @@ th{{background:#f3f3f3;text-align:left}}img{{max-width:100%;border:1px solid #ee
 {images}
 </body></html>
 """
+
+
+EXPLANATIONS_BEGIN, EXPLANATIONS_END = "<!-- explanations -->", "<!-- /explanations -->"
+
+
+def link_explanations(evaluation_folder: str, results: Sequence[dict]) -> str:
+    """Adds to the evaluation's report.html (replacing an earlier one) a section that links
+    each of its most confident mistakes to the overlay that ``imgcls explain
+    --mistakes-from`` drew for it (``results``: explain_images' records); the links are
+    relative, so the two folders can move together."""
+    path = os.path.join(evaluation_folder, REPORT_FILE)
+    with open(path) as f:
+        page = f.read()
+    if EXPLANATIONS_BEGIN in page:
+        page = page[:page.index(EXPLANATIONS_BEGIN)] + page[page.index(EXPLANATIONS_END) + len(EXPLANATIONS_END):]
+
+    def rel(p: str) -> str:
+        return html.escape(os.path.relpath(os.path.abspath(p), os.path.abspath(evaluation_folder)))
+
+    rows = "".join(
+        f"<tr><td><a href='{rel(r['overlay'])}'><img src='{rel(r['overlay'])}' alt='overlay' style='width:160px'>"
+        f"</a></td><td style='text-align:left'>{html.escape(r['path'])}</td>"
+        f"<td>{html.escape(str(r['true_label']))}</td><td>{html.escape(r['label'])}</td><td>{r['score']:.3f}</td></tr>"
+        for r in results)
+    page_link = os.path.join(os.path.dirname(results[0]["overlay"]), "explain.html") if results else None
+    section = (f"{EXPLANATIONS_BEGIN}<h2>most confident mistakes, explained</h2>"
+               + (f"<p><a href='{rel(page_link)}'>all overlays beside their inputs</a></p>" if page_link else "")
+               + "<table><tr><th>overlay</th><th>path</th><th>true</th><th>predicted</th><th>score</th></tr>"
+               f"{rows}</table>{EXPLANATIONS_END}")
+    page = page.replace("</body>", section + "\n</body>", 1)
+    with open(path, "w") as f:
+        f.write(page)
+    return path

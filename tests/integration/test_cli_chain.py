@@ -67,8 +67,11 @@ def test_evaluate_predict_and_explain_as_the_readme_writes_them(ray_cluster, fmn
     out = run("explain", "--model", model, "--mistakes-from", str(tmp_path / "eval"), "--top", "3",
               "--output", str(tmp_path / "gradcam"))
     explained = json.loads(out[out.index("["):])
-    assert len(explained) == 3 and len(os.listdir(tmp_path / "gradcam")) == 3
+    assert len(explained) == 3 and len(os.listdir(tmp_path / "gradcam")) == 2 * 3 + 1  # overlays, inputs, page
     assert all(os.path.dirname(e["overlay"]) == str(tmp_path / "gradcam") for e in explained)
+    assert all(e["true_label"] in classes and e["true_label"] != e["label"] for e in explained)
+    report = open(tmp_path / "eval" / "report.html").read()  # the mistakes now link to their overlays
+    assert all(f"href='{os.path.relpath(e['overlay'], tmp_path / 'eval')}'" in report for e in explained)
 
 
 @pytest.mark.slow  # several commands: in CI, not in the quick loop
