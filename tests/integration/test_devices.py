@@ -82,10 +82,16 @@ def test_an_interrupted_wait_for_gpus_withdraws_its_request(ray_cluster, tmp_pat
         requested.append(wait_for(lambda: {"GPU": 1} in autoscaler_request(), 120))
         os.kill(os.getpid(), signal.SIGINT)
 
+    # Ctrl-C as a fresh command gets it: an earlier test's Ray Train run in this process
+    # left its own SIGINT handler (which aborts a training run instead of raising).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     threading.Thread(target=interrupt_once_requested, daemon=True).start()
-    with pytest.raises(KeyboardInterrupt):
-        with node_requests():
-            choose_gpu(None, config_path=str(path), wait_s=300, say=lambda _: None)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with node_requests():
+                choose_gpu(None, config_path=str(path), wait_s=300, say=lambda _: None)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert requested == [True]
     assert wait_for(lambda: {"GPU": 1} not in autoscaler_request(), 30), autoscaler_request()
 

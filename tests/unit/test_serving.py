@@ -61,12 +61,20 @@ def test_an_open_host_needs_a_token_or_insecure():
 
 
 def test_the_cli_refuses_an_open_host_before_ray_starts(tmp_path):
-    import ray
+    """In a process of its own (the suite's may already hold a Ray cluster): refused, and
+    Ray never started."""
+    import subprocess
+    import sys
 
-    result = CliRunner().invoke(cli, ["serve", "--model", str(tmp_path), "--host", "0.0.0.0"], env={
-        "IMGCLS_SERVE_TOKEN": ""})
-    assert result.exit_code == 2 and "IMGCLS_SERVE_TOKEN" in result.output and "--insecure" in result.output
-    assert not ray.is_initialized()
+    script = ("import sys, ray; from click.testing import CliRunner; from imgcls.cli import cli; "
+              "r = CliRunner().invoke(cli, ['serve', '--model', sys.argv[1], '--host', '0.0.0.0']); "
+              "print(r.exit_code, ray.is_initialized()); print(r.output)")
+    env = {k: v for k, v in __import__("os").environ.items() if k not in ("IMGCLS_SERVE_TOKEN", "RAY_ADDRESS")}
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, env=env,
+                          timeout=120)
+    status, output = done.stdout.split("\n", 1)
+    assert status == "2 False", done.stdout + done.stderr
+    assert "IMGCLS_SERVE_TOKEN" in output and "--insecure" in output
 
 
 def test_the_config_carries_the_tokens_digest_not_the_token():
