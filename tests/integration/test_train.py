@@ -248,8 +248,10 @@ def test_the_sampler_caches_each_image_once_and_the_probe_folds_share_none(ray_c
 
     result = fit(dataclasses.replace(job, data=dataclasses.replace(job.data, in_memory=False)))
     assert result.caches["train"].reused  # decoded above, once
-    half = math.ceil(len(split) / 2)  # each of the 2 workers draws ceil(n / 2) images an epoch
-    assert [(h["resident"], h["sampled_class_counts"]) for h in result.history] == [(False, [half, half])] * 2
+    drawn = 2 * math.ceil(len(split) / 2)  # each of the 2 workers draws ceil(n / 2) images an epoch
+    assert [h["resident"] for h in result.history] == [False, False]
+    for counts in (h["sampled_class_counts"] for h in result.history):  # both classes equally often
+        assert sum(counts) == drawn and abs(counts[0] - counts[1]) <= 2, counts
 
 
 def test_frozen_backbone_sgd_balanced_sampler_and_resume_from_through_the_cli(ray_cluster, fmnist_root, tmp_path):
