@@ -62,7 +62,7 @@ def test_labelling_grows_the_cluster_and_its_nodes_idle_out(many_images, tmp_pat
     classes = sorted(d for d in os.listdir(many_images) if os.path.isdir(os.path.join(many_images, d)))
     model = str(tmp_path / "ckpt")
     torch.manual_seed(0)
-    # 160 px: enough work a file (about 2 minutes of the first node's time) that the job outlasts
+    # 160 px: more work a file (64 s on one node of an idle machine) so that the job outlasts
     # the start of a second node; at 64 px an idle machine labelled all 6,000 in 22 s on one node.
     save_checkpoint(model, create_model("small_cnn", len(classes), image_size=160),
                     JobConfig(model=ModelConfig(arch="small_cnn", image_size=160)), classes, history=[])
