@@ -83,6 +83,7 @@ def autoscaler_capacity(resource: str, config_path: str = BOOTSTRAP_CONFIG) -> f
 
 
 _requester = None  # this process's open request to the autoscaler, if any
+_last_request: Optional[tuple[list[dict], float, float]] = None  # (bundles, expire_s, sent at)
 
 
 def request_nodes(bundles: list[dict], expire_s: float) -> None:
@@ -94,7 +95,7 @@ def request_nodes(bundles: list[dict], expire_s: float) -> None:
     the cluster's whole request, so a plain ``ray.autoscaler.sdk.request_resources``
     lasted only until its next round after any Ray Data pipeline had run.
     """
-    global _requester
+    global _requester, _last_request
     if _requester is None:
         try:
             from imgcls.ray_internals import autoscaler_requester
@@ -103,14 +104,23 @@ def request_nodes(bundles: list[dict], expire_s: float) -> None:
         except (ImportError, AttributeError):  # a Ray without the coordinator: the autoscaler's own call
             _requester = _PlainRequest()
     _requester.request_resources(bundles, expire_after_s=expire_s)
+    _last_request = (bundles, expire_s, time.monotonic())
+
+
+def renew_requests(every_s: float = 60.0) -> None:
+    """Sends this process's last request again once ``every_s`` seconds have passed since
+    it was sent, restarting its expiry: a job that runs longer than a request lives
+    keeps its nodes, while a driver killed outright lets them go one expiry later."""
+    if _last_request is not None and time.monotonic() - _last_request[2] >= every_s:
+        request_nodes(*_last_request[:2])
 
 
 def withdraw_requests() -> None:
     """Withdraws this process's request to the autoscaler, if it made one."""
-    global _requester
+    global _requester, _last_request
     if _requester is not None and ray.is_initialized():
         _requester.cancel_request()
-    _requester = None
+    _requester, _last_request = None, None
 
 
 @contextmanager

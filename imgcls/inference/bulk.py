@@ -37,13 +37,13 @@ from ray.data import ActorPoolStrategy, ExecutionResources
 
 from imgcls import storage
 from imgcls.config import PredictConfig
-from imgcls.devices import choose_gpu, node_requests, runs_here
+from imgcls.devices import choose_gpu, node_requests, renew_requests, runs_here
 from imgcls.inference.decode import Decoder, DecodeShards
 from imgcls.inference.finished import JOB_FILE, fingerprint, refusal
 from imgcls.inference.inputs import InputPlan, OutputFolderError, plan_inputs
 from imgcls.inference.lease import Lease
 from imgcls.inference.model_stage import Classifier, ModelPayload
-from imgcls.inference.pipeline import actor_pool, model_batch_size, pool_plan
+from imgcls.inference.pipeline import actor_pool, model_batch_size, pool_plan, starting_actors
 from imgcls.inference.program import build_program
 from imgcls.inference.read import MAX_FILE_BYTES, is_tar, read_shard, read_shard_list
 from imgcls.inference.schema import COL_ROW, COL_SHARD, COL_SHARD_ROWS, output_schema
@@ -183,13 +183,14 @@ def _run_one_pool(todo: pa.Table, payload: ModelPayload, cfg: PredictConfig, pla
             "payload": payload, "output": cfg.output, "max_pixels": cfg.max_pixels, "max_images": cfg.batch_size,
             "max_bytes": cfg.max_file_mb * 2**20, "top_k": cfg.top_k, "embeddings": cfg.embeddings,
             "threads": plan["threads"], "use_gpu": plan["use_gpu"], "precision": cfg.precision},
-        batch_size=1, compute=actor_pool(plan), num_cpus=plan["num_cpus"],
+        batch_size=1, compute=actor_pool(plan, todo.num_rows), num_cpus=plan["num_cpus"],
         num_gpus=plan["num_gpus"])
     progress, rows = Progress(todo), []
     for batch in ds.iter_batches(batch_size=None, batch_format="pandas"):
         for row in batch.to_dict("records"):
             rows.append(row)
             progress.shard_done(int(row["shard"]))
+        renew_requests()
     return rows
 
 
@@ -205,7 +206,7 @@ def _run_two_pools(todo: pa.Table, payload: ModelPayload, cfg: PredictConfig, pl
                                             "embeddings": cfg.embeddings, "threads": plan["threads"],
                                             "use_gpu": plan["use_gpu"], "precision": cfg.precision,
                                             "max_pixels": cfg.max_pixels},
-        batch_size=cfg.batch_size, compute=actor_pool(plan), num_cpus=plan["num_cpus"],
+        batch_size=cfg.batch_size, compute=actor_pool(plan, todo.num_rows), num_cpus=plan["num_cpus"],
         num_gpus=plan["num_gpus"], batch_format="numpy")
     staged.context.execution_options.resource_limits = ExecutionResources.for_limits(
         object_store_memory=cfg.buffer_mb * 2**20)
@@ -222,6 +223,7 @@ def _run_two_pools(todo: pa.Table, payload: ModelPayload, cfg: PredictConfig, pl
                 commits.append(commit_shard.remote(cfg.output, shard, totals.pop(shard), schema))
                 del covered[shard]
                 progress.shard_done(shard)
+        renew_requests()
     if covered:
         raise RuntimeError(f"shards {sorted(covered)} did not receive all their rows")
     done = ray.get(commits)
@@ -325,6 +327,10 @@ def _label_images(cfg: PredictConfig, start: float) -> LabelSummary:
             run = _run_here
         else:
             run = _run_one_pool if pools["decode"] is None else _run_two_pools
+            if pools["min_size"] < pools["max_size"]:
+                print(f"pool: {pools['min_size']} to {pools['max_size']} model actors as the cluster grows, starting "
+                      f"{starting_actors(pools, todo.num_rows)} (those that fit no node yet make the autoscaler add "
+                      "nodes)", file=sys.stderr, flush=True)
         labelled = run(todo, payload, cfg, pools)
     missing = set(range(plan.shards)) - done_shards(cfg.output)
     if missing:

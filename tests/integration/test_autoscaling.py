@@ -41,20 +41,17 @@ def namespaces_missing() -> str:
 
 @pytest.fixture(scope="module")
 def many_images(tmp_path_factory):
-    """6,000 real Fashion-MNIST files: labelled on one actor, they take longer than the
-    pool's growth onto a second node (a node's start, then its actors' torch imports)."""
+    """3,000 real Fashion-MNIST files in 150 shards: more than one node's actors hold
+    (4 shards each), so the pool starts actors that fit no node yet."""
     from imgcls.datasets import fetch_fashion_mnist
 
-    return fetch_fashion_mnist(str(tmp_path_factory.mktemp("fmnist6k")), per_class=600)
+    return fetch_fashion_mnist(str(tmp_path_factory.mktemp("fmnist3k")), per_class=300)
 
 
 def files_under(root) -> list[str]:
     return sorted(os.path.join(r, f) for r, _, names in os.walk(root) for f in names if not f.startswith("."))
 
 
-@pytest.mark.skip(reason="on an idle 2-core machine Ray Data's pool labels every shard on the first added node "
-                         "before it grows onto the next (nodes were added, shards stayed on one); it passed only "
-                         "under load. Left for issue #32, which stays open for it")
 def test_labelling_grows_the_cluster_and_its_nodes_idle_out(many_images, tmp_path):
     missing = namespaces_missing()
     if missing:
@@ -62,10 +59,8 @@ def test_labelling_grows_the_cluster_and_its_nodes_idle_out(many_images, tmp_pat
     classes = sorted(d for d in os.listdir(many_images) if os.path.isdir(os.path.join(many_images, d)))
     model = str(tmp_path / "ckpt")
     torch.manual_seed(0)
-    # 160 px: more work a file (64 s on one node of an idle machine) so that the job outlasts
-    # the start of a second node; at 64 px an idle machine labelled all 6,000 in 22 s on one node.
-    save_checkpoint(model, create_model("small_cnn", len(classes), image_size=160),
-                    JobConfig(model=ModelConfig(arch="small_cnn", image_size=160)), classes, history=[])
+    save_checkpoint(model, create_model("small_cnn", len(classes), image_size=64),
+                    JobConfig(model=ModelConfig(arch="small_cnn", image_size=64)), classes, history=[])
     gpu_inputs = tmp_path / "few"  # the GPU job only has to run: 240 files
     for c in classes:
         (gpu_inputs / c).mkdir(parents=True)

@@ -111,3 +111,19 @@ def test_pools_are_sized_by_what_the_autoscaler_can_add(ray_cluster):
     gpus = pool_plan(True, None, node_types=gpu_types)
     assert (gpus["min_size"], gpus["max_size"], gpus["num_gpus"]) == (1, 4, 1)
     assert gpus["decode"]["max_size"] == 2 + 4 * 8 - 4 - 1  # the CPUs the GPU nodes bring decode
+
+
+def test_a_growing_pool_starts_with_the_actors_its_backlog_keeps_busy(ray_cluster):
+    """Actors beyond what fits the cluster now start pending, the demand the autoscaler
+    adds nodes for: 4 tasks an actor, within the pool's min and max; a fixed pool is
+    its size."""
+    from imgcls.inference.pipeline import GROWING_TASKS_IN_FLIGHT, actor_pool, starting_actors
+
+    grows = pool_plan(False, None, node_types={"cpu": {"resources": {"CPU": 2}, "min_workers": 0, "max_workers": 3}})
+    assert GROWING_TASKS_IN_FLIGHT == 4
+    assert [starting_actors(grows, shards) for shards in (1, 8, 9, 20, 300)] == [2, 2, 3, 5, 8]
+    strategy = actor_pool(grows, 300)
+    assert (strategy.min_size, strategy.initial_size, strategy.max_size) == (2, 8, 8)
+    assert actor_pool(grows).initial_size == 2
+    fixed = actor_pool(pool_plan(False, 3), 300)
+    assert (fixed.min_size, fixed.max_size) == (3, 3)
