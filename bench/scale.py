@@ -235,6 +235,28 @@ def predict_cmd(input_uri: str, checkpoint: str, output: str, num_cpus: int, fil
     return cmd + (["--files-per-shard", str(files_per_shard)] if files_per_shard else [])
 
 
+def run_watched(name: str, what: str, cmd: list[str], watched: str, logs: str):
+    """Runs ``cmd`` (an ``imgcls`` command, ``what`` naming it) in its own process,
+    watched by ``ProcessWatch`` over ``watched``, its output in ``logs/{name}.std*``;
+    returns (its stdout, the watch, its seconds, its start's wall-clock time), or raises
+    with its stderr's end."""
+    os.makedirs(logs, exist_ok=True)
+    out_path, err_path = os.path.join(logs, f"{name}.stdout"), os.path.join(logs, f"{name}.stderr")
+    print(f"[bench] {name}: {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
+    with open(out_path, "w") as out, open(err_path, "w") as err:
+        began_wall, began = time.time(), time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+        watch = ProcessWatch(proc, watched, began)
+        proc.wait()
+        seconds = time.perf_counter() - began
+        watch.join()
+    if proc.returncode:
+        with open(err_path) as f:
+            raise RuntimeError(f"{name}: {what} exited {proc.returncode}:\n{f.read()[-4000:]}")
+    with open(out_path) as f:
+        return f.read(), watch, seconds, began_wall
+
+
 def run_predict(name: str, input_uri: str, checkpoint: str, output: str, num_cpus: int, files_per_shard,
                 logs: str, fresh: bool = True) -> dict:
     """``imgcls predict`` in its own process with its own local Ray cluster, watched;
@@ -242,21 +264,8 @@ def run_predict(name: str, input_uri: str, checkpoint: str, output: str, num_cpu
     if fresh:
         shutil.rmtree(output, ignore_errors=True)
     cmd = predict_cmd(input_uri, checkpoint, output, num_cpus, files_per_shard)
-    os.makedirs(logs, exist_ok=True)
-    out_path, err_path = os.path.join(logs, f"{name}.stdout"), os.path.join(logs, f"{name}.stderr")
-    print(f"[scale] {name}: {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
-    with PeakMemory() as mem, open(out_path, "w") as out, open(err_path, "w") as err:
-        began = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env={**os.environ, "RAY_AUTH_MODE": "disabled"})
-        watch = ProcessWatch(proc, output, began)
-        proc.wait()
-        process_seconds = time.perf_counter() - began
-        watch.join()
-    with open(out_path) as f:
-        stdout = f.read()
-    if proc.returncode:
-        with open(err_path) as f:
-            raise RuntimeError(f"{name}: imgcls predict exited {proc.returncode}:\n{f.read()[-4000:]}")
+    with PeakMemory() as mem:
+        stdout, watch, process_seconds, _ = run_watched(name, "imgcls predict", cmd, output, logs)
     s = last_json(stdout)
     first = watch.first_part_seconds
     if first is None and glob.glob(os.path.join(output, "part-*.parquet")):

@@ -51,13 +51,12 @@ import os
 import random
 import re
 import shutil
-import subprocess
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from recipe import last_json  # noqa: E402
-from scale import ProcessWatch, machine, make_small_checkpoint, run_predict, write  # noqa: E402
+from scale import machine, make_small_checkpoint, run_predict, run_watched, write  # noqa: E402
 
 BUCKET = "bench"
 S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
@@ -131,21 +130,7 @@ def run_train(name: str, manifest: str, work: str, num_cpus: int, logs: str) -> 
            "--arch", "small_cnn", "--image-size", "28", "--augment", "light", "--epochs", "1", "--batch-size", "128",
            "--num-workers", "2", "--val-fraction", "0.05", "--test-fraction", "0", "--storage-path", runs,
            "--name", name]
-    os.makedirs(logs, exist_ok=True)
-    out_path, err_path = os.path.join(logs, f"{name}.stdout"), os.path.join(logs, f"{name}.stderr")
-    print(f"[train_scale] {name}: {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
-    with open(out_path, "w") as out, open(err_path, "w") as err:
-        began_wall, began = time.time(), time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env={**os.environ, "RAY_AUTH_MODE": "disabled"})
-        watch = ProcessWatch(proc, runs, began)
-        proc.wait()
-        process_seconds = time.perf_counter() - began
-        watch.join()
-    with open(out_path) as f:
-        stdout = f.read()
-    if proc.returncode:
-        with open(err_path) as f:
-            raise RuntimeError(f"{name}: imgcls train exited {proc.returncode}:\n{f.read()[-4000:]}")
+    stdout, watch, process_seconds, began_wall = run_watched(name, "imgcls train", cmd, runs, logs)
     summary = last_json(stdout)
     with open(os.path.join(summary["latest_checkpoint"], "history.json")) as f:
         history = json.load(f)
