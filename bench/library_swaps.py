@@ -43,6 +43,7 @@ the library is slower). Images and tars are kept in ``--workdir`` and reused.
 Run alone on a quiet machine:
     .venv/bin/python bench/library_swaps.py [--images 2000] [--batch-size 32] [--out bench/results/library_swaps.json]
     .venv/bin/python bench/library_swaps.py --quick --out /tmp/library_swaps.json  # a tiny run
+    .venv/bin/python bench/library_swaps.py --parts tar  # one part again; the others' figures are kept
 """
 
 import argparse
@@ -323,48 +324,79 @@ def bad_input_behaviour(reader: str, path: str) -> dict:
 
 # ---------------------------------------------------------------- main
 
+# Each part's results section and the prefixes of the ratio names it writes (for --parts).
+PARTS = {"tar": ("tar_reading", ("fsspec_tar",)), "fold": ("batchnorm_folding", ("fx_fuse_vs",))}
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="a tiny run: 200 images, batch 8")
     p.add_argument("--images", type=int, default=None, help="JPEGs per tar (default 2000; 200 with --quick)")
     p.add_argument("--batch-size", type=int, default=None, help="forward batch (default 32; 8 with --quick)")
+    p.add_argument("--parts", default=",".join(PARTS),
+                   help=f"comma-separated parts to run, of {', '.join(PARTS)}; the --out file's other parts "
+                        "(sections and ratios) are kept, each part's run date in 'part_runs'")
     p.add_argument("--workdir", default="out/bench-swaps")
     p.add_argument("--out", default="bench/results/library_swaps.json")
     args = p.parse_args()
+    parts = args.parts.split(",")
+    unknown = set(parts) - set(PARTS)
+    if unknown:
+        p.error(f"unknown parts {sorted(unknown)}; known: {', '.join(PARTS)}")
     images = args.images or (200 if args.quick else 2000)
     batch = args.batch_size or (8 if args.quick else 32)
     os.makedirs(args.workdir, exist_ok=True)
-    results = {"cpus": os.cpu_count(), "quick": args.quick}
+    results, ratios = {}, {}
+    if os.path.exists(args.out):  # the parts not run now are kept as they were
+        with open(args.out) as f:
+            earlier = json.load(f)
+        for part, (section, prefixes) in PARTS.items():
+            if part not in parts and section in earlier:
+                results[section] = earlier[section]
+                results.setdefault("part_runs", {})[part] = earlier.get("part_runs", {}).get(part, {
+                    k: earlier.get(k) for k in ("cpus", "quick", "torch_threads", "batch_size")})
+                ratios.update({k: v for k, v in earlier.get("ratios", {}).items() if k.startswith(prefixes)})
+    results.update(cpus=os.cpu_count(), quick=args.quick)
+    results.setdefault("part_runs", {}).update({part: {"date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count(),
+                                                       "quick": args.quick} for part in parts})
 
-    # Tars first, before torch is imported, so that the readers run in a lean process.
-    tars = make_tars(args.workdir, images)
-    tar_results = {"images": images, "source": tars["source"]}
-    for kind in ("tar", "tar.gz"):
-        tar_results[kind] = {"file_mb": os.path.getsize(tars[kind]) / 2**20, **measure_readers(tars[kind])}
-    tar_results["bad_inputs"] = {case: {r: bad_input_behaviour(r, path) for r in READERS}
-                                 for case, path in make_bad_tars(args.workdir, tars["tar"]).items()}
-    results["tar_reading"] = tar_results
+    if "tar" in parts:  # first, before torch is imported, so that the readers run in a lean process
+        tars = make_tars(args.workdir, images)
+        tar_results = {"images": images, "source": tars["source"]}
+        for kind in ("tar", "tar.gz"):
+            tar_results[kind] = {"file_mb": os.path.getsize(tars[kind]) / 2**20, **measure_readers(tars[kind])}
+        tar_results["bad_inputs"] = {case: {r: bad_input_behaviour(r, path) for r in READERS}
+                                     for case, path in make_bad_tars(args.workdir, tars["tar"]).items()}
+        results["tar_reading"] = tar_results
+        ratios["fsspec_tar_vs_iter_tar_seconds"] = (tar_results["tar"]["fsspec_tar"]["seconds"]
+                                                    / tar_results["tar"]["iter_tar"]["seconds"])
+        ratios["fsspec_tar_gz_vs_iter_tar_gz_seconds"] = (tar_results["tar.gz"]["fsspec_tar"]["seconds"]
+                                                          / tar_results["tar.gz"]["iter_tar"]["seconds"])
 
     import torch
 
     torch.set_num_threads(os.cpu_count())
     results.update(torch_threads=torch.get_num_threads(), batch_size=batch)
-    results["batchnorm_folding"] = {arch: measure_folding(arch, size, batch) for arch, size in ARCHS}
-
-    ratios = {}
-    for arch, r in results["batchnorm_folding"].items():
-        if "images_per_s" in r["fx_fuse"] and "images_per_s" in r["imgcls_fold"]:
-            ratios[f"fx_fuse_vs_imgcls_fold_{arch}"] = r["fx_fuse"]["images_per_s"] / r["imgcls_fold"]["images_per_s"]
-    ratios["fsspec_tar_vs_iter_tar_seconds"] = (tar_results["tar"]["fsspec_tar"]["seconds"]
-                                                / tar_results["tar"]["iter_tar"]["seconds"])
-    ratios["fsspec_tar_gz_vs_iter_tar_gz_seconds"] = (tar_results["tar.gz"]["fsspec_tar"]["seconds"]
-                                                      / tar_results["tar.gz"]["iter_tar"]["seconds"])
+    if "fold" in parts:
+        results["batchnorm_folding"] = {arch: measure_folding(arch, size, batch) for arch, size in ARCHS}
+        for arch, r in results["batchnorm_folding"].items():
+            if "images_per_s" in r["fx_fuse"] and "images_per_s" in r["imgcls_fold"]:
+                ratios[f"fx_fuse_vs_imgcls_fold_{arch}"] = (r["fx_fuse"]["images_per_s"]
+                                                            / r["imgcls_fold"]["images_per_s"])
     results["ratios"] = ratios
     if os.path.dirname(args.out):
         os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(results, f, indent=2)
+    if "fold" in parts:
+        print_fold(results, batch)
+    if "tar" in parts:
+        print_tar(results["tar_reading"], images)
+    print("ratios: " + json.dumps(ratios, indent=2))
+    print(f"wrote {args.out}")
 
+
+def print_fold(results: dict, batch: int) -> None:
     print(f"BatchNorm2d left (eager -> imgcls_fold / fx_fuse / fx_fuse_conv_leaf), images/s at batch {batch}:")
     for arch, r in results["batchnorm_folding"].items():
         left = " / ".join(str(r[m].get("batchnorm2d_left", "error")) for m in ("imgcls_fold", "fx_fuse",
@@ -372,6 +404,9 @@ def main():
         rates = ", ".join(f"{m} {r[m]['images_per_s']:.0f}" for m in ("eager", "imgcls_fold", "fx_fuse",
                                                                      "fx_fuse_conv_leaf") if "images_per_s" in r[m])
         print(f"  {arch}: {r['batchnorm2d_eager']} -> {left}; {rates}")
+
+
+def print_tar(tar_results: dict, images: int) -> None:
     print(f"Tar reading, {images} JPEGs ({tar_results['source']}):")
     for kind in ("tar", "tar.gz"):
         print(f"  {kind}: " + ", ".join(f"{r} {tar_results[kind][r]['seconds']:.3f} s, "
@@ -379,8 +414,6 @@ def main():
     for case, by_reader in tar_results["bad_inputs"].items():
         print(f"  {case}: " + "; ".join(f"{r} read {b['members_read']}, errors {b['error_items'] or '-'}, "
                                        f"raised {b['raised'] or '-'}" for r, b in by_reader.items()))
-    print("ratios: " + json.dumps(ratios, indent=2))
-    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -370,6 +370,15 @@ def write(results: dict, path: str) -> None:
     os.replace(tmp, path)
 
 
+# The ratio names each case writes begin with one of these (for --merge).
+CASE_RATIOS = {"manifest": ("driver_peak_memory_1m", "first_shard_seconds_1m", "first_shard_seconds_10k",
+                            "tree_peak_rss_1m", "peak_memory_manifest", "paths_1m"),
+               "flat": tuple(f"{m}_flat" for m in ("driver_peak_memory", "first_shard_seconds", "tree_peak_rss",
+                                                   "peak_memory", "plan_seconds", "paths")),
+               "files": ("peak_memory_100k", "tree_peak_rss_100k", "driver_peak_memory_100k", "files_100k"),
+               "resume": ("resume_",)}
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--paths-1m", type=int, default=1_000_000, help="paths in the large manifest")
@@ -397,6 +406,9 @@ def main():
     p.add_argument("--workdir", default="out/bench-scale")
     p.add_argument("--predict-json", default="bench/results/predict.json")
     p.add_argument("--out", default="bench/results/scale.json")
+    p.add_argument("--merge", action="store_true",
+                   help="keep the other cases' sections and ratios of the --out file, rerunning only --cases "
+                        "(each case's run date and machine in 'case_runs')")
     args = p.parse_args()
     if args.quick:
         args.paths_1m, args.paths_10k, args.real = 20_000, 2_000, 1_000
@@ -424,6 +436,20 @@ def main():
                      "photos (bench/predict.py make_corpus)", "quick": args.quick},
         "setup": setup,
     }
+    earlier = {}
+    if args.merge and os.path.exists(args.out):
+        with open(args.out) as f:
+            earlier = json.load(f)
+        kept = {k: v for k, v in earlier.items() if k not in ("machine", "settings", "setup", "ratios", "problems",
+                                                               "complete", "total_seconds", "case_runs")
+                and not any(k.startswith(c) for c in cases)}
+        results.update(kept)
+        results["case_runs"] = {c: r for c, r in earlier.get("case_runs", {}).items() if c not in cases}
+        for c in {"manifest", "flat", "files", "resume"} - cases - set(results["case_runs"]):
+            if any(k.startswith(c) for k in kept):
+                results["case_runs"][c] = {"machine": earlier.get("machine"), "settings": earlier.get("settings")}
+    results.setdefault("case_runs", {}).update({c: {"machine": results["machine"], "settings": results["settings"]}
+                                                for c in cases})
 
     def save(done: bool) -> None:
         results["complete"] = done
@@ -520,7 +546,9 @@ def main():
         results["resume"] = r = run_resume(folder, ckpt, work, args.num_cpus, args.files_per_shard, logs)
         problems += check("resume_rerun", r["rerun"], args.files_small, args.files_small)
         save(False)
-    ratios = {}
+    ratios = {k: v for k, v in earlier.get("ratios", {}).items()
+              if not any(k.startswith(prefix) for c in cases for prefix in CASE_RATIOS[c])}
+    problems = [p for p in earlier.get("problems", []) if not any(p.startswith(c) for c in cases)] + problems
     if "manifest" in cases:
         big, small = results["manifest_1m"], results["manifest_10k"]
         ratios["driver_peak_memory_1m_vs_10k"] = big["driver_peak_rss_mb"] / small["driver_peak_rss_mb"]
