@@ -563,6 +563,14 @@ def mixup_cutmix(images: torch.Tensor, labels: torch.Tensor, num_classes: int, m
     Returns:
         The mixed images (a new tensor; the input when nothing is mixed) and (B, K) float32
         soft targets whose rows sum to 1.
+
+    Kept over the libraries (``bench/library_swaps.py``, part ``mixup``): given this lam and
+    box, torchvision's ``v2.MixUp`` / ``CutMix`` and timm's ``Mixup`` give the same images and
+    targets (within 1.2e-7), but neither draws from a generator it is given; timm's refuses
+    odd batches (an epoch's last batch can be one) and its box is one pixel longer where
+    sqrt(1 - lam) * side is odd (this box is torchvision's); torchvision pairs each image
+    with the one before it, has no smoothing, and took about twice this function's CPU time
+    on 64 x 3 x 224 x 224 (timm: the same to within the noise).
     """
     off = label_smoothing / num_classes
     onehot = torch.full((labels.shape[0], num_classes), off, dtype=torch.float32, device=labels.device)
