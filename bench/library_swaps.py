@@ -408,7 +408,8 @@ def ramped_ema_multi_avg_fn(decay: float):
 
 
 def make_emas(model, decay: float) -> dict:
-    """name -> (EMA, update(ema, model, k) for the k-th update, 1-based, the averaged module)."""
+    """name -> (EMA, update(ema, model, k)) with ``update`` applying the k-th update (1-based);
+    each EMA holds its average in ``.module``."""
     from timm.utils import ModelEmaV3
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
@@ -678,6 +679,7 @@ def measure_mix_speed(batch: int, side: int, passes: int = 10) -> dict:
 
 
 def measure_mixing(trials: int) -> dict:
+    """The mixup part: agreement given the same draws, the CutMix box sides, the speeds."""
     out = {"num_classes": MIX_CLASSES, "label_smoothing": MIX_SMOOTHING,
            "agreement": {f"{b}x3x{s}x{s}": mix_agreement(b, s, trials) for b, s in ((16, 28), (8, 224))},
            "box_sides": [box_sides(side, lam) for side in (28, 224) for lam in (0.3, 0.5, 0.7)],
