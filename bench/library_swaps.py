@@ -1,4 +1,4 @@
-"""Should two hand-written pieces of imgcls give way to maintained library code?
+"""Should hand-written pieces of imgcls give way to maintained library code? Four are measured.
 
 1. BatchNorm folding: imgcls's ``models.fold_batchnorm`` (a torch.fx tracer that keeps
    every Conv2d, subclasses included, as one node, then ``fuse_conv_bn_eval`` on each
@@ -36,14 +36,60 @@
    type names of the errors it yields (or, for fsspec, that reading a listed member
    raises), and the error that escapes, if any.
 
+3. Model EMA (part ``ema``): imgcls's ``training.loop.ModelEMA`` (decay ramped as
+   min(decay, (1 + n) / (10 + n)), one fused ``_foreach_lerp_`` over the state's floats,
+   non-float buffers copied) against, for small_cnn at 28 px and efficientnet_lite0 and
+   mobilenet_v3_small at 224 px (random init, channels_last as training holds them):
+   - ``averaged_model``: ``torch.optim.swa_utils.AveragedModel(model,
+     multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)`` as documented (its first
+     update copies the model, then a constant decay);
+   - ``averaged_model_ramped``: AveragedModel with a ``multi_avg_fn`` holding imgcls's ramp
+     and buffer copy, updated once at construction so that its count matches;
+   - ``timm_ema_v3``: timm's ``ModelEmaV3(model, decay)`` (constant decay);
+   - ``timm_ema_v3_warmup``: ``ModelEmaV3(..., use_warmup=True, warmup_gamma=9,
+     warmup_power=1)`` updated with ``step=n + 2``, which is imgcls's ramp.
+   All follow one sequence of ``--ema-steps`` updates (default 50, decay ``--ema-decay``
+   0.999, so the ramp is in force throughout) of a model whose float state moves by noise
+   and whose BatchNorm step counts go up by one each step. ``max_abs_weight_diff`` is the
+   largest difference of each one's floats from imgcls's average (``max_abs_weight`` and
+   ``max_abs_change_of_weights`` give the scale), ``non_float_buffers_equal`` whether its
+   num_batches_tracked match. ``update_seconds`` (wall) and ``update_cpu_seconds`` (this
+   process's CPU time) are one update's, best of 10 passes, the five taking turns in each
+   pass. ``timm_import_seconds``: importing ``timm.utils`` in a fresh process that already
+   has torch (what each training worker would pay).
+
+4. MixUp / CutMix (part ``mixup``): imgcls's ``training.augment.mixup_cutmix`` (timm-style
+   batch mode, mixing with the reversed batch, smoothed soft targets) against torchvision's
+   ``transforms.v2.MixUp`` / ``CutMix`` / ``RandomChoice`` of both (label smoothing applied
+   to its targets afterwards, the same thing since mixing is linear) and timm's ``Mixup``
+   (mode 'batch'), 10 classes, smoothing 0.1.
+   - ``agreement``: for ``--mix-trials`` draws each of MixUp (alpha 0.8) and CutMix
+     (alpha 1), imgcls's lam and box are read back from its output and handed to the
+     libraries (torchvision through ``make_params``, timm by replacing its draws); the
+     largest differences of their mixed images and soft targets from imgcls's. timm pairs
+     with the reversed batch too and is compared directly; torchvision pairs sample i with
+     i - 1, so its row i is compared with imgcls on the pair (x_i, x_{i-1}) under the same
+     seed, which draws the same lam and box.
+   - ``box_sides``: the CutMix box's side, where no edge clips it, for fixed lam values
+     at 28 and 224 px, in each library (``side_asked`` = sqrt(1 - lam) * side).
+   - ``speed``: seconds (wall and CPU) per call on channels_last float batches of
+     128 x 3 x 28 x 28 and 64 x 3 x 224 x 224 (imgcls's training batches), best of 10
+     passes, every method taking turns in each pass; ``keeps_channels_last`` whether the
+     output keeps the augmentation's layout. timm mixes in place (as its train.py uses it);
+     the others return a new tensor.
+
 Ratios: ``fx_fuse_vs_imgcls_fold_<arch>`` is fuse's images/s over imgcls's (above 1:
 the library is faster); ``fsspec_tar_vs_iter_tar_seconds`` and
 ``fsspec_tar_gz_vs_iter_tar_gz_seconds`` are fsspec's seconds over iter_tar's (above 1:
-the library is slower). Images and tars are kept in ``--workdir`` and reused.
+the library is slower). ``<ema>_vs_imgcls_ema_update_seconds_<arch>`` and
+``torchvision_{mixup,cutmix,randomchoice}_vs_imgcls_seconds_<shape>`` /
+``timm_mixup_vs_imgcls_seconds_{mixup,cutmix,both}_<shape>`` are the library's seconds over
+imgcls's (above 1: the library is slower). Images and tars are kept in ``--workdir`` and reused.
 Run alone on a quiet machine:
     .venv/bin/python bench/library_swaps.py [--images 2000] [--batch-size 32] [--out bench/results/library_swaps.json]
     .venv/bin/python bench/library_swaps.py --quick --out /tmp/library_swaps.json  # a tiny run
     .venv/bin/python bench/library_swaps.py --parts tar  # one part again; the others' figures are kept
+    .venv/bin/python bench/library_swaps.py --parts ema,mixup  # needs timm (the dev extra)
 """
 
 import argparse
@@ -322,10 +368,332 @@ def bad_input_behaviour(reader: str, path: str) -> dict:
     return out
 
 
+# ---------------------------------------------------------------- model EMA and MixUp / CutMix
+
+def time_interleaved(calls: dict, passes: int, reps: int) -> dict:
+    """name -> {"seconds", "cpu_seconds"} per call of each zero-argument callable: the best of
+    ``passes`` timed runs of ``reps`` calls, the callables taking turns within each pass so
+    that a busy spell on the machine falls on all of them. ``cpu_seconds`` is this process's
+    CPU time, which a busy machine inflates less than wall time (it does not count waiting)."""
+    best = {name: {"seconds": float("inf"), "cpu_seconds": float("inf")} for name in calls}
+    for _ in range(passes):
+        for name, call in calls.items():
+            wall, cpu = time.perf_counter(), time.process_time()
+            for _ in range(reps):
+                call()
+            wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+            best[name]["seconds"] = min(best[name]["seconds"], wall / reps)
+            best[name]["cpu_seconds"] = min(best[name]["cpu_seconds"], cpu / reps)
+    return best
+
+
+EMA_ARCHS = (("small_cnn", 28), ("efficientnet_lite0", 224), ("mobilenet_v3_small", 224))
+
+
+def ramped_ema_multi_avg_fn(decay: float):
+    """AveragedModel's ``multi_avg_fn`` for imgcls's EMA: decay min(decay, (1 + n) / (10 + n)),
+    non-float buffers copied. ``n`` is AveragedModel's count of earlier updates, a tensor on
+    the parameters' device: the weight stays a tensor, so that a GPU never waits on it."""
+    import torch
+
+    @torch.no_grad()
+    def update(ema, current, n):
+        if ema[0].is_floating_point():
+            n = n.to(torch.float64)
+            torch._foreach_lerp_(ema, current, (1 - ((1 + n) / (10 + n)).clamp(max=decay)).to(ema[0].dtype))
+        else:
+            torch._foreach_copy_(ema, current)
+
+    return update
+
+
+def make_emas(model, decay: float) -> dict:
+    """name -> (EMA, update(ema, model, k)) with ``update`` applying the k-th update (1-based);
+    each EMA holds its average in ``.module``."""
+    from timm.utils import ModelEmaV3
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    from imgcls.training.loop import ModelEMA
+
+    ramped = AveragedModel(model, multi_avg_fn=ramped_ema_multi_avg_fn(decay), use_buffers=True)
+    ramped.update_parameters(model)  # its first update copies; imgcls's copy is made at construction
+    return {
+        "imgcls_ema": (ModelEMA(model, decay), lambda e, m, k: e.update(m)),
+        # timm's warm-up 1 - (1 + s / gamma) ** -power with gamma 9, power 1 is s / (9 + s):
+        # imgcls's (1 + k) / (10 + k) at s = k + 1, i.e. step = k + 2 (timm subtracts 1).
+        "timm_ema_v3_warmup": (ModelEmaV3(model, decay, use_warmup=True, warmup_gamma=9.0, warmup_power=1.0),
+                               lambda e, m, k: e.update(m, step=k + 2)),
+        "timm_ema_v3": (ModelEmaV3(model, decay), lambda e, m, k: e.update(m)),  # constant decay
+        "averaged_model": (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True),
+                           lambda e, m, k: e.update_parameters(m)),  # first update copies, then constant decay
+        "averaged_model_ramped": (ramped, lambda e, m, k: e.update_parameters(m)),
+    }
+
+
+def fake_step_(model, gen) -> None:
+    """A stand-in for one optimiser step: every float tensor of the state moves by a little
+    noise, the BatchNorm step counts go up by one."""
+    import torch
+
+    with torch.no_grad():
+        for v in model.state_dict().values():
+            if v.is_floating_point():
+                v.add_(torch.randn(v.shape, generator=gen), alpha=0.01)
+            else:
+                v.add_(1)
+
+
+def measure_ema(arch: str, size: int, decay: float, steps: int, passes: int = 10) -> dict:
+    """Each EMA's largest weight difference from imgcls's after ``steps`` updates of one
+    training-like sequence, and the seconds of one update (the EMAs take turns in each pass)."""
+    import torch
+
+    from imgcls.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model(arch, 10, image_size=size).to(memory_format=torch.channels_last)  # as training holds it
+    emas = make_emas(model, decay)
+    gen = torch.Generator().manual_seed(0)
+    for k in range(1, steps + 1):
+        fake_step_(model, gen)
+        for ema, update in emas.values():
+            update(ema, model, k)
+    ref = emas["imgcls_ema"][0].module.state_dict()
+    out = {"image_size": size, "decay": decay, "updates": steps,
+           "tensors": len(ref), "floats": sum(v.numel() for v in ref.values() if v.is_floating_point()),
+           "max_abs_weight": max(float(v.abs().max()) for v in ref.values() if v.is_floating_point()),
+           "max_abs_change_of_weights": max(float((v - w).abs().max()) for v, w in zip(
+               ref.values(), model.state_dict().values()) if v.is_floating_point())}
+    for name, (ema, _) in emas.items():
+        if name == "imgcls_ema":
+            continue
+        got = ema.module.state_dict()
+        floats = [k for k, v in ref.items() if v.is_floating_point()]
+        others = [k for k in ref if k not in floats]
+        out[name] = {"max_abs_weight_diff": max(float((ref[k] - got[k]).abs().max()) for k in floats),
+                     "non_float_buffers_equal": all(torch.equal(ref[k], got[k]) for k in others),
+                     "non_float_buffers": {k: int(got[k]) for k in others[:1]} if others else {},
+                     "requires_grad_left": sum(p.requires_grad for p in ema.module.parameters())}
+    if any(not v.is_floating_point() for v in ref.values()):
+        out["imgcls_ema_non_float_buffer"] = int(next(v for v in ref.values() if not v.is_floating_point()))
+    # Speed: one update of each, with the weights as the sequence left them.
+    timed = time_interleaved({name: (lambda e, u: lambda: u(e, model, steps + 1))(ema, update)
+                              for name, (ema, update) in emas.items()}, passes, 20 if size <= 64 else 3)
+    for name, t in timed.items():
+        out.setdefault(name, {}).update(update_seconds=t["seconds"], update_cpu_seconds=t["cpu_seconds"])
+    return out
+
+
+def timm_import_seconds() -> float:
+    """Seconds to import timm's EMA in a fresh process that has torch and torchvision already
+    (``timm.utils`` imports all of timm, its model registry included)."""
+    probe = ("import time, torch, torchvision; t = time.perf_counter(); import timm.utils; "
+             "print(time.perf_counter() - t)")
+    return float(subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                                check=True).stdout.split()[-1])
+
+
+# ---------------------------------------------------------------- MixUp / CutMix
+
+MIX_SHAPES = ((128, 28), (64, 224))  # (batch, side): imgcls's training batches at 28 and 224 px
+MIX_CLASSES, MIX_SMOOTHING = 10, 0.1
+
+
+def smoothed(labels, num_classes: int, smoothing: float):
+    """timm's (and imgcls's) smoothed one-hot targets: off s / K, on 1 - s + s / K."""
+    import torch
+
+    off = smoothing / num_classes
+    return torch.full((len(labels), num_classes), off).scatter_(1, labels.view(-1, 1), 1 - smoothing + off)
+
+
+def torchvision_with(kind: str, params: dict, num_classes: int):
+    """torchvision's MixUp or CutMix whose lam (and box) are ``params`` instead of random."""
+    from torchvision.transforms import v2
+
+    t = (v2.MixUp if kind == "mixup" else v2.CutMix)(num_classes=num_classes)
+    t.make_params = lambda flat_inputs: params
+    return t
+
+
+def recover_mix(images, mixed, targets, labels, smoothing: float, num_classes: int) -> dict:
+    """imgcls's draw, read back from its output: lam from row 0's target, the CutMix box
+    from where row 0 changed (the images are distinct random floats)."""
+    import torch
+
+    off = smoothing / num_classes
+    lam = float((targets[0, labels[0]] - off) / (1 - smoothing))
+    changed = (mixed[0] != images[0]).any(0)  # (H, W)
+    if changed.all() or not changed.any():  # MixUp (or nothing pasted)
+        return {"kind": "mixup", "lam": lam}
+    rows, cols = torch.nonzero(changed.any(1))[:, 0], torch.nonzero(changed.any(0))[:, 0]
+    y1, y2, x1, x2 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+    return {"kind": "cutmix", "lam": lam, "box": (x1, y1, x2, y2)}
+
+
+def mix_agreement(batch: int, side: int, trials: int) -> dict:
+    """Largest differences of torchvision's and timm's mixed images and soft targets from
+    imgcls's, each library given the lam and box imgcls drew.
+
+    timm pairs each sample with the reversed batch, as imgcls does: its output is compared
+    with imgcls's directly. torchvision pairs sample i with sample i - 1 (``roll(1, 0)``):
+    its row i is compared with imgcls on the two-sample batch (x_i, x_{i-1}) under the same
+    generator seed, which draws the same lam and box and mixes exactly that pair.
+    """
+    import timm.data.mixup as timm_mixup
+    import torch
+
+    from imgcls.training.augment import mixup_cutmix
+
+    gen = torch.Generator().manual_seed(0)
+    out = {}
+    for kind, alphas in (("mixup", (0.8, 0.0)), ("cutmix", (0.0, 1.0))):
+        worst = {"torchvision_images": 0.0, "torchvision_targets": 0.0, "timm_images": 0.0, "timm_targets": 0.0}
+        lams = []
+        for t in range(trials):
+            images = torch.rand(batch, 3, side, side, generator=gen)
+            labels = torch.randperm(batch, generator=gen) % MIX_CLASSES
+            labels[-1] = (labels[0] + 1) % MIX_CLASSES  # row 0's partner has another class, for recover_mix
+            seed = 1000 + t
+            mixed, targets = mixup_cutmix(images, labels, MIX_CLASSES, *alphas, MIX_SMOOTHING,
+                                          generator=torch.Generator().manual_seed(seed))
+            drawn = recover_mix(images, mixed, targets, labels, MIX_SMOOTHING, MIX_CLASSES)
+            lams.append(drawn["lam"])
+            # torchvision, with its own pairing, against imgcls on each pair.
+            params = {"lam": drawn["lam"]} if kind == "mixup" else {"box": drawn["box"],
+                                                                      "lam_adjusted": drawn["lam"]}
+            tv = torchvision_with(kind, params, MIX_CLASSES)
+            tv_images, tv_targets = tv(images, smoothed(labels, MIX_CLASSES, MIX_SMOOTHING))
+            prev = torch.arange(batch).roll(1)
+            pair_images, pair_targets = [], []
+            for i in range(batch):
+                pi, pt = mixup_cutmix(images[[i, int(prev[i])]], labels[[i, int(prev[i])]], MIX_CLASSES, *alphas,
+                                      MIX_SMOOTHING, generator=torch.Generator().manual_seed(seed))
+                pair_images.append(pi[0])
+                pair_targets.append(pt[0])
+            worst["torchvision_images"] = max(worst["torchvision_images"],
+                                              float((tv_images - torch.stack(pair_images)).abs().max()))
+            worst["torchvision_targets"] = max(worst["torchvision_targets"],
+                                               float((tv_targets - torch.stack(pair_targets)).abs().max()))
+            # timm, its lam and box replaced by imgcls's (it mixes in place: give it a copy).
+            mixer = timm_mixup.Mixup(mixup_alpha=alphas[0], cutmix_alpha=alphas[1], label_smoothing=MIX_SMOOTHING,
+                                     num_classes=MIX_CLASSES)
+            mixer._params_per_batch = lambda: (drawn["lam"], kind == "cutmix")
+            saved = timm_mixup.cutmix_bbox_and_lam
+            if kind == "cutmix":
+                x1, y1, x2, y2 = drawn["box"]
+                timm_mixup.cutmix_bbox_and_lam = lambda *a, **k: ((y1, y2, x1, x2), drawn["lam"])
+            try:
+                tm_images, tm_targets = mixer(images.clone(), labels)
+            finally:
+                timm_mixup.cutmix_bbox_and_lam = saved
+            worst["timm_images"] = max(worst["timm_images"], float((tm_images - mixed).abs().max()))
+            worst["timm_targets"] = max(worst["timm_targets"], float((tm_targets - targets).abs().max()))
+        out[kind] = {"trials": trials, "lam_range": [min(lams), max(lams)], "max_abs_diff": worst}
+    return out
+
+
+def box_sides(side: int, lam: float, draws: int = 300) -> dict:
+    """The side of each library's CutMix box for one lam, where the box is not clipped by the
+    image's edge (the largest over random centres), and the side sqrt(1 - lam) * side asks for."""
+    import math
+
+    import numpy as np
+    import timm.data.mixup as timm_mixup
+    import torch
+    from torchvision.transforms import v2
+
+    from imgcls.training import augment
+
+    tv = v2.CutMix(num_classes=MIX_CLASSES)
+    tv._dist = type("FixedLam", (), {"sample": lambda self, shape: torch.tensor(lam)})()
+    x = torch.zeros(2, 3, side, side)
+    tv_side = max((lambda b: b[2] - b[0])(tv.make_params([x])["box"]) for _ in range(draws))
+    np.random.seed(0)
+    timm_side = max(int(b[0][3] - b[0][2]) for b in (timm_mixup.cutmix_bbox_and_lam(x.shape, lam)
+                                                     for _ in range(draws)))
+    # imgcls draws its lam from a numpy Generator seeded from the torch one: fix it for this probe.
+    fixed = type("FixedBeta", (), {"beta": lambda self, a, b: lam})()
+    real = augment.np.random.default_rng
+    augment.np.random.default_rng = lambda seed: fixed
+    try:
+        gen = torch.Generator().manual_seed(0)
+        ones, zeros = torch.ones(1, 1, side, side), torch.zeros(1, 1, side, side)
+        imgcls_side = 0
+        for _ in range(draws):
+            mixed, _ = augment.mixup_cutmix(torch.cat([zeros, ones]), torch.tensor([0, 1]), 2, 0.0, 1.0,
+                                            generator=gen)
+            imgcls_side = max(imgcls_side, int((mixed[0, 0] == 1).any(0).sum()))
+    finally:
+        augment.np.random.default_rng = real
+    return {"lam": lam, "side_asked": math.sqrt(1 - lam) * side, "imgcls": imgcls_side,
+            "torchvision": int(tv_side), "timm": timm_side}
+
+
+def mix_methods(num_classes: int, smoothing: float, mixup_alpha: float, cutmix_alpha: float) -> dict:
+    """name -> fn(images, labels, generator) -> (mixed, soft targets) for each way of mixing,
+    all giving timm-style smoothed soft targets."""
+    import torch
+    from timm.data.mixup import Mixup
+    from torchvision.transforms import v2
+
+    from imgcls.training.augment import mixup_cutmix
+
+    def tv(transform):
+        def run(x, y, gen):
+            mixed, targets = transform(x, y)
+            return mixed, targets.mul_(1 - smoothing).add_(smoothing / num_classes)  # smoothing, after the mix
+        return run
+
+    mixup, cutmix = v2.MixUp(alpha=mixup_alpha, num_classes=num_classes), v2.CutMix(alpha=cutmix_alpha,
+                                                                                     num_classes=num_classes)
+    timm_modes = {"mixup": (mixup_alpha, 0.0), "cutmix": (0.0, cutmix_alpha), "both": (mixup_alpha, cutmix_alpha)}
+    out = {}
+    for mode, alphas in timm_modes.items():
+        out[f"imgcls_{mode}"] = (lambda a: lambda x, y, gen: mixup_cutmix(x, y, num_classes, *a, smoothing,
+                                                                          generator=gen))(alphas)
+        timm = Mixup(*alphas, label_smoothing=smoothing, num_classes=num_classes)
+        out[f"timm_{mode}"] = (lambda m: lambda x, y, gen: m(x, y))(timm)  # in place, as timm's train.py uses it
+    out["torchvision_mixup"] = tv(mixup)
+    out["torchvision_cutmix"] = tv(cutmix)
+    out["torchvision_randomchoice"] = tv(v2.RandomChoice([mixup, cutmix]))
+    return out
+
+
+def measure_mix_speed(batch: int, side: int, passes: int = 10) -> dict:
+    """Seconds per call of each way of mixing a (batch, 3, side, side) channels_last float
+    batch (what the augmentation hands on); the ways take turns within each pass."""
+    import torch
+
+    methods = mix_methods(MIX_CLASSES, MIX_SMOOTHING, 0.8, 1.0)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(batch, 3, side, side, generator=gen).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(MIX_CLASSES, (batch,), generator=gen)
+    torch.manual_seed(0)
+    layout = {name: fn(x.clone(memory_format=torch.channels_last), y, gen)[0].is_contiguous(
+        memory_format=torch.channels_last) for name, fn in methods.items()}
+    # timm mixes in place: x drifts over the calls, but stays within the same range.
+    timed = time_interleaved({name: (lambda f: lambda: f(x, y, gen))(fn) for name, fn in methods.items()},
+                             passes, 20 if side <= 64 else 3)
+    return {name: {**timed[name], "keeps_channels_last": layout[name]} for name in methods}
+
+
+def measure_mixing(trials: int) -> dict:
+    """The mixup part: agreement given the same draws, the CutMix box sides, the speeds."""
+    out = {"num_classes": MIX_CLASSES, "label_smoothing": MIX_SMOOTHING,
+           "agreement": {f"{b}x3x{s}x{s}": mix_agreement(b, s, trials) for b, s in ((16, 28), (8, 224))},
+           "box_sides": [box_sides(side, lam) for side in (28, 224) for lam in (0.3, 0.5, 0.7)],
+           "speed": {f"{b}x3x{s}x{s}": measure_mix_speed(b, s) for b, s in MIX_SHAPES}}
+    return out
+
+
 # ---------------------------------------------------------------- main
 
 # Each part's results section and the prefixes of the ratio names it writes (for --parts).
-PARTS = {"tar": ("tar_reading", ("fsspec_tar",)), "fold": ("batchnorm_folding", ("fx_fuse_vs",))}
+PARTS = {"tar": ("tar_reading", ("fsspec_tar",)), "fold": ("batchnorm_folding", ("fx_fuse_vs",)),
+         "ema": ("model_ema", ("averaged_model_vs", "averaged_model_ramped_vs", "timm_ema_v3")),
+         "mixup": ("mixup_cutmix", ("torchvision_mixup", "torchvision_cutmix", "torchvision_randomchoice",
+                                    "timm_mixup"))}
 
 
 def main():
@@ -336,6 +704,10 @@ def main():
     p.add_argument("--parts", default=",".join(PARTS),
                    help=f"comma-separated parts to run, of {', '.join(PARTS)}; the --out file's other parts "
                         "(sections and ratios) are kept, each part's run date in 'part_runs'")
+    p.add_argument("--ema-steps", type=int, default=None, help="EMA updates compared (default 50; 10 with --quick)")
+    p.add_argument("--ema-decay", type=float, default=0.999)
+    p.add_argument("--mix-trials", type=int, default=None,
+                   help="MixUp and CutMix draws compared per shape (default 10; 2 with --quick)")
     p.add_argument("--workdir", default="out/bench-swaps")
     p.add_argument("--out", default="bench/results/library_swaps.json")
     args = p.parse_args()
@@ -383,6 +755,24 @@ def main():
             if "images_per_s" in r["fx_fuse"] and "images_per_s" in r["imgcls_fold"]:
                 ratios[f"fx_fuse_vs_imgcls_fold_{arch}"] = (r["fx_fuse"]["images_per_s"]
                                                             / r["imgcls_fold"]["images_per_s"])
+    if "ema" in parts:
+        steps = args.ema_steps or (10 if args.quick else 50)
+        results["model_ema"] = {arch: measure_ema(arch, size, args.ema_decay, steps) for arch, size in EMA_ARCHS}
+        results["model_ema"]["timm_import_seconds"] = min(timm_import_seconds() for _ in range(3))
+        for arch, _ in EMA_ARCHS:
+            r = results["model_ema"][arch]
+            for name in ("averaged_model", "averaged_model_ramped", "timm_ema_v3", "timm_ema_v3_warmup"):
+                ratios[f"{name}_vs_imgcls_ema_update_seconds_{arch}"] = (r[name]["update_seconds"]
+                                                                          / r["imgcls_ema"]["update_seconds"])
+    if "mixup" in parts:
+        results["mixup_cutmix"] = measure_mixing(args.mix_trials or (2 if args.quick else 10))
+        for shape, r in results["mixup_cutmix"]["speed"].items():
+            for lib, mode in (("torchvision_mixup", "mixup"), ("torchvision_cutmix", "cutmix"),
+                              ("torchvision_randomchoice", "both")):
+                ratios[f"{lib}_vs_imgcls_seconds_{shape}"] = r[lib]["seconds"] / r[f"imgcls_{mode}"]["seconds"]
+            for mode in ("mixup", "cutmix", "both"):
+                ratios[f"timm_mixup_vs_imgcls_seconds_{mode}_{shape}"] = (r[f"timm_{mode}"]["seconds"]
+                                                                        / r[f"imgcls_{mode}"]["seconds"])
     results["ratios"] = ratios
     if os.path.dirname(args.out):
         os.makedirs(os.path.dirname(args.out), exist_ok=True)
@@ -392,6 +782,9 @@ def main():
         print_fold(results, batch)
     if "tar" in parts:
         print_tar(results["tar_reading"], images)
+    for part in ("ema", "mixup"):
+        if part in parts:
+            print(json.dumps(results[PARTS[part][0]], indent=1))
     print("ratios: " + json.dumps(ratios, indent=2))
     print(f"wrote {args.out}")
 

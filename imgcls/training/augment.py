@@ -563,6 +563,14 @@ def mixup_cutmix(images: torch.Tensor, labels: torch.Tensor, num_classes: int, m
     Returns:
         The mixed images (a new tensor; the input when nothing is mixed) and (B, K) float32
         soft targets whose rows sum to 1.
+
+    Kept over the libraries (``bench/library_swaps.py``, part ``mixup``): given this lam and
+    box, torchvision's ``v2.MixUp`` / ``CutMix`` and timm's ``Mixup`` give the same images and
+    targets (within 1.2e-7), but neither draws from a generator it is given; timm's refuses
+    odd batches (an epoch's last batch can be one) and its box is one pixel longer where
+    sqrt(1 - lam) * side is odd (this box is torchvision's); torchvision pairs each image
+    with the one before it, has no smoothing, and took about twice this function's CPU time
+    on 64 x 3 x 224 x 224 (timm: the same to within the noise).
     """
     off = label_smoothing / num_classes
     onehot = torch.full((labels.shape[0], num_classes), off, dtype=torch.float32, device=labels.device)
@@ -576,7 +584,8 @@ def mixup_cutmix(images: torch.Tensor, labels: torch.Tensor, num_classes: int, m
     seed = int(torch.randint(2 ** 62, (1,), device=dev, generator=generator).item())
     alpha = cutmix_alpha if use_cutmix else mixup_alpha
     lam = float(np.random.default_rng(seed).beta(alpha, alpha))
-    reverse = images.flip(0)
+    # One new batch-sized tensor each way (a fresh large allocation costs page faults): only
+    # the box is reversed for CutMix, and MixUp blends into the reversed copy in place.
     if use_cutmix:
         h, w = images.shape[-2:]
         ratio = math.sqrt(1 - lam)
@@ -585,10 +594,10 @@ def mixup_cutmix(images: torch.Tensor, labels: torch.Tensor, num_classes: int, m
         y0, y1 = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, h)
         x0, x1 = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, w)
         mixed = images.clone()
-        mixed[..., y0:y1, x0:x1] = reverse[..., y0:y1, x0:x1]
+        mixed[..., y0:y1, x0:x1] = images[..., y0:y1, x0:x1].flip(0)
         lam = 1 - (y1 - y0) * (x1 - x0) / (h * w)
     else:
-        mixed = torch.lerp(reverse, images, lam)  # lam * images + (1 - lam) * reverse
+        mixed = images.flip(0).lerp_(images, lam)  # lam * images + (1 - lam) * reversed
     return mixed, onehot * lam + onehot.flip(0) * (1 - lam)
 
 

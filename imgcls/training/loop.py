@@ -127,6 +127,16 @@ class ModelEMA:
     The decay ramps up as ``(1 + n) / (10 + n)`` over the first updates (as TensorFlow's
     and timm's EMA do), so that a short run's average is not dominated by its random
     initial weights. All tensors are updated in one fused ``_foreach_lerp_``.
+
+    Kept over the libraries (``bench/library_swaps.py``, part ``ema``): torch's
+    ``AveragedModel`` with ``get_ema_multi_avg_fn`` has no ramp and copies the model at its
+    first update (0.29-0.32 largest weight difference after 50 updates at decay 0.999, on
+    weights up to 1.4) and averages num_batches_tracked as a float, truncated back to the
+    count it copied; given this ramp as its ``multi_avg_fn`` it is exact, but then the update
+    is this code again. timm's ``ModelEmaV3(use_warmup=True, warmup_gamma=9,
+    warmup_power=1)`` updated with ``step=updates + 2`` is exact too (bitwise, same update
+    code), but would make timm a core dependency (about 26 MB with huggingface_hub and
+    hf-xet, and an import of timm's whole model registry in every training worker).
     """
 
     def __init__(self, model: nn.Module, decay: float):
