@@ -36,6 +36,38 @@ Where the meaning differs from the torchvision presets, it is on purpose:
   scale of one interpolation step.
 * Colour ops work on float 0..255 and do not truncate to uint8 between ops; each matches
   ``torchvision.transforms.v2.functional`` on uint8 images to within 1.
+
+Kept against the libraries (``bench/library_swaps.py --parts augment``): milliseconds a
+batch from uint8 to normalised float on 2 cores, best of 5 with the methods taking turns,
+on a machine other jobs kept at a load of 12-14 (so only the large gaps count):
+
+=================  ==============================  ===============================
+mode               28 px, batch 128                224 px, batch 32
+                   imgcls / Kornia / v2 loop       imgcls / Kornia / v2 loop
+=================  ==============================  ===============================
+none               0.2 / 1.3 / 7.2                 7.4 / 45.5 / 665
+light              8.8 / 4.0 / 317                 37.8 / 268 / 494
+standard           4.6 / 163 / 1,966               289 / 675 / 2,675
+trivialaugment     37.5 / 86.2 / 1,494             574 / 759 / 3,301
+randaugment        696 / 168 / 3,959               871 / 1,768 / 4,813
+=================  ==============================  ===============================
+
+* ``kornia.augmentation`` draws crop, flip and affine parameters per sample, but its
+  ``auto.TrivialAugment`` and ``auto.RandAugment`` pick their op kinds once per call:
+  every image of a batch gets the same op (or the same two), only magnitudes and signs
+  vary, which is not per-sample TrivialAugment or RandAugment. It is 1.3-7x slower at
+  224 px in every mode, 7x in ``light``, the fine-tune recipe's. At 28 px it timed
+  faster in ``light`` and ``randaugment``, figures the load may have skewed (the same
+  imgcls randaugment took 9 ms a batch of 16 in a smoke run); no recipe uses either at
+  28 px.
+* torchvision's v2 transforms called on a batch draw one set of parameters for the whole
+  batch; per-sample parameters need a loop over the images, 5.5-430x slower.
+* Trained with either augmentation, the fine-tune recipe (``light``) scores the same on
+  bench/finetune.py's ``photos_25`` set: test accuracy 1.0 with each, seeds 0 and 1
+  (Kornia's ops swapped into both training workers). That set is saturated (every method
+  scores 1.0 in bench/results/finetune.json): it shows that Kornia's ops would not lose
+  accuracy there, not that they gain any. The Fashion-MNIST recipe trains with ``none``,
+  nothing to swap.
 """
 
 from __future__ import annotations
