@@ -39,7 +39,8 @@ Where the meaning differs from the torchvision presets, it is on purpose:
 
 Kept against the libraries (``bench/library_swaps.py --parts augment``): milliseconds a
 batch from uint8 to normalised float on 2 cores, best of 5 with the methods taking turns,
-on a machine other jobs kept at a load of 12-14 (so only the large gaps count):
+on a machine other jobs kept at a load of 12-14, so only the large gaps count (the run
+in bench/results/library_swaps.json):
 
 =================  ==============================  ===============================
 mode               28 px, batch 128                224 px, batch 32
@@ -55,13 +56,16 @@ randaugment        696 / 168 / 3,959               871 / 1,768 / 4,813
 * ``kornia.augmentation`` draws crop, flip and affine parameters per sample, but its
   ``auto.TrivialAugment`` and ``auto.RandAugment`` pick their op kinds once per call:
   every image of a batch gets the same op (or the same two), only magnitudes and signs
-  vary, which is not per-sample TrivialAugment or RandAugment. It is 1.3-7x slower at
-  224 px in every mode, 7x in ``light``, the fine-tune recipe's. At 28 px it timed
-  faster in ``light`` and ``randaugment``, figures the load may have skewed (the same
-  imgcls randaugment took 9 ms a batch of 16 in a smoke run); no recipe uses either at
-  28 px.
+  vary, which is not per-sample TrivialAugment or RandAugment, and cheaper: a second
+  timing run (load 9-15) had Kornia faster in those two at 224 px (638 against 747 ms,
+  912 against 1,588) and again in randaugment at 28 px (168 against 475). In ``light``,
+  the fine-tune recipe's (the only augmenting preset in jobs/configs), Kornia's same ops were 7x
+  and 14x slower at 224 px in the two runs (268 against 38 ms, 387 against 28 ms); at
+  28 px the runs disagree (4.0 against 8.8 ms, then 61.5 against 0.4 ms). ``none`` and
+  ``standard`` were 2-46x slower in both runs.
 * torchvision's v2 transforms called on a batch draw one set of parameters for the whole
-  batch; per-sample parameters need a loop over the images, 5.5-430x slower.
+  batch; per-sample parameters need a loop over the images, 1.8-1,400x slower in every
+  augmenting preset in both runs.
 * Trained with either augmentation, the fine-tune recipe (``light``) scores the same on
   bench/finetune.py's ``photos_25`` set: test accuracy 1.0 with each, seeds 0 and 1
   (Kornia's ops swapped into both training workers). That set is saturated (every method
