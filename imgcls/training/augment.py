@@ -38,34 +38,33 @@ Where the meaning differs from the torchvision presets, it is on purpose:
   ``torchvision.transforms.v2.functional`` on uint8 images to within 1.
 
 Kept against the libraries (``bench/library_swaps.py --parts augment``): milliseconds a
-batch from uint8 to normalised float on 2 cores, best of 5 with the methods taking turns,
-on a machine other jobs kept at a load of 12-14, so only the large gaps count (the run
-in bench/results/library_swaps.json):
+batch from uint8 to normalised float, best of 5-7 with the methods taking turns. The
+benchmark's own runs (2 threads) met a machine other jobs kept at a load of 9-15, where
+every parallel kernel waits for both threads to be scheduled: imgcls's randaugment at
+28 px took 475-740 ms a batch there against 5 ms on one thread, so those figures
+(bench/results/library_swaps.json) rank the methods by kernel count more than by work.
+One thread, the same load, imgcls / Kornia:
 
-=================  ==============================  ===============================
-mode               28 px, batch 128                224 px, batch 32
-                   imgcls / Kornia / v2 loop       imgcls / Kornia / v2 loop
-=================  ==============================  ===============================
-none               0.2 / 1.3 / 7.2                 7.4 / 45.5 / 665
-light              8.8 / 4.0 / 317                 37.8 / 268 / 494
-standard           4.6 / 163 / 1,966               289 / 675 / 2,675
-trivialaugment     37.5 / 86.2 / 1,494             574 / 759 / 3,301
-randaugment        696 / 168 / 3,959               871 / 1,768 / 4,813
-=================  ==============================  ===============================
+=================  ===================  ===================
+mode               28 px, batch 128     224 px, batch 32
+=================  ===================  ===================
+none               0.1 / 1.0            2.0 / 25.1
+light              0.5 / 3.7            8.4 / 38.1
+standard           1.8 / 7.1            81.9 / 80.3
+trivialaugment     3.4 / 5.1            61.0 / 39.9
+randaugment        4.9 / 7.6            111.6 / 122.2
+=================  ===================  ===================
 
 * ``kornia.augmentation`` draws crop, flip and affine parameters per sample, but its
   ``auto.TrivialAugment`` and ``auto.RandAugment`` pick their op kinds once per call:
   every image of a batch gets the same op (or the same two), only magnitudes and signs
-  vary, which is not per-sample TrivialAugment or RandAugment, and cheaper: a second
-  timing run (load 9-15) had Kornia faster in those two at 224 px (638 against 747 ms,
-  912 against 1,588) and again in randaugment at 28 px (168 against 475). In ``light``,
-  the fine-tune recipe's (the only augmenting preset in jobs/configs), Kornia's same ops were 7x
-  and 14x slower at 224 px in the two runs (268 against 38 ms, 387 against 28 ms); at
-  28 px the runs disagree (4.0 against 8.8 ms, then 61.5 against 0.4 ms). ``none`` and
-  ``standard`` were 2-46x slower in both runs.
+  vary. That is not per-sample TrivialAugment or RandAugment, and it is cheaper (hence
+  Kornia's 0.65x in trivialaugment at 224 px). In ``none`` and ``light``, the presets
+  the recipes in jobs/configs use, Kornia is 4.5-12x slower; in ``standard``, the same
+  ops per sample, 4x slower at 28 px and even at 224 px.
 * torchvision's v2 transforms called on a batch draw one set of parameters for the whole
-  batch; per-sample parameters need a loop over the images, 1.8-1,400x slower in every
-  augmenting preset in both runs.
+  batch; per-sample parameters need a loop over the images, 1.8-1,400x slower than
+  imgcls in every augmenting preset in the benchmark's two runs.
 * Trained with either augmentation, the fine-tune recipe (``light``) scores the same on
   bench/finetune.py's ``photos_25`` set: test accuracy 1.0 with each, seeds 0 and 1
   (Kornia's ops swapped into both training workers). That set is saturated (every method
