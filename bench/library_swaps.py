@@ -51,7 +51,9 @@
    (B, H, W, 3) in the stored geometry (``augment.stored_geometry``) to normalised float
    (B, 3, S, S), at 28 px batch 128 (the Fashion-MNIST recipe's size and batch) and 224 px
    batch 32 (the fine-tune recipe's size): the best of 5 passes, the methods taking turns
-   within each pass, so that load from elsewhere falls on all of them alike.
+   within each pass, so that load from elsewhere falls on all of them alike; then imgcls
+   and Kornia again on one thread (``speed_one_thread``, best of 7), which a busy machine
+   skews less: there each parallel kernel waits for all its threads to be scheduled.
    Accuracy: the Fashion-MNIST recipe trains with ``augment: none``, where there is
    nothing to swap; the fine-tune recipe (``augment: light``) is trained on
    bench/finetune.py's ``photos_25`` set for each of ``--augment-seeds``, once with
@@ -66,7 +68,8 @@ the library is faster); ``fsspec_tar_vs_iter_tar_seconds`` and
 ``fsspec_tar_gz_vs_iter_tar_gz_seconds`` are fsspec's seconds over iter_tar's (above 1:
 the library is slower); ``kornia_vs_imgcls_augment_seconds_<mode>_<size>`` and
 ``v2_loop_vs_imgcls_augment_seconds_<mode>_<size>`` are the library's seconds a batch
-over imgcls's (above 1: the library is slower). Images and tars are kept in
+over imgcls's (above 1: the library is slower), ``kornia_vs_imgcls_augment_seconds_one_thread_*``
+the same on one thread. Images and tars are kept in
 ``--workdir`` and reused.
 Run alone on a quiet machine:
     .venv/bin/python bench/library_swaps.py [--images 2000] [--batch-size 32] [--out bench/results/library_swaps.json]
@@ -454,15 +457,16 @@ def augment_methods(image_size: int, augment: str) -> dict:
     }
 
 
-def time_augment(image_size: int, batch: int, augment: str, passes: int = 5) -> dict:
-    """Seconds a batch for each method, best of ``passes``; the methods take turns within each pass."""
+def time_augment(image_size: int, batch: int, augment: str, passes: int = 5, only=None) -> dict:
+    """Seconds a batch for each method (or those named in ``only``), best of ``passes``; the methods take
+    turns within each pass."""
     import torch
 
     from imgcls.training.augment import stored_geometry
 
     side = stored_geometry(image_size, augment)[1]
     images = torch.randint(0, 256, (batch, side, side, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    methods = augment_methods(image_size, augment)
+    methods = {k: v for k, v in augment_methods(image_size, augment).items() if only is None or k in only}
     best = dict.fromkeys(methods, float("inf"))
     out = {"stored_side": side}
     for method in methods.values():
@@ -548,6 +552,7 @@ def augment_accuracy(seeds, workdir: str, set_name: str = "photos_25") -> dict:
 
 def measure_augment(seeds, workdir: str, quick: bool) -> dict:
     import kornia
+    import torch
     import torchvision
 
     speed = {}
@@ -558,8 +563,18 @@ def measure_augment(seeds, workdir: str, quick: bool) -> dict:
             print(f"augment {augment} {size} px, batch {batch}: " + ", ".join(
                 f"{m} {r['seconds'] * 1e3:.1f} ms" for m, r in speed[f"{augment}_{size}"].items()
                 if isinstance(r, dict)), flush=True)
+    # One thread as well: on a busy machine every parallel kernel waits for both threads to be
+    # scheduled, which charges the methods by kernel count rather than by work.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    speed_1 = {}
+    for size, batch in ((AUGMENT_CASES[0][0], 16), (64, 8)) if quick else AUGMENT_CASES:
+        for augment in AUGMENT_MODES:
+            speed_1[f"{augment}_{size}"] = {"image_size": size, "batch": batch,
+                                            **time_augment(size, batch, augment, 2 if quick else 7, ("imgcls", "kornia"))}
+    torch.set_num_threads(threads)
     out = {"kornia_version": kornia.__version__, "torchvision_version": torchvision.__version__,
-           "speed": speed, "kornia_policy_ops_per_batch_call": policy_ops_per_call()}
+           "speed": speed, "speed_one_thread": speed_1, "kornia_policy_ops_per_batch_call": policy_ops_per_call()}
     if seeds:
         out["accuracy"] = augment_accuracy(seeds, os.path.join(workdir, "augment-finetune"))
     return out
@@ -640,6 +655,9 @@ def main():
         for case, r in results["training_augmentation"]["speed"].items():
             for library in ("kornia", "v2_loop"):
                 ratios[f"{library}_vs_imgcls_augment_seconds_{case}"] = r[library]["seconds"] / r["imgcls"]["seconds"]
+        for case, r in results["training_augmentation"]["speed_one_thread"].items():
+            ratios[f"kornia_vs_imgcls_augment_seconds_one_thread_{case}"] = (r["kornia"]["seconds"]
+                                                                            / r["imgcls"]["seconds"])
     results["ratios"] = ratios
     if os.path.dirname(args.out):
         os.makedirs(os.path.dirname(args.out), exist_ok=True)

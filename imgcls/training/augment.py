@@ -37,34 +37,33 @@ Where the meaning differs from the torchvision presets, it is on purpose:
 * Colour ops work on float 0..255 and do not truncate to uint8 between ops; each matches
   ``torchvision.transforms.v2.functional`` on uint8 images to within 1.
 
-Kept against the libraries (``bench/library_swaps.py --parts augment``): milliseconds a
-batch from uint8 to normalised float, best of 5-7 with the methods taking turns. The
-benchmark's own runs (2 threads) met a machine other jobs kept at a load of 9-15, where
-every parallel kernel waits for both threads to be scheduled: imgcls's randaugment at
-28 px took 475-740 ms a batch there against 5 ms on one thread, so those figures
-(bench/results/library_swaps.json) rank the methods by kernel count more than by work.
-One thread, the same load, imgcls / Kornia:
+Kept against the libraries (``bench/library_swaps.py --parts augment``, figures in
+bench/results/library_swaps.json): milliseconds a batch from uint8 to normalised float,
+2 threads (best of 5) and 1 thread (best of 7), the methods taking turns, on a machine
+other jobs kept busy (load about 9). imgcls / Kornia / a v2 loop over the images:
 
-=================  ===================  ===================
-mode               28 px, batch 128     224 px, batch 32
-=================  ===================  ===================
-none               0.1 / 1.0            2.0 / 25.1
-light              0.5 / 3.7            8.4 / 38.1
-standard           1.8 / 7.1            81.9 / 80.3
-trivialaugment     3.4 / 5.1            61.0 / 39.9
-randaugment        4.9 / 7.6            111.6 / 122.2
-=================  ===================  ===================
+=================  =======================  =======================  ===============  ===============
+mode               28 px, batch 128         224 px, batch 32         28 px, 1 thread  224 px, 1 thread
+=================  =======================  =======================  ===============  ===============
+none               0.2 / 0.6 / 4.3          1.0 / 8.7 / 20.9         0.1 / 0.5        1.7 / 7.6
+light              0.6 / 57.1 / 68.5        12.1 / 51.3 / 27.7       0.4 / 2.3        7.1 / 21.9
+standard           2.1 / 12.9 / 115         40.6 / 108 / 68.6        1.6 / 5.2        29.8 / 46.5
+trivialaugment     12.2 / 22.9 / 189        66.8 / 93.6 / 98.0       2.8 / 4.3        36.9 / 36.5
+randaugment        10.0 / 18.7 / 109        92.6 / 216 / 123         4.1 / 5.3        48.0 / 41.5
+=================  =======================  =======================  ===============  ===============
 
 * ``kornia.augmentation`` draws crop, flip and affine parameters per sample, but its
   ``auto.TrivialAugment`` and ``auto.RandAugment`` pick their op kinds once per call:
   every image of a batch gets the same op (or the same two), only magnitudes and signs
-  vary. That is not per-sample TrivialAugment or RandAugment, and it is cheaper (hence
-  Kornia's 0.65x in trivialaugment at 224 px). In ``none`` and ``light``, the presets
-  the recipes in jobs/configs use, Kornia is 4.5-12x slower; in ``standard``, the same
-  ops per sample, 4x slower at 28 px and even at 224 px.
+  vary. That is not per-sample TrivialAugment or RandAugment, and it is cheaper (on one
+  thread at 224 px Kornia is 0.99x and 0.87x imgcls's time there). In ``none`` and
+  ``light``, the presets the recipes in jobs/configs use, Kornia is 3-95x slower; in
+  ``standard`` (the same ops per sample) 1.6-6x.
 * torchvision's v2 transforms called on a batch draw one set of parameters for the whole
-  batch; per-sample parameters need a loop over the images, 1.8-1,400x slower than
-  imgcls in every augmenting preset in the benchmark's two runs.
+  batch; per-sample parameters need a loop over the images, 1.3-114x slower.
+* Under heavier load (9-15) earlier runs of the benchmark timed imgcls's randaugment at
+  28 px at 475-740 ms on 2 threads: every parallel kernel then waits for both threads
+  to be scheduled, which charges code by its kernel count. Rerun it on a quiet machine.
 * Trained with either augmentation, the fine-tune recipe (``light``) scores the same on
   bench/finetune.py's ``photos_25`` set: test accuracy 1.0 with each, seeds 0 and 1
   (Kornia's ops swapped into both training workers). That set is saturated (every method
