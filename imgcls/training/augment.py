@@ -57,10 +57,10 @@ randaugment        10.0 / 18.7 / 109        92.6 / 216 / 123         4.1 / 5.3  
   every image of a batch gets the same op (or the same two), only magnitudes and signs
   vary. That is not per-sample TrivialAugment or RandAugment, and it is cheaper (on one
   thread at 224 px Kornia is 0.99x and 0.87x imgcls's time there). In ``none`` and
-  ``light``, the presets the recipes in jobs/configs use, Kornia is 3-95x slower; in
+  ``light``, the presets the recipes in jobs/configs use, Kornia is 3-100x slower; in
   ``standard`` (the same ops per sample) 1.6-6x.
 * torchvision's v2 transforms called on a batch draw one set of parameters for the whole
-  batch; per-sample parameters need a loop over the images, 1.3-114x slower.
+  batch; per-sample parameters need a loop over the images, 1.3-120x slower.
 * Under heavier load (9-15) earlier runs of the benchmark timed imgcls's randaugment at
   28 px at 475-740 ms on 2 threads: every parallel kernel then waits for both threads
   to be scheduled, which charges code by its kernel count. Rerun it on a quiet machine.
