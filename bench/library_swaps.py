@@ -1,4 +1,4 @@
-"""Should hand-written pieces of imgcls give way to maintained library code? Four are measured.
+"""Should hand-written pieces of imgcls give way to maintained library code? Five are measured.
 
 1. BatchNorm folding: imgcls's ``models.fold_batchnorm`` (a torch.fx tracer that keeps
    every Conv2d, subclasses included, as one node, then ``fuse_conv_bn_eval`` on each
@@ -78,18 +78,50 @@
      output keeps the augmentation's layout. timm mixes in place (as its train.py uses it);
      the others return a new tensor.
 
+5. Training augmentation (part ``augment``): imgcls's ``training.augment.BatchAugment``
+   (whole uint8 batches, per-sample parameters in tensors, one resample) against
+   ``kornia.augmentation`` (``KorniaAugment`` below: the same presets from Kornia's ops,
+   float 0..1 in, its auto-augment policies ``TrivialAugment`` / ``RandAugment(n=2)``)
+   and torchvision's ``transforms.v2`` presets (``preprocess.ClassificationPresetTrain``).
+   A v2 transform called on a batch tensor draws ONE set of parameters for the whole
+   batch (every image cropped and flipped alike), so ``v2_loop`` applies it image by
+   image, as a user who wants per-sample parameters writes it; ``v2_batch`` (the one
+   draw) is timed for reference only. Kornia draws crop, flip and affine parameters per
+   sample, but its auto-augment policies pick their op kinds once per call
+   (``kornia_policy_ops_per_batch_call`` records it from the parameters each call keeps).
+   Each mode (none, light, standard, trivialaugment, randaugment) is timed from uint8
+   (B, H, W, 3) in the stored geometry (``augment.stored_geometry``) to normalised float
+   (B, 3, S, S), at 28 px batch 128 (the Fashion-MNIST recipe's size and batch) and 224 px
+   batch 32 (the fine-tune recipe's size): the best of 5 passes, the methods taking turns
+   within each pass, so that load from elsewhere falls on all of them alike; then imgcls
+   and Kornia again on one thread (``speed_one_thread``, best of 7), which a busy machine
+   skews less: there each parallel kernel waits for all its threads to be scheduled.
+   Accuracy: the Fashion-MNIST recipe trains with ``augment: none``, where there is
+   nothing to swap; the fine-tune recipe (``augment: light``) is trained on
+   bench/finetune.py's ``photos_25`` set for each of ``--augment-seeds``, once with
+   imgcls's augmentation and once with Kornia's. For Kornia's runs Ray starts with a
+   worker setup hook that puts ``KorniaAugment`` in the place of ``BatchAugment`` in every
+   training worker; each worker that builds it leaves a marker file, and a run whose
+   workers did not is an error. The accuracy runs of an earlier file are kept when a run
+   makes none (``--augment-seeds ''``), so that the timings can be redone alone.
+
 Ratios: ``fx_fuse_vs_imgcls_fold_<arch>`` is fuse's images/s over imgcls's (above 1:
 the library is faster); ``fsspec_tar_vs_iter_tar_seconds`` and
 ``fsspec_tar_gz_vs_iter_tar_gz_seconds`` are fsspec's seconds over iter_tar's (above 1:
 the library is slower). ``<ema>_vs_imgcls_ema_update_seconds_<arch>`` and
 ``torchvision_{mixup,cutmix,randomchoice}_vs_imgcls_seconds_<shape>`` /
 ``timm_mixup_vs_imgcls_seconds_{mixup,cutmix,both}_<shape>`` are the library's seconds over
-imgcls's (above 1: the library is slower). Images and tars are kept in ``--workdir`` and reused.
+imgcls's (above 1: the library is slower); ``kornia_vs_imgcls_augment_seconds_<mode>_<size>`` and
+``v2_loop_vs_imgcls_augment_seconds_<mode>_<size>`` are the library's seconds a batch
+over imgcls's (above 1: the library is slower), ``kornia_vs_imgcls_augment_seconds_one_thread_*``
+the same on one thread. Images and tars are kept in
+``--workdir`` and reused.
 Run alone on a quiet machine:
     .venv/bin/python bench/library_swaps.py [--images 2000] [--batch-size 32] [--out bench/results/library_swaps.json]
     .venv/bin/python bench/library_swaps.py --quick --out /tmp/library_swaps.json  # a tiny run
     .venv/bin/python bench/library_swaps.py --parts tar  # one part again; the others' figures are kept
     .venv/bin/python bench/library_swaps.py --parts ema,mixup  # needs timm (the dev extra)
+    .venv/bin/python bench/library_swaps.py --parts augment --augment-seeds ''  # the timings only
 """
 
 import argparse
@@ -684,6 +716,229 @@ def measure_mixing(trials: int) -> dict:
            "agreement": {f"{b}x3x{s}x{s}": mix_agreement(b, s, trials) for b, s in ((16, 28), (8, 224))},
            "box_sides": [box_sides(side, lam) for side in (28, 224) for lam in (0.3, 0.5, 0.7)],
            "speed": {f"{b}x3x{s}x{s}": measure_mix_speed(b, s) for b, s in MIX_SHAPES}}
+# ---------------------------------------------------------------- training augmentation
+
+AUGMENT_CASES = ((28, 128), (224, 32))  # (image side, batch): the Fashion-MNIST recipe's, the fine-tune photos'
+AUGMENT_MODES = ("none", "light", "standard", "trivialaugment", "randaugment")
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+class KorniaAugment:
+    """``BatchAugment``'s interface on ``kornia.augmentation``: the same presets from Kornia's ops.
+
+    uint8 (B, H, W, 3) in, (B, 3, S, S) float normalised and channels_last out, as
+    ``BatchAugment``: ``light`` is ``RandomCrop(S, padding=S // 8, padding_mode="reflect")``
+    and ``RandomHorizontalFlip``; the others ``RandomResizedCrop(S, scale=(0.35, 1))`` and
+    ``RandomHorizontalFlip``, then ``RandomAffine(..., p=0.5)`` (standard) or
+    ``kornia.augmentation.auto.TrivialAugment()`` / ``RandAugment(n=2, m=magnitude)``.
+    Kornia draws crop, flip and affine parameters per sample, but its auto-augment
+    policies pick the op (TrivialAugment) or the two ops (RandAugment) once per call:
+    every image of a batch gets the same op kinds, only their magnitudes and signs vary.
+    Its randomness is torch's global RNG; ``generator`` is accepted and unused.
+    """
+
+    def __init__(self, image_size: int, mean, std, augment: str = "standard", magnitude: int = 9):
+        import kornia.augmentation as K
+        from kornia.augmentation import auto
+
+        from imgcls.training.augment import _check_augment
+
+        _check_augment(augment)
+        s = image_size
+        self.image_size, self.augment = s, augment
+        if augment == "none":
+            steps = []
+        elif augment == "light":
+            steps = [K.RandomCrop((s, s), padding=max(1, s // 8), padding_mode="reflect"), K.RandomHorizontalFlip()]
+        else:
+            steps = [K.RandomResizedCrop((s, s), scale=(0.35, 1.0), ratio=(3 / 4, 4 / 3)), K.RandomHorizontalFlip()]
+        if augment == "standard":
+            m = magnitude / 9
+            steps.append(K.RandomAffine(degrees=15 * m, translate=(0.1 * m, 0.1 * m), scale=(1 - 0.1 * m, 1 + 0.1 * m),
+                                        shear=10 * m, p=0.5))
+        elif augment == "trivialaugment":
+            steps.append(auto.TrivialAugment())
+        elif augment == "randaugment":
+            steps.append(auto.RandAugment(n=2, m=magnitude))
+        self.pipeline = K.AugmentationSequential(*steps, K.Normalize(torch_tensor(mean), torch_tensor(std)))
+        marker = os.environ.get("IMGCLS_BENCH_KORNIA_MARKER")
+        if marker:  # the benchmark's proof that training built this class (one file per process)
+            os.makedirs(marker, exist_ok=True)
+            open(os.path.join(marker, f"{augment}-{os.getpid()}"), "w").close()
+
+    def __call__(self, images, generator=None):
+        import torch
+
+        s = self.image_size
+        if self.augment in ("none", "light"):  # the stored eval image, or a larger one centre-cropped to it
+            from imgcls.training.augment import _centre_crop_offsets
+
+            top, left = _centre_crop_offsets(images.shape[1], images.shape[2], s)
+            images = images[:, top:top + s, left:left + s]
+        x = images.permute(0, 3, 1, 2).float().div_(255)  # (B, 3, H, W) 0..1, what Kornia's ops expect
+        return self.pipeline(x).contiguous(memory_format=torch.channels_last)
+
+
+def torch_tensor(values):
+    import torch
+
+    return torch.tensor(values, dtype=torch.float32)
+
+
+def v2_transforms(image_size: int, augment: str, magnitude: int = 9):
+    """imgcls's per-image torchvision v2 preset for ``augment``, taking the stored training image.
+
+    ``ClassificationPresetTrain`` starts none/light with the eval resize and centre crop,
+    which the stored image has already had; those two steps are dropped.
+    """
+    from torchvision.transforms import v2
+
+    from imgcls.preprocess import ClassificationPresetTrain
+
+    preset = ClassificationPresetTrain(image_size, MEAN, STD, augment, magnitude)
+    steps = preset.transform.transforms
+    return v2.Compose(steps[2:] if augment in ("none", "light") else steps)
+
+
+def augment_methods(image_size: int, augment: str) -> dict:
+    """Each method as a callable: (B, H, W, 3) uint8 -> (B, 3, S, S) float normalised."""
+    import torch
+
+    from imgcls.training.augment import BatchAugment
+
+    imgcls_aug, kornia_aug = BatchAugment(image_size, MEAN, STD, augment), KorniaAugment(image_size, MEAN, STD, augment)
+    v2 = v2_transforms(image_size, augment)
+    generator = torch.Generator().manual_seed(0)
+    return {
+        "imgcls": lambda images: imgcls_aug(images, generator),
+        "kornia": kornia_aug,
+        # What a user writes for per-sample parameters with v2: a loop over the images.
+        "v2_loop": lambda images: torch.stack([v2(im) for im in images.permute(0, 3, 1, 2)]),
+        # v2 on the batch tensor: one draw of every parameter for the whole batch (not the same augmentation).
+        "v2_batch": lambda images: v2(images.permute(0, 3, 1, 2)),
+    }
+
+
+def time_augment(image_size: int, batch: int, augment: str, passes: int = 5, only=None) -> dict:
+    """Seconds a batch for each method (or those named in ``only``), best of ``passes``; the methods take
+    turns within each pass."""
+    import torch
+
+    from imgcls.training.augment import stored_geometry
+
+    side = stored_geometry(image_size, augment)[1]
+    images = torch.randint(0, 256, (batch, side, side, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    methods = {k: v for k, v in augment_methods(image_size, augment).items() if only is None or k in only}
+    best = dict.fromkeys(methods, float("inf"))
+    out = {"stored_side": side}
+    for method in methods.values():
+        method(images)  # warm-up
+    for _ in range(passes):
+        for name, method in methods.items():
+            start = time.perf_counter()
+            x = method(images)
+            best[name] = min(best[name], time.perf_counter() - start)
+            if x.shape != (batch, 3, image_size, image_size) or x.dtype != torch.float32:
+                raise SystemExit(f"{name} {augment} gave {x.dtype} {tuple(x.shape)}")
+    for name, seconds in best.items():
+        out[name] = {"seconds": seconds, "ms_per_image": seconds / batch * 1e3}
+    return out
+
+
+def policy_ops_per_call(batch: int = 32, calls: int = 20) -> dict:
+    """How many different op kinds Kornia's auto-augment policies apply within one batch call, read from
+    the parameters each call records (one ``PolicySequential`` per op drawn for the whole batch)."""
+    import torch
+    from kornia.augmentation import auto
+
+    x = torch.rand(batch, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    out = {}
+    for name, policy in (("TrivialAugment", auto.TrivialAugment()), ("RandAugment_n2", auto.RandAugment(n=2, m=9))):
+        drawn = []
+        for _ in range(calls):
+            policy(x)
+            drawn.append(len(policy._params))
+        out[name] = {"batch": batch, "calls": calls, "ops_per_call": sorted(set(drawn))}
+    return out
+
+
+def kornia_worker_hook(marker: str):
+    """A Ray worker setup hook that makes training build ``KorniaAugment`` where it builds ``BatchAugment``."""
+
+    def setup():
+        import imgcls.training.loop
+
+        os.environ["IMGCLS_BENCH_KORNIA_MARKER"] = marker
+        imgcls.training.loop.BatchAugment = KorniaAugment
+
+    return setup
+
+
+def augment_accuracy(seeds, workdir: str, set_name: str = "photos_25") -> dict:
+    """Test accuracy of the fine-tune recipe (bench/finetune.py's ``finetune`` method) on ``set_name``, per seed
+    with imgcls's augmentation and with Kornia's: the Kornia runs start Ray with a worker setup hook that swaps
+    ``KorniaAugment`` in for ``BatchAugment`` in every training worker, and check that every worker built it."""
+    import shutil
+    import statistics
+
+    import ray
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from finetune import SETS, pools, run_one, source_images
+
+    source, _, test_per_class = SETS[set_name]
+    pool, test = pools(source_images(source, workdir), test_per_class)
+    runs = []
+    for seed in seeds:
+        for library in ("kornia", "imgcls"):  # Kornia's first: a swap that did not happen stops the run early
+            marker = os.path.abspath(os.path.join(workdir, f"kornia-built-{seed}"))
+            shutil.rmtree(marker, ignore_errors=True)
+            runtime_env = {"worker_process_setup_hook": kornia_worker_hook(marker)} if library == "kornia" else None
+            ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", runtime_env=runtime_env)
+            try:
+                row = run_one(set_name, "finetune", seed, pool, test, os.path.join(workdir, library))
+            finally:
+                ray.shutdown()
+            built = sorted(os.listdir(marker)) if os.path.isdir(marker) else []
+            if (library == "kornia") != bool(built):
+                raise SystemExit(f"{library} run, seed {seed}: KorniaAugment built by {built}")
+            runs.append({"augment_library": library, "kornia_built_in": len(built), **row})
+    summary = {}
+    for library in ("imgcls", "kornia"):
+        acc = [r["test_accuracy"] for r in runs if r["augment_library"] == library]
+        summary[library] = {"mean": statistics.mean(acc), "std": statistics.pstdev(acc), "min": min(acc),
+                            "max": max(acc), "seeds": len(acc)}
+    return {"set": set_name, "method": "finetune", "recipe": "jobs/configs/dogs_cats_finetune.yaml (augment light)",
+            "summary": summary, "runs": runs}
+
+
+def measure_augment(seeds, workdir: str, quick: bool) -> dict:
+    import kornia
+    import torch
+    import torchvision
+
+    speed = {}
+    for size, batch in ((AUGMENT_CASES[0][0], 16), (64, 8)) if quick else AUGMENT_CASES:
+        for augment in AUGMENT_MODES:
+            speed[f"{augment}_{size}"] = {"image_size": size, "batch": batch,
+                                          **time_augment(size, batch, augment, 2 if quick else 5)}
+            print(f"augment {augment} {size} px, batch {batch}: " + ", ".join(
+                f"{m} {r['seconds'] * 1e3:.1f} ms" for m, r in speed[f"{augment}_{size}"].items()
+                if isinstance(r, dict)), flush=True)
+    # One thread as well: on a busy machine every parallel kernel waits for both threads to be
+    # scheduled, which charges the methods by kernel count rather than by work.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    speed_1 = {}
+    for size, batch in ((AUGMENT_CASES[0][0], 16), (64, 8)) if quick else AUGMENT_CASES:
+        for augment in AUGMENT_MODES:
+            speed_1[f"{augment}_{size}"] = {"image_size": size, "batch": batch,
+                                            **time_augment(size, batch, augment, 2 if quick else 7, ("imgcls", "kornia"))}
+    torch.set_num_threads(threads)
+    out = {"kornia_version": kornia.__version__, "torchvision_version": torchvision.__version__,
+           "speed": speed, "speed_one_thread": speed_1, "kornia_policy_ops_per_batch_call": policy_ops_per_call()}
+    if seeds:
+        out["accuracy"] = augment_accuracy(seeds, os.path.join(workdir, "augment-finetune"))
     return out
 
 
@@ -693,7 +948,8 @@ def measure_mixing(trials: int) -> dict:
 PARTS = {"tar": ("tar_reading", ("fsspec_tar",)), "fold": ("batchnorm_folding", ("fx_fuse_vs",)),
          "ema": ("model_ema", ("averaged_model_vs", "averaged_model_ramped_vs", "timm_ema_v3")),
          "mixup": ("mixup_cutmix", ("torchvision_mixup", "torchvision_cutmix", "torchvision_randomchoice",
-                                    "timm_mixup"))}
+                                    "timm_mixup")),
+         "augment": ("training_augmentation", ("kornia_vs_imgcls_augment", "v2_loop_vs_imgcls_augment"))}
 
 
 def main():
@@ -708,6 +964,9 @@ def main():
     p.add_argument("--ema-decay", type=float, default=0.999)
     p.add_argument("--mix-trials", type=int, default=None,
                    help="MixUp and CutMix draws compared per shape (default 10; 2 with --quick)")
+    p.add_argument("--augment-seeds", default=None,
+                   help="comma-separated seeds of the augment part's fine-tune runs, each trained with imgcls's "
+                        "and with Kornia's augmentation (default 0,1,2; none with --quick; '' for none)")
     p.add_argument("--workdir", default="out/bench-swaps")
     p.add_argument("--out", default="bench/results/library_swaps.json")
     args = p.parse_args()
@@ -718,7 +977,7 @@ def main():
     images = args.images or (200 if args.quick else 2000)
     batch = args.batch_size or (8 if args.quick else 32)
     os.makedirs(args.workdir, exist_ok=True)
-    results, ratios = {}, {}
+    results, ratios, earlier = {}, {}, {}
     if os.path.exists(args.out):  # the parts not run now are kept as they were
         with open(args.out) as f:
             earlier = json.load(f)
@@ -773,6 +1032,19 @@ def main():
             for mode in ("mixup", "cutmix", "both"):
                 ratios[f"timm_mixup_vs_imgcls_seconds_{mode}_{shape}"] = (r[f"timm_{mode}"]["seconds"]
                                                                         / r[f"imgcls_{mode}"]["seconds"])
+    if "augment" in parts:
+        seeds = args.augment_seeds if args.augment_seeds is not None else ("" if args.quick else "0,1,2")
+        seeds = [int(x) for x in seeds.split(",") if x]
+        results["part_runs"]["augment"]["augment_seeds"] = seeds
+        results["training_augmentation"] = measure_augment(seeds, args.workdir, args.quick)
+        if not seeds and "accuracy" in earlier.get("training_augmentation", {}):
+            results["training_augmentation"]["accuracy"] = earlier["training_augmentation"]["accuracy"]
+        for case, r in results["training_augmentation"]["speed"].items():
+            for library in ("kornia", "v2_loop"):
+                ratios[f"{library}_vs_imgcls_augment_seconds_{case}"] = r[library]["seconds"] / r["imgcls"]["seconds"]
+        for case, r in results["training_augmentation"]["speed_one_thread"].items():
+            ratios[f"kornia_vs_imgcls_augment_seconds_one_thread_{case}"] = (r["kornia"]["seconds"]
+                                                                            / r["imgcls"]["seconds"])
     results["ratios"] = ratios
     if os.path.dirname(args.out):
         os.makedirs(os.path.dirname(args.out), exist_ok=True)
@@ -785,6 +1057,11 @@ def main():
     for part in ("ema", "mixup"):
         if part in parts:
             print(json.dumps(results[PARTS[part][0]], indent=1))
+    if "augment" in parts and "accuracy" in results["training_augmentation"]:
+        accuracy = results["training_augmentation"]["accuracy"]
+        print(f"Fine-tune test accuracy on {accuracy['set']}: " + "; ".join(
+            f"{library} mean {r['mean']:.4f} (min {r['min']:.4f}, max {r['max']:.4f}, {r['seeds']} seeds)"
+            for library, r in accuracy["summary"].items()))
     print("ratios: " + json.dumps(ratios, indent=2))
     print(f"wrote {args.out}")
 
