@@ -716,6 +716,9 @@ def measure_mixing(trials: int) -> dict:
            "agreement": {f"{b}x3x{s}x{s}": mix_agreement(b, s, trials) for b, s in ((16, 28), (8, 224))},
            "box_sides": [box_sides(side, lam) for side in (28, 224) for lam in (0.3, 0.5, 0.7)],
            "speed": {f"{b}x3x{s}x{s}": measure_mix_speed(b, s) for b, s in MIX_SHAPES}}
+    return out
+
+
 # ---------------------------------------------------------------- training augmentation
 
 AUGMENT_CASES = ((28, 128), (224, 32))  # (image side, batch): the Fashion-MNIST recipe's, the fine-tune photos'
