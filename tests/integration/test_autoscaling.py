@@ -41,11 +41,12 @@ def namespaces_missing() -> str:
 
 @pytest.fixture(scope="module")
 def many_images(tmp_path_factory):
-    """3,000 real Fashion-MNIST files in 150 shards: more than one node's actors hold
-    (4 shards each), so the pool starts actors that fit no node yet."""
+    """6,000 real Fashion-MNIST files in 300 shards: more than one node's actors hold
+    (4 shards each), so the pool starts actors that fit no node yet; about 25 s of work on
+    an idle 2-core machine, time for the added nodes' actors to start and take shards."""
     from imgcls.datasets import fetch_fashion_mnist
 
-    return fetch_fashion_mnist(str(tmp_path_factory.mktemp("fmnist3k")), per_class=300)
+    return fetch_fashion_mnist(str(tmp_path_factory.mktemp("fmnist6k")), per_class=600)
 
 
 def files_under(root) -> list[str]:
