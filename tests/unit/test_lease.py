@@ -18,10 +18,14 @@ from imgcls.inference import finished, lease
 from imgcls.inference.lease import LEASE_FILE, Lease, LeaseHeldError, read_lease, refuse_if_held
 
 # A second process that takes the lease through the real lease code and holds it until
-# its stdin closes.
+# its stdin closes. It sets Python's own Ctrl-C handler, as a job started from a terminal
+# has it: a suite run in the background inherits SIGINT ignored (as a non-interactive
+# shell starts its background jobs), and Python then leaves it ignored.
 HOLDER = """
+import signal
 import sys
 from imgcls.inference.lease import Lease
+signal.signal(signal.SIGINT, signal.default_int_handler)
 with Lease(sys.argv[1], job_id=sys.argv[2]):
     print("held", flush=True)
     sys.stdin.read()
