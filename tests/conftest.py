@@ -122,6 +122,9 @@ def start_local_ray(folder: str) -> None:
     that a command leaves relative then fails instead of finding the checkout's files."""
     import ray
 
+    from imgcls.serving.deploy import set_serve_environment
+
+    set_serve_environment()  # Serve runs as in the cluster imgcls serve starts
     here = os.getcwd()
     os.chdir(folder)
     try:
