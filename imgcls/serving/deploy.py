@@ -29,9 +29,9 @@ SETTINGS = ("name", "host", "insecure", "top_k", "precision", "threads", "use_gp
 # ``imgcls serve`` starts on one machine (its processes read it when they start). Among
 # other things the ingress replica then answers HTTP itself (Serve's "direct ingress",
 # on the same host and port) instead of behind a proxy actor, which on 2 cores saves a
-# process hop the CPUs pay for: in one run of bench/serve.py, saturation rose to 0.73 of
-# the in-process bound (0.66 behind the proxy), with the same 503s past the queue and no
-# failed request during a model update. A cluster started otherwise (``ray start``,
+# process hop the CPUs pay for: bench/serve.py's saturation rose from 0.69 to 0.77 of the
+# plain FastAPI app's in the same run (54.9 to 59.2 answers/s), with the same 503s past
+# the queue and no failed request during a model update. A cluster started otherwise (``ray start``,
 # KubeRay: cluster/kuberay/rayservice.yaml) keeps Serve's proxies, which route to
 # replicas on other nodes; set the variable in its nodes' environment to change that.
 SERVE_ENVIRONMENT = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
