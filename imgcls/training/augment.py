@@ -39,31 +39,31 @@ Where the meaning differs from the torchvision presets, it is on purpose:
 
 Kept against the libraries (``bench/library_swaps.py --parts augment``, figures in
 bench/results/library_swaps.json): milliseconds a batch from uint8 to normalised float,
-2 threads (best of 5) and 1 thread (best of 7), the methods taking turns, on a machine
-other jobs kept busy (load about 9). imgcls / Kornia / a v2 loop over the images:
+2 threads (best of 5) and 1 thread (best of 7), the methods taking turns, on a quiet
+2-core machine. imgcls / Kornia / a v2 loop over the images:
 
 =================  =======================  =======================  ===============  ===============
 mode               28 px, batch 128         224 px, batch 32         28 px, 1 thread  224 px, 1 thread
 =================  =======================  =======================  ===============  ===============
-none               0.2 / 0.6 / 4.3          1.0 / 8.7 / 20.9         0.1 / 0.5        1.7 / 7.6
-light              0.6 / 57.1 / 68.5        12.1 / 51.3 / 27.7       0.4 / 2.3        7.1 / 21.9
-standard           2.1 / 12.9 / 115         40.6 / 108 / 68.6        1.6 / 5.2        29.8 / 46.5
-trivialaugment     12.2 / 22.9 / 189        66.8 / 93.6 / 98.0       2.8 / 4.3        36.9 / 36.5
-randaugment        10.0 / 18.7 / 109        92.6 / 216 / 123         4.1 / 5.3        48.0 / 41.5
+none               0.1 / 0.6 / 3.7          1.6 / 4.7 / 5.6          0.1 / 0.6        1.5 / 13.8
+light              0.3 / 2.2 / 8.3          4.4 / 14.4 / 7.7         0.4 / 2.4        7.2 / 21.6
+standard           1.3 / 5.0 / 19.1         17.1 / 30.7 / 17.4       1.6 / 5.1        28.9 / 46.2
+trivialaugment     2.8 / 4.4 / 22.2         22.5 / 40.4 / 17.8       3.2 / 5.3        37.2 / 46.7
+randaugment        4.0 / 5.0 / 31.0         36.0 / 53.0 / 24.8       4.4 / 5.6        50.3 / 88.1
 =================  =======================  =======================  ===============  ===============
 
-* ``kornia.augmentation`` draws crop, flip and affine parameters per sample, but its
+* ``kornia.augmentation`` is 1.3-8.7x slower in every mode and size (1.3-9x on one
+  thread). It draws crop, flip and affine parameters per sample, but its
   ``auto.TrivialAugment`` and ``auto.RandAugment`` pick their op kinds once per call:
   every image of a batch gets the same op (or the same two), only magnitudes and signs
-  vary. That is not per-sample TrivialAugment or RandAugment, and it is cheaper (on one
-  thread at 224 px Kornia is 0.99x and 0.87x imgcls's time there). In ``none`` and
-  ``light``, the presets the recipes in jobs/configs use, Kornia is 3-100x slower; in
-  ``standard`` (the same ops per sample) 1.6-6x.
+  vary, which is not per-sample TrivialAugment or RandAugment.
 * torchvision's v2 transforms called on a batch draw one set of parameters for the whole
-  batch; per-sample parameters need a loop over the images, 1.3-120x slower.
-* Under heavier load (9-15) earlier runs of the benchmark timed imgcls's randaugment at
-  28 px at 475-740 ms on 2 threads: every parallel kernel then waits for both threads
-  to be scheduled, which charges code by its kernel count. Rerun it on a quiet machine.
+  batch; per-sample parameters need a loop over the images: 7-50x slower at 28 px, and at
+  224 px 3.5x (``none``), 1.7x (``light``, the fine-tune recipe's) and 1.0x
+  (``standard``) imgcls's time, but 0.79x and 0.69x in ``trivialaugment`` and
+  ``randaugment``. Those two alone would be faster as such a loop on CPUs; the loop runs
+  image by image on the device, where imgcls's batch ops keep a GPU busy, and its
+  policies' accuracy was not compared, so this code stays for every mode.
 * Trained with either augmentation, the fine-tune recipe (``light``) scores the same on
   bench/finetune.py's ``photos_25`` set: test accuracy 1.0 with each, seeds 0 and 1
   (Kornia's ops swapped into both training workers). That set is saturated (every method
