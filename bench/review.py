@@ -37,33 +37,15 @@ PART_ROWS = 100_000
 
 
 def train(root: str, folder: str, per_class: int, epochs: int) -> tuple[str, set]:
-    """A small CNN trained on the first ``per_class`` files a class, saved as an imgcls
-    checkpoint at ``folder``; returns it and the files it was trained on."""
-    import torch
-    from PIL import Image
-
-    from imgcls.checkpoint import save_checkpoint
-    from imgcls.config import JobConfig, ModelConfig
-    from imgcls.models import create_model, get_spec
+    """A small CNN trained on the first ``per_class`` files a class (the tests'
+    ``train_small_cnn``), saved as an imgcls checkpoint at ``folder``; returns it and the
+    files it was trained on."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+    from plain_training import train_small_cnn
 
     classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
     files = {c: sorted(os.listdir(os.path.join(root, c)))[:per_class] for c in classes}
-    spec = get_spec("small_cnn")
-    mean, std = torch.tensor(spec.mean).view(1, 3, 1, 1), torch.tensor(spec.std).view(1, 3, 1, 1)
-    x = torch.stack([torch.from_numpy(np.array(Image.open(os.path.join(root, c, n)).convert("RGB")))
-                     for c in classes for n in files[c]]).permute(0, 3, 1, 2).float().div(255).sub(mean).div(std)
-    y = torch.cat([torch.full((len(files[c]),), i) for i, c in enumerate(classes)])
-    torch.manual_seed(0)
-    model = create_model("small_cnn", len(classes))
-    opt = torch.optim.AdamW(model.parameters(), 3e-3)
-    for _ in range(epochs):
-        for idx in torch.randperm(len(y)).split(64):
-            opt.zero_grad()
-            torch.nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
-            opt.step()
-    save_checkpoint(folder, model.eval(), JobConfig(model=ModelConfig(arch="small_cnn", image_size=28)), classes,
-                    history=[])
-    return folder, {os.path.join(root, c, n) for c in classes for n in files[c]}
+    return train_small_cnn(root, files, folder, epochs), {os.path.join(root, c, n) for c in classes for n in files[c]}
 
 
 def label(root: str, model: str, used: set, images: int):

@@ -370,6 +370,15 @@ def write(results: dict, path: str) -> None:
     os.replace(tmp, path)
 
 
+def manifest_checkpoint(args, work: str) -> tuple[str, dict]:
+    """The manifest and flat cases' model (--manifest-arch, -image-size, -width): its
+    checkpoint in ``work`` and its description."""
+    width = args.manifest_width or None
+    name = f"ckpt-{args.manifest_arch}-{args.manifest_image_size}-w{width}"
+    ckpt = make_small_checkpoint(os.path.join(work, name), args.manifest_arch, args.manifest_image_size, width)
+    return ckpt, {"arch": args.manifest_arch, "image_size": args.manifest_image_size, "width": width}
+
+
 # The ratio names each case writes begin with one of these (for --merge).
 CASE_RATIOS = {"manifest": ("driver_peak_memory_1m", "first_shard_seconds_1m", "first_shard_seconds_10k",
                             "tree_peak_rss_1m", "peak_memory_manifest", "paths_1m"),
@@ -467,10 +476,7 @@ def main():
 
     problems = []
     if "manifest" in cases:
-        width = args.manifest_width or None
-        name = f"ckpt-{args.manifest_arch}-{args.manifest_image_size}-w{width}"
-        ckpt = make_small_checkpoint(os.path.join(work, name), args.manifest_arch, args.manifest_image_size, width)
-        model = {"arch": args.manifest_arch, "image_size": args.manifest_image_size, "width": width}
+        ckpt, model = manifest_checkpoint(args, work)
         missing_dir = os.path.join(corpus, "missing")
         assert not os.path.exists(missing_dir)
         for key, paths in (("manifest_1m", args.paths_1m), ("manifest_10k", args.paths_10k)):
@@ -485,10 +491,7 @@ def main():
         big, small = results["manifest_1m"], results["manifest_10k"]
         big["steady_rows_per_s"] = steady(small, big)
     if "flat" in cases:
-        width = args.manifest_width or None
-        name = f"ckpt-{args.manifest_arch}-{args.manifest_image_size}-w{width}"
-        ckpt = make_small_checkpoint(os.path.join(work, name), args.manifest_arch, args.manifest_image_size, width)
-        model = {"arch": args.manifest_arch, "image_size": args.manifest_image_size, "width": width}
+        ckpt, model = manifest_checkpoint(args, work)
         flat_every = max(1, args.flat_1m // args.real)
         for key, paths in (("flat_1m", args.flat_1m), ("flat_10k", args.flat_10k)):
             t = time.perf_counter()
