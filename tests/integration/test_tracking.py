@@ -27,6 +27,15 @@ def invoke(*args) -> str:
     return result.stdout
 
 
+def printed_document(stdout: str) -> dict:
+    """The JSON object a command printed. The suite's process is itself a Ray driver, which
+    prints the cluster's log lines (an earlier test's Serve shutdown, say) to whatever
+    sys.stdout is at the time, CliRunner's included; they may come before the object."""
+    lines = stdout.splitlines(keepends=True)
+    start = next(i for i, line in enumerate(lines) if line.startswith("{"))
+    return json.JSONDecoder().raw_decode("".join(lines[start:]))[0]
+
+
 def test_register_alias_predict_then_move_the_alias_and_predict_again(ray_cluster, mlflow_server, mlflow_experiment,
                                                                        dogs_cats_root, tmp_path, monkeypatch):
     monkeypatch.setenv("IMGCLS_MODEL_CACHE", str(tmp_path / "model-cache"))
@@ -45,9 +54,10 @@ def test_register_alias_predict_then_move_the_alias_and_predict_again(ray_cluste
                         ["cat", "dog"], history=[])
         checkpoints.append(folder)
     name = f"m-{mlflow_experiment[-6:]}"
-    first = json.loads(invoke("register", "--model", checkpoints[0], "--name", name, "--alias", "champion",
-                              "--tracking-uri", mlflow_server))
-    second = json.loads(invoke("register", "--model", checkpoints[1], "--name", name, "--tracking-uri", mlflow_server))
+    first = printed_document(invoke("register", "--model", checkpoints[0], "--name", name, "--alias", "champion",
+                                    "--tracking-uri", mlflow_server))
+    second = printed_document(invoke("register", "--model", checkpoints[1], "--name", name,
+                                     "--tracking-uri", mlflow_server))
     assert (first["version"], second["version"]) == (1, 2) and first["uri"] == f"models:/{name}/1"
 
     def predict(output) -> pd.DataFrame:
