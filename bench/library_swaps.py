@@ -55,8 +55,13 @@
    ``max_abs_change_of_weights`` give the scale), ``non_float_buffers_equal`` whether its
    num_batches_tracked match. ``update_seconds`` (wall) and ``update_cpu_seconds`` (this
    process's CPU time) are one update's, best of 10 passes, the five taking turns in each
-   pass. ``timm_import_seconds``: importing ``timm.utils`` in a fresh process that already
-   has torch (what each training worker would pay).
+   pass. ``timm_import``: importing ``timm.utils`` in a fresh process that has what a
+   training worker has (torch and imgcls's loop; ``with_torchvision`` also torchvision, as
+   for a torchvision architecture): seconds, RSS rise, whether torchvision came with it
+   (the small CNN's workers never import torchvision otherwise). ``demo_run``: one worker of
+   the README's main job (329 updates of the small CNN): imgcls's updates against timm's
+   updates plus its import, and the ratio
+   ``timm_ema_v3_warmup_vs_imgcls_ema_demo_worker_seconds``.
 
 4. MixUp / CutMix (part ``mixup``): imgcls's ``training.augment.mixup_cutmix`` (timm-style
    batch mode, mixing with the reversed batch, smoothed soft targets) against torchvision's
@@ -535,13 +540,33 @@ def measure_ema(arch: str, size: int, decay: float, steps: int, passes: int = 10
     return out
 
 
-def timm_import_seconds() -> float:
-    """Seconds to import timm's EMA in a fresh process that has torch and torchvision already
-    (``timm.utils`` imports all of timm, its model registry included)."""
-    probe = ("import time, torch, torchvision; t = time.perf_counter(); import timm.utils; "
-             "print(time.perf_counter() - t)")
-    return float(subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
-                                check=True).stdout.split()[-1])
+# The README's main job (fetch-data --per-class 1500, jobs/configs/fashion_mnist.yaml): 12,000
+# training images over 2 workers in batches of 128, 7 epochs: the EMA updates one worker makes.
+DEMO_EMA_UPDATES = 7 * -(-12_000 // 2 // 128)
+
+
+def timm_import_cost(with_torchvision: bool) -> dict:
+    """What importing timm's EMA costs a training worker, in a fresh process that has
+    imported what one has (torch and imgcls's training loop; torchvision too for a
+    torchvision architecture, not for the small CNN): seconds, the rise of resident
+    memory (MiB), and whether it pulled in torchvision (``timm.utils`` imports all of timm, its
+    model registry and torchvision's transforms included)."""
+    probe = ("import sys, time, torch, imgcls.training.loop\n"
+             + ("import torchvision\n" if with_torchvision else "")
+             + "rss = lambda: int(open('/proc/self/statm').read().split()[1]) * 4096 / 2**20\n"
+             "before = rss()\nt = time.perf_counter()\nimport timm.utils\nt = time.perf_counter() - t\n"
+             "print(t, rss() - before, any(m.startswith('torchvision') for m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.split()
+    return {"seconds": float(out[-3]), "rss_rise_mb": float(out[-2]), "imports_torchvision": out[-1] == "True"}
+
+
+def timm_import_costs(runs: int = 3) -> dict:
+    """The best of ``runs`` fresh processes, without and with torchvision imported first."""
+    out = {}
+    for name, tv in (("torch_only", False), ("with_torchvision", True)):
+        trials = [timm_import_cost(tv) for _ in range(runs)]
+        out[name] = min(trials, key=lambda r: r["seconds"])
+    return out
 
 
 # ---------------------------------------------------------------- MixUp / CutMix
@@ -1199,12 +1224,19 @@ def main():
     if "ema" in parts:
         steps = args.ema_steps or (10 if args.quick else 50)
         results["model_ema"] = {arch: measure_ema(arch, size, args.ema_decay, steps) for arch, size in EMA_ARCHS}
-        results["model_ema"]["timm_import_seconds"] = min(timm_import_seconds() for _ in range(3))
+        results["model_ema"]["timm_import"] = imports = timm_import_costs()
         for arch, _ in EMA_ARCHS:
             r = results["model_ema"][arch]
             for name in ("averaged_model", "averaged_model_ramped", "timm_ema_v3", "timm_ema_v3_warmup"):
                 ratios[f"{name}_vs_imgcls_ema_update_seconds_{arch}"] = (r[name]["update_seconds"]
                                                                           / r["imgcls_ema"]["update_seconds"])
+        # What the EMA costs one worker of the README's main job: its updates, plus the import.
+        r, n = results["model_ema"]["small_cnn"], DEMO_EMA_UPDATES
+        results["model_ema"]["demo_run"] = demo = {
+            "updates": n, "imgcls_ema_seconds": n * r["imgcls_ema"]["update_seconds"],
+            "timm_ema_v3_warmup_seconds": imports["torch_only"]["seconds"] + n * r["timm_ema_v3_warmup"]["update_seconds"]}
+        ratios["timm_ema_v3_warmup_vs_imgcls_ema_demo_worker_seconds"] = (demo["timm_ema_v3_warmup_seconds"]
+                                                                          / demo["imgcls_ema_seconds"])
     if "mixup" in parts:
         results["mixup_cutmix"] = measure_mixing(args.mix_trials or (2 if args.quick else 10))
         for shape, r in results["mixup_cutmix"]["speed"].items():
