@@ -33,6 +33,7 @@ import random
 import statistics
 import sys
 import time
+from typing import Optional
 
 import ray
 
@@ -87,10 +88,11 @@ def training_manifest(pool: dict[str, list[str]], per_class: int, seed: int, pat
     return path
 
 
-def recipe_job(method: str, root: str, runs: str, name: str, seed: int) -> JobConfig:
+def recipe_job(method: str, root: str, runs: str, name: str, seed: int, augment: Optional[str] = None) -> JobConfig:
+    """``method``'s job on the recipe; ``augment``, where given, replaces the recipe's."""
     raw = load_yaml(RECIPE)
     data = build(DataConfig, {**raw.get("data", {}), "root": root, "val_fraction": 0.2, "test_fraction": 0.0,
-                              "split_seed": seed})
+                              "split_seed": seed, **({"augment": augment} if augment else {})})
     model = build(ModelConfig, raw.get("model", {}))
     train = build(TrainConfig, {**raw.get("train", {}), "storage_path": runs, "name": name, "seed": seed,
                                 "overwrite": True})
@@ -104,15 +106,17 @@ def recipe_job(method: str, root: str, runs: str, name: str, seed: int) -> JobCo
     return JobConfig(data=data, model=model, train=train)
 
 
-def run_one(set_name: str, method: str, seed: int, pool, test: LabelledImages, workdir: str) -> dict:
+def run_one(set_name: str, method: str, seed: int, pool, test: LabelledImages, workdir: str,
+            augment: Optional[str] = None) -> dict:
     per_class = SETS[set_name][1]
     root = training_manifest(pool, per_class, seed, os.path.join(workdir, "manifests", f"{set_name}-{seed}.csv"))
-    job = recipe_job(method, root, os.path.join(workdir, "runs"), f"{set_name}-{method}-{seed}", seed)
+    job = recipe_job(method, root, os.path.join(workdir, "runs"), f"{set_name}-{method}-{seed}", seed, augment)
     start = time.perf_counter()
     result = fit(job)
     seconds = time.perf_counter() - start
     report, _ = evaluate_images(result.best_checkpoint, test)
-    row = {"set": set_name, "method": method, "seed": seed, "test_accuracy": report["accuracy"],
+    row = {"set": set_name, "method": method, "augment": job.data.augment, "seed": seed,
+           "test_accuracy": report["accuracy"],
            "test_samples": report["num_samples"], "val_accuracy": result.metrics.get("val_accuracy"),
            "train_images": len(result.splits["train"]), "val_images": len(result.splits["val"]),
            "fit_seconds": round(seconds, 1), "epochs": job.train.epochs if method != "linear_probe" else 0,

@@ -102,13 +102,17 @@
    and Kornia again on one thread (``speed_one_thread``, best of 7), which a busy machine
    skews less: there each parallel kernel waits for all its threads to be scheduled.
    Accuracy: the Fashion-MNIST recipe trains with ``augment: none``, where there is
-   nothing to swap; the fine-tune recipe (``augment: light``) is trained on
-   bench/finetune.py's ``photos_25`` set for each of ``--augment-seeds``, once with
-   imgcls's augmentation and once with Kornia's. For Kornia's runs Ray starts with a
-   worker setup hook that puts ``KorniaAugment`` in the place of ``BatchAugment`` in every
-   training worker; each worker that builds it leaves a marker file, and a run whose
-   workers did not is an error. The accuracy runs of an earlier file are kept when a run
-   makes none (``--augment-seeds ''``), so that the timings can be redone alone.
+   nothing to swap. Each ``--augment-accuracy`` case ``set:augment:library`` trains the
+   fine-tune recipe with ``augment`` on one of bench/finetune.py's sets for each of
+   ``--augment-seeds``, once with imgcls's augmentation and once with the library's
+   (``KorniaAugment``, or ``V2LoopAugment``: the v2 preset looped over the images). For the
+   library's runs Ray starts with a worker setup hook that puts the stand-in in the place
+   of ``BatchAugment`` in every training worker; each worker that builds it leaves a
+   marker file, and a run whose workers did not is an error. Cases: ``photos_25:light:kornia``
+   (the recipe's own augmentation, on the photo set) and ``dogs_cats_25:trivialaugment:v2_loop``
+   (the mode where the loop is faster at 224 px, on a set the recipe does not saturate). The
+   cases not run are kept from the earlier file, and ``--no-augment-timings`` keeps its
+   timings, so that accuracy and timings can be run apart (the timings alone on the machine).
 
 6. The linear probe: imgcls's ``training.probe.fit_probe`` (multinomial logistic
    regression by torch L-BFGS on standardised features, its L2 strength chosen from
@@ -808,10 +812,7 @@ class KorniaAugment:
         elif augment == "randaugment":
             steps.append(auto.RandAugment(n=2, m=magnitude))
         self.pipeline = K.AugmentationSequential(*steps, K.Normalize(torch_tensor(mean), torch_tensor(std)))
-        marker = os.environ.get("IMGCLS_BENCH_KORNIA_MARKER")
-        if marker:  # the benchmark's proof that training built this class (one file per process)
-            os.makedirs(marker, exist_ok=True)
-            open(os.path.join(marker, f"{augment}-{os.getpid()}"), "w").close()
+        leave_marker()
 
     def __call__(self, images, generator=None):
         import torch
@@ -826,13 +827,43 @@ class KorniaAugment:
         return self.pipeline(x).contiguous(memory_format=torch.channels_last)
 
 
+class V2LoopAugment:
+    """``BatchAugment``'s interface on torchvision's per-image v2 presets: a loop over the
+    batch, each image through imgcls's ``ClassificationPresetTrain`` for ``augment``
+    (``v2_transforms``), so that every image draws its own parameters.
+
+    uint8 (B, H, W, 3) in, (B, 3, S, S) float normalised and channels_last out. The
+    randomness is torch's global RNG; ``generator`` is accepted and unused.
+    """
+
+    def __init__(self, image_size: int, mean, std, augment: str = "standard", magnitude: int = 9):
+        self.image_size = image_size
+        self.transform = v2_transforms(image_size, augment, magnitude, mean, std)
+        leave_marker()
+
+    def __call__(self, images, generator=None):
+        import torch
+
+        out = torch.stack([self.transform(im) for im in images.permute(0, 3, 1, 2)])
+        return out.contiguous(memory_format=torch.channels_last)
+
+
+def leave_marker() -> None:
+    """The accuracy runs' proof that training built a library's augmentation: one file per
+    process in the folder ``IMGCLS_BENCH_SWAP_MARKER`` names, where set."""
+    marker = os.environ.get("IMGCLS_BENCH_SWAP_MARKER")
+    if marker:
+        os.makedirs(marker, exist_ok=True)
+        open(os.path.join(marker, str(os.getpid())), "w").close()
+
+
 def torch_tensor(values):
     import torch
 
     return torch.tensor(values, dtype=torch.float32)
 
 
-def v2_transforms(image_size: int, augment: str, magnitude: int = 9):
+def v2_transforms(image_size: int, augment: str, magnitude: int = 9, mean=MEAN, std=STD):
     """imgcls's per-image torchvision v2 preset for ``augment``, taking the stored training image.
 
     ``ClassificationPresetTrain`` starts none/light with the eval resize and centre crop,
@@ -842,7 +873,7 @@ def v2_transforms(image_size: int, augment: str, magnitude: int = 9):
 
     from imgcls.preprocess import ClassificationPresetTrain
 
-    preset = ClassificationPresetTrain(image_size, MEAN, STD, augment, magnitude)
+    preset = ClassificationPresetTrain(image_size, mean, std, augment, magnitude)
     steps = preset.transform.transforms
     return v2.Compose(steps[2:] if augment in ("none", "light") else steps)
 
@@ -909,22 +940,29 @@ def policy_ops_per_call(batch: int = 32, calls: int = 20) -> dict:
     return out
 
 
-def kornia_worker_hook(marker: str):
-    """A Ray worker setup hook that makes training build ``KorniaAugment`` where it builds ``BatchAugment``."""
+SWAPS = {"kornia": KorniaAugment, "v2_loop": V2LoopAugment}  # library -> BatchAugment's stand-in
+
+
+def swap_worker_hook(library: str, marker: str):
+    """A Ray worker setup hook that makes training build ``library``'s stand-in where it
+    builds ``BatchAugment``, and leave a file in ``marker`` when it does."""
+    stand_in = SWAPS[library]
 
     def setup():
         import imgcls.training.loop
 
-        os.environ["IMGCLS_BENCH_KORNIA_MARKER"] = marker
-        imgcls.training.loop.BatchAugment = KorniaAugment
+        os.environ["IMGCLS_BENCH_SWAP_MARKER"] = marker
+        imgcls.training.loop.BatchAugment = stand_in
 
     return setup
 
 
-def augment_accuracy(seeds, workdir: str, set_name: str = "photos_25") -> dict:
-    """Test accuracy of the fine-tune recipe (bench/finetune.py's ``finetune`` method) on ``set_name``, per seed
-    with imgcls's augmentation and with Kornia's: the Kornia runs start Ray with a worker setup hook that swaps
-    ``KorniaAugment`` in for ``BatchAugment`` in every training worker, and check that every worker built it."""
+def augment_accuracy(seeds, workdir: str, set_name: str, augment: str, library: str) -> dict:
+    """Test accuracy of bench/finetune.py's ``finetune`` method on ``set_name`` with the
+    recipe's augmentation replaced by ``augment``, per seed, with imgcls's augmentation and
+    with ``library``'s: those runs start Ray with a worker setup hook that swaps its
+    stand-in in for ``BatchAugment`` in every training worker, and check that every worker
+    built it."""
     import shutil
     import statistics
 
@@ -937,33 +975,50 @@ def augment_accuracy(seeds, workdir: str, set_name: str = "photos_25") -> dict:
     pool, test = pools(source_images(source, workdir), test_per_class)
     runs = []
     for seed in seeds:
-        for library in ("kornia", "imgcls"):  # Kornia's first: a swap that did not happen stops the run early
-            marker = os.path.abspath(os.path.join(workdir, f"kornia-built-{seed}"))
+        for name in (library, "imgcls"):  # the library's first: a swap that did not happen stops the run early
+            marker = os.path.abspath(os.path.join(workdir, f"{library}-built-{seed}"))
             shutil.rmtree(marker, ignore_errors=True)
-            runtime_env = {"worker_process_setup_hook": kornia_worker_hook(marker)} if library == "kornia" else None
+            runtime_env = {"worker_process_setup_hook": swap_worker_hook(library, marker)} if name != "imgcls" else None
             ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", runtime_env=runtime_env)
             try:
-                row = run_one(set_name, "finetune", seed, pool, test, os.path.join(workdir, library))
+                row = run_one(set_name, "finetune", seed, pool, test, os.path.join(workdir, name), augment)
             finally:
                 ray.shutdown()
             built = sorted(os.listdir(marker)) if os.path.isdir(marker) else []
-            if (library == "kornia") != bool(built):
-                raise SystemExit(f"{library} run, seed {seed}: KorniaAugment built by {built}")
-            runs.append({"augment_library": library, "kornia_built_in": len(built), **row})
+            if (name != "imgcls") != bool(built):
+                raise SystemExit(f"{name} run, seed {seed}: {library}'s augmentation built by {built}")
+            runs.append({"augment_library": name, "stand_in_built_in": len(built), **row})
     summary = {}
-    for library in ("imgcls", "kornia"):
-        acc = [r["test_accuracy"] for r in runs if r["augment_library"] == library]
-        summary[library] = {"mean": statistics.mean(acc), "std": statistics.pstdev(acc), "min": min(acc),
-                            "max": max(acc), "seeds": len(acc)}
-    return {"set": set_name, "method": "finetune", "recipe": "jobs/configs/dogs_cats_finetune.yaml (augment light)",
-            "summary": summary, "runs": runs}
+    for name in ("imgcls", library):
+        acc = [r["test_accuracy"] for r in runs if r["augment_library"] == name]
+        summary[name] = {"mean": statistics.mean(acc), "std": statistics.pstdev(acc), "min": min(acc),
+                         "max": max(acc), "seeds": len(acc)}
+    return {"set": set_name, "method": "finetune", "augment": augment,
+            "recipe": f"jobs/configs/dogs_cats_finetune.yaml (augment {augment})", "summary": summary, "runs": runs}
 
 
-def measure_augment(seeds, workdir: str, quick: bool) -> dict:
+def accuracy_cases(spec: str) -> list[tuple[str, str, str]]:
+    """``set:augment:library`` items, comma-separated, as (set, augment, library)."""
+    cases = [tuple(item.split(":")) for item in spec.split(",") if item]
+    for case in cases:
+        if len(case) != 3 or case[2] not in SWAPS:
+            raise SystemExit(f"--augment-accuracy takes set:augment:library items (library of {sorted(SWAPS)}), "
+                             f"got {':'.join(case)}")
+    return cases
+
+
+def measure_augment(seeds, cases, workdir: str, quick: bool, timings: bool = True) -> dict:
     import kornia
     import torch
     import torchvision
 
+    out = {}
+    if seeds:
+        out["accuracy"] = {f"{set_name}_{augment}_{library}": augment_accuracy(
+            seeds, os.path.join(workdir, "augment-finetune"), set_name, augment, library)
+            for set_name, augment, library in cases}
+    if not timings:
+        return out
     speed = {}
     for size, batch in ((AUGMENT_CASES[0][0], 16), (64, 8)) if quick else AUGMENT_CASES:
         for augment in AUGMENT_MODES:
@@ -982,11 +1037,9 @@ def measure_augment(seeds, workdir: str, quick: bool) -> dict:
             speed_1[f"{augment}_{size}"] = {"image_size": size, "batch": batch,
                                             **time_augment(size, batch, augment, 2 if quick else 7, ("imgcls", "kornia"))}
     torch.set_num_threads(threads)
-    out = {"kornia_version": kornia.__version__, "torchvision_version": torchvision.__version__,
-           "speed": speed, "speed_one_thread": speed_1, "kornia_policy_ops_per_batch_call": policy_ops_per_call()}
-    if seeds:
-        out["accuracy"] = augment_accuracy(seeds, os.path.join(workdir, "augment-finetune"))
-    return out
+    return {"kornia_version": kornia.__version__, "torchvision_version": torchvision.__version__,
+            "speed": speed, "speed_one_thread": speed_1, "kornia_policy_ops_per_batch_call": policy_ops_per_call(),
+            **out}
 
 
 # ---------------------------------------------------------------- linear probe
@@ -1173,7 +1226,12 @@ def main():
                    help="MixUp and CutMix draws compared per shape (default 10; 2 with --quick)")
     p.add_argument("--augment-seeds", default=None,
                    help="comma-separated seeds of the augment part's fine-tune runs, each trained with imgcls's "
-                        "and with Kornia's augmentation (default 0,1,2; none with --quick; '' for none)")
+                        "and with a library's augmentation (default 0,1,2; none with --quick; '' for none)")
+    p.add_argument("--augment-accuracy", default="photos_25:light:kornia",
+                   help="the augment part's accuracy cases, comma-separated set:augment:library items (sets of "
+                        "bench/finetune.py, libraries kornia or v2_loop); cases not run are kept from --out")
+    p.add_argument("--no-augment-timings", dest="augment_timings", action="store_false",
+                   help="the augment part runs its accuracy cases only; the timings in --out are kept")
     p.add_argument("--workdir", default="out/bench-swaps")
     p.add_argument("--out", default="bench/results/library_swaps.json")
     args = p.parse_args()
@@ -1250,9 +1308,23 @@ def main():
         seeds = args.augment_seeds if args.augment_seeds is not None else ("" if args.quick else "0,1,2")
         seeds = [int(x) for x in seeds.split(",") if x]
         results["part_runs"]["augment"]["augment_seeds"] = seeds
-        results["training_augmentation"] = measure_augment(seeds, args.workdir, args.quick)
-        if not seeds and "accuracy" in earlier.get("training_augmentation", {}):
-            results["training_augmentation"]["accuracy"] = earlier["training_augmentation"]["accuracy"]
+        cases = accuracy_cases(args.augment_accuracy)
+        results["part_runs"]["augment"]["augment_accuracy"] = args.augment_accuracy if seeds else ""
+        before = earlier.get("training_augmentation", {})
+        results["training_augmentation"] = measure_augment(seeds, cases, args.workdir, args.quick,
+                                                           args.augment_timings)
+        if not args.augment_timings:  # the earlier file's timings and their ratios are kept
+            results["training_augmentation"] = {**{k: v for k, v in before.items() if k != "accuracy"},
+                                                **results["training_augmentation"]}
+        kept = before.get("accuracy", {})
+        if "set" in kept:  # a file from before the cases were named: its one case, Kornia's
+            kept = {f"{kept['set']}_light_kornia": kept}
+        # The accuracy cases not run now are kept.
+        results["training_augmentation"]["accuracy"] = {**kept, **results["training_augmentation"].get("accuracy", {})}
+        for case, r in results["training_augmentation"]["accuracy"].items():  # 1: as accurate on average
+            library = case.rsplit("_", 1)[1] if not case.endswith("v2_loop") else "v2_loop"
+            ratios[f"{library}_vs_imgcls_augment_test_accuracy_{case}"] = (r["summary"][library]["mean"]
+                                                                          / r["summary"]["imgcls"]["mean"])
         for case, r in results["training_augmentation"]["speed"].items():
             for library in ("kornia", "v2_loop"):
                 ratios[f"{library}_vs_imgcls_augment_seconds_{case}"] = r[library]["seconds"] / r["imgcls"]["seconds"]
