@@ -1358,10 +1358,10 @@ def main():
         if part in parts:
             print(json.dumps(results[PARTS[part][0]], indent=1))
     if "augment" in parts and "accuracy" in results["training_augmentation"]:
-        accuracy = results["training_augmentation"]["accuracy"]
-        print(f"Fine-tune test accuracy on {accuracy['set']}: " + "; ".join(
-            f"{library} mean {r['mean']:.4f} (min {r['min']:.4f}, max {r['max']:.4f}, {r['seeds']} seeds)"
-            for library, r in accuracy["summary"].items()))
+        for case, accuracy in results["training_augmentation"]["accuracy"].items():
+            print(f"Fine-tune test accuracy, {case}: " + "; ".join(
+                f"{library} mean {r['mean']:.4f} (min {r['min']:.4f}, max {r['max']:.4f}, {r['seeds']} seeds)"
+                for library, r in accuracy["summary"].items()))
     if "probe" in parts:
         print_probe(results["linear_probe"])
     print("ratios: " + json.dumps(ratios, indent=2))

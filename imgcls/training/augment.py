@@ -45,31 +45,30 @@ bench/results/library_swaps.json): milliseconds a batch from uint8 to normalised
 =================  =======================  =======================  ===============  ===============
 mode               28 px, batch 128         224 px, batch 32         28 px, 1 thread  224 px, 1 thread
 =================  =======================  =======================  ===============  ===============
-none               0.1 / 0.6 / 3.7          1.6 / 4.7 / 5.6          0.1 / 0.6        1.5 / 13.8
-light              0.3 / 2.2 / 8.3          4.4 / 14.4 / 7.7         0.4 / 2.4        7.2 / 21.6
-standard           1.3 / 5.0 / 19.1         17.1 / 30.7 / 17.4       1.6 / 5.1        28.9 / 46.2
-trivialaugment     2.8 / 4.4 / 22.2         22.5 / 40.4 / 17.8       3.2 / 5.3        37.2 / 46.7
-randaugment        4.0 / 5.0 / 31.0         36.0 / 53.0 / 24.8       4.4 / 5.6        50.3 / 88.1
+none               0.1 / 0.7 / 3.8          0.9 / 8.0 / 6.5          0.1 / 0.6        1.9 / 7.7
+light              0.4 / 2.6 / 8.8          3.9 / 13.2 / 11.8        0.4 / 2.4        7.3 / 23.5
+standard           1.5 / 5.5 / 20.5         16.8 / 39.1 / 24.4       1.8 / 5.6        33.2 / 52.5
+trivialaugment     3.0 / 5.1 / 22.9         21.5 / 43.6 / 24.8       3.1 / 4.7        35.9 / 29.8
+randaugment        4.4 / 5.8 / 31.6         32.4 / 54.0 / 32.7       4.7 / 6.3        48.3 / 43.3
 =================  =======================  =======================  ===============  ===============
 
-* ``kornia.augmentation`` is 1.3-8.7x slower in every mode and size (1.3-9x on one
-  thread). It draws crop, flip and affine parameters per sample, but its
-  ``auto.TrivialAugment`` and ``auto.RandAugment`` pick their op kinds once per call:
-  every image of a batch gets the same op (or the same two), only magnitudes and signs
-  vary, which is not per-sample TrivialAugment or RandAugment.
+* ``kornia.augmentation`` is 1.3-9x slower on 2 threads in every mode and size, and on
+  one thread except TrivialAugment and RandAugment at 224 px (0.83x, 0.90x imgcls's
+  time). Those two are not the same augmentation: it draws crop, flip and affine
+  parameters per sample, but its ``auto.TrivialAugment`` and ``auto.RandAugment`` pick
+  their op kinds once per call, so every image of a batch gets the same op (or the same
+  two), only magnitudes and signs vary.
 * torchvision's v2 transforms called on a batch draw one set of parameters for the whole
-  batch; per-sample parameters need a loop over the images: 7-50x slower at 28 px, and at
-  224 px 3.5x (``none``), 1.7x (``light``, the fine-tune recipe's) and 1.0x
-  (``standard``) imgcls's time, but 0.79x and 0.69x in ``trivialaugment`` and
-  ``randaugment``. Those two alone would be faster as such a loop on CPUs; the loop runs
-  image by image on the device, where imgcls's batch ops keep a GPU busy, and its
-  policies' accuracy was not compared, so this code stays for every mode.
-* Trained with either augmentation, the fine-tune recipe (``light``) scores the same on
-  bench/finetune.py's ``photos_25`` set: test accuracy 1.0 with each, seeds 0 and 1
-  (Kornia's ops swapped into both training workers). That set is saturated (every method
-  scores 1.0 in bench/results/finetune.json): it shows that Kornia's ops would not lose
-  accuracy there, not that they gain any. The Fashion-MNIST recipe trains with ``none``,
-  nothing to swap.
+  batch; per-sample parameters need a loop over the images: 7-36x imgcls's time at 28 px,
+  1.0-7.4x at 224 px (three runs of the timings: 1.15-1.2x in ``trivialaugment``,
+  1.0-1.3x in ``randaugment``, where the loop had taken 0.69x before Sharpness's blur ran
+  channels-last). On a GPU the loop runs image by image where these batch ops keep it busy.
+* Accuracy, fine-tuning on bench/finetune.py's sets (test accuracy, mean of seeds 0-2,
+  each library's ops swapped into every training worker): ``light`` (the recipe's) on
+  ``dogs_cats_25``, imgcls 0.783 (0.712-0.827) and Kornia 0.786 (0.750-0.813);
+  ``trivialaugment`` on ``dogs_cats_25``, imgcls 0.771 (0.715-0.813) and the v2 loop
+  0.791 (0.750-0.813): the same within the seed spread. On ``photos_25`` every method
+  scores 1.0 (saturated). The Fashion-MNIST recipe trains with ``none``, nothing to swap.
 """
 
 from __future__ import annotations
