@@ -31,6 +31,13 @@ def test_site_builds_strict(tmp_path):
                           env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})
     assert proc.returncode == 0 and "WARNING" not in proc.stderr, proc.stdout + proc.stderr
     assert (tmp_path / "site" / "api" / "index.html").read_text().count("create_model") > 0
+    # The README is outside the site: its links into docs/ are checked against the built pages.
+    links = re.findall(r"\]\((docs/[^)#]*)(?:#([^)]*))?\)", (ROOT / "README.md").read_text())
+    assert links
+    for page, anchor in links:
+        assert (ROOT / page).is_file(), page
+        built = tmp_path / "site" / ("index.html" if page == "docs/index.md" else f"{Path(page).stem}/index.html")
+        assert not anchor or f'id="{anchor}"' in built.read_text(), f"README links to {page}#{anchor}, which has no such anchor"
 
 
 def test_benchmark_pages_are_what_the_results_render():
