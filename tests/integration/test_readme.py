@@ -325,9 +325,9 @@ def test_readme_blocks_run_as_written(tmp_path, ray_address):
         retrain_meta["mlflow_run_id"]
     assert (walk / "out/mlflow.db").is_file() and (walk / "out/mlartifacts").is_dir()
     # the serving example: every request a row of the log, from the two models (and the
-    # tour's request, to the first model, after them); monitor and review read it
+    # tour's 20 requests, to the first model, after them); monitor and review read it
     log = pq.read_table(walk / "out/serve-log").to_pandas()
-    assert len(log) == 103 and log["model_id"].nunique() == 2 and log["path"].map(os.path.isfile).all()
+    assert len(log) == 122 and log["model_id"].nunique() == 2 and log["path"].map(os.path.isfile).all()
     served = json.loads((walk / "out/serve-drift/drift.json").read_text())
     assert served["rows"]["current"] == 102
     assert len((walk / "out/serve-review/review.csv").read_text().splitlines()) == 21
