@@ -31,6 +31,15 @@ prediction rows each (the pool's rows repeated), from the command's start, Ray's
 included.
 
     python bench/monitor.py            # bench/results/monitor.json
+
+What the figures say: at a million rows a side every test of the full counts would be
+significant, and the effect sizes decide: the median Jensen-Shannon distance of the
+class shares was 0.007 for the same mix (the two halves' images differ), 0.009 for a 1%
+shift, 0.057 for 10%, 0.18 for 30% and 0.13 for the blurred images, against the
+threshold 0.03. The confidence test leaves the prior shifts to the classes' (their
+Wasserstein distance, 0.03 and 0.07, is under 0.1) and flags the blur (0.44). A 10%
+prior shift needs the larger sets to be seen every time. The million-row timing ran
+beside other jobs on the same 2 cores (15.6 s in a quieter run).
 """
 
 from __future__ import annotations

@@ -43,6 +43,12 @@ hundred requests a second: 200,000 rows, read twice, take tens of minutes):
     .venv/bin/python bench/train_scale.py [--workdir out/bench-train-scale] [--out bench/results/train_scale.json]
 A smoke run at small sizes:
     .venv/bin/python bench/train_scale.py --small 500 --large 2000 --out out/bench-train-scale/smoke.json
+
+What the figures say: helpers' test runs shared the machine for much of the committed
+run (load 9 to 20), so the rates are lower than on a quiet one; the ratios set figures
+of the same run side by side. The first epoch waits for the whole decode: the time to
+the first step is Ray's and Ray Train's start-up plus the rows over the cache-writing
+rate, so it grows linearly with the data (20x the rows, 20x the wait).
 """
 
 import argparse

@@ -1,7 +1,11 @@
-"""The README's shell blocks, run as a user types them, in a copy of the checkout.
+"""The shell blocks of the README and the docs pages, run as a user types them, in a copy
+of the checkout.
 
-The blocks are read from README.md (```bash fences under the headings of RUNS), so a
-change to the README changes what runs here. Each line runs as written, through
+The blocks are read from README.md and docs/*.md (```bash fences, each identified by its
+file and the heading above it; RUNS lists those that run, in order), so a change to a
+page changes what runs here. A block that must not run (it needs a cluster, a cloud
+bucket, or installs) says so in the page, in a comment right above its fence:
+``<!-- not run: why -->``; every other block must be in RUNS. Each line runs as written, through
 ``bash -c`` in the copy's folder with the copy's ``.venv/bin`` first on PATH, unless a
 rule below matches it: SKIPPED lines are not run, SUBSTITUTIONS rewrite placeholders and
 cap sizes (small data, one epoch), PREPARED files are made (or filled in, as a person
@@ -31,30 +35,36 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
+PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]  # every page whose blocks are read
+NOT_RUN = re.compile(r"^<!--\s*not run:\s*(.+?)\s*-->$")  # the mark above a block that must not run
 
-# Each run is a fresh copy of the checkout; its headings' blocks run there in this order.
-# A line that, but for its comment and spacing, is a command already run (the Training
-# block repeats the walk-through's fetch and train, the Evaluation block its evaluate and
-# explain of the predictions) is not run again: a train would only train into the same
-# run folder, which refuses a second run without --resume or --overwrite.
+# Each run is a fresh copy of the checkout; its (page, heading) blocks run there in this
+# order: the walk-through first, since the later blocks use its out/ folder. A line that,
+# but for its comment and spacing, is an imgcls command already run (the Training block
+# repeats the walk-through's fetch and train, the Evaluation block its evaluate and
+# explain of the predictions, the README's tour most of it) is not run again: a train
+# would only train into the same run folder, which refuses a second run without --resume
+# or --overwrite. `imgcls serve` is the exception: each block that serves starts, asks
+# and stops a server of its own.
 RUNS = {
-    "walk-through": ["Walk-through: from training to bulk labelling to a report", "Bulk labelling",
-                     "Evaluation, explanations, export, tuning", "Reviewing uncertain predictions",
-                     "Retraining from the last model, and ensembles", "Monitoring drift between labelling runs",
-                     "Serving",
-                     "Training",
-                     "Fine-tuning a small photo collection",
-                     "Tracking runs and the model registry"],
-}
-# Headings whose bash blocks are not run here, and why; every other block must be in RUNS.
-SKIPPED_BLOCKS = {
-    "Two commands": "installs (minutes), then runs the demo and the whole suite: tests/integration/test_acceptance.py "
-                    "runs the demo's main job, and CI runs these commands themselves",
+    "walk-through": [("docs/index.md", "Walk-through: from training to bulk labelling to a report"),
+                     ("docs/labelling.md", "Labelling a folder or a bucket"),
+                     ("docs/evaluation.md", "Evaluating a model"),
+                     ("docs/evaluation.md", "Grad-CAM explanations"),
+                     ("docs/evaluation.md", "Export"),
+                     ("docs/model-in-use.md", "Reviewing uncertain predictions"),
+                     ("docs/model-in-use.md", "Retraining from the last model, and ensembles"),
+                     ("docs/model-in-use.md", "Monitoring drift between labelling runs"),
+                     ("docs/serving.md", "Serving"),
+                     ("README.md", "A ten-line tour"),
+                     ("docs/training.md", "Training"),
+                     ("docs/training.md", "Fine-tuning a small photo collection"),
+                     ("docs/training.md", "Hyperparameter search"),
+                     ("docs/model-in-use.md", "Tracking runs and the model registry"),
+                     ("docs/development.md", "The docs site")],
 }
 
 SKIPPED = [  # (pattern, why the line is not run)
-    (r"^ray job submit\b", "needs a Ray head with a job server (dashboard); tests/integration/test_job_submit.py "
-                           "submits jobs/train.py to a real one"),
     (r"^ray start --head\b", "the commands join the test session's cluster (RAY_ADDRESS), which stands in for it"),
     (r"^mlflow ui\b", "a web server that runs until stopped; tests/integration/test_tracking.py reads a real "
                      "mlflow server's runs"),
@@ -118,23 +128,33 @@ def fill_in_review(copy: Path) -> None:
 PREPARED = {"photo.jpg": make_photo, "out/review/review.csv": fill_in_review}
 
 
-def readme_blocks(text: str) -> list[tuple[str, list[str]]]:
-    """(heading, commands) of each ```bash block, under the nearest heading above it.
-    Comment-only and blank lines are dropped; backslash continuations joined."""
-    blocks, heading, block = [], None, None
+def readme_blocks(text: str) -> list[tuple[str, list[str], str | None]]:
+    """(heading, commands, why not run) of each ```bash block of a page, under the
+    nearest heading above it; ``why`` is the reason of a ``<!-- not run: why -->`` mark
+    on the last non-blank line above the fence, else None. Other fenced blocks (YAML,
+    text, diagrams) are passed over whole. Comment-only and blank lines are dropped;
+    backslash continuations joined."""
+    blocks, heading, block, fence, above = [], None, None, None, ""
     for line in text.splitlines():
-        if block is not None:
+        if fence is not None:  # inside a fence: its lines are not headings or marks
             if line.strip() == "```":
-                blocks.append((heading, block))
-                block = None
-            else:
+                if block is not None:
+                    blocks.append((heading, block, why))
+                fence, block = None, None
+            elif block is not None:
                 block.append(line)
-        elif line.strip() == "```bash":
-            block = []
+            continue
+        if line.strip().startswith("```"):
+            fence = line.strip()[3:]
+            if fence == "bash":
+                mark = NOT_RUN.match(above.strip())
+                block, why = [], (mark.group(1) if mark else None)
         elif re.match(r"#{1,6} ", line):
-            heading = line.lstrip("#").strip()
+            heading = re.sub(r"\s*\{#[^}]*\}$", "", line.lstrip("#").strip())  # less a {#id}
+        if line.strip():
+            above = line
     out = []
-    for heading, lines in blocks:
+    for heading, lines, why in blocks:
         commands, pending = [], ""
         for line in lines:
             pending += line
@@ -144,8 +164,19 @@ def readme_blocks(text: str) -> list[tuple[str, list[str]]]:
             if pending.strip() and not pending.strip().startswith("#"):
                 commands.append(pending.strip())
             pending = ""
-        out.append((heading, commands))
+        out.append((heading, commands, why))
     return out
+
+
+def page_blocks() -> list[tuple[tuple[str, str], list[str], str | None]]:
+    """((page, heading), commands, why not run) of every bash block of the pages."""
+    return [((str(page.relative_to(ROOT)), heading), commands, why)
+            for page in PAGES for heading, commands, why in readme_blocks(page.read_text())]
+
+
+def run_lines(blocks, key: tuple[str, str]) -> list[str]:
+    """The lines of the blocks under ``key`` that run (not marked)."""
+    return [line for k, commands, why in blocks if k == key and why is None for line in commands]
 
 
 def as_run(line: str) -> tuple[str | None, list[str]]:
@@ -163,20 +194,31 @@ def as_run(line: str) -> tuple[str | None, list[str]]:
 
 
 def test_tables_are_used_and_every_block_is_classified():
-    """No rule is dead, and every bash block of the README is either run or skipped by name."""
-    blocks = readme_blocks(README.read_text())
-    headings = {h for h, _ in blocks}
-    run_headings = {h for hs in RUNS.values() for h in hs}
-    assert run_headings <= headings, f"README headings not found: {run_headings - headings}"
-    assert headings <= run_headings | set(SKIPPED_BLOCKS), \
-        f"bash blocks neither run nor skipped here: {headings - run_headings - set(SKIPPED_BLOCKS)}"
-    lines = [line for h, cmds in blocks if h in run_headings for line in cmds]
+    """No rule is dead, and every bash block of the pages is either run or marked as not run."""
+    blocks = page_blocks()
+    run_keys = [k for keys in RUNS.values() for k in keys]
+    assert len(run_keys) == len(set(run_keys)), "a (page, heading) runs twice"
+    for key in run_keys:
+        assert run_lines(blocks, key), f"no bash block to run under {key} (missing, or every one marked not run)"
+    unclassified = {k for k, _, why in blocks if why is None} - set(run_keys)
+    assert not unclassified, f"bash blocks neither run here nor marked <!-- not run: why -->: {sorted(unclassified)}"
+    lines = [line for key in run_keys for line in run_lines(blocks, key)]
     for pattern, *_ in SKIPPED + SUBSTITUTIONS:
         assert any(re.search(pattern, line) for line in lines), f"rule {pattern!r} matches no README line"
     for name in PREPARED:
         assert any(name in line for line in lines), f"{name} is named by no README line"
     assert as_run("imgcls train --config x.yaml  # a note") == ("imgcls train --config x.yaml --epochs 1  # a note",
                                                                ["one epoch"])
+
+
+def test_blocks_are_read_with_their_heading_and_mark():
+    text = "\n".join(["# Page", "## Run me {#run}", "```bash", "imgcls train \\", "  --lr 1  # a note", "```",
+                      "```yaml", "# not a heading", "```", "<!-- not run: needs a cluster -->", "", "```bash",
+                      "ray up x.yaml", "```", "```text", "<!-- not run: shown, not a mark -->", "```", "```bash",
+                      "echo hi", "```"])
+    assert readme_blocks(text) == [("Run me", ["imgcls train   --lr 1  # a note"], None),
+                                   ("Run me", ["ray up x.yaml"], "needs a cluster"),
+                                   ("Run me", ["echo hi"], None)]
 
 
 def checkout_copy(dest: Path) -> Path:
@@ -204,21 +246,23 @@ def test_command_key_ignores_comments_and_spacing():
 
 
 def test_readme_blocks_run_as_written(tmp_path, ray_address):
-    blocks = readme_blocks(README.read_text())
+    blocks = page_blocks()
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ADDRESS": ray_address}
     done, log, ran, prepared = {}, [], set(), set()
     for run, headings in RUNS.items():
         copy = checkout_copy(tmp_path / run)
         env["PATH"] = f"{copy / '.venv' / 'bin'}:{os.environ['PATH']}"
-        for heading in headings:
-            for line in [c for h, cmds in blocks if h == heading for c in cmds]:
+        for key in headings:
+            for line in run_lines(blocks, key):
                 command, reasons = as_run(line)
                 if command is None:
                     log.append(f"SKIPPED  {line}\n         ({'; '.join(reasons)})")
                     continue
                 # Only imgcls commands are run once: a repeated request (the serving block's
-                # second classify, which the updated model answers) is a new request.
-                if command_key(command) in ran and command.startswith("imgcls "):
+                # second classify, which the updated model answers) is a new request, and
+                # each block that serves starts and stops its own server.
+                if command_key(command) in ran and command.startswith("imgcls ") \
+                        and not command.startswith("imgcls serve "):
                     log.append(f"RAN ABOVE {command}")
                     continue
                 ran.add(command_key(command))
@@ -232,7 +276,7 @@ def test_readme_blocks_run_as_written(tmp_path, ray_address):
                 seconds = time.monotonic() - start
                 log.append(f"{seconds:6.1f} s {command}" + (f"\n         (README: {line}; {'; '.join(reasons)})"
                                                            if reasons else ""))
-                assert proc.returncode == 0, (f"README line failed ({heading}): {line}\nran: {command}\n"
+                assert proc.returncode == 0, (f"line failed ({key[0]}, {key[1]}): {line}\nran: {command}\n"
                                               f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-3000:]}\n"
                                               f"--- stderr\n{proc.stderr[-5000:]}")
         done[run] = copy
@@ -251,9 +295,11 @@ def test_readme_blocks_run_as_written(tmp_path, ray_address):
     assert (walk / "out/export/model.onnx").is_file()
     assert (walk / "out/runs/fashion-mnist-tune/tune_best.yaml").is_file()
     again = "RAN ABOVE imgcls train --config jobs/configs/fashion_mnist.yaml"
-    assert sum(entry.startswith(again) for entry in log) == 1  # the Training block's, as the walk-through's
-    for again in ("evaluate --model out/runs/fashion-mnist/best --predictions", "explain  --model out/runs/"):
-        assert sum(entry.startswith(f"RAN ABOVE imgcls {again}") for entry in log) == 1, again  # the Evaluation block's
+    assert sum(entry.startswith(again) for entry in log) == 2  # the tour's and the Training block's, as the walk-through's
+    # the Evaluation block's (and the tour's evaluate), as the walk-through's
+    for again, times in (("evaluate --model out/runs/fashion-mnist/best --predictions", 2),
+                         ("explain  --model out/runs/", 1)):
+        assert sum(entry.startswith(f"RAN ABOVE imgcls {again}") for entry in log) == times, again
     # Ray Tune runs each trial in a folder of its own: the YAML's relative root was resolved
     # against the command's folder before any trial started, and is saved absolute.
     best = yaml.safe_load((walk / "out/runs/fashion-mnist-tune/tune_best.yaml").read_text())
@@ -278,9 +324,10 @@ def test_readme_blocks_run_as_written(tmp_path, ray_address):
     assert json.loads((walk / "out/labels-champion/_job.json").read_text())["model_run_id"] == \
         retrain_meta["mlflow_run_id"]
     assert (walk / "out/mlflow.db").is_file() and (walk / "out/mlartifacts").is_dir()
-    # the serving example: every request a row of the log, from the two models; monitor and review read it
+    # the serving example: every request a row of the log, from the two models (and the
+    # tour's 20 requests, to the first model, after them); monitor and review read it
     log = pq.read_table(walk / "out/serve-log").to_pandas()
-    assert len(log) == 102 and log["model_id"].nunique() == 2 and log["path"].map(os.path.isfile).all()
+    assert len(log) == 122 and log["model_id"].nunique() == 2 and log["path"].map(os.path.isfile).all()
     served = json.loads((walk / "out/serve-drift/drift.json").read_text())
     assert served["rows"]["current"] == 102
     assert len((walk / "out/serve-review/review.csv").read_text().splitlines()) == 21

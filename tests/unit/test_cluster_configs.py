@@ -64,7 +64,7 @@ def test_launcher_dashboard_listens_on_the_heads_loopback_only(name):
     [start] = [c for c in cfg["head_start_ray_commands"] if " start --head" in c]
     assert "--dashboard-host=127.0.0.1" in start.split(), start
     assert not [c for c in cfg["head_start_ray_commands"] + cfg["worker_start_ray_commands"] if "0.0.0.0" in c]
-    text = (ROOT / "cluster" / name).read_text() + (ROOT / "README.md").read_text()
+    text = (ROOT / "cluster" / name).read_text() + (ROOT / "docs" / "clusters.md").read_text()
     assert f"ray dashboard cluster/{name}" in text
 
 

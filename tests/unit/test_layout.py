@@ -1,4 +1,4 @@
-"""The package layout: the README's table names every module where it is, and the
+"""The package layout: the design page's table names every module where it is, and the
 feature packages stay layered (shared modules never import a feature package)."""
 
 import ast
@@ -11,8 +11,8 @@ FEATURES = ("training", "inference", "evaluation", "serving")
 
 
 def layout_table() -> dict[str, set[str]]:
-    """Folder -> module names that the README's layout table lists for it."""
-    text = (ROOT / "README.md").read_text()
+    """Folder -> module names that the design page's layout table lists for it."""
+    text = (ROOT / "docs" / "design.md").read_text()
     section = text[text.index("## Layout"):]
     section = section[:section.index("\n## ", 1)]
     rows = {}
@@ -27,7 +27,7 @@ def modules(folder: Path) -> set[str]:
     return {p.stem for p in folder.glob("*.py") if p.stem != "__init__"}
 
 
-def test_readme_layout_table_names_every_module_where_it_is():
+def test_layout_table_names_every_module_where_it_is():
     rows = layout_table()
     assert set(rows) == {"imgcls", *(f"imgcls/{f}" for f in FEATURES)}, sorted(rows)
     packages = {p.parent.name for p in PACKAGE.glob("*/__init__.py")}
