@@ -117,6 +117,7 @@ def main():
     import torch
 
     results["machine"] = {"cpus": os.cpu_count(), "gpus": torch.cuda.device_count()}
+    results["date"] = time.strftime("%Y-%m-%d")
     for name in args.only or RUNS:
         if name == "fashion_mnist_small_cnn":
             root = fetch_fashion_mnist(os.path.join(args.workdir, f"fmnist-{args.fmnist_per_class}"),

@@ -127,19 +127,20 @@ def machine(data: dict) -> str:
 
 
 def date(data: dict) -> str:
-    """The date the file records (a top-level or per-part ``date``, ``when`` or ``measured``)."""
+    """The date the file records (a top-level ``date``, ``when`` or ``measured``, or one per
+    part or case run: ``part_runs``, ``case_runs``)."""
     for key in ("date", "when", "measured"):
         if key in data:
             return str(data[key])
-    runs = data.get("part_runs") or {}
+    kind, runs = ("parts", data["part_runs"]) if data.get("part_runs") else ("cases", data.get("case_runs") or {})
     dated = {part: run["date"] for part, run in runs.items() if "date" in run}
     if dated:
         undated = sorted(set(runs) - set(dated))
         by_date: dict[str, list[str]] = {}
         for part, when in dated.items():
             by_date.setdefault(when, []).append(part)
-        text = "; ".join(f"{when} (parts {', '.join(sorted(parts))})" for when, parts in sorted(by_date.items()))
-        return text + (f"; not recorded (parts {', '.join(undated)})" if undated else "")
+        text = "; ".join(f"{when} ({kind} {', '.join(sorted(parts))})" for when, parts in sorted(by_date.items()))
+        return text + (f"; not recorded ({kind} {', '.join(undated)})" if undated else "")
     return "not recorded"
 
 

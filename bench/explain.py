@@ -262,7 +262,7 @@ def main():
         return results[arch][way].get(key)
 
     result = {
-        "machine": {"cpus": os.cpu_count(), "threads": args.threads},
+        "machine": {"cpus": os.cpu_count(), "threads": args.threads}, "date": time.strftime("%Y-%m-%d"),
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
         "accuracy": accuracy, "results": results, "top_mistakes": speed,
         "targets": {"deletion_drop_vs_random_min": 1.5, "empty_map_rate_max": 0},

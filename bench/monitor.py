@@ -298,7 +298,7 @@ def main():
     print(f"monitor over {args.rows:,} rows a run: {big['seconds']:.1f} s", flush=True)
     far = {n: power[n]["none"]["flagged"] for n in power}
     result = {
-        "machine": {"cpus": os.cpu_count()},
+        "machine": {"cpus": os.cpu_count()}, "date": time.strftime("%Y-%m-%d"),
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
         "pool_images": len(plain), "accuracy": accuracy,
         "power": power, "false_alarm_rate": far, "power_1m": million, "million_rows": big,

@@ -162,7 +162,7 @@ def main():
     memory = {cmd: results["10m"][cmd]["peak_rss_mb"] / results["1m"][cmd]["peak_rss_mb"]
               for cmd in ("review", "evaluate")}
     result = {
-        "machine": {"cpus": os.cpu_count()},
+        "machine": {"cpus": os.cpu_count()}, "date": time.strftime("%Y-%m-%d"),
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
         "labelled_files": rows.num_rows, "accuracy": accuracy,
         "embedding_size": len(ok.column("embedding")[0]),

@@ -467,7 +467,8 @@ def main():
         for c in {"manifest", "flat", "files", "resume"} - cases - set(results["case_runs"]):
             if any(k.startswith(c) for k in kept):
                 results["case_runs"][c] = {"machine": earlier.get("machine"), "settings": earlier.get("settings")}
-    results.setdefault("case_runs", {}).update({c: {"machine": results["machine"], "settings": results["settings"]}
+    results.setdefault("case_runs", {}).update({c: {"machine": results["machine"], "settings": results["settings"],
+                                                     "date": time.strftime("%Y-%m-%d")}
                                                 for c in cases})
 
     def save(done: bool) -> None:

@@ -192,7 +192,7 @@ def main():
     fmnist = fetch_fashion_mnist(os.path.join(args.workdir, f"fmnist-{args.fmnist_per_class}"), args.fmnist_per_class)
     photos = build_photo_set(os.path.join(args.workdir, "photos"), per_class=args.photos_per_class)
     amp = cpu_has_native_bf16()
-    results = {"machine": {"cpus": os.cpu_count(), "native_bf16": amp}}
+    results = {"machine": {"cpus": os.cpu_count(), "native_bf16": amp}, "date": time.strftime("%Y-%m-%d")}
     before = None
     if args.before:
         before = checkout_at(args.before, args.workdir)

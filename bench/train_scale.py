@@ -173,7 +173,7 @@ def main():
     import s3fs
 
     server, endpoint = start_s3_server()
-    results = {"machine": machine(), "settings": {
+    results = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "settings": {
         "num_cpus": args.num_cpus, "model": {"arch": "small_cnn", "image_size": 28},
         "train": "1 epoch, 2 workers, batch 128, light augmentation, 5% validation, no test split",
         "images": "real Fashion-MNIST PNGs (28 px), 70,000 distinct, each row under its own key",

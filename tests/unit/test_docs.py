@@ -107,6 +107,8 @@ def test_machine_and_date_are_what_the_file_records_or_not_recorded():
     assert docs_tables.date({"when": "2026-11-29"}) == "2026-11-29"
     assert docs_tables.date({"part_runs": {"a": {"date": "2026-12-04"}, "b": {}}}) == \
         "2026-12-04 (parts a); not recorded (parts b)"
+    assert docs_tables.date({"case_runs": {"flat": {"date": "2026-12-04"}, "files": {"machine": {}}}}) == \
+        "2026-12-04 (cases flat); not recorded (cases files)"
     assert docs_tables.machine({}) == "not recorded"
     assert docs_tables.machine({"machine": {"cpus": 2, "native_bf16": True}}) == "2 CPU cores, native bf16"
 
