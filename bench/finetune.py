@@ -187,8 +187,8 @@ def write_results(rows: list[dict], out: str) -> None:
         ratios["finetune_vs_scratch"] = round(min(m["finetune"]["mean"] / m["scratch"]["mean"]
                                                   for m in summary.values()), 4)
     result = {"ratios": ratios, "summary": summary, "runs": rows, "recipe": load_yaml(RECIPE),
-              "machine": {"cpus": os.cpu_count()}, "date": time.strftime("%Y-%m-%d"), "targets": {"finetune_vs_linear_probe": ">= 1.0 on every set",
-                                                               "finetune_seconds_200_photos": "<= 600"}}
+              "machine": {"cpus": os.cpu_count()}, "date": time.strftime("%Y-%m-%d"),
+              "targets": {"finetune_vs_linear_probe": ">= 1.0 on every set", "finetune_seconds_200_photos": "<= 600"}}
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
         json.dump(result, f, indent=2)

@@ -379,7 +379,8 @@ def main():
     large = make_corpus(os.path.join(args.workdir, f"jpeg-{args.files * args.growth}"), args.files * args.growth)
     ckpt = make_checkpoint(os.path.join(args.workdir, f"ckpt-{args.arch}"), args.arch)
     onnx = make_export(ckpt, os.path.join(args.workdir, f"export-{args.arch}"))
-    results = {"arch": args.arch, "image_size": 224, "cpus": os.cpu_count(), "files": args.files, "date": time.strftime("%Y-%m-%d")}
+    results = {"arch": args.arch, "image_size": 224, "cpus": os.cpu_count(), "files": args.files,
+               "date": time.strftime("%Y-%m-%d")}
     g = args.growth
     results["model_only"] = run_model_only(ckpt)
     results["model_only_eager"] = run_model_only(ckpt, eager=True)

@@ -248,7 +248,8 @@ def main():
     photos = [open(f, "rb").read() for f in files[:args.photos]]
     models = make_checkpoints(args.workdir)
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": ROOT}
-    results = {"machine": {"cpus": os.cpu_count()}, "date": time.strftime("%Y-%m-%d"), "photos": len(photos), "model": "efficientnet_lite0 @ 224 px",
+    results = {"machine": {"cpus": os.cpu_count()}, "date": time.strftime("%Y-%m-%d"), "photos": len(photos),
+               "model": "efficientnet_lite0 @ 224 px",
                "max_batch_size": args.max_batch_size, "batch_wait_ms": args.batch_wait_ms, "seconds": args.seconds}
 
     results["in_process"] = {"images_per_s": in_process_rate(models[0], photos, args.max_batch_size, args.seconds)}

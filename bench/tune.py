@@ -46,7 +46,8 @@ def main():
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False)
     base = JobConfig(data=DataConfig(root=root, augment="light"), model=ModelConfig(arch="small_cnn", image_size=28),
                      train=TrainConfig(epochs=args.epochs, num_workers=1, storage_path=os.path.join(args.workdir, "runs")))
-    out = {"machine": {"cpus": os.cpu_count()}, "date": time.strftime("%Y-%m-%d"), "settings": {k: v for k, v in vars(args).items() if k != "out"},
+    out = {"machine": {"cpus": os.cpu_count()}, "date": time.strftime("%Y-%m-%d"),
+           "settings": {k: v for k, v in vars(args).items() if k != "out"},
            "searches": {}}
     for search in ("random", "optuna"):
         runs = []
