@@ -96,16 +96,17 @@ def init_ray(num_cpus: int | None = None, log_to_driver: bool = True) -> None:
     if ray.is_initialized():
         return
     level = logging.INFO if VERBOSE else logging.WARNING
+    from imgcls import local_cluster
+
+    local_cluster.set_environment()  # for the cluster ray.init starts, if it starts one
     if num_cpus is not None:
         # With its dashboard: Ray Train's placement-group cleaner watches the run's
         # controller through the State API, which the dashboard serves; without it the
         # cleaner warns every second that it cannot ("Failed to query Ray Train Controller
         # actor state"). Another cluster's dashboard on the port moves this one to the
         # next, and the workers name their own cluster (``local_cluster``).
-        from imgcls.local_cluster import SETUP_HOOK
-
         ray.init(address="local", num_cpus=num_cpus, logging_level=level, log_to_driver=log_to_driver or VERBOSE,
-                 runtime_env={"worker_process_setup_hook": SETUP_HOOK})
+                 runtime_env={"worker_process_setup_hook": local_cluster.SETUP_HOOK})
     else:
         ray.init(logging_level=level, log_to_driver=log_to_driver or VERBOSE)
     if not VERBOSE:

@@ -123,9 +123,11 @@ def start_local_ray(folder: str) -> None:
     that a command leaves relative then fails instead of finding the checkout's files."""
     import ray
 
+    from imgcls import local_cluster
     from imgcls.serving.deploy import set_serve_environment
 
     set_serve_environment()  # Serve runs as in the cluster imgcls serve starts
+    local_cluster.set_environment()  # Ray Train as in the cluster a command starts
     here = os.getcwd()
     os.chdir(folder)
     try:
