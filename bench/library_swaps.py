@@ -1322,7 +1322,7 @@ def main():
         # The accuracy cases not run now are kept.
         results["training_augmentation"]["accuracy"] = {**kept, **results["training_augmentation"].get("accuracy", {})}
         for case, r in results["training_augmentation"]["accuracy"].items():  # 1: as accurate on average
-            library = case.rsplit("_", 1)[1] if not case.endswith("v2_loop") else "v2_loop"
+            library = next(name for name in r["summary"] if name != "imgcls")
             ratios[f"{library}_vs_imgcls_augment_test_accuracy_{case}"] = (r["summary"][library]["mean"]
                                                                           / r["summary"]["imgcls"]["mean"])
         for case, r in results["training_augmentation"]["speed"].items():

@@ -658,7 +658,9 @@ def serve(config_path, num_cpus, detach, update, shutdown, write_config, trackin
     if warning:
         click.secho(warning, err=True, fg="red", bold=True)
     if not detach:
-        deploy.set_serve_environment()  # for the Ray cluster init_ray starts, if it starts one
+        from imgcls import local_cluster
+
+        local_cluster.set_environment(deploy.SERVE_ENVIRONMENT)  # for the cluster init_ray starts, if it does
         init_ray(num_cpus, log_to_driver=False)  # the replicas' logs are in Ray's log folder (--verbose: here)
     deploy.deploy(deploy.serve_config(cfg, token))
     click.echo(f"imgcls serve: {cfg.name} answers on http://{cfg.host}:{cfg.port}/v1/classify with {cfg.model}"

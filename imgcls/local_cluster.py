@@ -9,10 +9,12 @@ traceback in the run's output. ``name_own_cluster`` sets RAY_ADDRESS in each wor
 the private cluster to that cluster, so the cleaner watches the right one.
 
 ``set_environment`` sets what the processes of a cluster a command starts on this machine
-read when they start (``TRAIN_ENVIRONMENT``).
+read when they start (``TRAIN_ENVIRONMENT``; ``imgcls serve`` adds
+``serving.deploy.SERVE_ENVIRONMENT``).
 """
 
 import os
+from typing import Mapping
 
 SETUP_HOOK = "imgcls.local_cluster.name_own_cluster"  # a runtime_env worker_process_setup_hook
 
@@ -31,8 +33,8 @@ def name_own_cluster() -> None:
 TRAIN_ENVIRONMENT = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
 
 
-def set_environment() -> None:
-    """Sets ``TRAIN_ENVIRONMENT`` in this process's environment, where not set already, so
-    that a Ray cluster started from here (and every process of it) runs so."""
-    for name, value in TRAIN_ENVIRONMENT.items():
+def set_environment(environment: Mapping[str, str] = TRAIN_ENVIRONMENT) -> None:
+    """Sets ``environment`` in this process's environment, where not set already, so that
+    a Ray cluster started from here (and every process of it) runs so."""
+    for name, value in environment.items():
         os.environ.setdefault(name, value)

@@ -124,9 +124,9 @@ def start_local_ray(folder: str) -> None:
     import ray
 
     from imgcls import local_cluster
-    from imgcls.serving.deploy import set_serve_environment
+    from imgcls.serving.deploy import SERVE_ENVIRONMENT
 
-    set_serve_environment()  # Serve runs as in the cluster imgcls serve starts
+    local_cluster.set_environment(SERVE_ENVIRONMENT)  # Serve runs as in the cluster imgcls serve starts
     local_cluster.set_environment()  # Ray Train as in the cluster a command starts
     here = os.getcwd()
     os.chdir(folder)

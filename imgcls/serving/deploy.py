@@ -26,28 +26,20 @@ SETTINGS = ("name", "host", "insecure", "top_k", "precision", "threads", "use_gp
 
 
 # Ray Serve's own throughput mode, set in the environment of the Ray cluster that
-# ``imgcls serve`` starts on one machine (its processes read it when they start). Among
-# other things the ingress replica then answers HTTP itself (Serve's "direct ingress",
-# on the same host and port) instead of behind a proxy actor, which on 2 cores saves a
-# process hop the CPUs pay for: bench/serve.py's saturation rose from 0.69 to 0.77 of the
-# plain FastAPI app's in the same run (54.9 to 59.2 answers/s), with the same 503s past
-# the queue and no failed request during a model update. A cluster started otherwise (``ray start``,
-# KubeRay: cluster/kuberay/rayservice.yaml) keeps Serve's proxies, which route to
-# replicas on other nodes; set the variable in its nodes' environment to change that.
+# ``imgcls serve`` starts on one machine (``local_cluster.set_environment``: its
+# processes read it when they start). Among other things the ingress replica then answers
+# HTTP itself (Serve's "direct ingress", on the same host and port) instead of behind a
+# proxy actor, which on 2 cores saves a process hop the CPUs pay for: bench/serve.py's
+# saturation rose from 0.69 to 0.77 of the plain FastAPI app's in the same run (54.9 to
+# 59.2 answers/s), with the same 503s past the queue and no failed request during a model
+# update. A cluster started otherwise (``ray start``, KubeRay:
+# cluster/kuberay/rayservice.yaml) keeps Serve's proxies, which route to replicas on other
+# nodes; set the variable in its nodes' environment to change that.
 # A replica that answers HTTP itself is held open 30 s when it stops, by default, so that
 # a load balancer in front can take it out of rotation; nothing stands in front of the
 # cluster imgcls serve starts, and that hold made Ctrl-C and --shutdown take 35 s. Held
 # 1 s, a stopping replica still finishes the requests it has (Serve's drain waits for them).
 SERVE_ENVIRONMENT = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "1"}
-
-
-def set_serve_environment() -> None:
-    """Sets ``SERVE_ENVIRONMENT`` in this process's environment, where not set already, so
-    that a Ray cluster started from here runs Serve so."""
-    import os
-
-    for name, value in SERVE_ENVIRONMENT.items():
-        os.environ.setdefault(name, value)
 
 
 class ServeError(ValueError):
